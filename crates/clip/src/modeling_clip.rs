@@ -1,0 +1,531 @@
+//! The CLIP text encoder, transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`
+//! (follows `models/clip/modeling_clip.py`): token + position embeddings, a stack of pre-norm
+//! causal self-attention layers, a final layer norm, the pooled end-of-text token and its
+//! optional projection.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::activations::Activation;
+use crate::configuration_clip::ClipTextConfig;
+use crate::error::{Error, Result};
+
+/// `nn.LayerNorm`, always computed in f32 (torch's half-precision kernels accumulate in f32 too).
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?.to_dtype(DType::F32)?,
+            bias: vb.get(size, "bias")?.to_dtype(DType::F32)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+        let ys = candle_nn::ops::layer_norm(&xs, &self.weight, &self.bias, self.eps as f32)?;
+        Ok(ys.to_dtype(dtype)?)
+    }
+}
+
+/// `CLIPTextEmbeddings`: `token_embedding(input_ids) + position_embedding(0..seq_len)`.
+#[derive(Debug, Clone)]
+struct ClipTextEmbeddings {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+}
+
+impl ClipTextEmbeddings {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(Self {
+            token_embedding: candle_nn::embedding(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                vb.pp("token_embedding"),
+            )?,
+            position_embedding: candle_nn::embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                vb.pp("position_embedding"),
+            )?,
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let seq_len = input_ids.dim(1)?;
+        let position_ids = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
+        let tokens = self.token_embedding.forward(input_ids)?;
+        let positions = self.position_embedding.forward(&position_ids)?;
+        Ok(tokens.broadcast_add(&positions)?)
+    }
+}
+
+/// `CLIPAttention`: multi-head self-attention; softmax in f32.
+#[derive(Debug, Clone)]
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl ClipAttention {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let head_dim = cfg.head_dim();
+        Ok(Self {
+            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
+            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            head_dim,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    /// `xs`: `[batch, seq, hidden]`; `mask`: f32 `[seq, seq]`, added to the scores.
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq_len, hidden) = xs.dims3()?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((batch, seq_len, self.num_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(xs)?)?;
+        let k = heads(self.k_proj.forward(xs)?)?;
+        let v = heads(self.v_proj.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let dtype = scores.dtype();
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(mask)?)?
+                .to_dtype(dtype)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, seq_len, hidden))?;
+        Ok(self.out_proj.forward(&out)?)
+    }
+}
+
+/// `CLIPMLP`: `fc2(act(fc1(x)))`.
+#[derive(Debug, Clone)]
+struct ClipMlp {
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl ClipMlp {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(Self {
+            fc1: candle_nn::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            activation: cfg.activation()?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.activation.forward(&self.fc1.forward(xs)?)?;
+        Ok(self.fc2.forward(&xs)?)
+    }
+}
+
+/// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual connection.
+#[derive(Debug, Clone)]
+struct ClipEncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: LayerNorm,
+    mlp: ClipMlp,
+    layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), h, eps)?,
+            mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), h, eps)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(xs)?, mask)?;
+        let xs = (xs + attn)?;
+        let mlp = self.mlp.forward(&self.layer_norm2.forward(&xs)?)?;
+        Ok((xs + mlp)?)
+    }
+}
+
+/// What [`ClipTextModel::forward`] returns (transformers' `CLIPTextModelOutput` with
+/// `output_hidden_states=True`).
+#[derive(Debug, Clone)]
+pub struct ClipTextOutput {
+    /// `final_layer_norm` of the last layer's output: `[batch, seq, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// The embeddings' output, then each layer's output, none of them normalized:
+    /// `num_hidden_layers + 1` tensors `[batch, seq, hidden]`. `hidden_states[len - 2]` is the
+    /// raw penultimate layer SDXL conditions on.
+    pub hidden_states: Vec<Tensor>,
+    /// `pooler_output`: `last_hidden_state` at each row's end-of-text token, `[batch, hidden]`.
+    pub pooled: Tensor,
+    /// `text_embeds`: `pooled @ text_projection`, `[batch, projection_dim]`, when the checkpoint
+    /// has a `text_projection` (`CLIPTextModelWithProjection`).
+    pub text_embeds: Option<Tensor>,
+}
+
+/// transformers' `CLIPTextModel` (or `CLIPTextModelWithProjection` when the weights have a
+/// `text_projection.weight`).
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    embeddings: ClipTextEmbeddings,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
+    config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// `vb` is at the root of the checkpoint: keys `text_model.embeddings...`,
+    /// `text_model.encoder.layers.{i}...`, `text_model.final_layer_norm...` and, for the
+    /// projection variant, `text_projection.weight`.
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        cfg.validate()?;
+        let text_model = vb.pp("text_model");
+        let layers_vb = text_model.pp("encoder").pp("layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(layers_vb.pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let text_projection = if vb.contains_tensor("text_projection.weight") {
+            Some(candle_nn::linear_no_bias(
+                cfg.hidden_size,
+                cfg.projection_dim,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embeddings: ClipTextEmbeddings::new(text_model.pp("embeddings"), cfg)?,
+            layers,
+            final_layer_norm: LayerNorm::new(
+                text_model.pp("final_layer_norm"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
+            text_projection,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    pub fn num_hidden_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether the checkpoint has a `text_projection` (so `text_embeds` is computed).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// Runs the whole model. `input_ids`: `[batch, seq]` of any integer (or integral float) dtype,
+    /// `seq <= max_position_embeddings`.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
+        let (ids, rows) = self.check_ids(input_ids)?;
+        let hidden_states = self.run(&ids, self.layers.len())?;
+        let last = hidden_states.last().ok_or_else(|| Error::InvalidInputIds {
+            shape: input_ids.dims().to_vec(),
+            expected: "no hidden state was produced".to_string(),
+        })?;
+        let last_hidden_state = self.final_layer_norm.forward(last)?;
+
+        let positions = pooled_positions(&rows, self.config.eos_token_id);
+        let (batch, seq_len, hidden) = last_hidden_state.dims3()?;
+        let flat_index: Vec<u32> = positions
+            .iter()
+            .enumerate()
+            .map(|(row, &pos)| (row * seq_len + pos) as u32)
+            .collect();
+        let flat_index = Tensor::from_vec(flat_index, batch, last_hidden_state.device())?;
+        let pooled = last_hidden_state
+            .reshape((batch * seq_len, hidden))?
+            .index_select(&flat_index, 0)?;
+        let text_embeds = match &self.text_projection {
+            Some(projection) => Some(projection.forward(&pooled)?),
+            None => None,
+        };
+        Ok(ClipTextOutput {
+            last_hidden_state,
+            hidden_states,
+            pooled,
+            text_embeds,
+        })
+    }
+
+    /// `hidden_states[index]` without running the layers after it: 0 is the embeddings' output,
+    /// `i` the raw (not normalized) output of layer `i`. SDXL's penultimate-layer conditioning is
+    /// `hidden_state(ids, num_hidden_layers() - 1)`.
+    pub fn hidden_state(&self, input_ids: &Tensor, index: usize) -> Result<Tensor> {
+        let num_layers = self.layers.len();
+        if index > num_layers {
+            return Err(Error::LayerOutOfRange {
+                what: "hidden state index",
+                value: index,
+                num_layers,
+                expected: format!("must be at most {num_layers}"),
+            });
+        }
+        let (ids, _) = self.check_ids(input_ids)?;
+        let mut states = self.run(&ids, index)?;
+        states.pop().ok_or_else(|| Error::InvalidInputIds {
+            shape: input_ids.dims().to_vec(),
+            expected: "no hidden state was produced".to_string(),
+        })
+    }
+
+    /// The prompt embeddings with AUTOMATIC1111's "clip skip": 1 (or 0) is `last_hidden_state`;
+    /// `k >= 2` is `final_layer_norm(hidden_states[-k])`, the layer `k - 1` before the last, as
+    /// diffusers' Stable Diffusion pipelines compute it for `clip_skip = k - 1`. Layers after the
+    /// one used are not run.
+    pub fn forward_clip_skip(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let num_layers = self.layers.len();
+        let skip = clip_skip.max(1);
+        if skip > num_layers + 1 {
+            return Err(Error::LayerOutOfRange {
+                what: "clip skip",
+                value: clip_skip,
+                num_layers,
+                expected: format!("must be at most {}", num_layers + 1),
+            });
+        }
+        let state = self.hidden_state(input_ids, num_layers + 1 - skip)?;
+        self.final_layer_norm(&state)
+    }
+
+    /// The model's `final_layer_norm`, for callers that pick a hidden state themselves.
+    pub fn final_layer_norm(&self, xs: &Tensor) -> Result<Tensor> {
+        self.final_layer_norm.forward(xs)
+    }
+
+    /// Checks `input_ids` and returns them as u32, with a host copy of the rows.
+    fn check_ids(&self, input_ids: &Tensor) -> Result<(Tensor, Vec<Vec<u32>>)> {
+        let shape = input_ids.dims().to_vec();
+        let max = self.config.max_position_embeddings;
+        match shape.as_slice() {
+            [batch, seq] if *batch > 0 && *seq > 0 && *seq <= max => {}
+            _ => {
+                return Err(Error::InvalidInputIds {
+                    shape,
+                    expected: format!(
+                    "[batch, seq] with batch >= 1 and 1 <= seq <= max_position_embeddings ({max})"
+                ),
+                })
+            }
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let rows = ids.to_vec2::<u32>()?;
+        let vocab_size = self.config.vocab_size;
+        if let Some(&bad) = rows.iter().flatten().find(|&&id| id as usize >= vocab_size) {
+            return Err(Error::InvalidInputIds {
+                shape,
+                expected: format!("ids below vocab_size ({vocab_size}), found {bad}"),
+            });
+        }
+        Ok((ids, rows))
+    }
+
+    /// `hidden_states[0..=num_layers]`: the embeddings, then the output of each of the first
+    /// `num_layers` layers.
+    fn run(&self, input_ids: &Tensor, num_layers: usize) -> Result<Vec<Tensor>> {
+        let seq_len = input_ids.dim(1)?;
+        let mask = causal_mask(seq_len, input_ids.device())?;
+        let mut xs = self.embeddings.forward(input_ids)?;
+        let mut states = Vec::with_capacity(num_layers + 1);
+        states.push(xs.clone());
+        for layer in self.layers.iter().take(num_layers) {
+            xs = layer.forward(&xs, &mask)?;
+            states.push(xs.clone());
+        }
+        Ok(states)
+    }
+}
+
+/// Additive causal mask `[seq, seq]` (f32): 0 where a token may attend, `-inf` on future tokens.
+fn causal_mask(seq_len: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq_len, seq_len), device)?)
+}
+
+/// The position of each row's pooled token, as `CLIPTextTransformer.forward` picks it.
+///
+/// Quirk kept from transformers: configs saved before the fix have `eos_token_id == 2`, for which
+/// the legacy rule applies: the position of the highest id (CLIP's `<|endoftext|>` is the last id
+/// of the vocabulary). Otherwise it is the first position holding `eos_token_id`, or 0 when a row
+/// has none (torch's `argmax` of an all-zero row). A config without `eos_token_id` takes the
+/// legacy rule too. Ties go to the first position, as in torch's `argmax`.
+pub fn pooled_positions(rows: &[Vec<u32>], eos_token_id: Option<u32>) -> Vec<usize> {
+    rows.iter()
+        .map(|row| match eos_token_id {
+            Some(eos) if eos != 2 => row.iter().position(|&id| id == eos).unwrap_or(0),
+            _ => {
+                let mut best = 0;
+                for (i, &id) in row.iter().enumerate() {
+                    if id > row[best] {
+                        best = i;
+                    }
+                }
+                best
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooled_token_is_first_eos_or_legacy_argmax() {
+        let rows = vec![
+            vec![5, 9, 7, 7, 7],
+            vec![5, 7, 0, 0, 0],
+            vec![5, 6, 6, 6, 6],
+        ];
+        assert_eq!(pooled_positions(&rows, Some(7)), vec![2, 1, 0]);
+        assert_eq!(pooled_positions(&rows, Some(2)), vec![1, 1, 1]);
+        assert_eq!(pooled_positions(&rows, None), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn causal_mask_hides_only_future_tokens() {
+        let mask = causal_mask(3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            mask,
+            vec![
+                vec![0.0, inf, inf],
+                vec![0.0, 0.0, inf],
+                vec![0.0, 0.0, 0.0]
+            ]
+        );
+    }
+
+    fn tiny_model(hidden_act: &str, with_projection: bool) -> ClipTextModel {
+        let cfg = ClipTextConfig {
+            vocab_size: 10,
+            hidden_size: 8,
+            intermediate_size: 16,
+            projection_dim: 4,
+            num_hidden_layers: 3,
+            num_attention_heads: 2,
+            max_position_embeddings: 6,
+            hidden_act: hidden_act.into(),
+            eos_token_id: Some(9),
+            ..Default::default()
+        };
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        if with_projection {
+            // Creates the tensor so that `contains_tensor` finds it.
+            vb.get((4, 8), "text_projection.weight").unwrap();
+        }
+        ClipTextModel::new(vb.clone(), &cfg).unwrap();
+        // A VarMap initialises some weights to constants; make every one random, then build
+        // again on the same (now random) variables.
+        for var in map.all_vars() {
+            let noise = Tensor::randn(0f32, 1.0, var.shape(), &Device::Cpu).unwrap();
+            var.set(&noise).unwrap();
+        }
+        ClipTextModel::new(vb, &cfg).unwrap()
+    }
+
+    #[test]
+    fn shapes_clip_skip_and_early_exit_agree() {
+        let model = tiny_model("gelu", true);
+        let ids = Tensor::new(&[[8u32, 1, 2, 9, 9], [8, 3, 9, 9, 9]], &Device::Cpu).unwrap();
+        let out = model.forward(&ids).unwrap();
+        assert_eq!(out.hidden_states.len(), 4);
+        assert_eq!(out.last_hidden_state.dims(), &[2, 5, 8]);
+        assert_eq!(out.pooled.dims(), &[2, 8]);
+        assert_eq!(out.text_embeds.as_ref().unwrap().dims(), &[2, 4]);
+
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let penultimate = model.hidden_state(&ids, 2).unwrap();
+        assert_eq!(diff(&penultimate, &out.hidden_states[2]), 0.0);
+        let skip1 = model.forward_clip_skip(&ids, 1).unwrap();
+        assert_eq!(diff(&skip1, &out.last_hidden_state), 0.0);
+        let skip2 = model.forward_clip_skip(&ids, 2).unwrap();
+        let expected = model.final_layer_norm(&out.hidden_states[2]).unwrap();
+        assert_eq!(diff(&skip2, &expected), 0.0);
+        // The pooled rows are the first eos (id 9) of each row: positions 3 and 2.
+        let pooled0 = out.last_hidden_state.get(0).unwrap().get(3).unwrap();
+        let pooled1 = out.last_hidden_state.get(1).unwrap().get(2).unwrap();
+        assert_eq!(diff(&out.pooled.get(0).unwrap(), &pooled0), 0.0);
+        assert_eq!(diff(&out.pooled.get(1).unwrap(), &pooled1), 0.0);
+    }
+
+    #[test]
+    fn out_of_range_requests_are_errors() {
+        let model = tiny_model("quick_gelu", false);
+        assert!(!model.has_projection());
+        let ids = Tensor::new(&[[8u32, 1, 9]], &Device::Cpu).unwrap();
+        assert!(model.forward(&ids).unwrap().text_embeds.is_none());
+        assert!(matches!(
+            model.forward_clip_skip(&ids, 5),
+            Err(Error::LayerOutOfRange { value: 5, .. })
+        ));
+        assert!(model.forward_clip_skip(&ids, 4).is_ok());
+        assert!(matches!(
+            model.hidden_state(&ids, 4),
+            Err(Error::LayerOutOfRange { value: 4, .. })
+        ));
+        let too_long = Tensor::zeros((1, 7), DType::U32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            model.forward(&too_long),
+            Err(Error::InvalidInputIds { .. })
+        ));
+        let out_of_vocab = Tensor::new(&[[8u32, 10, 9]], &Device::Cpu).unwrap();
+        assert!(matches!(
+            model.forward(&out_of_vocab),
+            Err(Error::InvalidInputIds { .. })
+        ));
+        let flat = Tensor::zeros(3, DType::U32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            model.forward(&flat),
+            Err(Error::InvalidInputIds { .. })
+        ));
+    }
+}
