@@ -1,0 +1,19 @@
+//! Tiny autoencoders of the TAESD family (TAESD, TAESDXL, TAESD3, TAEF1, TAEF2) as diffusers'
+//! `AutoencoderTiny`, loadable from the diffusers layout or madebyollin's original files.
+
+pub mod activations;
+pub mod autoencoder_tiny;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod loader;
+pub mod metrics;
+pub mod unet_2d_blocks;
+pub mod vae;
+
+pub use autoencoder_tiny::{AutoencoderTiny, TinyVariant};
+pub use config::AutoencoderTinyConfig;
+pub use convert::bare_to_diffusers_key;
+pub use error::{BareKeyError, Error, Half, Result};
+pub use loader::{detect_layout, Layout};
+pub use metrics::{compare_images, ImageMetrics};
