@@ -210,7 +210,12 @@ impl ClipTokenizer {
             .iter()
             .map(|(_, token)| AddedToken::from(token.as_str(), true))
             .collect();
-        tokenizer.add_special_tokens(&added);
+        tokenizer
+            .add_special_tokens(added)
+            .map_err(|source| Error::Tokenizer {
+                origin: origin.to_string(),
+                source,
+            })?;
         let [_, bos_id, eos_id, pad_id] = ids;
         Ok(Self {
             tokenizer,
@@ -325,7 +330,9 @@ fn build_clip_bpe(
     ]);
 
     let mut tokenizer = Tokenizer::new(model);
-    tokenizer.with_normalizer(Some(normalizer));
+    tokenizer
+        .with_normalizer(Some(normalizer))
+        .map_err(build_error)?;
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     // `encode` adds bos/eos itself; the post-processor only keeps `encode(.., true)` of the
