@@ -1,0 +1,234 @@
+//! Residual blocks and resamplers of diffusers' `models/resnet.py`, `models/downsampling.py` and
+//! `models/upsampling.py`: `ResnetBlock2D`, `Downsample2D`, `Upsample2D`. Shared by the UNet and
+//! the VAE (whose resnets have no time embedding).
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, Module, VarBuilder};
+
+use crate::activations::Activation;
+use crate::error::Result;
+
+/// The options of a `ResnetBlock2D` besides its input channels.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2DConfig {
+    /// Defaults to the input channels.
+    pub out_channels: Option<usize>,
+    /// Size of the time embedding; `None` builds no `time_emb_proj` (VAE).
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    /// Groups of `norm2`; defaults to `groups`.
+    pub groups_out: Option<usize>,
+    pub eps: f64,
+    /// The block's output is `(shortcut + residual) / output_scale_factor`.
+    pub output_scale_factor: f64,
+    /// Whether the input goes through `conv_shortcut`; defaults to `in != out` channels.
+    pub use_in_shortcut: Option<bool>,
+    /// `conv_shortcut` is a 3x3 conv instead of a 1x1 one.
+    pub conv_shortcut: bool,
+    pub act: Activation,
+}
+
+impl Default for ResnetBlock2DConfig {
+    fn default() -> Self {
+        Self {
+            out_channels: None,
+            temb_channels: Some(512),
+            groups: 32,
+            groups_out: None,
+            eps: 1e-6,
+            output_scale_factor: 1.0,
+            use_in_shortcut: None,
+            conv_shortcut: false,
+            act: Activation::Silu,
+        }
+    }
+}
+
+/// A 2D convolution (torch's `nn.Conv2d`, keys `weight` and `bias`).
+///
+/// candle's CPU backend has no bf16 convolution: there the input and weights are widened to f32
+/// and the result narrowed back, so that bf16 works on every device. Elsewhere it runs natively.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let inner = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
+        Ok(Self { inner })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.dtype() != DType::BF16 || !xs.device().is_cpu() {
+            return Ok(self.inner.forward(xs)?);
+        }
+        let cfg = self.inner.config();
+        let weight = self.inner.weight().to_dtype(DType::F32)?;
+        let out = xs.to_dtype(DType::F32)?.conv2d(
+            &weight,
+            cfg.padding,
+            cfg.stride,
+            cfg.dilation,
+            cfg.groups,
+        )?;
+        let out = match self.inner.bias() {
+            Some(bias) => {
+                let bias = bias.to_dtype(DType::F32)?;
+                out.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?
+            }
+            None => out,
+        };
+        Ok(out.to_dtype(DType::BF16)?)
+    }
+}
+
+/// A conv with "same" padding for an odd kernel, as diffusers builds `conv_in` / `conv_out`.
+pub fn conv2d_same(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+) -> Result<Conv2d> {
+    Conv2d::new(vb, in_channels, out_channels, kernel, 1, (kernel.max(1) - 1) / 2)
+}
+
+/// `norm1 -> act -> conv1 (+ time_emb_proj(act(temb))) -> norm2 -> act -> conv2`, plus the
+/// (optionally projected) input.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    act: Activation,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(vb: VarBuilder, in_channels: usize, cfg: &ResnetBlock2DConfig) -> Result<Self> {
+        let out_channels = cfg.out_channels.unwrap_or(in_channels);
+        let norm1 = candle_nn::group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
+        let conv1 = Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?;
+        let time_emb_proj = match cfg.temb_channels {
+            Some(temb) => Some(candle_nn::linear(temb, out_channels, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        let groups_out = cfg.groups_out.unwrap_or(cfg.groups);
+        let norm2 = candle_nn::group_norm(groups_out, out_channels, cfg.eps, vb.pp("norm2"))?;
+        let conv2 = Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?;
+        let use_in_shortcut = cfg.use_in_shortcut.unwrap_or(in_channels != out_channels);
+        let conv_shortcut = if use_in_shortcut {
+            let (kernel, padding) = if cfg.conv_shortcut { (3, 1) } else { (1, 0) };
+            let vb = vb.pp("conv_shortcut");
+            Some(Conv2d::new(vb, in_channels, out_channels, kernel, 1, padding)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            act: cfg.act,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `xs` `[B, C, H, W]`; `temb` `[B, temb_channels]`, ignored by a block built without one.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.act.forward(&self.norm1.forward(xs)?)?;
+        let mut h = self.conv1.forward(&h)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let temb = proj.forward(&self.act.forward(temb)?)?;
+            h = h.broadcast_add(&temb.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
+        }
+        let h = self.act.forward(&self.norm2.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            Ok((out / self.output_scale_factor)?)
+        }
+    }
+}
+
+/// Halves the resolution with a stride-2 3x3 conv (`use_conv=True`, the only form SD uses).
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    /// With `padding = 0` diffusers pads right and bottom by one instead (the VAE encoder).
+    pad_right_bottom: bool,
+}
+
+impl Downsample2D {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let conv = Conv2d::new(vb.pp("conv"), channels, out_channels, 3, 2, padding)?;
+        Ok(Self {
+            conv,
+            pad_right_bottom: padding == 0,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.pad_right_bottom {
+            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            Ok(self.conv.forward(&xs)?)
+        } else {
+            Ok(self.conv.forward(xs)?)
+        }
+    }
+}
+
+/// Doubles the resolution (nearest neighbour), or resizes to the skip connection's size when the
+/// latent size is not a multiple of the UNet's total downsampling, then a 3x3 conv.
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize, out_channels: usize) -> Result<Self> {
+        let conv = Conv2d::new(vb.pp("conv"), channels, out_channels, 3, 1, 1)?;
+        Ok(Self { conv })
+    }
+
+    /// `output_size`: `(height, width)` to resize to instead of doubling (torch's
+    /// `F.interpolate(size=..., mode="nearest")`).
+    pub fn forward(&self, xs: &Tensor, output_size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (out_h, out_w) = output_size.unwrap_or((2 * h, 2 * w));
+        let xs = xs.upsample_nearest2d(out_h, out_w)?;
+        Ok(self.conv.forward(&xs)?)
+    }
+}
