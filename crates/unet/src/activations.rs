@@ -80,8 +80,9 @@ impl Geglu {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?;
-        let chunks = projected.chunk(2, candle_core::D::Minus1)?;
-        let (value, gate) = (&chunks[0], &chunks[1]);
+        let half = projected.dim(candle_core::D::Minus1)? / 2;
+        let value = projected.narrow(candle_core::D::Minus1, 0, half)?;
+        let gate = projected.narrow(candle_core::D::Minus1, half, half)?;
         Ok((value * gate.gelu_erf()?)?)
     }
 }
@@ -108,7 +109,10 @@ mod tests {
         for (x, y) in [-30f32, -1.0, 0.0, 0.5, 3.0, 40.0].iter().zip(got) {
             let expected = x * (x.exp().ln_1p()).tanh();
             // Tolerance: f32 rounding of a handful of elementwise ops.
-            assert!((expected - y).abs() < 1e-5, "mish({x}) = {y}, expected {expected}");
+            assert!(
+                (expected - y).abs() < 1e-5,
+                "mish({x}) = {y}, expected {expected}"
+            );
         }
     }
 }

@@ -8,6 +8,9 @@ use candle_nn::{GroupNorm, LayerNorm, Linear, Module, VarBuilder};
 use crate::activations::Geglu;
 use crate::error::{Error, Result};
 
+/// Score elements computed at once (256 MiB in f32); longer queries are processed in chunks.
+const MAX_SCORE_ELEMENTS: usize = 1 << 26;
+
 /// `softmax(q k^T * scale) v` for `q` `[B, H, Nq, D]`, `k` and `v` `[B, H, Nk, D]`.
 ///
 /// Every attention of the UNet and the VAE calls this one function, so that a faster kernel
@@ -16,7 +19,9 @@ use crate::error::{Error, Result};
 /// In f16/bf16 the scores and the softmax are computed in f32, as torch's fused kernels
 /// effectively do (they accumulate in f32): f16 scores of SD2.x overflow otherwise (what
 /// diffusers' `upcast_attention` / `upcast_softmax` guard against), so those options need no
-/// further handling.
+/// further handling. Queries are processed in chunks so that the scores of large images (the
+/// VAE's mid block at 1024x1024 has 16384 tokens) do not need gigabytes at once; the softmax is
+/// per query, so chunking does not change the result.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -28,11 +33,26 @@ pub fn scaled_dot_product_attention(
         DType::F16 | DType::BF16 => DType::F32,
         other => other,
     };
-    let q = (q.to_dtype(compute)? * scale)?.contiguous()?;
+    let (b, h, nq, _) = q.dims4()?;
+    let nk = k.dim(2)?;
     let k_t = k.to_dtype(compute)?.transpose(2, 3)?.contiguous()?;
-    let scores = q.matmul(&k_t)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    Ok(probs.matmul(&v.contiguous()?)?)
+    let v = v.contiguous()?;
+    let rows_per_chunk = (MAX_SCORE_ELEMENTS / (b * h * nk).max(1)).clamp(1, nq.max(1));
+    let mut outputs = Vec::with_capacity(nq.div_ceil(rows_per_chunk));
+    let mut start = 0;
+    while start < nq {
+        let rows = rows_per_chunk.min(nq - start);
+        let q = (q.narrow(2, start, rows)?.to_dtype(compute)? * scale)?.contiguous()?;
+        let scores = q.matmul(&k_t)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        outputs.push(probs.matmul(&v)?);
+        start += rows;
+    }
+    if outputs.len() == 1 {
+        Ok(outputs.remove(0))
+    } else {
+        Ok(Tensor::cat(&outputs, 2)?)
+    }
 }
 
 /// The options of an [`Attention`] layer (diffusers' `Attention.__init__` arguments we use).
@@ -108,16 +128,23 @@ impl Attention {
         }
         let context_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
         let group_norm = match cfg.norm_num_groups {
-            Some(groups) => {
-                Some(candle_nn::group_norm(groups, cfg.query_dim, cfg.eps, vb.pp("group_norm"))?)
-            }
+            Some(groups) => Some(candle_nn::group_norm(
+                groups,
+                cfg.query_dim,
+                cfg.eps,
+                vb.pp("group_norm"),
+            )?),
             None => None,
         };
         let to_q = candle_nn::linear_b(cfg.query_dim, inner_dim, cfg.bias, vb.pp("to_q"))?;
         let to_k = candle_nn::linear_b(context_dim, inner_dim, cfg.bias, vb.pp("to_k"))?;
         let to_v = candle_nn::linear_b(context_dim, inner_dim, cfg.bias, vb.pp("to_v"))?;
-        let to_out =
-            candle_nn::linear_b(inner_dim, cfg.query_dim, cfg.out_bias, vb.pp("to_out").pp("0"))?;
+        let to_out = candle_nn::linear_b(
+            inner_dim,
+            cfg.query_dim,
+            cfg.out_bias,
+            vb.pp("to_out").pp("0"),
+        )?;
         Ok(Self {
             group_norm,
             to_q,
@@ -135,7 +162,10 @@ impl Attention {
     /// `[B, N, C]` -> `[B, heads, N, dim_head]`.
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
-        Ok(xs.reshape((b, n, self.heads, self.dim_head))?.transpose(1, 2)?.contiguous()?)
+        Ok(xs
+            .reshape((b, n, self.heads, self.dim_head))?
+            .transpose(1, 2)?
+            .contiguous()?)
     }
 
     /// `xs`: `[B, N, query_dim]` or `[B, query_dim, H, W]`; `encoder_hidden_states`:
@@ -156,9 +186,10 @@ impl Attention {
                 };
                 flat.transpose(1, 2)?.contiguous()?
             }
-            (None, Some(norm)) => {
-                norm.forward(&xs.transpose(1, 2)?.contiguous()?)?.transpose(1, 2)?.contiguous()?
-            }
+            (None, Some(norm)) => norm
+                .forward(&xs.transpose(1, 2)?.contiguous()?)?
+                .transpose(1, 2)?
+                .contiguous()?,
             (None, None) => xs.clone(),
         };
         let (b, n, _) = tokens.dims3()?;
@@ -167,7 +198,9 @@ impl Attention {
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
-        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.dim_head))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.dim_head))?;
         let mut out = self.to_out.forward(&out)?;
         if let Some((b, c, h, w)) = spatial {
             out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
@@ -226,8 +259,10 @@ impl BasicTransformerBlock {
     ) -> Result<Self> {
         let eps = 1e-5;
         let norm1 = candle_nn::layer_norm(dim, eps, vb.pp("norm1"))?;
-        let attn1 =
-            Attention::new(vb.pp("attn1"), &AttentionConfig::transformer(dim, None, heads, dim_head))?;
+        let attn1 = Attention::new(
+            vb.pp("attn1"),
+            &AttentionConfig::transformer(dim, None, heads, dim_head),
+        )?;
         let cross = match cross_attention_dim {
             Some(context_dim) => {
                 let norm2 = candle_nn::layer_norm(dim, eps, vb.pp("norm2"))?;
@@ -268,8 +303,10 @@ mod tests {
     fn naive(q: &[Vec<f32>], k: &[Vec<f32>], v: &[Vec<f32>], scale: f32) -> Vec<Vec<f32>> {
         q.iter()
             .map(|qi| {
-                let scores: Vec<f32> =
-                    k.iter().map(|kj| qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+                let scores: Vec<f32> = k
+                    .iter()
+                    .map(|kj| qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale)
+                    .collect();
                 let max = scores.iter().cloned().fold(f32::MIN, f32::max);
                 let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f32 = exps.iter().sum();
@@ -294,12 +331,41 @@ mod tests {
             .unwrap()
             .to_vec2()
             .unwrap();
-        let rows = |t: &Tensor| -> Vec<Vec<f32>> { t.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap() };
+        let rows = |t: &Tensor| -> Vec<Vec<f32>> {
+            t.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+        };
         let expected = naive(&rows(&q), &rows(&k), &rows(&v), 0.5);
         for (g, e) in got.iter().flatten().zip(expected.iter().flatten()) {
             // Tolerance: f32 rounding of a 4-term dot product and a 5-term softmax.
             assert!((g - e).abs() < 1e-5, "{got:?} vs {expected:?}");
         }
+    }
+
+    #[test]
+    fn sdpa_chunks_long_queries_without_changing_the_result() {
+        let dev = Device::Cpu;
+        // 1 x 1 x 8200 x 8200 scores exceed MAX_SCORE_ELEMENTS, so this runs in two chunks.
+        let n = 8200;
+        let q = Tensor::randn(0f32, 1.0, (1, 1, n, 2), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, 1, n, 2), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 1, n, 3), &dev).unwrap();
+        let chunked = scaled_dot_product_attention(&q, &k, &v, 0.7).unwrap();
+        let tail = 100;
+        let q_tail = q.narrow(2, n - tail, tail).unwrap();
+        let direct = scaled_dot_product_attention(&q_tail, &k, &v, 0.7).unwrap();
+        let diff = (chunked.narrow(2, n - tail, tail).unwrap() - direct)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Tolerance: the same per-query computation; only the matmul blocking may differ.
+        assert!(diff < 1e-6, "max |diff| {diff}");
+        assert_eq!(chunked.dims(), &[1, 1, n, 3]);
     }
 
     #[test]

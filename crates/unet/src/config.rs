@@ -40,11 +40,14 @@ impl<T: Clone + Debug> OneOrMany<T> {
     pub fn at(&self, key: &str, index: usize) -> Result<T> {
         match self {
             Self::One(value) => Ok(value.clone()),
-            Self::Many(values) => values.get(index).cloned().ok_or_else(|| Error::InvalidConfig {
-                key: key.to_string(),
-                value: format!("{values:?}"),
-                expected: format!("at least {} values", index + 1),
-            }),
+            Self::Many(values) => values
+                .get(index)
+                .cloned()
+                .ok_or_else(|| Error::InvalidConfig {
+                    key: key.to_string(),
+                    value: format!("{values:?}"),
+                    expected: format!("at least {} values", index + 1),
+                }),
         }
     }
 }
@@ -243,7 +246,10 @@ impl UNet2DConditionConfig {
             }
         }
         for name in &self.down_block_types {
-            if !matches!(block_type_name(name), "CrossAttnDownBlock2D" | "DownBlock2D") {
+            if !matches!(
+                block_type_name(name),
+                "CrossAttnDownBlock2D" | "DownBlock2D"
+            ) {
                 return Err(unsupported("down_block_types", name, DOWN_BLOCK_TYPES));
             }
         }
@@ -261,8 +267,16 @@ impl UNet2DConditionConfig {
                 ));
             }
         }
-        if self.only_cross_attention.expand("only_cross_attention", n)?.contains(&true) {
-            return Err(unsupported("only_cross_attention", &self.only_cross_attention, "false"));
+        if self
+            .only_cross_attention
+            .expand("only_cross_attention", n)?
+            .contains(&true)
+        {
+            return Err(unsupported(
+                "only_cross_attention",
+                &self.only_cross_attention,
+                "false",
+            ));
         }
         Activation::from_config("act_fn", &self.act_fn)?;
         if self.norm_num_groups.is_none() {
@@ -307,7 +321,11 @@ impl UNet2DConditionConfig {
                 }
             }
             Some(other) => {
-                return Err(unsupported("addition_embed_type", other, "null, \"text_time\""))
+                return Err(unsupported(
+                    "addition_embed_type",
+                    other,
+                    "null, \"text_time\"",
+                ))
             }
         }
         if self.resnet_time_scale_shift != "default" {
@@ -334,7 +352,11 @@ impl UNet2DConditionConfig {
             return Err(unsupported("time_cond_proj_dim", dim, "null"));
         }
         if self.attention_type != "default" {
-            return Err(unsupported("attention_type", &self.attention_type, "\"default\""));
+            return Err(unsupported(
+                "attention_type",
+                &self.attention_type,
+                "\"default\"",
+            ));
         }
         for (key, kernel) in [
             ("conv_in_kernel", self.conv_in_kernel),
@@ -387,7 +409,11 @@ impl UNet2DConditionConfig {
         let n = self.num_blocks();
         let layers = self.layers_per_block.expand("layers_per_block", n)?;
         let per_block = self.transformer_layers_per_block.expand(key, n)?;
-        per_block.iter().zip(&layers).map(|(depth, &layers)| depth.expand(key, layers)).collect()
+        per_block
+            .iter()
+            .zip(&layers)
+            .map(|(depth, &layers)| depth.expand(key, layers))
+            .collect()
     }
 
     /// Per up block (in up order), the transformer depth of each of its `layers_per_block + 1`
@@ -431,13 +457,16 @@ impl UNet2DConditionConfig {
     /// one-layer mid block, which takes its first entry.
     pub fn mid_transformer_layers(&self) -> Result<usize> {
         let key = "transformer_layers_per_block";
-        let last = self.transformer_layers_per_block.at(key, self.num_blocks().saturating_sub(1))?;
+        let last = self
+            .transformer_layers_per_block
+            .at(key, self.num_blocks().saturating_sub(1))?;
         last.at(key, 0)
     }
 
     /// Size of the time embedding fed to every resnet.
     pub fn time_embed_dim(&self) -> usize {
-        self.time_embedding_dim.unwrap_or(self.block_out_channels.first().copied().unwrap_or(0) * 4)
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels.first().copied().unwrap_or(0) * 4)
     }
 }
 
@@ -475,7 +504,10 @@ mod tests {
                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
                 "transformer_layers_per_block": [1, 2, 10]}"#,
         );
-        assert_eq!(cfg.down_transformer_layers().unwrap(), vec![vec![1, 1], vec![2, 2], vec![10, 10]]);
+        assert_eq!(
+            cfg.down_transformer_layers().unwrap(),
+            vec![vec![1, 1], vec![2, 2], vec![10, 10]]
+        );
         assert_eq!(
             cfg.up_transformer_layers().unwrap(),
             vec![vec![10, 10, 10], vec![2, 2, 2], vec![1, 1, 1]]
@@ -491,22 +523,36 @@ mod tests {
             "layers_per_block": 1,
             "transformer_layers_per_block": [[0], [2]]"#;
         let cfg = parse(&format!("{json}}}"));
-        assert!(matches!(cfg.check_supported(), Err(Error::InvalidConfig { .. })));
-        let cfg = parse(&format!(r#"{json}, "reverse_transformer_layers_per_block": [[3, 1], [0, 0]]}}"#));
+        assert!(matches!(
+            cfg.check_supported(),
+            Err(Error::InvalidConfig { .. })
+        ));
+        let cfg = parse(&format!(
+            r#"{json}, "reverse_transformer_layers_per_block": [[3, 1], [0, 0]]}}"#
+        ));
         cfg.check_supported().unwrap();
-        assert_eq!(cfg.up_transformer_layers().unwrap(), vec![vec![3, 1], vec![0, 0]]);
+        assert_eq!(
+            cfg.up_transformer_layers().unwrap(),
+            vec![vec![3, 1], vec![0, 0]]
+        );
         assert_eq!(cfg.mid_transformer_layers().unwrap(), 2);
     }
 
     #[test]
     fn unsupported_values_name_the_key() {
         for (json, key) in [
-            (r#"{"resnet_time_scale_shift": "scale_shift"}"#, "resnet_time_scale_shift"),
+            (
+                r#"{"resnet_time_scale_shift": "scale_shift"}"#,
+                "resnet_time_scale_shift",
+            ),
             (r#"{"addition_embed_type": "text"}"#, "addition_embed_type"),
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
             (r#"{"act_fn": "tanh"}"#, "act_fn"),
             (r#"{"time_cond_proj_dim": 256}"#, "time_cond_proj_dim"),
-            (r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#, "mid_block_type"),
+            (
+                r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#,
+                "mid_block_type",
+            ),
             (r#"{"only_cross_attention": true}"#, "only_cross_attention"),
             (r#"{"attention_type": "gated"}"#, "attention_type"),
         ] {

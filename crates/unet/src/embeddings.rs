@@ -32,11 +32,15 @@ impl Timesteps {
         // torch evaluates the frequencies in float32: -ln(10000) * arange(half) / (half - shift).
         let log_period = -(10000f64.ln()) as f32;
         let denominator = (half as f64 - self.downscale_freq_shift) as f32;
-        let freqs: Vec<f32> =
-            (0..half).map(|i| (log_period * i as f32 / denominator).exp()).collect();
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (log_period * i as f32 / denominator).exp())
+            .collect();
         let device = values.device();
         let freqs = Tensor::from_vec(freqs, (1, half), device)?;
-        let args = values.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+        let args = values
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&freqs)?;
         let (sin, cos) = (args.sin()?, args.cos()?);
         let emb = if self.flip_sin_to_cos {
             Tensor::cat(&[cos, sin], D::Minus1)?

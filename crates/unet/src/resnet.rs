@@ -106,7 +106,14 @@ pub fn conv2d_same(
     out_channels: usize,
     kernel: usize,
 ) -> Result<Conv2d> {
-    Conv2d::new(vb, in_channels, out_channels, kernel, 1, (kernel.max(1) - 1) / 2)
+    Conv2d::new(
+        vb,
+        in_channels,
+        out_channels,
+        kernel,
+        1,
+        (kernel.max(1) - 1) / 2,
+    )
 }
 
 /// `norm1 -> act -> conv1 (+ time_emb_proj(act(temb))) -> norm2 -> act -> conv2`, plus the
@@ -129,7 +136,11 @@ impl ResnetBlock2D {
         let norm1 = candle_nn::group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
         let conv1 = Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?;
         let time_emb_proj = match cfg.temb_channels {
-            Some(temb) => Some(candle_nn::linear(temb, out_channels, vb.pp("time_emb_proj"))?),
+            Some(temb) => Some(candle_nn::linear(
+                temb,
+                out_channels,
+                vb.pp("time_emb_proj"),
+            )?),
             None => None,
         };
         let groups_out = cfg.groups_out.unwrap_or(cfg.groups);
@@ -139,7 +150,14 @@ impl ResnetBlock2D {
         let conv_shortcut = if use_in_shortcut {
             let (kernel, padding) = if cfg.conv_shortcut { (3, 1) } else { (1, 0) };
             let vb = vb.pp("conv_shortcut");
-            Some(Conv2d::new(vb, in_channels, out_channels, kernel, 1, padding)?)
+            Some(Conv2d::new(
+                vb,
+                in_channels,
+                out_channels,
+                kernel,
+                1,
+                padding,
+            )?)
         } else {
             None
         };
@@ -202,10 +220,12 @@ impl Downsample2D {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.pad_right_bottom {
-            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
-            Ok(self.conv.forward(&xs)?)
+            let xs = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&xs)
         } else {
-            Ok(self.conv.forward(xs)?)
+            self.conv.forward(xs)
         }
     }
 }
@@ -229,6 +249,6 @@ impl Upsample2D {
         let (_, _, h, w) = xs.dims4()?;
         let (out_h, out_w) = output_size.unwrap_or((2 * h, 2 * w));
         let xs = xs.upsample_nearest2d(out_h, out_w)?;
-        Ok(self.conv.forward(&xs)?)
+        self.conv.forward(&xs)
     }
 }

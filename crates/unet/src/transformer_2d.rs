@@ -53,7 +53,8 @@ impl Transformer2DModel {
         let inner_dim = cfg.num_attention_heads * cfg.attention_head_dim;
         // diffusers quirk: this GroupNorm's eps is fixed at 1e-6 in `Transformer2DModel`,
         // whatever the UNet's `norm_eps`.
-        let norm = candle_nn::group_norm(cfg.norm_num_groups, cfg.in_channels, 1e-6, vb.pp("norm"))?;
+        let norm =
+            candle_nn::group_norm(cfg.norm_num_groups, cfg.in_channels, 1e-6, vb.pp("norm"))?;
         let linear = cfg.use_linear_projection;
         let proj_in = Projection::new(vb.pp("proj_in"), linear, cfg.in_channels, inner_dim)?;
         let blocks = vb.pp("transformer_blocks");
@@ -95,7 +96,9 @@ impl Transformer2DModel {
         }
         let to_map = |t: &Tensor| -> Result<Tensor> {
             let c = t.dim(2)?;
-            Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
         };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,

@@ -28,7 +28,12 @@ pub struct BlockConfig {
 }
 
 impl BlockConfig {
-    fn resnet(&self, vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<ResnetBlock2D> {
+    fn resnet(
+        &self,
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+    ) -> Result<ResnetBlock2D> {
         let cfg = ResnetBlock2DConfig {
             out_channels: Some(out_channels),
             temb_channels: self.temb_channels,
@@ -72,13 +77,15 @@ impl CrossAttnConfig {
                 expected: format!("between 1 and the block's {channels} channels"),
             });
         }
-        let num_layers = self.transformer_layers_per_block.get(layer).copied().ok_or_else(|| {
-            Error::InvalidConfig {
+        let num_layers = self
+            .transformer_layers_per_block
+            .get(layer)
+            .copied()
+            .ok_or_else(|| Error::InvalidConfig {
                 key: "transformer_layers_per_block".to_string(),
                 value: format!("{:?}", self.transformer_layers_per_block),
                 expected: format!("a depth for layer {layer}"),
-            }
-        })?;
+            })?;
         let cfg = Transformer2DModelConfig {
             num_attention_heads: heads,
             attention_head_dim: head_dim,
@@ -117,10 +124,18 @@ pub struct DownBlock2D {
 
 impl DownBlock2D {
     /// `downsample_padding`: `Some(padding)` adds the downsampler (every block but the last).
-    pub fn new(vb: VarBuilder, cfg: &BlockConfig, downsample_padding: Option<usize>) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &BlockConfig,
+        downsample_padding: Option<usize>,
+    ) -> Result<Self> {
         let resnets = (0..cfg.num_layers)
             .map(|j| {
-                let in_channels = if j == 0 { cfg.in_channels } else { cfg.out_channels };
+                let in_channels = if j == 0 {
+                    cfg.in_channels
+                } else {
+                    cfg.out_channels
+                };
                 cfg.resnet(item(&vb, "resnets", j), in_channels, cfg.out_channels)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -133,7 +148,10 @@ impl DownBlock2D {
             )?),
             None => None,
         };
-        Ok(Self { resnets, downsampler })
+        Ok(Self {
+            resnets,
+            downsampler,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
@@ -169,7 +187,12 @@ impl CrossAttnDownBlock2D {
         let plain = DownBlock2D::new(vb.clone(), cfg, downsample_padding)?;
         let attentions = (0..cfg.num_layers)
             .map(|j| {
-                attn.transformer(item(&vb, "attentions", j), cfg.out_channels, cfg.resnet_groups, j)
+                attn.transformer(
+                    item(&vb, "attentions", j),
+                    cfg.out_channels,
+                    cfg.resnet_groups,
+                    j,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -258,7 +281,11 @@ impl UpBlock2D {
         let out = cfg.out_channels;
         let resnets = (0..cfg.num_layers)
             .map(|j| {
-                let skip = if j + 1 == cfg.num_layers { cfg.in_channels } else { out };
+                let skip = if j + 1 == cfg.num_layers {
+                    cfg.in_channels
+                } else {
+                    out
+                };
                 let resnet_in = if j == 0 { prev_output_channel } else { out };
                 cfg.resnet(item(&vb, "resnets", j), resnet_in + skip, out)
             })
@@ -314,7 +341,12 @@ impl CrossAttnUpBlock2D {
         let plain = UpBlock2D::new(vb.clone(), cfg, prev_output_channel, add_upsample)?;
         let attentions = (0..cfg.num_layers)
             .map(|j| {
-                attn.transformer(item(&vb, "attentions", j), cfg.out_channels, cfg.resnet_groups, j)
+                attn.transformer(
+                    item(&vb, "attentions", j),
+                    cfg.out_channels,
+                    cfg.resnet_groups,
+                    j,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -357,7 +389,11 @@ pub struct DownEncoderBlock2D {
 impl DownEncoderBlock2D {
     /// `downsample_padding`: `Some(padding)` adds the downsampler; the VAE uses padding 0
     /// (which pads right and bottom, see [`Downsample2D`]).
-    pub fn new(vb: VarBuilder, cfg: &BlockConfig, downsample_padding: Option<usize>) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &BlockConfig,
+        downsample_padding: Option<usize>,
+    ) -> Result<Self> {
         Ok(Self {
             inner: DownBlock2D::new(vb, cfg, downsample_padding)?,
         })
@@ -379,7 +415,11 @@ impl UpDecoderBlock2D {
     pub fn new(vb: VarBuilder, cfg: &BlockConfig, add_upsample: bool) -> Result<Self> {
         let resnets = (0..cfg.num_layers)
             .map(|j| {
-                let in_channels = if j == 0 { cfg.in_channels } else { cfg.out_channels };
+                let in_channels = if j == 0 {
+                    cfg.in_channels
+                } else {
+                    cfg.out_channels
+                };
                 cfg.resnet(item(&vb, "resnets", j), in_channels, cfg.out_channels)
             })
             .collect::<Result<Vec<_>>>()?;

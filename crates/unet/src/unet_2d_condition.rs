@@ -87,10 +87,17 @@ impl UNet2DConditionModel {
             accepted: "a number of groups".to_string(),
         })?;
         let optional_act = |key: &str, name: &Option<String>| -> Result<Option<Activation>> {
-            name.as_deref().map(|name| Activation::from_config(key, name)).transpose()
+            name.as_deref()
+                .map(|name| Activation::from_config(key, name))
+                .transpose()
         };
 
-        let conv_in = conv2d_same(vb.pp("conv_in"), cfg.in_channels, channels[0], cfg.conv_in_kernel)?;
+        let conv_in = conv2d_same(
+            vb.pp("conv_in"),
+            cfg.in_channels,
+            channels[0],
+            cfg.conv_in_kernel,
+        )?;
 
         let time_embed_dim = cfg.time_embed_dim();
         let time_proj = Timesteps::new(channels[0], cfg.flip_sin_to_cos, cfg.freq_shift);
@@ -183,7 +190,11 @@ impl UNet2DConditionModel {
                     use_linear_projection: cfg.use_linear_projection,
                 };
                 cross_attention_dims.push(cross[n - 1]);
-                Some(UNetMidBlock2DCrossAttn::new(vb.pp("mid_block"), &block, &attn)?)
+                Some(UNetMidBlock2DCrossAttn::new(
+                    vb.pp("mid_block"),
+                    &block,
+                    &attn,
+                )?)
             }
             None => None,
         };
@@ -224,8 +235,12 @@ impl UNet2DConditionModel {
 
         let conv_norm_out =
             candle_nn::group_norm(groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out =
-            conv2d_same(vb.pp("conv_out"), channels[0], cfg.out_channels, cfg.conv_out_kernel)?;
+        let conv_out = conv2d_same(
+            vb.pp("conv_out"),
+            channels[0],
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+        )?;
         cross_attention_dims.dedup();
 
         Ok(Self {
@@ -308,7 +323,10 @@ impl UNet2DConditionModel {
         // Latent sizes that are not a multiple of the total downsampling are handled by
         // upsampling to each skip connection's size instead of doubling (diffusers'
         // `forward_upsample_size`).
-        let overall_factor = 1usize << self.num_upsamplers;
+        let overall_factor = u32::try_from(self.num_upsamplers)
+            .ok()
+            .and_then(|n| 1usize.checked_shl(n))
+            .unwrap_or(usize::MAX);
         let forward_upsample_size = height % overall_factor != 0 || width % overall_factor != 0;
 
         let sample = if cfg.center_input_sample {
@@ -352,24 +370,22 @@ impl UNet2DConditionModel {
             // The size of the skip connection the next block starts with.
             let upsample_size = if i != last && forward_upsample_size {
                 let next = skips.len().checked_sub(block.num_layers() + 1);
-                next.and_then(|j| skips.get(j)).map(spatial_size).transpose()?
+                next.and_then(|j| skips.get(j))
+                    .map(spatial_size)
+                    .transpose()?
             } else {
                 None
             };
             xs = match block {
                 UpBlock::Plain(block) => block.forward(&xs, &mut skips, emb, upsample_size)?,
-                UpBlock::CrossAttn(block) => block.forward(
-                    &xs,
-                    &mut skips,
-                    emb,
-                    &encoder_hidden_states,
-                    upsample_size,
-                )?,
+                UpBlock::CrossAttn(block) => {
+                    block.forward(&xs, &mut skips, emb, &encoder_hidden_states, upsample_size)?
+                }
             };
         }
 
         let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs)?)?;
-        Ok(self.conv_out.forward(&xs)?)
+        self.conv_out.forward(&xs)
     }
 
     /// `add_embedding(concat(text_embeds, flatten(add_time_proj(time_ids))))`.

@@ -23,7 +23,9 @@ fn reference(name: &str) -> HashMap<String, Tensor> {
 }
 
 fn var_builder(folder: &str, dtype: DType) -> VarBuilder<'static> {
-    let weights = fixtures().join(folder).join("unet/diffusion_pytorch_model.safetensors");
+    let weights = fixtures()
+        .join(folder)
+        .join("unet/diffusion_pytorch_model.safetensors");
     // SAFETY: the fixture files are not modified while the test maps them.
     unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }.unwrap()
 }
@@ -39,7 +41,16 @@ fn model(folder: &str, dtype: DType) -> UNet2DConditionModel {
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Runs the model on a reference file's inputs in `dtype` and returns (output, expected).
@@ -52,7 +63,12 @@ fn run(folder: &str, file: &str, dtype: DType) -> (Tensor, Tensor) {
         time_ids: input("time_ids"),
     });
     let out = unet
-        .forward(&input("sample"), &r["timestep"], &input("encoder_hidden_states"), added.as_ref())
+        .forward(
+            &input("sample"),
+            &r["timestep"],
+            &input("encoder_hidden_states"),
+            added.as_ref(),
+        )
         .unwrap();
     assert_eq!(out.dtype(), dtype);
     (out, r["out"].clone())
@@ -82,7 +98,10 @@ fn sd15_in_bf16_stays_close() {
     let diff = max_abs_diff(&out, &expected);
     eprintln!("sd15 unet in bf16: max |diff| {diff:e}");
     // Tolerance: 5e-2 max |diff|, a loose bound for bf16 weights and activations.
-    assert!(diff < TOL_HALF, "sd15 unet in bf16: max |diff| {diff} >= {TOL_HALF}");
+    assert!(
+        diff < TOL_HALF,
+        "sd15 unet in bf16: max |diff| {diff} >= {TOL_HALF}"
+    );
 }
 
 #[test]
@@ -91,7 +110,10 @@ fn sdxl_in_f16_stays_close() {
     let diff = max_abs_diff(&out, &expected);
     eprintln!("sdxl unet in f16: max |diff| {diff:e}");
     // Tolerance: 5e-2 max |diff|, a loose bound for f16 weights and activations.
-    assert!(diff < TOL_HALF, "sdxl unet in f16: max |diff| {diff} >= {TOL_HALF}");
+    assert!(
+        diff < TOL_HALF,
+        "sdxl unet in f16: max |diff| {diff} >= {TOL_HALF}"
+    );
 }
 
 #[test]
@@ -99,7 +121,12 @@ fn sdxl_needs_its_added_conditions() {
     let r = reference("unet_sdxl.safetensors");
     let unet = model("tiny-sdxl", DType::F32);
     let err = unet
-        .forward(&r["sample"], &r["timestep"], &r["encoder_hidden_states"], None)
+        .forward(
+            &r["sample"],
+            &r["timestep"],
+            &r["encoder_hidden_states"],
+            None,
+        )
         .unwrap_err();
     assert!(matches!(err, Error::MissingAddedCondition { .. }), "{err}");
 }
@@ -107,7 +134,8 @@ fn sdxl_needs_its_added_conditions() {
 #[test]
 fn refiner_builds_and_runs() {
     let cfg = config("tiny-sdxl-refiner");
-    let unet = UNet2DConditionModel::new(var_builder("tiny-sdxl-refiner", DType::F32), &cfg).unwrap();
+    let unet =
+        UNet2DConditionModel::new(var_builder("tiny-sdxl-refiner", DType::F32), &cfg).unwrap();
     let dev = Device::Cpu;
     let cross = 32; // the refiner fixture's cross_attention_dim, checked next
     assert_eq!(cfg.cross_attention_dim, sdrs_unet::OneOrMany::One(cross));
@@ -120,8 +148,13 @@ fn refiner_builds_and_runs() {
     let add_dim = cfg.addition_time_embed_dim.unwrap();
     let text_dim = cfg.projection_class_embeddings_input_dim.unwrap() - 5 * add_dim;
     let text_embeds = Tensor::randn(0f32, 1.0, (2, text_dim), &dev).unwrap();
-    let added = AddedConditions { text_embeds, time_ids };
-    let out = unet.forward(&sample, &timesteps, &context, Some(&added)).unwrap();
+    let added = AddedConditions {
+        text_embeds,
+        time_ids,
+    };
+    let out = unet
+        .forward(&sample, &timesteps, &context, Some(&added))
+        .unwrap();
     assert_eq!(out.dims(), &[2, cfg.out_channels, 12, 20]);
 }
 
@@ -141,14 +174,29 @@ fn odd_latent_sizes_follow_the_skip_connections() {
 fn one_timestep_per_batch_item() {
     let r = reference("unet_sd15.safetensors");
     let unet = model("tiny-sd15", DType::F32);
-    let both = unet.forward(&r["sample"], &r["timestep"], &r["encoder_hidden_states"], None).unwrap();
+    let both = unet
+        .forward(
+            &r["sample"],
+            &r["timestep"],
+            &r["encoder_hidden_states"],
+            None,
+        )
+        .unwrap();
     let first = |t: &Tensor| t.narrow(0, 0, 1).unwrap();
     let alone = unet
-        .forward(&first(&r["sample"]), &first(&r["timestep"]), &first(&r["encoder_hidden_states"]), None)
+        .forward(
+            &first(&r["sample"]),
+            &first(&r["timestep"]),
+            &first(&r["encoder_hidden_states"]),
+            None,
+        )
         .unwrap();
     let diff = max_abs_diff(&alone, &first(&both));
     // Tolerance: the same computation batched or not, up to f32 reassociation.
-    assert!(diff < 1e-5, "batch item 0 alone vs batched: max |diff| {diff}");
+    assert!(
+        diff < 1e-5,
+        "batch item 0 alone vs batched: max |diff| {diff}"
+    );
 }
 
 #[test]
@@ -156,13 +204,38 @@ fn wrong_input_shapes_are_reported() {
     let r = reference("unet_sd15.safetensors");
     let unet = model("tiny-sd15", DType::F32);
     let bad_context = r["encoder_hidden_states"].narrow(2, 0, 16).unwrap();
-    let err = unet.forward(&r["sample"], &r["timestep"], &bad_context, None).unwrap_err();
-    assert!(matches!(err, Error::InputShape { input: "encoder_hidden_states", .. }), "{err}");
+    let err = unet
+        .forward(&r["sample"], &r["timestep"], &bad_context, None)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InputShape {
+                input: "encoder_hidden_states",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let three_timesteps = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
     let err = unet
-        .forward(&r["sample"], &three_timesteps, &r["encoder_hidden_states"], None)
+        .forward(
+            &r["sample"],
+            &three_timesteps,
+            &r["encoder_hidden_states"],
+            None,
+        )
         .unwrap_err();
-    assert!(matches!(err, Error::InputShape { input: "timesteps", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::InputShape {
+                input: "timesteps",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -171,7 +244,11 @@ fn unsupported_config_values_are_refused() {
     cfg.resnet_time_scale_shift = "scale_shift".to_string();
     let err = UNet2DConditionModel::new(var_builder("tiny-sd15", DType::F32), &cfg).unwrap_err();
     match &err {
-        Error::Unsupported { key, value, accepted } => {
+        Error::Unsupported {
+            key,
+            value,
+            accepted,
+        } => {
             assert_eq!(key, "resnet_time_scale_shift");
             assert!(value.contains("scale_shift"), "{err}");
             assert!(accepted.contains("default"), "{err}");
@@ -194,6 +271,7 @@ fn weights_that_do_not_fit_the_config_name_the_tensor() {
     cfg.cross_attention_dim = sdrs_unet::OneOrMany::One(48);
     let err = UNet2DConditionModel::new(var_builder("tiny-sd15", DType::F32), &cfg).unwrap_err();
     let message = err.to_string();
+    eprintln!("weights/config mismatch: {message}");
     assert!(message.contains("attn2.to_k.weight"), "{message}");
 }
 
