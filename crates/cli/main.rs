@@ -1,1 +1,42 @@
-fn main() {}
+//! `sdrs`: the command-line front end (generate images, check parity against diffusers).
+
+mod generate;
+mod input;
+mod output;
+mod parity;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Stable Diffusion in pure Rust.
+#[derive(Debug, Parser)]
+#[command(name = "sdrs", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate an image from a text prompt.
+    Generate(generate::GenerateArgs),
+    /// Check sdrs against diffusers' reference outputs in a fixtures folder.
+    Parity(parity::ParityArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Parity(args) => parity::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,6 @@
-//! Integration tests.
+//! End-to-end tests of the `sdrs` binary against the reference fixtures in `tests/fixtures`.
+
+mod bad_input;
+mod generate;
+mod parity;
+mod util;

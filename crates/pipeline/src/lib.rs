@@ -1,1 +1,17 @@
-//! placeholder
+//! Stable Diffusion pipelines for sdrs: loading diffusers model folders, text-to-image and
+//! image-to-image with classifier-free guidance, and the parity checks against diffusers' reference
+//! outputs.
+
+pub mod checkpoint;
+mod conditioning;
+pub mod device;
+pub mod error;
+pub mod parity;
+pub mod single_file;
+pub mod stable_diffusion;
+pub mod weights;
+
+pub use conditioning::MicroConditioning;
+pub use device::{dtype_name, parse_device, parse_dtype};
+pub use error::{Error, Result};
+pub use stable_diffusion::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress};

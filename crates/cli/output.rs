@@ -1,0 +1,248 @@
+//! Writing the generated image: an 8-bit RGB PNG with AUTOMATIC1111's `parameters` text chunk,
+//! written to a temporary file beside the target and renamed into place, so a failed run never
+//! leaves a half-written image.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use tempfile::NamedTempFile;
+
+/// The generation settings as AUTOMATIC1111 records them, so other tools can read them back.
+#[derive(Debug, Clone)]
+pub struct Parameters {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// AUTOMATIC1111's sampler label, e.g. `DPM++ 2M`.
+    pub sampler: String,
+    /// `Karras` or `Exponential`; `None` for the sampler's own (discrete) schedule.
+    pub schedule_type: Option<String>,
+    pub cfg_scale: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub model: String,
+    /// Only written when it is not 1 (AUTOMATIC1111 does the same).
+    pub clip_skip: Option<usize>,
+    /// Further `Key: value` fields (`Denoising strength`, `Refiner`, ...), written in order.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Parameters {
+    /// The `parameters` text: prompt, `Negative prompt:` line, then the comma-separated settings.
+    pub fn to_a1111(&self) -> String {
+        let mut text = self.prompt.clone();
+        if !self.negative_prompt.is_empty() {
+            text.push_str("\nNegative prompt: ");
+            text.push_str(&self.negative_prompt);
+        }
+        let mut fields = vec![
+            format!("Steps: {}", self.steps),
+            format!("Sampler: {}", self.sampler),
+        ];
+        if let Some(schedule) = &self.schedule_type {
+            fields.push(format!("Schedule type: {schedule}"));
+        }
+        fields.push(format!("CFG scale: {}", self.cfg_scale));
+        fields.push(format!("Seed: {}", self.seed));
+        fields.push(format!("Size: {}x{}", self.width, self.height));
+        fields.push(format!("Model: {}", self.model));
+        if let Some(skip) = self.clip_skip.filter(|&s| s > 1) {
+            fields.push(format!("Clip skip: {skip}"));
+        }
+        for (key, value) in &self.extra {
+            fields.push(format!("{key}: {value}"));
+        }
+        fields.push(format!("Version: sdrs {}", env!("CARGO_PKG_VERSION")));
+        text.push('\n');
+        text.push_str(&fields.join(", "));
+        text
+    }
+}
+
+/// A reserved output: the temporary file is created up front, so an unwritable path fails before
+/// any work is done.
+pub struct PendingImage {
+    target: PathBuf,
+    file: NamedTempFile,
+}
+
+impl PendingImage {
+    /// Reserves `target` (a `.png` path in an existing, writable folder).
+    pub fn reserve(target: &Path) -> Result<Self> {
+        if target.is_dir() {
+            bail!("output path {} is a folder; give a file name such as out.png", target.display());
+        }
+        let folder = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !folder.is_dir() {
+            bail!(
+                "cannot write {}: the folder {} does not exist",
+                target.display(),
+                folder.display()
+            );
+        }
+        let file = tempfile::Builder::new()
+            .prefix(".sdrs-")
+            .suffix(".png.tmp")
+            .tempfile_in(&folder)
+            .with_context(|| format!("cannot write {} (folder not writable?)", target.display()))?;
+        Ok(Self {
+            target: target.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Encodes `image` (`[1, 3, H, W]` or `[3, H, W]` in `[0, 1]`) with `parameters` and moves it into place.
+    pub fn write(mut self, image: &Tensor, parameters: &Parameters) -> Result<PathBuf> {
+        let (width, height, rgb) = to_rgb8(image)?;
+        {
+            let writer = std::io::BufWriter::new(self.file.as_file_mut());
+            let mut encoder = png::Encoder::new(writer, width as u32, height as u32);
+            encoder.set_color(png::ColorType::Rgb);
+            encoder.set_depth(png::BitDepth::Eight);
+            let text = parameters.to_a1111();
+            // Like PIL (which AUTOMATIC1111 uses): tEXt when the text is Latin-1, iTXt (UTF-8) otherwise.
+            if text.chars().all(|c| (c as u32) < 256) {
+                encoder.add_text_chunk("parameters".to_string(), text)
+            } else {
+                encoder.add_itxt_chunk("parameters".to_string(), text)
+            }
+            .context("cannot add the parameters text to the PNG")?;
+            let mut png = encoder.write_header()?;
+            png.write_image_data(&rgb)?;
+            png.finish()?;
+        }
+        self.file.as_file_mut().flush()?;
+        let target = self.target.clone();
+        self.file
+            .persist(&target)
+            .with_context(|| format!("cannot move the image into place at {}", target.display()))?;
+        Ok(target)
+    }
+}
+
+/// `[0, 1]` floats to interleaved 8-bit RGB, rounding as diffusers' `numpy_to_pil` does.
+pub fn to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
+    let image = match image.rank() {
+        4 => image.get(0)?,
+        3 => image.clone(),
+        rank => bail!("expected an image tensor of rank 3 or 4, got rank {rank}"),
+    };
+    let (channels, height, width) = image.dims3()?;
+    if channels != 3 {
+        bail!("expected 3 colour channels, got {channels}");
+    }
+    let pixels = ((image.permute((1, 2, 0))?.to_dtype(DType::F32)? * 255.0)?.round()?)
+        .clamp(0f32, 255f32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((width, height, pixels.into_iter().map(|v| v as u8).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parameters() -> Parameters {
+        Parameters {
+            prompt: "a cat".into(),
+            negative_prompt: "blurry".into(),
+            steps: 25,
+            sampler: "DPM++ 2M".into(),
+            schedule_type: Some("Karras".into()),
+            cfg_scale: 7.5,
+            seed: 42,
+            width: 512,
+            height: 768,
+            model: "tiny-sd15".into(),
+            clip_skip: None,
+            extra: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn parameters_read_like_automatic1111() {
+        let text = parameters().to_a1111();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("a cat"));
+        assert_eq!(lines.next(), Some("Negative prompt: blurry"));
+        let settings = lines.next().unwrap();
+        assert!(
+            settings.starts_with(
+                "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x768, Model: tiny-sd15"
+            ),
+            "{settings}"
+        );
+        assert!(lines.next().is_none());
+    }
+
+    #[test]
+    fn empty_negative_prompt_and_clip_skip_one_are_left_out() {
+        let mut p = parameters();
+        p.negative_prompt.clear();
+        p.clip_skip = Some(1);
+        p.cfg_scale = 7.0;
+        p.schedule_type = None;
+        let text = p.to_a1111();
+        assert!(!text.contains("Negative prompt"));
+        assert!(!text.contains("Clip skip"));
+        assert!(!text.contains("Schedule type"));
+        assert!(text.contains("CFG scale: 7,"), "{text}");
+        p.clip_skip = Some(2);
+        assert!(p.to_a1111().contains("Clip skip: 2"));
+        p.extra.push(("Denoising strength".into(), "0.6".into()));
+        assert!(p.to_a1111().contains("Clip skip: 2, Denoising strength: 0.6, Version"));
+    }
+
+    #[test]
+    fn png_round_trips_pixels_and_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.png");
+        let image = Tensor::from_vec(
+            vec![0f32, 1.0, 0.5, 0.25, 0.0, 1.0],
+            (1, 3, 1, 2),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        PendingImage::reserve(&target)
+            .unwrap()
+            .write(&image, &parameters())
+            .unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&target).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (2, 1));
+        // pixel 0 = (r0, g0, b0) = (0, 0.5, 0), pixel 1 = (1, 0.25, 1)
+        assert_eq!(&buf[..6], &[0, 128, 0, 255, 64, 255]);
+        let text = &reader.info().uncompressed_latin1_text[0];
+        assert_eq!(text.keyword, "parameters");
+        assert_eq!(text.text, parameters().to_a1111());
+        // Only the final file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn unwritable_targets_fail_before_any_work() {
+        let err = PendingImage::reserve(Path::new("/nonexistent-dir/x.png"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("/nonexistent-dir"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = PendingImage::reserve(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("is a folder"), "{err}");
+    }
+
+    #[test]
+    fn a_dropped_reservation_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(PendingImage::reserve(&dir.path().join("x.png")).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,74 @@
+//! `sdrs parity`: runs every reference case in a fixtures folder and prints one line per case.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use sdrs_pipeline::parity::{self, Outcome, ParityOptions};
+
+#[derive(Debug, Args)]
+pub struct ParityArgs {
+    /// Folder laid out like the project's `tests/fixtures` (models and `reference/`).
+    #[arg(long, default_value = "tests/fixtures")]
+    pub fixtures: PathBuf,
+
+    /// Device to run on: auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Compute dtype: f32, f16 or bf16 (half precision is held to looser tolerances).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+pub fn run(args: ParityArgs) -> anyhow::Result<ExitCode> {
+    let options = ParityOptions {
+        device: sdrs_pipeline::parse_device(&args.device)?,
+        dtype: sdrs_pipeline::parse_dtype(&args.dtype)?,
+    };
+    let results = parity::run(&args.fixtures, &options, &mut |case| println!("{case}"))?;
+    let failed = results
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Fail(_)))
+        .count();
+    let passed = results
+        .iter()
+        .filter(|r| r.outcome == Outcome::Pass)
+        .count();
+    let skipped = results.len() - passed - failed;
+    if skipped > 0 {
+        println!("{passed} passed, {failed} failed, {skipped} skipped");
+    } else {
+        println!("{passed} passed, {failed} failed");
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: ParityArgs,
+    }
+
+    #[test]
+    fn parity_flags_default_to_the_project_fixtures_on_the_cpu_in_f32() {
+        let args = Wrapper::try_parse_from(["x"]).unwrap().args;
+        assert_eq!(args.fixtures, PathBuf::from("tests/fixtures"));
+        assert_eq!(args.device, "cpu");
+        assert_eq!(args.dtype, "f32");
+        let args = Wrapper::try_parse_from(["x", "--fixtures", "/f", "--dtype", "bf16"])
+            .unwrap()
+            .args;
+        assert_eq!(args.fixtures, PathBuf::from("/f"));
+        assert_eq!(args.dtype, "bf16");
+    }
+}

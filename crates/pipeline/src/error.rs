@@ -1,0 +1,93 @@
+//! The pipeline crate's error type: every variant names the file, value or option at fault.
+
+use std::path::PathBuf;
+
+/// Errors from loading a model or running a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file the model folder must have is not there.
+    #[error("missing file {path}: {what}")]
+    MissingFile { path: PathBuf, what: String },
+
+    /// A folder has none of the weight files we look for.
+    #[error("no weights in {dir}: looked for {looked_for}")]
+    MissingWeights { dir: PathBuf, looked_for: String },
+
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file could not be parsed.
+    #[error("cannot parse {path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// Weights that do not load: a truncated or corrupt file, a missing tensor, or a
+    /// tensor whose shape does not match the component's configuration.
+    #[error("cannot load the {component} weights from {path}: {source}")]
+    Weights {
+        component: &'static str,
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+
+    /// A single-file checkpoint whose keys do not fit the layout or the configuration.
+    #[error("cannot map the checkpoint {path} onto the diffusers layout: {source}")]
+    SingleFile {
+        path: PathBuf,
+        #[source]
+        source: crate::single_file::SingleFileError,
+    },
+
+    /// The model folder holds a pipeline this version does not run.
+    #[error("unsupported pipeline {class} in {path}; supported: {supported}")]
+    UnsupportedPipeline {
+        class: String,
+        path: PathBuf,
+        supported: String,
+    },
+
+    /// A generation parameter out of range.
+    #[error("invalid {name} {value}: {expected}")]
+    InvalidParameter {
+        name: &'static str,
+        value: String,
+        expected: String,
+    },
+
+    /// An unknown or unavailable device.
+    #[error("device {value:?}: {reason}")]
+    Device { value: String, reason: String },
+
+    /// The generation was cancelled by the progress callback.
+    #[error("cancelled")]
+    Cancelled,
+
+    #[error(transparent)]
+    Clip(#[from] sdrs_clip::Error),
+
+    #[error(transparent)]
+    Unet(#[from] sdrs_unet::Error),
+
+    #[error(transparent)]
+    Vae(#[from] sdrs_vae::Error),
+
+    #[error(transparent)]
+    Scheduler(#[from] sdrs_schedulers::Error),
+
+    #[error(transparent)]
+    Taesd(#[from] sdrs_taesd::Error),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,728 @@
+//! `sdrs parity`: checks every reference in a fixtures folder (laid out like `tests/fixtures`) against
+//! what sdrs computes, case by case, with the tolerances the fixtures' README gives.
+//!
+//! Cases are discovered from the folder (tokenizer cases, reference files, scheduler and pipeline keys),
+//! so a fixtures folder built with other prompts, seeds or shapes is checked the same way; a case the
+//! project cannot run yet is reported as skipped with the reason, never dropped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::stable_diffusion::{InitImage, LoadOptions, Request, StableDiffusion};
+use crate::weights::{find_weights, read_json, var_builder};
+use sdrs_taesd::AutoencoderTiny;
+
+/// Where and in which dtype to run the checks.
+#[derive(Debug, Clone)]
+pub struct ParityOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// The verdict on one case.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Pass,
+    /// Over tolerance, or an error while running (the message says which).
+    Fail(Option<String>),
+    /// Not supported yet; the reason says what is missing.
+    Skip(String),
+}
+
+/// One line of the parity report.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub name: String,
+    pub max_diff: Option<f64>,
+    pub tolerance: f64,
+    pub outcome: Outcome,
+}
+
+impl fmt::Display for CaseResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let diff = self
+            .max_diff
+            .map_or_else(|| "-".to_string(), |d| format!("{d:.3e}"));
+        write!(f, "{}  max|diff| {diff}  tol {:.0e}  ", self.name, self.tolerance)?;
+        match &self.outcome {
+            Outcome::Pass => write!(f, "pass"),
+            Outcome::Fail(None) => write!(f, "FAIL"),
+            Outcome::Fail(Some(why)) => write!(f, "FAIL ({why})"),
+            Outcome::Skip(why) => write!(f, "skip ({why})"),
+        }
+    }
+}
+
+/// Tolerances (max absolute difference) from the fixtures' README for f32 on the CPU; half precision
+/// gets the looser bounds GPU and Core ML ports accept.
+struct Tolerances {
+    text_encoder: f64,
+    unet: f64,
+    vae: f64,
+    pipeline: f64,
+}
+
+impl Tolerances {
+    fn for_dtype(dtype: DType) -> Self {
+        if dtype == DType::F32 {
+            Self {
+                text_encoder: 1e-4,
+                unet: 1e-3,
+                vae: 1e-3,
+                pipeline: 5e-3,
+            }
+        } else {
+            Self {
+                text_encoder: 5e-2,
+                unet: 5e-2,
+                vae: 5e-2,
+                pipeline: 3e-2,
+            }
+        }
+    }
+}
+
+const SCHEDULER_TOLERANCE: f64 = 1e-5;
+const RNG_TOLERANCE: f64 = 1e-6;
+
+/// Runs every case in `fixtures`, calling `report` as each finishes, and returns them all.
+pub fn run(
+    fixtures: &Path,
+    options: &ParityOptions,
+    report: &mut dyn FnMut(&CaseResult),
+) -> Result<Vec<CaseResult>> {
+    if !fixtures.join("reference").is_dir() {
+        return Err(Error::MissingFile {
+            path: fixtures.join("reference"),
+            what: "a fixtures folder has a reference/ folder of diffusers outputs".to_string(),
+        });
+    }
+    let mut runner = Runner {
+        fixtures: fixtures.to_path_buf(),
+        options: options.clone(),
+        tol: Tolerances::for_dtype(options.dtype),
+        results: Vec::new(),
+        report,
+        pipelines: HashMap::new(),
+    };
+    runner.tokenizer_cases()?;
+    runner.component_cases()?;
+    runner.scheduler_cases()?;
+    runner.rng_cases()?;
+    runner.pipeline_cases()?;
+    Ok(runner.results)
+}
+
+/// The max |a - b| over two tensors of the same shape, in f64; a shape mismatch is an error.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        return Err(Error::InvalidParameter {
+            name: "shape",
+            value: format!("{:?}", a.dims()),
+            expected: format!("{:?} as in the reference", b.dims()),
+        });
+    }
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    Ok((a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
+}
+
+struct Runner<'a> {
+    fixtures: PathBuf,
+    options: ParityOptions,
+    tol: Tolerances,
+    results: Vec<CaseResult>,
+    report: &'a mut dyn FnMut(&CaseResult),
+    pipelines: HashMap<String, StableDiffusion>,
+}
+
+impl Runner<'_> {
+    fn push(&mut self, result: CaseResult) {
+        (self.report)(&result);
+        self.results.push(result);
+    }
+
+    /// Records a case computed by `check`, which returns the max |diff|; errors become failures.
+    fn case(&mut self, name: String, tolerance: f64, check: impl FnOnce(&mut Self) -> Result<f64>) {
+        let (max_diff, outcome) = match check(self) {
+            Ok(diff) if diff <= tolerance => (Some(diff), Outcome::Pass),
+            Ok(diff) => (Some(diff), Outcome::Fail(None)),
+            Err(e) => (None, Outcome::Fail(Some(e.to_string()))),
+        };
+        self.push(CaseResult {
+            name,
+            max_diff,
+            tolerance,
+            outcome,
+        });
+    }
+
+    fn skip(&mut self, name: String, tolerance: f64, reason: &str) {
+        self.push(CaseResult {
+            name,
+            max_diff: None,
+            tolerance,
+            outcome: Outcome::Skip(reason.to_string()),
+        });
+    }
+
+    fn reference(&self, file: &str) -> Result<HashMap<String, Tensor>> {
+        let path = self.fixtures.join("reference").join(file);
+        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| Error::Weights {
+            component: "reference",
+            path,
+            source,
+        })
+    }
+
+    fn tokenizer_cases(&mut self) -> Result<()> {
+        let path = self.fixtures.join("tokenizer_cases.json");
+        if !path.is_file() {
+            return Ok(());
+        }
+        let cases = read_json(&path)?;
+        let cases = cases.as_array().cloned().unwrap_or_default();
+        let tokenizer = sdrs_clip::ClipTokenizer::from_dir(&self.fixtures.join("tiny-sd15/tokenizer"));
+        let tokenizer_2 =
+            sdrs_clip::ClipTokenizer::from_dir(&self.fixtures.join("tiny-sdxl/tokenizer_2"));
+        for (index, case) in cases.iter().enumerate() {
+            self.case(format!("tokenizer:{index}"), 0.0, |_| {
+                let tokenizer = tokenizer.as_ref().map_err(clone_clip_error)?;
+                let prompt = case["prompt"].as_str().unwrap_or_default();
+                let mut worst = ids_diff(&tokenizer.encode(prompt)?, &case["ids"]);
+                if case.get("ids_untruncated").is_some() {
+                    worst = worst.max(ids_diff(
+                        &tokenizer.encode_untruncated(prompt)?,
+                        &case["ids_untruncated"],
+                    ));
+                }
+                if case.get("ids_tokenizer_2").is_some() {
+                    let tokenizer_2 = tokenizer_2.as_ref().map_err(clone_clip_error)?;
+                    worst = worst.max(ids_diff(
+                        &tokenizer_2.encode(prompt)?,
+                        &case["ids_tokenizer_2"],
+                    ));
+                }
+                Ok(worst)
+            });
+        }
+        Ok(())
+    }
+
+    fn component_cases(&mut self) -> Result<()> {
+        let reference_dir = self.fixtures.join("reference");
+        if reference_dir.join("text_encoder_sd15.safetensors").is_file() {
+            let tol = self.tol.text_encoder;
+            self.case("text_encoder_sd15".into(), tol, |r| r.text_encoder_sd15());
+        }
+        if reference_dir.join("text_encoders_sdxl.safetensors").is_file() {
+            let tol = self.tol.text_encoder;
+            self.case("text_encoders_sdxl".into(), tol, |r| r.text_encoders_sdxl());
+        }
+        for (file, folder) in [("unet_sd15", "tiny-sd15"), ("unet_sdxl", "tiny-sdxl")] {
+            if reference_dir.join(format!("{file}.safetensors")).is_file() {
+                let tol = self.tol.unet;
+                self.case(file.into(), tol, |r| r.unet(file, folder));
+            }
+        }
+        for (file, folder) in [("vae_sd15", "tiny-sd15"), ("vae_sdxl", "tiny-sdxl")] {
+            if reference_dir.join(format!("{file}.safetensors")).is_file() {
+                let tol = self.tol.vae;
+                self.case(format!("{file}_decode"), tol, |r| r.vae(file, folder, false));
+                self.case(format!("{file}_encode"), tol, |r| r.vae(file, folder, true));
+            }
+        }
+        for name in ["taesd", "taef1"] {
+            if reference_dir.join(format!("{name}.safetensors")).is_file() {
+                let tol = self.tol.vae;
+                self.case(format!("{name}_decode"), tol, |r| r.tiny_autoencoder(name, false));
+                self.case(format!("{name}_encode"), tol, |r| r.tiny_autoencoder(name, true));
+            }
+        }
+        let taef2 = self.fixtures.join("real-taef2/reference.json");
+        if taef2.is_file() {
+            let value = read_json(&taef2)?;
+            let images = value["images"].as_object().cloned().unwrap_or_default();
+            for (name, info) in images {
+                let tol = self.tol.vae;
+                self.case(format!("real_taef2:{name}"), tol, |r| r.real_taef2(&name, &info));
+            }
+        }
+        Ok(())
+    }
+
+    /// A tiny autoencoder case, checked with the model loaded from both layouts (the diffusers
+    /// folder and the original bare `<name>_encoder/_decoder.safetensors` files).
+    fn tiny_autoencoder(&mut self, name: &str, encode: bool) -> Result<f64> {
+        let reference = self.reference(&format!("{name}.safetensors"))?;
+        let dir = self.fixtures.join(name);
+        let (dtype, device) = (self.options.dtype, self.options.device.clone());
+        let from_folder = AutoencoderTiny::from_dir(&dir, dtype, &device)?;
+        let from_bare = AutoencoderTiny::from_files(
+            Some(&dir.join(format!("{name}_encoder.safetensors"))),
+            Some(&dir.join(format!("{name}_decoder.safetensors"))),
+            dtype,
+            &device,
+        )?;
+        let mut worst = 0f64;
+        for model in [from_folder, from_bare] {
+            let diff = if encode {
+                let image = get(&reference, "image")?.to_device(&device)?.to_dtype(dtype)?;
+                max_abs_diff(&model.encode(&image)?, get(&reference, "encoded")?)?
+            } else {
+                let latents = get(&reference, "latents")?.to_device(&device)?.to_dtype(dtype)?;
+                max_abs_diff(&model.decode(&latents)?, get(&reference, "decoded")?)?
+            };
+            worst = worst.max(diff);
+        }
+        Ok(worst)
+    }
+
+    /// The real TAEF2 weights on a photograph: latents -> decoded within tolerance, and the
+    /// round-trip PSNR within 0.05 dB of the recorded one.
+    fn real_taef2(&mut self, name: &str, info: &serde_json::Value) -> Result<f64> {
+        const PSNR_TOLERANCE_DB: f64 = 0.05;
+        let dir = self.fixtures.join("real-taef2");
+        let path = dir.join("reference.safetensors");
+        let reference = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| {
+            Error::Weights {
+                component: "reference",
+                path,
+                source,
+            }
+        })?;
+        let (dtype, device) = (self.options.dtype, self.options.device.clone());
+        let model = AutoencoderTiny::from_dir(&dir, dtype, &device)?;
+        let latents = get(&reference, &format!("{name}_latents"))?
+            .to_device(&device)?
+            .to_dtype(dtype)?;
+        let decoded = model.decode_unit(&latents)?;
+        let diff = max_abs_diff(&decoded, get(&reference, &format!("{name}_decoded"))?)?;
+        let image = get(&reference, &format!("{name}_image"))?;
+        let round_trip = model
+            .decode_unit(&model.encode_unit(&image.to_device(&device)?.to_dtype(dtype)?)?)?
+            .to_dtype(DType::F32)?
+            .clamp(0f32, 1f32)?;
+        let psnr = sdrs_taesd::metrics::psnr_db(&round_trip, image)?;
+        let expected = info["psnr_db_roundtrip"].as_f64().unwrap_or(f64::NAN);
+        if (psnr - expected).abs() > PSNR_TOLERANCE_DB {
+            return Err(Error::InvalidParameter {
+                name: "round-trip PSNR",
+                value: format!("{psnr:.3} dB"),
+                expected: format!("{expected:.3} dB within {PSNR_TOLERANCE_DB} dB"),
+            });
+        }
+        Ok(diff)
+    }
+
+    fn text_encoder(&self, folder: &str) -> Result<sdrs_clip::ClipTextModel> {
+        let dir = self.fixtures.join(folder);
+        let config = sdrs_clip::ClipTextConfig::from_file(&dir.join("config.json"))?;
+        let files = find_weights(&dir, None)?;
+        let vb = var_builder("text_encoder", &files, self.options.dtype, &self.options.device)?;
+        Ok(sdrs_clip::ClipTextModel::new(vb, &config)?)
+    }
+
+    fn ids(&self, reference: &HashMap<String, Tensor>, key: &str) -> Result<Tensor> {
+        Ok(get(reference, key)?
+            .to_dtype(DType::U32)?
+            .to_device(&self.options.device)?)
+    }
+
+    fn text_encoder_sd15(&mut self) -> Result<f64> {
+        let reference = self.reference("text_encoder_sd15.safetensors")?;
+        let model = self.text_encoder("tiny-sd15/text_encoder")?;
+        let ids = self.ids(&reference, "input_ids")?;
+        let out = model.forward(&ids)?;
+        // The reference is the raw `hidden_states[-2]` (no final layer norm).
+        let penultimate = model.hidden_state(&ids, model.num_hidden_layers().saturating_sub(1))?;
+        Ok(max_abs_diff(&out.last_hidden_state, get(&reference, "last_hidden_state")?)?
+            .max(max_abs_diff(&penultimate, get(&reference, "penultimate_hidden_state")?)?)
+            .max(max_abs_diff(&out.pooled, get(&reference, "pooled")?)?))
+    }
+
+    fn text_encoders_sdxl(&mut self) -> Result<f64> {
+        let reference = self.reference("text_encoders_sdxl.safetensors")?;
+        let te1 = self.text_encoder("tiny-sdxl/text_encoder")?;
+        let te2 = self.text_encoder("tiny-sdxl/text_encoder_2")?;
+        let ids = self.ids(&reference, "input_ids")?;
+        let ids_2 = self.ids(&reference, "input_ids_2")?;
+        let out1 = te1.forward(&ids)?;
+        let out2 = te2.forward(&ids_2)?;
+        let penultimate = |out: &sdrs_clip::ClipTextOutput| -> Result<Tensor> {
+            let n = out.hidden_states.len();
+            Ok(out.hidden_states[n.saturating_sub(2)].clone())
+        };
+        let embeds = out2.text_embeds.clone().ok_or_else(|| Error::MissingFile {
+            path: self.fixtures.join("tiny-sdxl/text_encoder_2"),
+            what: "text_projection.weight in text_encoder_2".to_string(),
+        })?;
+        Ok(max_abs_diff(&out1.last_hidden_state, get(&reference, "te1_last")?)?
+            .max(max_abs_diff(&penultimate(&out1)?, get(&reference, "te1_penultimate")?)?)
+            .max(max_abs_diff(&penultimate(&out2)?, get(&reference, "te2_penultimate")?)?)
+            .max(max_abs_diff(&embeds, get(&reference, "te2_text_embeds")?)?))
+    }
+
+    fn unet(&mut self, file: &str, folder: &str) -> Result<f64> {
+        let reference = self.reference(&format!("{file}.safetensors"))?;
+        let dir = self.fixtures.join(folder).join("unet");
+        let config = sdrs_unet::UNet2DConditionConfig::from_file(&dir.join("config.json"))?;
+        let files = find_weights(&dir, None)?;
+        let (dtype, device) = (self.options.dtype, self.options.device.clone());
+        let unet = sdrs_unet::UNet2DConditionModel::new(
+            var_builder("unet", &files, dtype, &device)?,
+            &config,
+        )?;
+        let input = |key: &str| -> Result<Tensor> {
+            Ok(get(&reference, key)?.to_device(&device)?.to_dtype(dtype)?)
+        };
+        let added = match (reference.get("text_embeds"), reference.get("time_ids")) {
+            (Some(_), Some(_)) => Some(sdrs_unet::AddedConditions {
+                text_embeds: input("text_embeds")?,
+                time_ids: input("time_ids")?,
+            }),
+            _ => None,
+        };
+        let timesteps = get(&reference, "timestep")?.to_device(&device)?;
+        let out = unet.forward(
+            &input("sample")?,
+            &timesteps,
+            &input("encoder_hidden_states")?,
+            added.as_ref(),
+        )?;
+        max_abs_diff(&out, get(&reference, "out")?)
+    }
+
+    fn vae(&mut self, file: &str, folder: &str, encode: bool) -> Result<f64> {
+        let reference = self.reference(&format!("{file}.safetensors"))?;
+        let dir = self.fixtures.join(folder).join("vae");
+        let config = sdrs_vae::AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
+        let files = find_weights(&dir, None)?;
+        let (dtype, device) = (self.options.dtype, self.options.device.clone());
+        let vae = sdrs_vae::AutoencoderKL::new(var_builder("vae", &files, dtype, &device)?, &config)?;
+        let input = |key: &str| -> Result<Tensor> {
+            Ok(get(&reference, key)?.to_device(&device)?.to_dtype(dtype)?)
+        };
+        if encode {
+            let dist = vae.encode(&input("image")?)?;
+            Ok(max_abs_diff(&dist.mean, get(&reference, "encoded_mean")?)?
+                .max(max_abs_diff(&dist.logvar, get(&reference, "encoded_logvar")?)?))
+        } else {
+            max_abs_diff(&vae.decode(&input("latents")?)?, get(&reference, "decoded")?)
+        }
+    }
+
+    fn scheduler_cases(&mut self) -> Result<()> {
+        let path = self.fixtures.join("reference/schedulers.json");
+        if !path.is_file() {
+            return Ok(());
+        }
+        let cases = read_json(&path)?;
+        let reference = self.reference("schedulers.safetensors")?;
+        let cases = cases.as_object().cloned().unwrap_or_default();
+        for (key, case) in cases {
+            let name = format!("scheduler:{key}");
+            let class = case["class"].as_str().unwrap_or_default();
+            if !sdrs_schedulers::is_supported_class(class) {
+                self.skip(name, SCHEDULER_TOLERANCE, &format!("{class} is not implemented yet"));
+                continue;
+            }
+            self.case(name, SCHEDULER_TOLERANCE, |_| {
+                sdrs_schedulers::parity::check_stand_in_case(&key, &case, &reference)
+                    .map_err(Error::from)
+            });
+        }
+        Ok(())
+    }
+
+    fn rng_cases(&mut self) -> Result<()> {
+        let path = self.fixtures.join("rng.safetensors");
+        if !path.is_file() {
+            return Ok(());
+        }
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| {
+            Error::Weights {
+                component: "rng reference",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let mut keys: Vec<&String> = tensors.keys().collect();
+        keys.sort();
+        for key in keys {
+            let expected = &tensors[key];
+            self.case(format!("rng:{key}"), RNG_TOLERANCE, |_| {
+                let seed = parse_rng_seed(key).ok_or_else(|| Error::InvalidParameter {
+                    name: "rng key",
+                    value: key.clone(),
+                    expected: "seed<S>_<shape>".to_string(),
+                })?;
+                let mut generator = sdrs_schedulers::TorchGenerator::new(seed);
+                let drawn = sdrs_schedulers::NoiseSource::randn(
+                    &mut generator,
+                    &expected.shape().clone(),
+                    DType::F32,
+                    &Device::Cpu,
+                )?;
+                max_abs_diff(&drawn, expected)
+            });
+        }
+        Ok(())
+    }
+
+    fn pipeline_cases(&mut self) -> Result<()> {
+        let path = self.fixtures.join("reference/pipelines.json");
+        if !path.is_file() {
+            return Ok(());
+        }
+        let cases = read_json(&path)?;
+        let reference = self.reference("pipelines.safetensors")?;
+        let tol = self.tol.pipeline;
+        for case in cases.as_array().cloned().unwrap_or_default() {
+            let key = case["key"].as_str().unwrap_or_default().to_string();
+            let single_file_name = format!("{key}@single-file");
+            if let Some(reason) = unsupported_scheduler(&case) {
+                self.skip(key, tol, &reason);
+                self.skip(single_file_name, tol, &reason);
+                continue;
+            }
+            self.case(key.clone(), tol, |r| {
+                r.pipeline_case(&key, &case, &reference, false)
+            });
+            let folder = case["pipeline"].as_str().unwrap_or_default();
+            if self.single_file(folder).is_file() {
+                self.case(single_file_name, tol, |r| {
+                    r.pipeline_case(&key, &case, &reference, true)
+                });
+            } else {
+                let reason = format!("no {} in the fixtures", self.single_file(folder).display());
+                self.skip(single_file_name, tol, &reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// The original-layout checkpoint holding the same weights as the diffusers folder `folder`.
+    fn single_file(&self, folder: &str) -> PathBuf {
+        self.fixtures.join(format!("{folder}-single-file.safetensors"))
+    }
+
+    /// The pipeline of `folder`, loaded from its single-file checkpoint when `single_file` is set
+    /// (kept for the following cases).
+    fn pipeline(&mut self, folder: &str, single_file: bool) -> Result<&StableDiffusion> {
+        let cache_key = format!("{folder}{}", if single_file { "@single-file" } else { "" });
+        if !self.pipelines.contains_key(&cache_key) {
+            let options = LoadOptions {
+                device: self.options.device.clone(),
+                dtype: self.options.dtype,
+                variant: None,
+            };
+            let dir = self.fixtures.join(folder);
+            let pipeline = if single_file {
+                StableDiffusion::load_single_file(&self.single_file(folder), &dir, &options)?
+            } else {
+                StableDiffusion::load(&dir, &options)?
+            };
+            self.pipelines.insert(cache_key.clone(), pipeline);
+        }
+        Ok(&self.pipelines[&cache_key])
+    }
+
+    fn pipeline_case(
+        &mut self,
+        key: &str,
+        case: &serde_json::Value,
+        reference: &HashMap<String, Tensor>,
+        single_file: bool,
+    ) -> Result<f64> {
+        let folder = case["pipeline"].as_str().unwrap_or_default();
+        let pipeline = self.pipeline(folder, single_file)?;
+        let mut request = case_request(pipeline, key, case, reference, "scheduler_config")?;
+        let refiner = case["refiner"].as_str();
+        if refiner.is_some() {
+            request.denoising_end = case["denoising_end"].as_f64();
+        }
+        let latents = pipeline.denoise(&request, &mut |_| {})?;
+        let image = match refiner {
+            None => self.pipeline(folder, single_file)?.decode(&latents)?,
+            Some(refiner) => {
+                let refiner = self.pipeline(refiner, false)?;
+                let mut request =
+                    case_request(refiner, key, case, reference, "refiner_scheduler_config")?;
+                request.latents = None;
+                request.init_image = InitImage::Latents(latents);
+                request.denoising_start = case["refiner_denoising_start"].as_f64();
+                if let Some(score) = case["aesthetic_score"].as_f64() {
+                    request.aesthetic_score = score;
+                }
+                if let Some(score) = case["negative_aesthetic_score"].as_f64() {
+                    request.negative_aesthetic_score = score;
+                }
+                refiner.generate(&request, &mut |_| {})?
+            }
+        };
+        max_abs_diff(&image, get(reference, &format!("{key}_image"))?)
+    }
+}
+
+/// Why a pipeline case cannot run yet: a scheduler class sdrs does not implement.
+fn unsupported_scheduler(case: &serde_json::Value) -> Option<String> {
+    for field in ["scheduler_config", "refiner_scheduler_config"] {
+        if let Some(class) = case[field]["_class_name"].as_str() {
+            if !sdrs_schedulers::is_supported_class(class) {
+                return Some(format!("{class} is not implemented yet"));
+            }
+        }
+    }
+    if case["scheduler_config"].is_null() {
+        let name = case["scheduler"].as_str().unwrap_or_default();
+        match sdrs_schedulers::Sampler::from_name(name) {
+            Ok((sampler, _)) if !sampler.is_implemented() => {
+                return Some(format!("sampler {name} is not implemented yet"))
+            }
+            Err(_) => return Some(format!("sampler {name} is not known")),
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+/// The request a `pipelines.json` case describes, for `pipeline`.
+fn case_request(
+    pipeline: &StableDiffusion,
+    key: &str,
+    case: &serde_json::Value,
+    reference: &HashMap<String, Tensor>,
+    scheduler_field: &str,
+) -> Result<Request> {
+    let field_error = |field: &str, expected: &str| Error::InvalidParameter {
+        name: "pipelines.json field",
+        value: format!("{key}.{field}"),
+        expected: expected.to_string(),
+    };
+    let scheduler = match case.get(scheduler_field) {
+        Some(config) if config.is_object() => config.clone(),
+        // No full config: the sampler's short name applied to the model's own scheduler config,
+        // as `XScheduler.from_config(pipe.scheduler.config)` does.
+        _ => {
+            let name = case["scheduler"]
+                .as_str()
+                .ok_or_else(|| field_error("scheduler", "a sampler name"))?;
+            let (sampler, schedule) = sdrs_schedulers::Sampler::from_name(name)?;
+            sampler.config(
+                pipeline.scheduler_config(),
+                schedule.unwrap_or(sdrs_schedulers::SigmaSchedule::Discrete),
+            )?
+        }
+    };
+    let mut request = Request::new(pipeline, case["prompt"].as_str().unwrap_or_default(), scheduler);
+    request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
+    request.steps = case["steps"]
+        .as_u64()
+        .ok_or_else(|| field_error("steps", "a whole number"))? as usize;
+    request.guidance_scale = case["guidance_scale"]
+        .as_f64()
+        .ok_or_else(|| field_error("guidance_scale", "a number"))?;
+    request.seed = case["generator_seed"]
+        .as_u64()
+        .or_else(|| case["generator"].as_str().and_then(parse_manual_seed));
+    request.latents = reference.get(&format!("{key}_latents")).cloned();
+    if let Some(image) = reference.get(&format!("{key}_init_image")) {
+        let (_, _, height, width) = image.dims4()?;
+        request.height = height;
+        request.width = width;
+        request.init_image = InitImage::Pixels(image.clone());
+        request.strength = case["strength"]
+            .as_f64()
+            .ok_or_else(|| field_error("strength", "a number"))?;
+    }
+    if let Some(height) = case["height"].as_u64() {
+        request.height = height as usize;
+    }
+    if let Some(width) = case["width"].as_u64() {
+        request.width = width as usize;
+    }
+    Ok(request)
+}
+
+/// `torch.Generator('cpu').manual_seed(77)` -> 77.
+fn parse_manual_seed(text: &str) -> Option<u64> {
+    let start = text.find("manual_seed(")? + "manual_seed(".len();
+    let end = start + text[start..].find(')')?;
+    text[start..end].trim().parse().ok()
+}
+
+/// `seed1234_1x4x8x8` -> 1234.
+fn parse_rng_seed(key: &str) -> Option<u64> {
+    key.strip_prefix("seed")?.split('_').next()?.parse().ok()
+}
+
+fn get<'a>(tensors: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
+    tensors.get(key).ok_or_else(|| Error::MissingFile {
+        path: PathBuf::from(key),
+        what: "a tensor the reference file should hold".to_string(),
+    })
+}
+
+/// Largest difference between token ids (infinite when the lengths differ).
+fn ids_diff(ids: &[u32], expected: &serde_json::Value) -> f64 {
+    let expected: Vec<u64> = expected
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    if expected.len() != ids.len() {
+        return f64::INFINITY;
+    }
+    ids.iter()
+        .zip(&expected)
+        .map(|(&a, &b)| (a as f64 - b as f64).abs())
+        .fold(0.0, f64::max)
+}
+
+fn clone_clip_error(error: &sdrs_clip::Error) -> Error {
+    Error::InvalidParameter {
+        name: "tokenizer",
+        value: String::new(),
+        expected: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_keys_give_their_seed() {
+        assert_eq!(parse_rng_seed("seed0_3"), Some(0));
+        assert_eq!(
+            parse_rng_seed("seed9223372036854775807_1x4x8x8"),
+            Some(9223372036854775807)
+        );
+        assert_eq!(parse_rng_seed("noise_3"), None);
+    }
+
+    #[test]
+    fn manual_seed_is_read_from_the_generator_expression() {
+        assert_eq!(
+            parse_manual_seed("torch.Generator('cpu').manual_seed(77)"),
+            Some(77)
+        );
+        assert_eq!(parse_manual_seed("torch.Generator('cpu')"), None);
+    }
+
+    #[test]
+    fn ids_diff_is_zero_only_for_equal_ids() {
+        let expected = serde_json::json!([49406, 320, 49407]);
+        assert_eq!(ids_diff(&[49406, 320, 49407], &expected), 0.0);
+        assert_eq!(ids_diff(&[49406, 321, 49407], &expected), 1.0);
+        assert!(ids_diff(&[49406, 49407], &expected).is_infinite());
+    }
+}

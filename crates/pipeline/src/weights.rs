@@ -1,0 +1,181 @@
+//! Finding a component's `.safetensors` weights in a diffusers folder and memory-mapping them
+//! into a `VarBuilder` of the compute dtype, with errors that name the file.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+
+/// The file stems diffusers (`diffusion_pytorch_model`) and transformers (`model`) save weights under.
+const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
+
+/// The weight files of one component folder: a single file, or the shards an index names.
+///
+/// `variant` (e.g. `fp16`) is tried first when given; the plain files are the fallback, and the
+/// other way round a folder that only has the variant files is still loaded.
+pub fn find_weights(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let mut candidates = Vec::new();
+    let variants: Vec<Option<&str>> = match variant {
+        Some(v) => vec![Some(v), None],
+        None => vec![None, Some("fp16")],
+    };
+    for variant in variants {
+        for stem in STEMS {
+            let base = match variant {
+                Some(v) => format!("{stem}.{v}.safetensors"),
+                None => format!("{stem}.safetensors"),
+            };
+            candidates.push(base.clone());
+            let single = dir.join(&base);
+            if single.is_file() {
+                return Ok(vec![single]);
+            }
+            let index = dir.join(format!("{base}.index.json"));
+            if index.is_file() {
+                return shards_from_index(&index);
+            }
+        }
+    }
+    Err(Error::MissingWeights {
+        dir: dir.to_path_buf(),
+        looked_for: candidates.join(", "),
+    })
+}
+
+/// The distinct shard files a `*.safetensors.index.json` maps tensors to, in a stable order.
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let value = read_json(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(Error::MissingWeights {
+            dir: dir.to_path_buf(),
+            looked_for: format!("the shards listed in {}", index.display()),
+        });
+    }
+    for file in &files {
+        if !file.is_file() {
+            return Err(Error::MissingFile {
+                path: file.clone(),
+                what: format!("a shard listed in {}", index.display()),
+            });
+        }
+    }
+    Ok(files)
+}
+
+/// Memory-maps `files` as one `VarBuilder` whose tensors come out in `dtype` on `device`.
+pub fn var_builder(
+    component: &'static str,
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    let first = files.first().cloned().unwrap_or_default();
+    // SAFETY: the files are mapped read-only; as with every memory-mapped loader, a file changed
+    // by another process while we run is outside what we can guard against.
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|source| {
+        Error::Weights {
+            component,
+            path: first,
+            source,
+        }
+    })
+}
+
+/// Reads and parses a JSON file; Python's `Infinity`/`NaN` literals (which diffusers writes) are accepted.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = read_text(path)?;
+    sdrs_schedulers::parse_config_json(&text).map_err(|_| {
+        // Re-parse strictly only to get serde's line/column message for the error.
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Err(source) => Error::Json {
+                path: path.to_path_buf(),
+                source,
+            },
+            Ok(_) => Error::MissingFile {
+                path: path.to_path_buf(),
+                what: "a JSON object".to_string(),
+            },
+        }
+    })
+}
+
+/// Reads a text file, naming it in the error.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile {
+                path: path.to_path_buf(),
+                what: "not found".to_string(),
+            }
+        } else {
+            Error::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_plain_then_variant_then_sharded_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        assert!(matches!(
+            find_weights(&dir, None),
+            Err(Error::MissingWeights { .. })
+        ));
+        std::fs::write(dir.join("model.fp16.safetensors"), b"x").unwrap();
+        assert_eq!(
+            find_weights(&dir, None).unwrap(),
+            vec![dir.join("model.fp16.safetensors")]
+        );
+        std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), b"x").unwrap();
+        assert_eq!(
+            find_weights(&dir, None).unwrap(),
+            vec![dir.join("diffusion_pytorch_model.safetensors")]
+        );
+        assert_eq!(
+            find_weights(&dir, Some("fp16")).unwrap(),
+            vec![dir.join("model.fp16.safetensors")]
+        );
+    }
+
+    #[test]
+    fn sharded_index_lists_each_shard_once_and_checks_they_exist() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            r#"{"weight_map": {"a": "m-1.safetensors", "b": "m-2.safetensors", "c": "m-1.safetensors"}}"#,
+        )
+        .unwrap();
+        let err = find_weights(&dir, None).unwrap_err().to_string();
+        assert!(err.contains("m-1.safetensors"), "{err}");
+        std::fs::write(dir.join("m-1.safetensors"), b"x").unwrap();
+        std::fs::write(dir.join("m-2.safetensors"), b"x").unwrap();
+        let files = find_weights(&dir, None).unwrap();
+        assert_eq!(
+            files,
+            vec![dir.join("m-1.safetensors"), dir.join("m-2.safetensors")]
+        );
+    }
+}

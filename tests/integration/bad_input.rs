@@ -1,0 +1,115 @@
+//! Bad input gets a clear error that names the bad value, a non-zero exit code and no PNG.
+
+use std::path::Path;
+
+use crate::util::{copy_model, files_in, fixtures, sdrs, stderr};
+
+/// Runs `generate` on `model` with `extra` flags into an empty folder, expects failure, and returns
+/// the error text after checking that no file was left behind.
+fn generate_fails(model: &Path, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let mut args = vec![
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "a cat",
+        "-s",
+        "1",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let output = sdrs(&args);
+    let message = stderr(&output);
+    assert!(!output.status.success(), "expected failure: {message}");
+    assert!(!message.contains("panicked"), "{message}");
+    assert!(files_in(dir.path()).is_empty(), "left files behind: {:?}", files_in(dir.path()));
+    message
+}
+
+#[test]
+fn width_not_a_multiple_of_8_is_rejected() {
+    let message = generate_fails(&fixtures().join("tiny-sd15"), &["-W", "100"]);
+    assert!(message.contains("--width") && message.contains("100") && message.contains("8"), "{message}");
+}
+
+#[test]
+fn unknown_sampler_lists_the_accepted_names() {
+    let message =
+        generate_fails(&fixtures().join("tiny-sd15"), &["--sampling-method", "warp_drive"]);
+    assert!(message.contains("warp_drive"), "{message}");
+    assert!(message.contains("euler") && message.contains("dpm++2m"), "{message}");
+}
+
+#[test]
+fn unknown_schedule_is_rejected() {
+    let message = generate_fails(&fixtures().join("tiny-sd15"), &["--scheduler", "cosine"]);
+    assert!(message.contains("cosine") && message.contains("karras"), "{message}");
+}
+
+#[test]
+fn missing_model_folder_is_named() {
+    let message = generate_fails(Path::new("/no/such/model"), &[]);
+    assert!(message.contains("/no/such/model"), "{message}");
+}
+
+#[test]
+fn missing_weights_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model("tiny-sd15", dir.path());
+    std::fs::remove_file(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let message = generate_fails(&model, &[]);
+    assert!(message.contains("vae") && message.contains("diffusion_pytorch_model.safetensors"), "{message}");
+}
+
+#[test]
+fn truncated_safetensors_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model("tiny-sd15", dir.path());
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let message = generate_fails(&model, &[]);
+    assert!(message.contains("unet/diffusion_pytorch_model.safetensors"), "{message}");
+}
+
+#[test]
+fn config_that_does_not_match_the_weights_names_the_tensor_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model("tiny-sd15", dir.path());
+    let config_path = model.join("unet/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let cross = config["cross_attention_dim"].as_u64().unwrap();
+    config["cross_attention_dim"] = serde_json::json!(cross * 2);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let message = generate_fails(&model, &[]);
+    assert!(message.contains("attn2.to_k.weight"), "{message}");
+    assert!(message.contains(&format!("{}", cross * 2)) && message.contains(&format!("{cross}")), "{message}");
+}
+
+#[test]
+fn unwritable_output_path_fails_before_loading() {
+    let output = sdrs(&[
+        "generate",
+        "-m",
+        fixtures().join("tiny-sd15").to_str().unwrap(),
+        "-p",
+        "a cat",
+        "-o",
+        "/no/such/folder/out.png",
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("/no/such/folder"), "{message}");
+}
+
+#[test]
+fn zero_steps_is_rejected() {
+    let message = generate_fails(&fixtures().join("tiny-sd15"), &["--steps", "0"]);
+    assert!(message.contains("--steps") && message.contains('0'), "{message}");
+}

@@ -1,0 +1,60 @@
+//! Helpers shared by the integration tests: running the binary and copying fixture models.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Runs `sdrs` with `args` and returns its output.
+pub fn sdrs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdrs"))
+        .args(args)
+        .output()
+        .expect("the sdrs binary runs")
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A writable copy of a fixture model folder, to break on purpose.
+pub fn copy_model(name: &str, into: &Path) -> PathBuf {
+    let target = into.join(name);
+    copy_dir(&fixtures().join(name), &target);
+    target
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
+            let mut perms = std::fs::metadata(to.join(entry.file_name()))
+                .unwrap()
+                .permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            std::fs::set_permissions(to.join(entry.file_name()), perms).unwrap();
+        }
+    }
+}
+
+/// The files in `dir` (to check that a failed run left nothing behind).
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
