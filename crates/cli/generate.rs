@@ -180,8 +180,7 @@ fn resolve_seed(seed: i64) -> u64 {
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
-    let (sampler, schedule) =
-        resolve_sampler(&args.sampling_method, args.scheduler.as_deref())?;
+    let (sampler, schedule) = resolve_sampler(&args.sampling_method, args.scheduler.as_deref())?;
     if args.steps == 0 {
         bail!("--steps must be at least 1, got 0");
     }
@@ -196,7 +195,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         bail!("--strength must be in (0, 1], got {}", args.strength);
     }
     if !(args.refiner_start > 0.0 && args.refiner_start < 1.0) {
-        bail!("--refiner-start must be strictly between 0 and 1, got {}", args.refiner_start);
+        bail!(
+            "--refiner-start must be strictly between 0 and 1, got {}",
+            args.refiner_start
+        );
     }
     let pending = PendingImage::reserve(&args.output)?;
     let options = LoadOptions {
@@ -274,7 +276,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             refine.denoising_end = None;
             refine.denoising_start = Some(args.refiner_start);
             extra.push(("Refiner".to_string(), model_name(refiner_path)));
-            extra.push(("Refiner switch at".to_string(), args.refiner_start.to_string()));
+            extra.push((
+                "Refiner switch at".to_string(),
+                args.refiner_start.to_string(),
+            ));
             refiner.generate(&refine, &mut on_step)?
         }
     };
@@ -300,7 +305,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
 }
 
 /// A diffusers folder, or a single `.safetensors` checkpoint with the configs of `config`.
-fn load_model(model: &Path, config: Option<&Path>, options: &LoadOptions) -> Result<StableDiffusion> {
+fn load_model(
+    model: &Path,
+    config: Option<&Path>,
+    options: &LoadOptions,
+) -> Result<StableDiffusion> {
     let loaded = if model.is_file() {
         let config = config.ok_or_else(|| {
             anyhow::anyhow!(
@@ -330,10 +339,16 @@ fn output_size(
     let native = pipeline.default_size();
     let factor = pipeline.vae_scale_factor();
     let (default_w, default_h) = match init {
-        Some(image) => (image.width - image.width % factor, image.height - image.height % factor),
+        Some(image) => (
+            image.width - image.width % factor,
+            image.height - image.height % factor,
+        ),
         None => (native, native),
     };
-    let size = (args.width.unwrap_or(default_w), args.height.unwrap_or(default_h));
+    let size = (
+        args.width.unwrap_or(default_w),
+        args.height.unwrap_or(default_h),
+    );
     if size.0 == 0 || size.1 == 0 {
         bail!("the init image is smaller than {factor}x{factor} pixels");
     }

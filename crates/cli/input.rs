@@ -42,17 +42,25 @@ impl InitPicture {
         if (self.width, self.height) == (width, height) {
             return Ok(self);
         }
-        let rgb = image::imageops::resize(&self.rgb, width as u32, height as u32, FilterType::Lanczos3);
+        let rgb =
+            image::imageops::resize(&self.rgb, width as u32, height as u32, FilterType::Lanczos3);
         Ok(Self { width, height, rgb })
     }
 
     /// `[1, 3, H, W]` in `[0, 1]`.
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
-        let data: Vec<f32> = self.rgb.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-        Ok(Tensor::from_vec(data, (self.height, self.width, 3), device)?
-            .permute((2, 0, 1))?
-            .unsqueeze(0)?
-            .contiguous()?)
+        let data: Vec<f32> = self
+            .rgb
+            .as_raw()
+            .iter()
+            .map(|&v| v as f32 / 255.0)
+            .collect();
+        Ok(
+            Tensor::from_vec(data, (self.height, self.width, 3), device)?
+                .permute((2, 0, 1))?
+                .unsqueeze(0)?
+                .contiguous()?,
+        )
     }
 }
 
@@ -61,7 +69,9 @@ mod tests {
     use super::*;
 
     fn write_png(path: &Path, width: u32, height: u32) {
-        let image = RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 255]));
+        let image = RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([x as u8 * 10, y as u8 * 20, 255])
+        });
         image.save(path).unwrap();
     }
 
@@ -88,7 +98,10 @@ mod tests {
         write_png(&path, 20, 12);
         let picture = read_init_image(&path).unwrap().resized(16, 8).unwrap();
         assert_eq!((picture.width, picture.height), (16, 8));
-        assert_eq!(picture.to_tensor(&Device::Cpu).unwrap().dims(), &[1, 3, 8, 16]);
+        assert_eq!(
+            picture.to_tensor(&Device::Cpu).unwrap().dims(),
+            &[1, 3, 8, 16]
+        );
     }
 
     #[test]
@@ -98,7 +111,12 @@ mod tests {
         std::fs::write(&path, b"not an image").unwrap();
         let message = format!("{:#}", read_init_image(&path).err().unwrap());
         assert!(message.contains("broken.png"), "{message}");
-        let message = format!("{:#}", read_init_image(&dir.path().join("missing.png")).err().unwrap());
+        let message = format!(
+            "{:#}",
+            read_init_image(&dir.path().join("missing.png"))
+                .err()
+                .unwrap()
+        );
         assert!(message.contains("missing.png"), "{message}");
     }
 }

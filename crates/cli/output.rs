@@ -73,7 +73,10 @@ impl PendingImage {
     /// Reserves `target` (a `.png` path in an existing, writable folder).
     pub fn reserve(target: &Path) -> Result<Self> {
         if target.is_dir() {
-            bail!("output path {} is a folder; give a file name such as out.png", target.display());
+            bail!(
+                "output path {} is a folder; give a file name such as out.png",
+                target.display()
+            );
         }
         let folder = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -196,7 +199,9 @@ mod tests {
         p.clip_skip = Some(2);
         assert!(p.to_a1111().contains("Clip skip: 2"));
         p.extra.push(("Denoising strength".into(), "0.6".into()));
-        assert!(p.to_a1111().contains("Clip skip: 2, Denoising strength: 0.6, Version"));
+        assert!(p
+            .to_a1111()
+            .contains("Clip skip: 2, Denoising strength: 0.6, Version"));
     }
 
     #[test]
@@ -213,7 +218,9 @@ mod tests {
             .unwrap()
             .write(&image, &parameters())
             .unwrap();
-        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&target).unwrap()));
+        let decoder = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(&target).unwrap(),
+        ));
         let mut reader = decoder.read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut buf).unwrap();

@@ -9,9 +9,12 @@ pub fn step_bar(total: usize) -> ProgressBar {
         "{prefix} [{bar:30}] {pos}/{len} [{elapsed_precise}<{eta_precise}, {speed}]",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .with_key("speed", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
-        let _ = write!(w, "{}", speed_text(state.per_sec()));
-    })
+    .with_key(
+        "speed",
+        |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{}", speed_text(state.per_sec()));
+        },
+    )
     .progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix("sampling");

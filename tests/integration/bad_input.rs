@@ -27,28 +27,43 @@ fn generate_fails(model: &Path, extra: &[&str]) -> String {
     let message = stderr(&output);
     assert!(!output.status.success(), "expected failure: {message}");
     assert!(!message.contains("panicked"), "{message}");
-    assert!(files_in(dir.path()).is_empty(), "left files behind: {:?}", files_in(dir.path()));
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "left files behind: {:?}",
+        files_in(dir.path())
+    );
     message
 }
 
 #[test]
 fn width_not_a_multiple_of_8_is_rejected() {
     let message = generate_fails(&fixtures().join("tiny-sd15"), &["-W", "100"]);
-    assert!(message.contains("--width") && message.contains("100") && message.contains("8"), "{message}");
+    assert!(
+        message.contains("--width") && message.contains("100") && message.contains("8"),
+        "{message}"
+    );
 }
 
 #[test]
 fn unknown_sampler_lists_the_accepted_names() {
-    let message =
-        generate_fails(&fixtures().join("tiny-sd15"), &["--sampling-method", "warp_drive"]);
+    let message = generate_fails(
+        &fixtures().join("tiny-sd15"),
+        &["--sampling-method", "warp_drive"],
+    );
     assert!(message.contains("warp_drive"), "{message}");
-    assert!(message.contains("euler") && message.contains("dpm++2m"), "{message}");
+    assert!(
+        message.contains("euler") && message.contains("dpm++2m"),
+        "{message}"
+    );
 }
 
 #[test]
 fn unknown_schedule_is_rejected() {
     let message = generate_fails(&fixtures().join("tiny-sd15"), &["--scheduler", "cosine"]);
-    assert!(message.contains("cosine") && message.contains("karras"), "{message}");
+    assert!(
+        message.contains("cosine") && message.contains("karras"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -63,7 +78,10 @@ fn missing_weights_file_is_named() {
     let model = copy_model("tiny-sd15", dir.path());
     std::fs::remove_file(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     let message = generate_fails(&model, &[]);
-    assert!(message.contains("vae") && message.contains("diffusion_pytorch_model.safetensors"), "{message}");
+    assert!(
+        message.contains("vae") && message.contains("diffusion_pytorch_model.safetensors"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -74,7 +92,10 @@ fn truncated_safetensors_is_named() {
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
     let message = generate_fails(&model, &[]);
-    assert!(message.contains("unet/diffusion_pytorch_model.safetensors"), "{message}");
+    assert!(
+        message.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -89,7 +110,10 @@ fn config_that_does_not_match_the_weights_names_the_tensor_and_shapes() {
     std::fs::write(&config_path, config.to_string()).unwrap();
     let message = generate_fails(&model, &[]);
     assert!(message.contains("attn2.to_k.weight"), "{message}");
-    assert!(message.contains(&format!("{}", cross * 2)) && message.contains(&format!("{cross}")), "{message}");
+    assert!(
+        message.contains(&format!("{}", cross * 2)) && message.contains(&format!("{cross}")),
+        "{message}"
+    );
 }
 
 #[test]
@@ -111,5 +135,8 @@ fn unwritable_output_path_fails_before_loading() {
 #[test]
 fn zero_steps_is_rejected() {
     let message = generate_fails(&fixtures().join("tiny-sd15"), &["--steps", "0"]);
-    assert!(message.contains("--steps") && message.contains('0'), "{message}");
+    assert!(
+        message.contains("--steps") && message.contains('0'),
+        "{message}"
+    );
 }

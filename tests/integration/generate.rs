@@ -95,5 +95,8 @@ fn without_a_seed_a_random_one_is_printed_and_stored() {
         .to_string();
     let (_, _, _, text) = read_png(&out);
     assert!(text.contains(&format!("Seed: {seed},")), "{text}");
-    assert!(text.contains("Sampler: DPM++ 2M, Schedule type: Karras"), "{text}");
+    assert!(
+        text.contains("Sampler: DPM++ 2M, Schedule type: Karras"),
+        "{text}"
+    );
 }

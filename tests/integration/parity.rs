@@ -23,10 +23,7 @@ fn parity_passes_every_supported_case() {
     assert!(output.status.success(), "parity failed:\n{text}");
     let lines: Vec<&str> = text.lines().collect();
     let last = lines.last().copied().unwrap_or_default();
-    assert!(
-        last.contains(" passed, 0 failed"),
-        "last line: {last}"
-    );
+    assert!(last.contains(" passed, 0 failed"), "last line: {last}");
     let verdict = |name: &str| {
         lines
             .iter()
@@ -41,9 +38,14 @@ fn parity_passes_every_supported_case() {
     for line in &lines {
         let name = line.split_whitespace().next().unwrap_or_default();
         let required = name.starts_with("tokenizer:")
-            || ["scheduler:ddim_", "scheduler:pndm_", "scheduler:euler_", "scheduler:dpmpp_2m_"]
-                .iter()
-                .any(|p| name.starts_with(p));
+            || [
+                "scheduler:ddim_",
+                "scheduler:pndm_",
+                "scheduler:euler_",
+                "scheduler:dpmpp_2m_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p));
         if required {
             assert!(line.ends_with("pass"), "{line}");
         }

@@ -71,12 +71,13 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>> {
-        let plan = component_plan(self.family, component, config, &self.keys).map_err(|source| {
-            Error::SingleFile {
-                path: self.path.clone(),
-                source,
-            }
-        })?;
+        let plan =
+            component_plan(self.family, component, config, &self.keys).map_err(|source| {
+                Error::SingleFile {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
         let mut tensors = HashMap::with_capacity(plan.len());
         for (name, source) in plan {
             let tensor = self.materialize(&source).map_err(|source| Error::Weights {

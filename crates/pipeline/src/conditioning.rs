@@ -23,7 +23,12 @@ impl TextEncoder {
     }
 
     /// SD1.x: `last_hidden_state`, or with clip skip `k >= 2` the normalized hidden state `k` from the end.
-    fn sd_embeddings(&self, prompt: &str, clip_skip: Option<usize>, device: &Device) -> Result<Tensor> {
+    fn sd_embeddings(
+        &self,
+        prompt: &str,
+        clip_skip: Option<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
         let ids = self.ids(prompt, device)?;
         Ok(match clip_skip {
             None | Some(0) | Some(1) => self.model.forward(&ids)?.last_hidden_state,
@@ -42,13 +47,13 @@ impl TextEncoder {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let ids = self.ids(prompt, device)?;
         let layers = self.model.num_hidden_layers();
-        let index = (layers + 1).checked_sub(clip_skip).ok_or_else(|| {
-            Error::InvalidParameter {
+        let index = (layers + 1)
+            .checked_sub(clip_skip)
+            .ok_or_else(|| Error::InvalidParameter {
                 name: "clip skip",
                 value: clip_skip.to_string(),
                 expected: format!("at most {} for this text encoder", layers + 1),
-            }
-        })?;
+            })?;
         if !pooled {
             return Ok((self.model.hidden_state(&ids, index)?, None));
         }
@@ -56,8 +61,9 @@ impl TextEncoder {
         let state = out.hidden_states[index].clone();
         let embeds = out.text_embeds.ok_or_else(|| Error::MissingFile {
             path: "text_encoder_2/model.safetensors".into(),
-            what: "text_projection.weight (SDXL's second text encoder is CLIPTextModelWithProjection)"
-                .to_string(),
+            what:
+                "text_projection.weight (SDXL's second text encoder is CLIPTextModelWithProjection)"
+                    .to_string(),
         })?;
         Ok((state, Some(embeds)))
     }
@@ -66,7 +72,7 @@ impl TextEncoder {
 /// The model family's text side.
 pub(crate) enum TextEncoders {
     /// SD1.x/2.x: one encoder.
-    Sd(TextEncoder),
+    Sd(Box<TextEncoder>),
     /// SDXL: the base model's two encoders (CLIP-L-like, then OpenCLIP-bigG-like with a projection),
     /// or the refiner's second one alone.
     Sdxl {

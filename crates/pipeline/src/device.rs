@@ -95,7 +95,10 @@ mod tests {
     #[test]
     fn unknown_device_names_the_value_and_the_choices() {
         let message = parse_device("tpu").unwrap_err().to_string();
-        assert!(message.contains("tpu") && message.contains("cuda:N"), "{message}");
+        assert!(
+            message.contains("tpu") && message.contains("cuda:N"),
+            "{message}"
+        );
         let message = parse_device("cuda:x").unwrap_err().to_string();
         assert!(message.contains("cuda:x"), "{message}");
     }
@@ -105,6 +108,9 @@ mod tests {
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert_eq!(parse_dtype("float16").unwrap(), DType::F16);
         let message = parse_dtype("int8").unwrap_err().to_string();
-        assert!(message.contains("int8") && message.contains("bf16"), "{message}");
+        assert!(
+            message.contains("int8") && message.contains("bf16"),
+            "{message}"
+        );
     }
 }

@@ -14,4 +14,6 @@ pub mod weights;
 pub use conditioning::MicroConditioning;
 pub use device::{dtype_name, parse_device, parse_dtype};
 pub use error::{Error, Result};
-pub use stable_diffusion::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress};
+pub use stable_diffusion::{
+    InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress,
+};

@@ -47,7 +47,11 @@ impl fmt::Display for CaseResult {
         let diff = self
             .max_diff
             .map_or_else(|| "-".to_string(), |d| format!("{d:.3e}"));
-        write!(f, "{}  max|diff| {diff}  tol {:.0e}  ", self.name, self.tolerance)?;
+        write!(
+            f,
+            "{}  max|diff| {diff}  tol {:.0e}  ",
+            self.name, self.tolerance
+        )?;
         match &self.outcome {
             Outcome::Pass => write!(f, "pass"),
             Outcome::Fail(None) => write!(f, "FAIL"),
@@ -128,11 +132,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     }
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    Ok((a - b)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f64>()?)
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
 }
 
 struct Runner<'a> {
@@ -190,7 +190,8 @@ impl Runner<'_> {
         }
         let cases = read_json(&path)?;
         let cases = cases.as_array().cloned().unwrap_or_default();
-        let tokenizer = sdrs_clip::ClipTokenizer::from_dir(&self.fixtures.join("tiny-sd15/tokenizer"));
+        let tokenizer =
+            sdrs_clip::ClipTokenizer::from_dir(&self.fixtures.join("tiny-sd15/tokenizer"));
         let tokenizer_2 =
             sdrs_clip::ClipTokenizer::from_dir(&self.fixtures.join("tiny-sdxl/tokenizer_2"));
         for (index, case) in cases.iter().enumerate() {
@@ -219,11 +220,17 @@ impl Runner<'_> {
 
     fn component_cases(&mut self) -> Result<()> {
         let reference_dir = self.fixtures.join("reference");
-        if reference_dir.join("text_encoder_sd15.safetensors").is_file() {
+        if reference_dir
+            .join("text_encoder_sd15.safetensors")
+            .is_file()
+        {
             let tol = self.tol.text_encoder;
             self.case("text_encoder_sd15".into(), tol, |r| r.text_encoder_sd15());
         }
-        if reference_dir.join("text_encoders_sdxl.safetensors").is_file() {
+        if reference_dir
+            .join("text_encoders_sdxl.safetensors")
+            .is_file()
+        {
             let tol = self.tol.text_encoder;
             self.case("text_encoders_sdxl".into(), tol, |r| r.text_encoders_sdxl());
         }
@@ -236,15 +243,21 @@ impl Runner<'_> {
         for (file, folder) in [("vae_sd15", "tiny-sd15"), ("vae_sdxl", "tiny-sdxl")] {
             if reference_dir.join(format!("{file}.safetensors")).is_file() {
                 let tol = self.tol.vae;
-                self.case(format!("{file}_decode"), tol, |r| r.vae(file, folder, false));
+                self.case(format!("{file}_decode"), tol, |r| {
+                    r.vae(file, folder, false)
+                });
                 self.case(format!("{file}_encode"), tol, |r| r.vae(file, folder, true));
             }
         }
         for name in ["taesd", "taef1"] {
             if reference_dir.join(format!("{name}.safetensors")).is_file() {
                 let tol = self.tol.vae;
-                self.case(format!("{name}_decode"), tol, |r| r.tiny_autoencoder(name, false));
-                self.case(format!("{name}_encode"), tol, |r| r.tiny_autoencoder(name, true));
+                self.case(format!("{name}_decode"), tol, |r| {
+                    r.tiny_autoencoder(name, false)
+                });
+                self.case(format!("{name}_encode"), tol, |r| {
+                    r.tiny_autoencoder(name, true)
+                });
             }
         }
         let taef2 = self.fixtures.join("real-taef2/reference.json");
@@ -253,7 +266,9 @@ impl Runner<'_> {
             let images = value["images"].as_object().cloned().unwrap_or_default();
             for (name, info) in images {
                 let tol = self.tol.vae;
-                self.case(format!("real_taef2:{name}"), tol, |r| r.real_taef2(&name, &info));
+                self.case(format!("real_taef2:{name}"), tol, |r| {
+                    r.real_taef2(&name, &info)
+                });
             }
         }
         Ok(())
@@ -275,10 +290,14 @@ impl Runner<'_> {
         let mut worst = 0f64;
         for model in [from_folder, from_bare] {
             let diff = if encode {
-                let image = get(&reference, "image")?.to_device(&device)?.to_dtype(dtype)?;
+                let image = get(&reference, "image")?
+                    .to_device(&device)?
+                    .to_dtype(dtype)?;
                 max_abs_diff(&model.encode(&image)?, get(&reference, "encoded")?)?
             } else {
-                let latents = get(&reference, "latents")?.to_device(&device)?.to_dtype(dtype)?;
+                let latents = get(&reference, "latents")?
+                    .to_device(&device)?
+                    .to_dtype(dtype)?;
                 max_abs_diff(&model.decode(&latents)?, get(&reference, "decoded")?)?
             };
             worst = worst.max(diff);
@@ -327,7 +346,12 @@ impl Runner<'_> {
         let dir = self.fixtures.join(folder);
         let config = sdrs_clip::ClipTextConfig::from_file(&dir.join("config.json"))?;
         let files = find_weights(&dir, None)?;
-        let vb = var_builder("text_encoder", &files, self.options.dtype, &self.options.device)?;
+        let vb = var_builder(
+            "text_encoder",
+            &files,
+            self.options.dtype,
+            &self.options.device,
+        )?;
         Ok(sdrs_clip::ClipTextModel::new(vb, &config)?)
     }
 
@@ -344,9 +368,15 @@ impl Runner<'_> {
         let out = model.forward(&ids)?;
         // The reference is the raw `hidden_states[-2]` (no final layer norm).
         let penultimate = model.hidden_state(&ids, model.num_hidden_layers().saturating_sub(1))?;
-        Ok(max_abs_diff(&out.last_hidden_state, get(&reference, "last_hidden_state")?)?
-            .max(max_abs_diff(&penultimate, get(&reference, "penultimate_hidden_state")?)?)
-            .max(max_abs_diff(&out.pooled, get(&reference, "pooled")?)?))
+        Ok(max_abs_diff(
+            &out.last_hidden_state,
+            get(&reference, "last_hidden_state")?,
+        )?
+        .max(max_abs_diff(
+            &penultimate,
+            get(&reference, "penultimate_hidden_state")?,
+        )?)
+        .max(max_abs_diff(&out.pooled, get(&reference, "pooled")?)?))
     }
 
     fn text_encoders_sdxl(&mut self) -> Result<f64> {
@@ -365,10 +395,18 @@ impl Runner<'_> {
             path: self.fixtures.join("tiny-sdxl/text_encoder_2"),
             what: "text_projection.weight in text_encoder_2".to_string(),
         })?;
-        Ok(max_abs_diff(&out1.last_hidden_state, get(&reference, "te1_last")?)?
-            .max(max_abs_diff(&penultimate(&out1)?, get(&reference, "te1_penultimate")?)?)
-            .max(max_abs_diff(&penultimate(&out2)?, get(&reference, "te2_penultimate")?)?)
-            .max(max_abs_diff(&embeds, get(&reference, "te2_text_embeds")?)?))
+        Ok(
+            max_abs_diff(&out1.last_hidden_state, get(&reference, "te1_last")?)?
+                .max(max_abs_diff(
+                    &penultimate(&out1)?,
+                    get(&reference, "te1_penultimate")?,
+                )?)
+                .max(max_abs_diff(
+                    &penultimate(&out2)?,
+                    get(&reference, "te2_penultimate")?,
+                )?)
+                .max(max_abs_diff(&embeds, get(&reference, "te2_text_embeds")?)?),
+        )
     }
 
     fn unet(&mut self, file: &str, folder: &str) -> Result<f64> {
@@ -407,16 +445,24 @@ impl Runner<'_> {
         let config = sdrs_vae::AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
         let files = find_weights(&dir, None)?;
         let (dtype, device) = (self.options.dtype, self.options.device.clone());
-        let vae = sdrs_vae::AutoencoderKL::new(var_builder("vae", &files, dtype, &device)?, &config)?;
+        let vae =
+            sdrs_vae::AutoencoderKL::new(var_builder("vae", &files, dtype, &device)?, &config)?;
         let input = |key: &str| -> Result<Tensor> {
             Ok(get(&reference, key)?.to_device(&device)?.to_dtype(dtype)?)
         };
         if encode {
             let dist = vae.encode(&input("image")?)?;
-            Ok(max_abs_diff(&dist.mean, get(&reference, "encoded_mean")?)?
-                .max(max_abs_diff(&dist.logvar, get(&reference, "encoded_logvar")?)?))
+            Ok(
+                max_abs_diff(&dist.mean, get(&reference, "encoded_mean")?)?.max(max_abs_diff(
+                    &dist.logvar,
+                    get(&reference, "encoded_logvar")?,
+                )?),
+            )
         } else {
-            max_abs_diff(&vae.decode(&input("latents")?)?, get(&reference, "decoded")?)
+            max_abs_diff(
+                &vae.decode(&input("latents")?)?,
+                get(&reference, "decoded")?,
+            )
         }
     }
 
@@ -432,7 +478,11 @@ impl Runner<'_> {
             let name = format!("scheduler:{key}");
             let class = case["class"].as_str().unwrap_or_default();
             if !sdrs_schedulers::is_supported_class(class) {
-                self.skip(name, SCHEDULER_TOLERANCE, &format!("{class} is not implemented yet"));
+                self.skip(
+                    name,
+                    SCHEDULER_TOLERANCE,
+                    &format!("{class} is not implemented yet"),
+                );
                 continue;
             }
             self.case(name, SCHEDULER_TOLERANCE, |_| {
@@ -512,7 +562,8 @@ impl Runner<'_> {
 
     /// The original-layout checkpoint holding the same weights as the diffusers folder `folder`.
     fn single_file(&self, folder: &str) -> PathBuf {
-        self.fixtures.join(format!("{folder}-single-file.safetensors"))
+        self.fixtures
+            .join(format!("{folder}-single-file.safetensors"))
     }
 
     /// The pipeline of `folder`, loaded from its single-file checkpoint when `single_file` is set
@@ -623,7 +674,11 @@ fn case_request(
             )?
         }
     };
-    let mut request = Request::new(pipeline, case["prompt"].as_str().unwrap_or_default(), scheduler);
+    let mut request = Request::new(
+        pipeline,
+        case["prompt"].as_str().unwrap_or_default(),
+        scheduler,
+    );
     request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
     request.steps = case["steps"]
         .as_u64()

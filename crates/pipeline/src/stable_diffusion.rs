@@ -16,8 +16,8 @@ use candle_nn::VarBuilder;
 
 use crate::checkpoint::Checkpoint;
 use crate::conditioning::{MicroConditioning, Prompts, TextEncoder, TextEncoders};
-use crate::single_file::CheckpointFamily;
 use crate::error::{Error, Result};
+use crate::single_file::CheckpointFamily;
 use crate::weights::{find_weights, read_json, var_builder};
 
 /// Which kind of Stable Diffusion model a folder holds, detected from its own files.
@@ -208,7 +208,11 @@ impl StableDiffusion {
     /// Loads a single original-layout checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
     /// ...), with the configs, tokenizers and scheduler of `config_dir` (a diffusers folder of the
     /// same family, whose weights are not read).
-    pub fn load_single_file(checkpoint: &Path, config_dir: &Path, options: &LoadOptions) -> Result<Self> {
+    pub fn load_single_file(
+        checkpoint: &Path,
+        config_dir: &Path,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let checkpoint = Checkpoint::open(checkpoint)?;
         let expected = ModelFamily::detect(config_dir)?;
         let found = match checkpoint.family() {
@@ -242,9 +246,10 @@ impl StableDiffusion {
         let device = &options.device;
         let dtype = options.dtype;
         let variant = options.variant.as_deref();
-        let load = |component: &'static str, dtype: DType| -> Result<(VarBuilder<'static>, PathBuf)> {
-            weights.component(root, component, variant, dtype, device)
-        };
+        let load =
+            |component: &'static str, dtype: DType| -> Result<(VarBuilder<'static>, PathBuf)> {
+                weights.component(root, component, variant, dtype, device)
+            };
         let text_encoder = |tokenizer: &str, encoder: &'static str| -> Result<TextEncoder> {
             let tokenizer = ClipTokenizer::from_dir(&root.join(tokenizer))?;
             let config = ClipTextConfig::from_file(&root.join(encoder).join("config.json"))?;
@@ -254,7 +259,9 @@ impl StableDiffusion {
             Ok(TextEncoder { tokenizer, model })
         };
         let text = match family {
-            ModelFamily::Sd => TextEncoders::Sd(text_encoder("tokenizer", "text_encoder")?),
+            ModelFamily::Sd => {
+                TextEncoders::Sd(Box::new(text_encoder("tokenizer", "text_encoder")?))
+            }
             ModelFamily::SdxlBase | ModelFamily::SdxlRefiner => {
                 let index = root.join("model_index.json");
                 let index = if index.is_file() {
@@ -412,17 +419,23 @@ impl StableDiffusion {
             }
             InitImage::Pixels(image) => {
                 let start = match request.denoising_start {
-                    Some(fraction) => {
-                        denoising_start_index(&all_timesteps, fraction, num_train_timesteps, scheduler.order())
+                    Some(fraction) => denoising_start_index(
+                        &all_timesteps,
+                        fraction,
+                        num_train_timesteps,
+                        scheduler.order(),
+                    ),
+                    None => {
+                        strength_start_index(request.steps, request.strength, scheduler.order())?
                     }
-                    None => strength_start_index(request.steps, request.strength, scheduler.order())?,
                 };
                 let generator = generator.as_mut().ok_or_else(no_seed)?;
                 let image = image.to_device(&self.device)?.to_dtype(DType::F32)?;
                 check_shape("init image", &image, (1, 3, height, width))?;
-                let dist = self.vae.encode(&((image * 2.0)? - 1.0)?.to_dtype(self.vae_dtype)?)?;
-                let sample_noise =
-                    generator.randn(dist.mean.shape(), DType::F32, &self.device)?;
+                let dist = self
+                    .vae
+                    .encode(&((image * 2.0)? - 1.0)?.to_dtype(self.vae_dtype)?)?;
+                let sample_noise = generator.randn(dist.mean.shape(), DType::F32, &self.device)?;
                 let encoded = dist.sample_with(&sample_noise.to_dtype(self.vae_dtype)?)?;
                 let init = self.scale_latents(&encoded.to_dtype(DType::F32)?)?;
                 let latents = if request.denoising_start.is_some() {
@@ -440,12 +453,20 @@ impl StableDiffusion {
                 match request.denoising_start {
                     // Continue from another pipeline's latents: no noise is added.
                     Some(fraction) => (
-                        denoising_start_index(&all_timesteps, fraction, num_train_timesteps, scheduler.order()),
+                        denoising_start_index(
+                            &all_timesteps,
+                            fraction,
+                            num_train_timesteps,
+                            scheduler.order(),
+                        ),
                         init,
                     ),
                     None => {
-                        let start =
-                            strength_start_index(request.steps, request.strength, scheduler.order())?;
+                        let start = strength_start_index(
+                            request.steps,
+                            request.strength,
+                            scheduler.order(),
+                        )?;
                         let generator = generator.as_mut().ok_or_else(no_seed)?;
                         let noise = generator.randn(init.shape(), DType::F32, &self.device)?;
                         let t = all_timesteps.get(start).copied().unwrap_or_default();
@@ -635,7 +656,11 @@ fn denoising_start_index(
     timesteps.len().saturating_sub(count)
 }
 
-fn check_shape(what: &'static str, tensor: &Tensor, shape: (usize, usize, usize, usize)) -> Result<()> {
+fn check_shape(
+    what: &'static str,
+    tensor: &Tensor,
+    shape: (usize, usize, usize, usize),
+) -> Result<()> {
     if tensor.dims() != [shape.0, shape.1, shape.2, shape.3] {
         return Err(Error::InvalidParameter {
             name: what,

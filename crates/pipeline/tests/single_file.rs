@@ -8,10 +8,7 @@ use sdrs_pipeline::single_file::{component_plan, detect_family, CheckpointFamily
 
 /// The project's fixtures folder.
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures"
-    ))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
 }
 
 /// One tensor of a safetensors file, kept as raw little-endian bytes.
