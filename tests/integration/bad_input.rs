@@ -140,3 +140,37 @@ fn zero_steps_is_rejected() {
         "{message}"
     );
 }
+
+#[test]
+fn refiner_needs_an_sdxl_base() {
+    let refiner = fixtures().join("tiny-sdxl-refiner");
+    let message = generate_fails(
+        &fixtures().join("tiny-sd15"),
+        &["--refiner", refiner.to_str().unwrap()],
+    );
+    assert!(
+        message.contains("--refiner") && message.contains("SDXL"),
+        "{message}"
+    );
+}
+
+#[test]
+fn strength_out_of_range_is_rejected() {
+    let message = generate_fails(&fixtures().join("tiny-sd15"), &["--strength", "1.5"]);
+    assert!(
+        message.contains("--strength") && message.contains("1.5"),
+        "{message}"
+    );
+}
+
+#[test]
+fn unreadable_init_image_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"not a png").unwrap();
+    let message = generate_fails(
+        &fixtures().join("tiny-sd15"),
+        &["-i", broken.to_str().unwrap()],
+    );
+    assert!(message.contains("broken.png"), "{message}");
+}

@@ -100,3 +100,143 @@ fn without_a_seed_a_random_one_is_printed_and_stored() {
         "{text}"
     );
 }
+
+/// Writes a `width` x `height` RGB gradient PNG.
+fn write_png(path: &std::path::Path, width: u32, height: u32) {
+    let mut data = Vec::with_capacity((width * height * 3) as usize);
+    for y in 0..height {
+        for x in 0..width {
+            data.extend_from_slice(&[(x * 3) as u8, (y * 4) as u8, 128]);
+        }
+    }
+    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut encoder = png::Encoder::new(file, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder
+        .write_header()
+        .unwrap()
+        .write_image_data(&data)
+        .unwrap();
+}
+
+#[test]
+fn img2img_resizes_the_init_image_and_records_the_strength() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init.png");
+    write_png(&init, 70, 50);
+    let out = dir.path().join("out.png");
+    let output = sdrs(&[
+        "generate",
+        "-m",
+        fixtures().join("tiny-sd15").to_str().unwrap(),
+        "-p",
+        "a harbour",
+        "-i",
+        init.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--steps",
+        "4",
+        "-s",
+        "3",
+        "--sampling-method",
+        "ddim",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let log = stderr(&output);
+    assert!(output.status.success(), "{log}");
+    assert!(
+        log.contains("resizing the init image from 70x50 to 64x48"),
+        "{log}"
+    );
+    let (w, h, _, text) = read_png(&out);
+    assert_eq!((w, h), (64, 48));
+    assert!(text.contains("Sampler: DDIM,"), "{text}");
+    assert!(text.contains("Denoising strength: 0.5"), "{text}");
+}
+
+#[test]
+fn sdxl_base_with_refiner_runs_and_records_the_refiner() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("xl.png");
+    let output = sdrs(&[
+        "generate",
+        "-m",
+        fixtures().join("tiny-sdxl").to_str().unwrap(),
+        "--refiner",
+        fixtures().join("tiny-sdxl-refiner").to_str().unwrap(),
+        "-p",
+        "a castle",
+        "--steps",
+        "5",
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "-s",
+        "9",
+        "--sampling-method",
+        "euler",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (w, h, _, text) = read_png(&out);
+    assert_eq!((w, h), (64, 64));
+    // SDXL's default guidance is 5, and the refiner is recorded as AUTOMATIC1111 does.
+    assert!(text.contains("CFG scale: 5,"), "{text}");
+    assert!(
+        text.contains("Refiner: tiny-sdxl-refiner, Refiner switch at: 0.8"),
+        "{text}"
+    );
+}
+
+#[test]
+fn single_file_checkpoint_generates_with_the_configs_of_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("single.png");
+    let checkpoint = fixtures().join("tiny-sd15-single-file.safetensors");
+    let args = |config: Option<&str>| {
+        let mut args = vec![
+            "generate".to_string(),
+            "-m".into(),
+            checkpoint.to_str().unwrap().into(),
+            "-p".into(),
+            "a tree".into(),
+            "--steps".into(),
+            "2".into(),
+            "-W".into(),
+            "32".into(),
+            "-H".into(),
+            "32".into(),
+            "-s".into(),
+            "1".into(),
+            "--device".into(),
+            "cpu".into(),
+            "-o".into(),
+            out.to_str().unwrap().into(),
+        ];
+        if let Some(config) = config {
+            args.push("--config".into());
+            args.push(config.into());
+        }
+        args
+    };
+    let without = args(None);
+    let output = sdrs(&without.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--config"), "{}", stderr(&output));
+    assert!(!out.exists());
+
+    let folder = fixtures().join("tiny-sd15");
+    let with = args(Some(folder.to_str().unwrap()));
+    let output = sdrs(&with.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (_, _, _, text) = read_png(&out);
+    assert!(text.contains("Model: tiny-sd15-single-file,"), "{text}");
+}

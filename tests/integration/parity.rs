@@ -2,8 +2,7 @@
 
 use crate::util::{fixtures, sdrs, stdout};
 
-/// The SD1.5 cases that must pass (not merely be skipped), beside every tokenizer and scheduler case
-/// of the classes named here.
+/// Cases that must be present and pass, beside every tokenizer and scheduler case.
 const MUST_PASS: &[&str] = &[
     "text_encoder_sd15",
     "unet_sd15",
@@ -14,6 +13,23 @@ const MUST_PASS: &[&str] = &[
     "sd15_euler",
     "sd15_dpmpp_2m",
     "sd15_dpmpp_2m_karras",
+    "sd15_seeded_dpmpp_2m_karras",
+    "sd15_seeded_euler_a",
+    "sd15_img2img",
+    "text_encoders_sdxl",
+    "unet_sdxl",
+    "vae_sdxl_decode",
+    "vae_sdxl_encode",
+    "sdxl_euler",
+    "sdxl_dpmpp_2m_karras",
+    "sdxl_noneg",
+    "sdxl_refiner",
+    "sd15_euler@single-file",
+    "sdxl_refiner@single-file",
+    "taesd_decode",
+    "taesd_encode",
+    "taef1_decode",
+    "taef1_encode",
 ];
 
 #[test]
@@ -31,19 +47,16 @@ fn parity_passes_every_supported_case() {
             .map(|l| l.to_string())
             .unwrap_or_else(|| panic!("no line for case {name}:\n{text}"))
     };
+    // Every case these fixtures hold is supported: nothing may be skipped.
+    let skipped: Vec<&&str> = lines.iter().filter(|l| l.contains(" skip (")).collect();
+    assert!(skipped.is_empty(), "skipped cases: {skipped:?}");
     for name in MUST_PASS {
         let line = verdict(name);
         assert!(line.ends_with("pass"), "{line}");
     }
     for line in &lines {
         let name = line.split_whitespace().next().unwrap_or_default();
-        let required = name.starts_with("tokenizer:")
-            || [
-                "scheduler:ddim_",
-                "scheduler:pndm_",
-                "scheduler:euler_",
-                "scheduler:dpmpp_2m_",
-            ]
+        let required = ["tokenizer:", "scheduler:", "rng:", "real_taef2:"]
             .iter()
             .any(|p| name.starts_with(p));
         if required {
