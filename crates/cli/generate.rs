@@ -245,9 +245,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
 
     let bar = step_bar(0);
+    let started = std::time::Instant::now();
+    let mut steps_done = 0usize;
     let mut on_step = |p: &sdrs_pipeline::StepProgress| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
+        steps_done += 1;
     };
     let image = match &args.refiner {
         None => pipeline.generate(&request, &mut on_step)?,
@@ -283,7 +286,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             refiner.generate(&refine, &mut on_step)?
         }
     };
-    bar.finish();
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "generated in {elapsed:.1}s: {steps_done} denoising steps ({} including text encoding and decoding)",
+        crate::progress::speed_text(steps_done as f64 / elapsed.max(1e-9))
+    );
 
     let parameters = Parameters {
         prompt: args.prompt,

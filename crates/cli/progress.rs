@@ -22,7 +22,7 @@ pub fn step_bar(total: usize) -> ProgressBar {
 }
 
 /// `2.31s/it` below one step a second, `4.20it/s` above.
-fn speed_text(per_sec: f64) -> String {
+pub fn speed_text(per_sec: f64) -> String {
     if !per_sec.is_finite() || per_sec <= 0.0 {
         "-".to_string()
     } else if per_sec < 1.0 {
