@@ -7,9 +7,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use sdrs_pipeline::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion};
 use sdrs_schedulers::{Sampler, SigmaSchedule};
+use sdrs_taesd::AutoencoderTiny;
 
 use crate::input::{read_init_image, InitPicture};
-use crate::output::{Parameters, PendingImage};
+use crate::output::{write_png_atomically, Parameters, PendingImage};
 use crate::progress::step_bar;
 
 #[derive(Debug, Args)]
@@ -107,6 +108,20 @@ pub struct GenerateArgs {
     /// Use CLIP's N-th layer from the end (1 = last, 2 = penultimate, as in AUTOMATIC1111).
     #[arg(long = "clip-skip")]
     pub clip_skip: Option<usize>,
+
+    /// Decode with a tiny autoencoder (TAESD, TAESDXL, ...): a folder in the diffusers layout or
+    /// with the original `*_encoder/_decoder.safetensors` files.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+
+    /// Write a preview of the image being sampled to this PNG (replaced atomically), decoded with
+    /// `--vae` when given, else with a cheap linear projection of the latents.
+    #[arg(long)]
+    pub preview: Option<PathBuf>,
+
+    /// With `--preview`: update it every N steps.
+    #[arg(long = "preview-every", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub preview_every: u64,
 
     /// Output PNG; the generation parameters go into its `parameters` text chunk.
     #[arg(short = 'o', long, default_value = "output.png")]
@@ -209,7 +224,19 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let seed = resolve_seed(args.seed);
     eprintln!("seed {seed}");
 
-    let pipeline = load_model(&args.model, args.config.as_deref(), &options)?;
+    if let Some(preview) = &args.preview {
+        // Fail before any work if the preview cannot be written either.
+        drop(PendingImage::reserve(preview)?);
+    }
+    let mut pipeline = load_model(&args.model, args.config.as_deref(), &options)?;
+    if let Some(vae) = &args.vae {
+        if !vae.exists() {
+            bail!("--vae {}: no such folder (give a tiny autoencoder such as a local copy of madebyollin/taesd)", vae.display());
+        }
+        let tiny = AutoencoderTiny::from_dir(vae, options.dtype, &options.device)
+            .with_context(|| format!("cannot load the tiny autoencoder at {}", vae.display()))?;
+        pipeline.set_tiny_autoencoder(tiny)?;
+    }
     let init = match &args.init_img {
         Some(path) => Some(read_init_image(path)?),
         None => None,
@@ -247,10 +274,25 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let bar = step_bar(0);
     let started = std::time::Instant::now();
     let mut steps_done = 0usize;
+    let mut preview_failed = false;
     let mut on_step = |p: &sdrs_pipeline::StepProgress| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         steps_done += 1;
+        if let Some(path) = &args.preview {
+            let due = p.step as u64 % args.preview_every == 0 || p.step == p.total;
+            if due && !preview_failed {
+                let written = p
+                    .preview()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|image| write_png_atomically(path, &image));
+                if let Err(error) = written {
+                    // A preview is a convenience: say why once and carry on sampling.
+                    bar.suspend(|| eprintln!("warning: no preview: {error:#}"));
+                    preview_failed = true;
+                }
+            }
+        }
     };
     let image = match &args.refiner {
         None => pipeline.generate(&request, &mut on_step)?,
@@ -456,6 +498,24 @@ mod tests {
         assert_eq!(args.original_size, Some((2048, 1536)));
         assert_eq!(args.crop_coords, (8, 16));
         assert_eq!(parse(&[]).crop_coords, (0, 0));
+    }
+
+    #[test]
+    fn preview_flags_parse_and_zero_is_rejected() {
+        let args = parse(&[
+            "--preview",
+            "p.png",
+            "--preview-every",
+            "5",
+            "--vae",
+            "taesd",
+        ]);
+        assert_eq!(args.preview, Some(PathBuf::from("p.png")));
+        assert_eq!(args.preview_every, 5);
+        assert_eq!(args.vae, Some(PathBuf::from("taesd")));
+        assert_eq!(parse(&[]).preview_every, 1);
+        let argv = ["x", "-m", "m", "-p", "a", "--preview-every", "0"];
+        assert!(Wrapper::try_parse_from(argv).is_err());
     }
 
     #[test]

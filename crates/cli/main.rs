@@ -5,6 +5,7 @@ mod input;
 mod output;
 mod parity;
 mod progress;
+mod roundtrip;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Check sdrs against diffusers' reference outputs in a fixtures folder.
     Parity(parity::ParityArgs),
+    /// Encode an image and decode it back with an autoencoder; print MAE, RMSE and PSNR.
+    Roundtrip(roundtrip::RoundtripArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Parity(args) => parity::run(args),
+        Command::Roundtrip(args) => roundtrip::run(args),
     };
     match result {
         Ok(code) => code,

@@ -89,9 +89,12 @@ impl PendingImage {
                 folder.display()
             );
         }
-        let file = tempfile::Builder::new()
-            .prefix(".sdrs-")
-            .suffix(".png.tmp")
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".sdrs-").suffix(".png.tmp");
+        // Temporary files are private by default; the finished image is an ordinary file.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        let file = builder
             .tempfile_in(&folder)
             .with_context(|| format!("cannot write {} (folder not writable?)", target.display()))?;
         Ok(Self {
@@ -102,31 +105,48 @@ impl PendingImage {
 
     /// Encodes `image` (`[1, 3, H, W]` or `[3, H, W]` in `[0, 1]`) with `parameters` and moves it into place.
     pub fn write(mut self, image: &Tensor, parameters: &Parameters) -> Result<PathBuf> {
-        let (width, height, rgb) = to_rgb8(image)?;
-        {
-            let writer = std::io::BufWriter::new(self.file.as_file_mut());
-            let mut encoder = png::Encoder::new(writer, width as u32, height as u32);
-            encoder.set_color(png::ColorType::Rgb);
-            encoder.set_depth(png::BitDepth::Eight);
-            let text = parameters.to_a1111();
-            // Like PIL (which AUTOMATIC1111 uses): tEXt when the text is Latin-1, iTXt (UTF-8) otherwise.
-            if text.chars().all(|c| (c as u32) < 256) {
-                encoder.add_text_chunk("parameters".to_string(), text)
-            } else {
-                encoder.add_itxt_chunk("parameters".to_string(), text)
-            }
-            .context("cannot add the parameters text to the PNG")?;
-            let mut png = encoder.write_header()?;
-            png.write_image_data(&rgb)?;
-            png.finish()?;
-        }
-        self.file.as_file_mut().flush()?;
+        encode_png(self.file.as_file_mut(), image, Some(parameters.to_a1111()))?;
         let target = self.target.clone();
         self.file
             .persist(&target)
             .with_context(|| format!("cannot move the image into place at {}", target.display()))?;
         Ok(target)
     }
+}
+
+/// Writes `image` as a PNG at `target` through a temporary file and a rename, so readers never
+/// see a half-written file (used for previews, which are replaced while sampling runs).
+pub fn write_png_atomically(target: &Path, image: &Tensor) -> Result<()> {
+    PendingImage::reserve(target)
+        .and_then(|mut pending| {
+            encode_png(pending.file.as_file_mut(), image, None)?;
+            pending.file.persist(target)?;
+            Ok(())
+        })
+        .with_context(|| format!("cannot write {}", target.display()))
+}
+
+/// Encodes an 8-bit RGB PNG with an optional `parameters` text chunk.
+fn encode_png(file: &mut std::fs::File, image: &Tensor, parameters: Option<String>) -> Result<()> {
+    let (width, height, rgb) = to_rgb8(image)?;
+    let writer = std::io::BufWriter::new(&mut *file);
+    let mut encoder = png::Encoder::new(writer, width as u32, height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    if let Some(text) = parameters {
+        // Like PIL (which AUTOMATIC1111 uses): tEXt when the text is Latin-1, iTXt (UTF-8) otherwise.
+        if text.chars().all(|c| (c as u32) < 256) {
+            encoder.add_text_chunk("parameters".to_string(), text)
+        } else {
+            encoder.add_itxt_chunk("parameters".to_string(), text)
+        }
+        .context("cannot add the parameters text to the PNG")?;
+    }
+    let mut png = encoder.write_header()?;
+    png.write_image_data(&rgb)?;
+    png.finish()?;
+    file.flush()?;
+    Ok(())
 }
 
 /// `[0, 1]` floats to interleaved 8-bit RGB, rounding as diffusers' `numpy_to_pil` does.
@@ -230,8 +250,14 @@ mod tests {
         let text = &reader.info().uncompressed_latin1_text[0];
         assert_eq!(text.keyword, "parameters");
         assert_eq!(text.text, parameters().to_a1111());
-        // Only the final file is left behind.
+        // Only the final file is left behind, readable like any other file.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+            assert_eq!(mode & 0o044, 0o044, "mode {mode:o}");
+        }
     }
 
     #[test]

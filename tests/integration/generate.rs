@@ -240,3 +240,92 @@ fn single_file_checkpoint_generates_with_the_configs_of_a_folder() {
     let (_, _, _, text) = read_png(&out);
     assert!(text.contains("Model: tiny-sd15-single-file,"), "{text}");
 }
+
+#[test]
+fn tiny_autoencoder_decodes_and_previews_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tae.png");
+    let preview = dir.path().join("preview.png");
+    let output = sdrs(&[
+        "generate",
+        "-m",
+        fixtures().join("tiny-sd15").to_str().unwrap(),
+        "--vae",
+        fixtures().join("taesd").to_str().unwrap(),
+        "--preview",
+        preview.to_str().unwrap(),
+        "--preview-every",
+        "2",
+        "-p",
+        "a lake",
+        "--steps",
+        "3",
+        "-W",
+        "32",
+        "-H",
+        "32",
+        "-s",
+        "4",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (w, h, _, _) = read_png(&out);
+    assert_eq!((w, h), (32, 32));
+    // The tiny autoencoder decodes previews at full size.
+    let (pw, ph, _, _) = read_png(&preview);
+    assert_eq!((pw, ph), (32, 32));
+    assert_eq!(files_in(dir.path()), ["preview.png", "tae.png"]);
+
+    // Without a tiny autoencoder the preview is the linear projection, at latent size.
+    let linear = dir.path().join("linear.png");
+    let output = sdrs(&[
+        "generate",
+        "-m",
+        fixtures().join("tiny-sd15").to_str().unwrap(),
+        "--preview",
+        linear.to_str().unwrap(),
+        "-p",
+        "a lake",
+        "--steps",
+        "2",
+        "-W",
+        "32",
+        "-H",
+        "32",
+        "-s",
+        "4",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (lw, lh, _, _) = read_png(&linear);
+    assert_eq!((lw, lh), (4, 4));
+}
+
+#[test]
+fn tiny_autoencoder_of_another_latent_width_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let output = sdrs(&[
+        "generate",
+        "-m",
+        fixtures().join("tiny-sd15").to_str().unwrap(),
+        "--vae",
+        fixtures().join("taef1").to_str().unwrap(),
+        "-p",
+        "a lake",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("16 latent channels"), "{message}");
+    assert!(files_in(dir.path()).is_empty());
+}

@@ -3,4 +3,5 @@
 mod bad_input;
 mod generate;
 mod parity;
+mod roundtrip;
 mod util;

@@ -7,6 +7,7 @@ mod conditioning;
 pub mod device;
 pub mod error;
 pub mod parity;
+pub mod preview;
 pub mod single_file;
 pub mod stable_diffusion;
 pub mod weights;

@@ -19,6 +19,7 @@ use crate::conditioning::{MicroConditioning, Prompts, TextEncoder, TextEncoders}
 use crate::error::{Error, Result};
 use crate::single_file::CheckpointFamily;
 use crate::weights::{find_weights, read_json, var_builder};
+use sdrs_taesd::AutoencoderTiny;
 
 /// Which kind of Stable Diffusion model a folder holds, detected from its own files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +184,16 @@ pub struct StepProgress<'a> {
     pub timestep: f64,
     /// The latents after this step (scaled as the scheduler keeps them).
     pub latents: &'a Tensor,
+    pipeline: &'a StableDiffusion,
+}
+
+impl StepProgress<'_> {
+    /// A preview of the current latents, `[1, 3, H, W]` in `[0, 1]`: decoded by the tiny
+    /// autoencoder when the pipeline has one, otherwise by a cheap linear projection.
+    /// Computed only when asked for.
+    pub fn preview(&self) -> Result<Tensor> {
+        self.pipeline.preview(self.latents)
+    }
 }
 
 /// A loaded Stable Diffusion model of any supported family.
@@ -193,6 +204,8 @@ pub struct StableDiffusion {
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     vae_dtype: DType,
+    /// Decodes instead of the full VAE when set (fast final decode and previews).
+    tiny_vae: Option<AutoencoderTiny>,
     scheduler_config: serde_json::Value,
     device: Device,
     dtype: DType,
@@ -310,6 +323,7 @@ impl StableDiffusion {
             unet,
             vae,
             vae_dtype,
+            tiny_vae: None,
             scheduler_config,
             device: device.clone(),
             dtype,
@@ -527,6 +541,7 @@ impl StableDiffusion {
                 total: timesteps.len(),
                 timestep: t,
                 latents: &latents,
+                pipeline: self,
             });
         }
         Ok(latents)
@@ -545,8 +560,44 @@ impl StableDiffusion {
         Ok((z * config.scaling_factor)?)
     }
 
-    /// Decodes latents with the VAE into images `[B, 3, H, W]` in `[0, 1]` (f32).
+    /// Decodes with a tiny autoencoder (TAESD and kin) instead of the full VAE from now on; its
+    /// latent channels must match the UNet's.
+    pub fn set_tiny_autoencoder(&mut self, tiny: AutoencoderTiny) -> Result<()> {
+        let (found, expected) = (
+            tiny.config().latent_channels,
+            self.unet.config().in_channels,
+        );
+        if found != expected {
+            return Err(Error::InvalidParameter {
+                name: "tiny autoencoder",
+                value: format!("{} ({found} latent channels)", tiny.variant()),
+                expected: format!("one for {expected}-channel latents, as this model makes"),
+            });
+        }
+        self.tiny_vae = Some(tiny);
+        Ok(())
+    }
+
+    /// A cheap preview of UNet latents `[1, C, h, w]`: the tiny autoencoder when there is one,
+    /// else a per-pixel linear map from latent channels to RGB (at latent resolution).
+    pub fn preview(&self, latents: &Tensor) -> Result<Tensor> {
+        if self.tiny_vae.is_some() {
+            return self.decode(latents);
+        }
+        let factors = crate::preview::latent_rgb_factors(self.family, latents.dim(1)?)?;
+        crate::preview::linear_preview(latents, &factors)
+    }
+
+    /// Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (f32), with the tiny autoencoder
+    /// when one is set, else the model's VAE.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        if let Some(tiny) = &self.tiny_vae {
+            // A tiny autoencoder is trained on the latents as the UNet sees them (diffusers'
+            // AutoencoderTiny has scaling factor 1).
+            let z = latents.to_device(tiny.device())?.to_dtype(tiny.dtype())?;
+            let image = tiny.decode(&(z / tiny.config().scaling_factor)?)?;
+            return Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?);
+        }
         let config = self.vae.config();
         let latents = latents.to_device(&self.device)?.to_dtype(DType::F32)?;
         let z = (latents / config.scaling_factor)?;
