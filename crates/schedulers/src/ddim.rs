@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::config::{parse_config, BetaSchedule, PredictionType, TimestepSpacing, BETA_CHOICES};
 use crate::ops::{self, div, f32, mul};
-use crate::schedule::{self, BetaParams};
+use crate::schedule::{self, beta_params};
 use crate::{check_steps, Error, NoiseSource, Result, Scheduler};
 
 const CLASS: &str = "DDIMScheduler";
@@ -126,15 +126,7 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     /// Builds the tables and runs `set_timesteps(num_inference_steps)`.
     pub fn new(config: DdimConfig, num_inference_steps: usize) -> Result<Self> {
-        let betas = schedule::betas(&BetaParams {
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        });
-        let alphas_cumprod = schedule::alphas_cumprod(&betas);
+        let alphas_cumprod = beta_params!(config).alphas_cumprod();
         let final_alpha_cumprod = if config.set_alpha_to_one {
             1.0
         } else {

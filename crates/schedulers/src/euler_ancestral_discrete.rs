@@ -6,9 +6,9 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::config::{parse_config, BetaSchedule, PredictionType, TimestepSpacing, BETA_CHOICES};
-use crate::euler_discrete::{add_noise_sigma, euler_init_noise_sigma, scale_by_sigma, sigma_x0};
 use crate::ops::{self, div, f32, mul, StepIndex};
-use crate::schedule::{self, BetaParams};
+use crate::schedule::{self, beta_params};
+use crate::sigmas;
 use crate::{check_steps, NoiseSource, Result, Scheduler};
 
 const CLASS: &str = "EulerAncestralDiscreteScheduler";
@@ -72,16 +72,7 @@ pub struct EulerAncestralDiscreteScheduler {
 impl EulerAncestralDiscreteScheduler {
     /// Builds the tables and runs `set_timesteps(num_inference_steps)`.
     pub fn new(config: EulerAncestralDiscreteConfig, num_inference_steps: usize) -> Result<Self> {
-        let betas = schedule::betas(&BetaParams {
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        });
-        let mut alphas_cumprod = schedule::alphas_cumprod(&betas);
-        schedule::pin_terminal_alpha_cumprod(&mut alphas_cumprod, config.rescale_betas_zero_snr);
+        let alphas_cumprod = beta_params!(config).pinned_alphas_cumprod();
         let mut scheduler = Self {
             config,
             alphas_cumprod,
@@ -101,9 +92,9 @@ impl EulerAncestralDiscreteScheduler {
         let spaced =
             schedule::euler_family_timesteps(cfg.timestep_spacing, train, n, cfg.steps_offset);
         let train_sigmas = schedule::train_sigmas(&self.alphas_cumprod);
-        let mut sigmas: Vec<f32> = spaced
-            .iter()
-            .map(|&t| schedule::np_interp_index(t as f64, &train_sigmas) as f32)
+        let mut sigmas: Vec<f32> = sigmas::interpolate_sigmas(&spaced, &train_sigmas)
+            .into_iter()
+            .map(|s| s as f32)
             .collect();
         sigmas.push(0.0);
         self.sigmas = sigmas;
@@ -128,14 +119,12 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        sigmas::euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self
-            .index
-            .for_step(CLASS, &self.timesteps, timestep, false)?;
-        scale_by_sigma(sample, self.sigmas[i])
+        let (steps, table) = (&self.timesteps, &self.sigmas);
+        sigmas::scale_model_input(CLASS, &mut self.index, steps, table, sample, timestep)
     }
 
     fn step(
@@ -150,7 +139,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
             .for_step(CLASS, &self.timesteps, timestep, false)?;
         let (m, x) = (f32(model_output)?, f32(sample)?);
         let sigma = self.sigmas[i];
-        let x0 = sigma_x0(self.config.prediction_type, &m, &x, sigma)?;
+        let x0 = sigmas::sigma_x0(self.config.prediction_type, &m, &x, sigma)?;
         let (sigma_from, sigma_to) = (sigma, self.sigmas[i + 1]);
         let (from2, to2) = (sigma_from * sigma_from, sigma_to * sigma_to);
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
@@ -164,10 +153,8 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self
-            .index
-            .for_add_noise(CLASS, &self.timesteps, timestep, false)?;
-        add_noise_sigma(original, noise, self.sigmas[i])
+        let (index, steps, table) = (&self.index, &self.timesteps, &self.sigmas);
+        sigmas::add_noise(CLASS, index, steps, table, original, noise, timestep)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {

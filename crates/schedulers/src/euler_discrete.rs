@@ -9,7 +9,8 @@ use crate::config::{
     TimestepSpacing, BETA_CHOICES,
 };
 use crate::ops::{div, f32, mul, StepIndex};
-use crate::schedule::{self, BetaParams};
+use crate::schedule::{self, beta_params};
+use crate::sigmas::{self, SigmaOptions};
 use crate::{check_steps, NoiseSource, Result, Scheduler};
 
 const CLASS: &str = "EulerDiscreteScheduler";
@@ -95,44 +96,6 @@ impl EulerDiscreteConfig {
     }
 }
 
-/// The sigma-schedule switches shared by the Euler-family schedulers.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SigmaOptions {
-    pub karras: bool,
-    pub exponential: bool,
-    pub sigma_min: Option<f64>,
-    pub sigma_max: Option<f64>,
-}
-
-/// Replaces interpolated sigmas by a Karras or exponential schedule (diffusers' `_convert_to_*`),
-/// with the timesteps found by `_sigma_to_t`; `None` when neither option is on.
-pub(crate) fn convert_sigmas(
-    opts: SigmaOptions,
-    sigmas: &[f64],
-    log_sigmas: &[f32],
-    n: usize,
-) -> Option<(Vec<f64>, Vec<f64>)> {
-    if !opts.karras && !opts.exponential {
-        return None;
-    }
-    let sigma_min = opts
-        .sigma_min
-        .unwrap_or_else(|| sigmas.last().copied().unwrap_or(0.0));
-    let sigma_max = opts
-        .sigma_max
-        .unwrap_or_else(|| sigmas.first().copied().unwrap_or(0.0));
-    let converted = if opts.karras {
-        schedule::karras_sigmas(sigma_min, sigma_max, n)
-    } else {
-        schedule::exponential_sigmas(sigma_min, sigma_max, n)
-    };
-    let timesteps = converted
-        .iter()
-        .map(|&s| schedule::sigma_to_t(s, log_sigmas))
-        .collect();
-    Some((converted, timesteps))
-}
-
 /// Euler: `x + (x - x0) / sigma * (sigma_next - sigma)`.
 #[derive(Debug, Clone)]
 pub struct EulerDiscreteScheduler {
@@ -152,16 +115,7 @@ impl EulerDiscreteScheduler {
             config.use_exponential_sigmas,
             config.use_beta_sigmas,
         )?;
-        let betas = schedule::betas(&BetaParams {
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        });
-        let mut alphas_cumprod = schedule::alphas_cumprod(&betas);
-        schedule::pin_terminal_alpha_cumprod(&mut alphas_cumprod, config.rescale_betas_zero_snr);
+        let alphas_cumprod = beta_params!(config).pinned_alphas_cumprod();
         let mut scheduler = Self {
             config,
             alphas_cumprod,
@@ -182,11 +136,8 @@ impl EulerDiscreteScheduler {
             schedule::euler_family_timesteps(cfg.timestep_spacing, train, n, cfg.steps_offset);
         let train_sigmas = schedule::train_sigmas(&self.alphas_cumprod);
         let log_sigmas = schedule::log_sigmas(&train_sigmas);
-        let mut sigmas: Vec<f64> = match cfg.interpolation_type {
-            InterpolationType::Linear => spaced
-                .iter()
-                .map(|&t| schedule::np_interp_index(t as f64, &train_sigmas))
-                .collect(),
+        let sigmas: Vec<f64> = match cfg.interpolation_type {
+            InterpolationType::Linear => sigmas::interpolate_sigmas(&spaced, &train_sigmas),
             // diffusers quirk: `log_linear` spaces n + 1 sigmas from the smallest to the largest
             // (ascending), in float32 via torch.linspace, and still appends the final sigma.
             InterpolationType::LogLinear => {
@@ -198,17 +149,14 @@ impl EulerDiscreteScheduler {
                     .collect()
             }
         };
-        let mut timesteps: Vec<f64> = spaced.iter().map(|&t| t as f64).collect();
         let opts = SigmaOptions {
             karras: cfg.use_karras_sigmas,
             exponential: cfg.use_exponential_sigmas,
             sigma_min: cfg.sigma_min,
             sigma_max: cfg.sigma_max,
         };
-        if let Some((s, t)) = convert_sigmas(opts, &sigmas, &log_sigmas, n) {
-            sigmas = s;
-            timesteps = t;
-        }
+        let (mut sigmas, timesteps) =
+            sigmas::apply_sigma_options(opts, sigmas, &spaced, &log_sigmas, n);
         let sigma_last = match cfg.final_sigmas_type {
             FinalSigmasType::SigmaMin => train_sigmas.first().copied().unwrap_or(0.0) as f64,
             FinalSigmasType::Zero => 0.0,
@@ -239,59 +187,18 @@ impl EulerDiscreteScheduler {
     }
 }
 
-/// `sample / sqrt(sigma^2 + 1)`, in float32 as diffusers.
-pub(crate) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    let scaled = div(&f32(sample)?, (sigma * sigma + 1.0).sqrt())?;
-    Ok(scaled.to_dtype(sample.dtype())?)
-}
-
-/// The denoised estimate `x0` of the sigma-based schedulers for a model output.
-pub(crate) fn sigma_x0(
-    prediction_type: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    sigma: f32,
-) -> Result<Tensor> {
-    Ok(match prediction_type {
-        PredictionType::Epsilon => (sample - mul(model_output, sigma)?)?,
-        PredictionType::VPrediction => {
-            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-            (mul(model_output, c_out)? + div(sample, sigma * sigma + 1.0)?)?
-        }
-        PredictionType::Sample => model_output.clone(),
-    })
-}
-
-/// `original + noise * sigma`: the sigma-based schedulers' `add_noise`.
-pub(crate) fn add_noise_sigma(original: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
-    let noisy = (f32(original)? + mul(&f32(noise)?, sigma)?)?;
-    Ok(noisy.to_dtype(original.dtype())?)
-}
-
-/// diffusers' `init_noise_sigma` for the Euler family: the largest sigma, or `sqrt(max^2 + 1)`
-/// for "leading" spacing.
-pub(crate) fn euler_init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f64 {
-    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    match spacing {
-        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max as f64,
-        TimestepSpacing::Leading => (max * max + 1.0).sqrt() as f64,
-    }
-}
-
 impl Scheduler for EulerDiscreteScheduler {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        sigmas::euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self
-            .index
-            .for_step(CLASS, &self.timesteps, timestep, false)?;
-        scale_by_sigma(sample, self.sigmas[i])
+        let (steps, table) = (&self.timesteps, &self.sigmas);
+        sigmas::scale_model_input(CLASS, &mut self.index, steps, table, sample, timestep)
     }
 
     fn step(
@@ -307,7 +214,7 @@ impl Scheduler for EulerDiscreteScheduler {
         let (m, x) = (f32(model_output)?, f32(sample)?);
         // No churn (s_churn = 0): sigma_hat = sigma.
         let sigma = self.sigmas[i];
-        let x0 = sigma_x0(self.config.prediction_type, &m, &x, sigma)?;
+        let x0 = sigmas::sigma_x0(self.config.prediction_type, &m, &x, sigma)?;
         let derivative = div(&(&x - x0)?, sigma)?;
         let dt = self.sigmas[i + 1] - sigma;
         let prev = (x + mul(&derivative, dt)?)?;
@@ -316,10 +223,8 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self
-            .index
-            .for_add_noise(CLASS, &self.timesteps, timestep, false)?;
-        add_noise_sigma(original, noise, self.sigmas[i])
+        let (index, steps, table) = (&self.index, &self.timesteps, &self.sigmas);
+        sigmas::add_noise(CLASS, index, steps, table, original, noise, timestep)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {

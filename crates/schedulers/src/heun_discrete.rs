@@ -9,11 +9,9 @@ use serde::Deserialize;
 use crate::config::{
     check_sigma_options, parse_config, BetaSchedule, PredictionType, TimestepSpacing, BETA_CHOICES,
 };
-use crate::euler_discrete::{
-    add_noise_sigma, convert_sigmas, euler_init_noise_sigma, scale_by_sigma, sigma_x0, SigmaOptions,
-};
 use crate::ops::{div, f32, mul, StepIndex};
-use crate::schedule::{self, BetaParams};
+use crate::schedule::{self, beta_params};
+use crate::sigmas::{self, SigmaOptions};
 use crate::{check_steps, NoiseSource, Result, Scheduler};
 
 const CLASS: &str = "HeunDiscreteScheduler";
@@ -107,15 +105,7 @@ impl HeunDiscreteScheduler {
             config.use_exponential_sigmas,
             config.use_beta_sigmas,
         )?;
-        let betas = schedule::betas(&BetaParams {
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: false,
-        });
-        let alphas_cumprod = schedule::alphas_cumprod(&betas);
+        let alphas_cumprod = beta_params!(config, false).alphas_cumprod();
         let mut scheduler = Self {
             config,
             alphas_cumprod,
@@ -137,21 +127,15 @@ impl HeunDiscreteScheduler {
             schedule::euler_family_timesteps(cfg.timestep_spacing, train, n, cfg.steps_offset);
         let train_sigmas = schedule::train_sigmas(&self.alphas_cumprod);
         let log_sigmas = schedule::log_sigmas(&train_sigmas);
-        let mut sigmas: Vec<f64> = spaced
-            .iter()
-            .map(|&t| schedule::np_interp_index(t as f64, &train_sigmas))
-            .collect();
-        let mut timesteps: Vec<f64> = spaced.iter().map(|&t| t as f64).collect();
+        let sigmas = sigmas::interpolate_sigmas(&spaced, &train_sigmas);
         let opts = SigmaOptions {
             karras: cfg.use_karras_sigmas,
             exponential: cfg.use_exponential_sigmas,
             sigma_min: cfg.sigma_min,
             sigma_max: cfg.sigma_max,
         };
-        if let Some((s, t)) = convert_sigmas(opts, &sigmas, &log_sigmas, n) {
-            sigmas = s;
-            timesteps = t;
-        }
+        let (mut sigmas, timesteps) =
+            sigmas::apply_sigma_options(opts, sigmas, &spaced, &log_sigmas, n);
         sigmas.push(0.0);
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         // [s0, s1, s1, s2, s2, ..., s_last, s_last, 0] and [t0, t1, t1, ..., t_last, t_last].
@@ -185,14 +169,12 @@ impl Scheduler for HeunDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        sigmas::euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self
-            .index
-            .for_step(CLASS, &self.timesteps, timestep, false)?;
-        scale_by_sigma(sample, self.sigmas[i])
+        let (steps, table) = (&self.timesteps, &self.sigmas);
+        sigmas::scale_model_input(CLASS, &mut self.index, steps, table, sample, timestep)
     }
 
     fn step(
@@ -215,7 +197,7 @@ impl Scheduler for HeunDiscreteScheduler {
         };
         // No churn: sigma_hat = sigma.
         let sigma_input = if first_order { sigma } else { sigma_next };
-        let mut x0 = sigma_x0(cfg.prediction_type, &m, &x, sigma_input)?;
+        let mut x0 = sigmas::sigma_x0(cfg.prediction_type, &m, &x, sigma_input)?;
         if cfg.clip_sample {
             let r = cfg.clip_sample_range as f32;
             x0 = x0.clamp(-r, r)?;
@@ -243,10 +225,8 @@ impl Scheduler for HeunDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self
-            .index
-            .for_add_noise(CLASS, &self.timesteps, timestep, false)?;
-        add_noise_sigma(original, noise, self.sigmas[i])
+        let (index, steps, table) = (&self.index, &self.timesteps, &self.sigmas);
+        sigmas::add_noise(CLASS, index, steps, table, original, noise, timestep)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {

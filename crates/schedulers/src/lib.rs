@@ -20,6 +20,7 @@ pub mod pndm;
 mod rng;
 mod sampler;
 mod schedule;
+mod sigmas;
 pub mod unipc_multistep;
 
 use candle_core::{DType, Device, Shape, Tensor};

@@ -8,11 +8,9 @@ use serde::Deserialize;
 use crate::config::{
     check_sigma_options, parse_config, BetaSchedule, PredictionType, TimestepSpacing, BETA_CHOICES,
 };
-use crate::euler_discrete::{
-    add_noise_sigma, convert_sigmas, euler_init_noise_sigma, scale_by_sigma, sigma_x0, SigmaOptions,
-};
 use crate::ops::{div, f32, mul, StepIndex};
-use crate::schedule::{self, BetaParams};
+use crate::schedule::{self, beta_params};
+use crate::sigmas::{self, SigmaOptions};
 use crate::{check_steps, NoiseSource, Result, Scheduler};
 
 const CLASS: &str = "LMSDiscreteScheduler";
@@ -142,15 +140,7 @@ impl LmsDiscreteScheduler {
             config.use_exponential_sigmas,
             config.use_beta_sigmas,
         )?;
-        let betas = schedule::betas(&BetaParams {
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: false,
-        });
-        let alphas_cumprod = schedule::alphas_cumprod(&betas);
+        let alphas_cumprod = beta_params!(config, false).alphas_cumprod();
         let mut scheduler = Self {
             config,
             alphas_cumprod,
@@ -172,11 +162,7 @@ impl LmsDiscreteScheduler {
             schedule::euler_family_timesteps(cfg.timestep_spacing, train, n, cfg.steps_offset);
         let train_sigmas = schedule::train_sigmas(&self.alphas_cumprod);
         let log_sigmas = schedule::log_sigmas(&train_sigmas);
-        let mut sigmas: Vec<f64> = spaced
-            .iter()
-            .map(|&t| schedule::np_interp_index(t as f64, &train_sigmas))
-            .collect();
-        let mut timesteps: Vec<f64> = spaced.iter().map(|&t| t as f64).collect();
+        let sigmas = sigmas::interpolate_sigmas(&spaced, &train_sigmas);
         let opts = SigmaOptions {
             karras: cfg.use_karras_sigmas,
             exponential: cfg.use_exponential_sigmas,
@@ -184,10 +170,8 @@ impl LmsDiscreteScheduler {
             sigma_min: cfg.sigma_min.filter(|_| !cfg.use_karras_sigmas),
             sigma_max: cfg.sigma_max.filter(|_| !cfg.use_karras_sigmas),
         };
-        if let Some((s, t)) = convert_sigmas(opts, &sigmas, &log_sigmas, n) {
-            sigmas = s;
-            timesteps = t;
-        }
+        let (mut sigmas, timesteps) =
+            sigmas::apply_sigma_options(opts, sigmas, &spaced, &log_sigmas, n);
         sigmas.push(0.0);
         self.sigmas = sigmas.iter().map(|&s| s as f32).collect();
         self.timesteps = timesteps.iter().map(|&t| t as f32 as f64).collect();
@@ -229,14 +213,12 @@ impl Scheduler for LmsDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        sigmas::euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self
-            .index
-            .for_step(CLASS, &self.timesteps, timestep, false)?;
-        scale_by_sigma(sample, self.sigmas[i])
+        let (steps, table) = (&self.timesteps, &self.sigmas);
+        sigmas::scale_model_input(CLASS, &mut self.index, steps, table, sample, timestep)
     }
 
     fn step(
@@ -251,7 +233,7 @@ impl Scheduler for LmsDiscreteScheduler {
             .for_step(CLASS, &self.timesteps, timestep, false)?;
         let (m, x) = (f32(model_output)?, f32(sample)?);
         let sigma = self.sigmas[i];
-        let x0 = sigma_x0(self.config.prediction_type, &m, &x, sigma)?;
+        let x0 = sigmas::sigma_x0(self.config.prediction_type, &m, &x, sigma)?;
         self.derivatives.push(div(&(&x - x0)?, sigma)?);
         if self.derivatives.len() > LMS_ORDER {
             self.derivatives.remove(0);
@@ -275,10 +257,8 @@ impl Scheduler for LmsDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self
-            .index
-            .for_add_noise(CLASS, &self.timesteps, timestep, false)?;
-        add_noise_sigma(original, noise, self.sigmas[i])
+        let (index, steps, table) = (&self.index, &self.timesteps, &self.sigmas);
+        sigmas::add_noise(CLASS, index, steps, table, original, noise, timestep)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {

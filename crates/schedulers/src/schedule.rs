@@ -19,6 +19,40 @@ pub(crate) struct BetaParams<'a> {
     pub rescale_betas_zero_snr: bool,
 }
 
+/// The [`BetaParams`] of a scheduler config with diffusers' shared beta-schedule fields; the second
+/// argument replaces `rescale_betas_zero_snr` for the schedulers that lack that option.
+macro_rules! beta_params {
+    ($config:expr) => {
+        $crate::schedule::beta_params!($config, $config.rescale_betas_zero_snr)
+    };
+    ($config:expr, $rescale:expr) => {
+        $crate::schedule::BetaParams {
+            num_train_timesteps: $config.num_train_timesteps,
+            beta_start: $config.beta_start,
+            beta_end: $config.beta_end,
+            beta_schedule: $config.beta_schedule,
+            trained_betas: $config.trained_betas.as_deref(),
+            rescale_betas_zero_snr: $rescale,
+        }
+    };
+}
+pub(crate) use beta_params;
+
+impl BetaParams<'_> {
+    /// `alphas_cumprod` of these betas, in float32.
+    pub fn alphas_cumprod(&self) -> Vec<f32> {
+        alphas_cumprod(&betas(self))
+    }
+
+    /// [`BetaParams::alphas_cumprod`] with the zero-terminal-SNR pin of
+    /// [`pin_terminal_alpha_cumprod`].
+    pub fn pinned_alphas_cumprod(&self) -> Vec<f32> {
+        let mut alphas_cumprod = self.alphas_cumprod();
+        pin_terminal_alpha_cumprod(&mut alphas_cumprod, self.rescale_betas_zero_snr);
+        alphas_cumprod
+    }
+}
+
 /// `torch.linspace(start, end, steps, dtype=torch.float32)`: the CPU kernel fills the first half
 /// forwards from `start` and the second half backwards from `end`, in float32. torch's x86-64
 /// kernels are compiled with FMA contraction, so `start + step * i` is one fused operation.

@@ -12,9 +12,9 @@ use crate::config::{
     PredictionType, TimestepSpacing, BETA_CHOICES,
 };
 use crate::dpmsolver_multistep::{alpha_sigma, lambda};
-use crate::euler_discrete::{convert_sigmas, SigmaOptions};
 use crate::ops::{self, div, f32, mul, StepIndex};
-use crate::schedule::{self, BetaParams};
+use crate::schedule::{self, beta_params};
+use crate::sigmas::{convert_sigmas, SigmaOptions};
 use crate::{Error, NoiseSource, Result, Scheduler};
 
 const CLASS: &str = "UniPCMultistepScheduler";
@@ -192,16 +192,7 @@ impl UniPcMultistepScheduler {
     /// Builds the tables and runs `set_timesteps(num_inference_steps)`.
     pub fn new(config: UniPcMultistepConfig, num_inference_steps: usize) -> Result<Self> {
         config.validate()?;
-        let betas = schedule::betas(&BetaParams {
-            num_train_timesteps: config.num_train_timesteps,
-            beta_start: config.beta_start,
-            beta_end: config.beta_end,
-            beta_schedule: config.beta_schedule,
-            trained_betas: config.trained_betas.as_deref(),
-            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
-        });
-        let mut alphas_cumprod = schedule::alphas_cumprod(&betas);
-        schedule::pin_terminal_alpha_cumprod(&mut alphas_cumprod, config.rescale_betas_zero_snr);
+        let alphas_cumprod = beta_params!(config).pinned_alphas_cumprod();
         let mut scheduler = Self {
             config,
             alphas_cumprod,
