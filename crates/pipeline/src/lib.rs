@@ -2,6 +2,7 @@
 //! image-to-image with classifier-free guidance, and the parity checks against diffusers' reference
 //! outputs.
 
+pub mod builtin;
 pub mod checkpoint;
 mod conditioning;
 pub mod device;
@@ -12,6 +13,7 @@ pub mod single_file;
 pub mod stable_diffusion;
 pub mod weights;
 
+pub use builtin::BuiltinModel;
 pub use conditioning::MicroConditioning;
 pub use device::{dtype_name, parse_device, parse_dtype};
 pub use error::{Error, Result};
