@@ -1,11 +1,13 @@
 //! `sdrs`: the command-line front end (generate images, check parity against diffusers).
 
+mod bench;
 mod generate;
 mod input;
 mod output;
 mod parity;
 mod progress;
 mod roundtrip;
+mod system;
 
 use std::process::ExitCode;
 
@@ -27,6 +29,8 @@ enum Command {
     Parity(parity::ParityArgs),
     /// Encode an image and decode it back with an autoencoder; print MAE, RMSE and PSNR.
     Roundtrip(roundtrip::RoundtripArgs),
+    /// Time the text encoder, a UNet step, the VAE and TAESD decodes and a whole generation.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Parity(args) => parity::run(args),
         Command::Roundtrip(args) => roundtrip::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

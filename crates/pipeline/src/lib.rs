@@ -2,6 +2,7 @@
 //! image-to-image with classifier-free guidance, and the parity checks against diffusers' reference
 //! outputs.
 
+pub mod bench;
 pub mod builtin;
 pub mod checkpoint;
 mod conditioning;

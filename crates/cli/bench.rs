@@ -1,0 +1,534 @@
+//! `sdrs bench`: times the text encoder, one UNet step, the VAE and TAESD decodes and a whole
+//! generation, for real-size SD1.5/SDXL models built in the process from seeded random weights (no
+//! download) or for a model folder, and prints seconds, GFLOP/s (counted from the configuration),
+//! peak memory and the kernels in use, as a table or JSON.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use clap::Args;
+use sdrs_clip::{ClipTextConfig, ClipTextModel};
+use sdrs_pipeline::bench::{clip_flops, unet_flops, vae_decode_flops, RandomWeights};
+use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
+use sdrs_pipeline::BuiltinModel;
+use sdrs_schedulers::NoNoise;
+use sdrs_taesd::{AutoencoderTiny, AutoencoderTinyConfig};
+use sdrs_unet::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
+use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
+
+use crate::system;
+
+/// The parts `--parts` can select, in the order they run.
+const PARTS: [&str; 5] = ["text", "unet", "vae", "taesd", "generate"];
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure: a built-in architecture with seeded random weights (sd15, sdxl,
+    /// sdxl-refiner) or a diffusers model folder with its own weights.
+    #[arg(short = 'm', long = "model", default_value = "sd15")]
+    pub model: String,
+
+    /// Image width and height in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub size: Option<usize>,
+
+    /// Images per batch; with classifier-free guidance the UNet sees twice as many.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+
+    /// Device: cpu, cuda[:N], metal or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Worker threads for the CPU kernels (default: the number of physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Comma-separated parts to run: text, unet, vae, taesd, generate (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub parts: Vec<String>,
+
+    /// Timed runs of each part after one untimed warm-up run; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+
+    /// Denoising steps of the whole generation.
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Also write the results as JSON to this file (`-` for standard output instead of the table).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One measured part.
+#[derive(Debug, Clone)]
+struct Measurement {
+    part: String,
+    seconds: Vec<f64>,
+    flops: Option<f64>,
+    peak_rss: Option<u64>,
+}
+
+impl Measurement {
+    fn median(&self) -> f64 {
+        let mut sorted = self.seconds.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    }
+
+    fn min(&self) -> f64 {
+        self.seconds.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    fn max(&self) -> f64 {
+        self.seconds.iter().copied().fold(0.0, f64::max)
+    }
+
+    fn gflops_per_second(&self) -> Option<f64> {
+        self.flops.map(|flops| flops / 1e9 / self.median())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "part": self.part,
+            "median_s": self.median(),
+            "min_s": self.min(),
+            "max_s": self.max(),
+            "runs": self.seconds.len(),
+            "gflop": self.flops.map(|f| f / 1e9),
+            "gflop_per_s": self.gflops_per_second(),
+            "peak_rss_bytes": self.peak_rss,
+        })
+    }
+}
+
+/// Where the configs and weights come from.
+enum Source {
+    Builtin(BuiltinModel),
+    Folder(PathBuf),
+}
+
+impl Source {
+    fn parse(model: &str) -> Result<Self> {
+        if let Some(builtin) = BuiltinModel::from_name(model) {
+            return Ok(Self::Builtin(builtin));
+        }
+        let path = PathBuf::from(model);
+        if path.join("unet").join("config.json").is_file() {
+            return Ok(Self::Folder(path));
+        }
+        bail!(
+            "--model {model} is neither a built-in architecture ({}) nor a diffusers model folder",
+            BuiltinModel::names()
+        )
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Self::Builtin(model) => format!("{} (random weights)", model.name()),
+            Self::Folder(path) => path.display().to_string(),
+        }
+    }
+
+    fn has(&self, component: &str) -> bool {
+        let path = format!("{component}/config.json");
+        match self {
+            Self::Builtin(model) => model.file(&path).is_some(),
+            Self::Folder(root) => root.join(path).is_file(),
+        }
+    }
+
+    fn config<T: serde::de::DeserializeOwned>(&self, component: &str) -> Result<T> {
+        let path = format!("{component}/config.json");
+        let value = match self {
+            Self::Builtin(model) => model
+                .json(&path)
+                .with_context(|| format!("{} has no built-in {path}", model.name()))?,
+            Self::Folder(root) => read_json(&root.join(&path))?,
+        };
+        serde_json::from_value(value).with_context(|| format!("cannot read {path}"))
+    }
+
+    fn weights(
+        &self,
+        component: &'static str,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        match self {
+            Self::Builtin(_) => {
+                // CLIPTextModel (the first encoder) has no projection; the second one has.
+                let absent: &[&str] = match component {
+                    "text_encoder" => &["text_projection"],
+                    _ => &[],
+                };
+                Ok(RandomWeights::new(seed)
+                    .without(absent)
+                    .into_var_builder(dtype, device))
+            }
+            Self::Folder(root) => {
+                let files = find_weights(&root.join(component), None)?;
+                Ok(var_builder(component, &files, dtype, device)?)
+            }
+        }
+    }
+}
+
+/// The models of one pipeline, built once and timed part by part.
+struct Models {
+    encoders: Vec<(ClipTextModel, ClipTextConfig)>,
+    unet: UNet2DConditionModel,
+    unet_config: UNet2DConditionConfig,
+    vae: AutoencoderKL,
+    vae_config: AutoencoderKLConfig,
+}
+
+impl Models {
+    fn build(source: &Source, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut encoders = Vec::new();
+        for name in ["text_encoder", "text_encoder_2"] {
+            if source.has(name) {
+                let config: ClipTextConfig = source.config(name)?;
+                let vb = source.weights(name, seed, dtype, device)?;
+                encoders.push((ClipTextModel::new(vb, &config)?, config));
+            }
+        }
+        let unet_config: UNet2DConditionConfig = source.config("unet")?;
+        let unet =
+            UNet2DConditionModel::new(source.weights("unet", seed, dtype, device)?, &unet_config)?;
+        let vae_config: AutoencoderKLConfig = source.config("vae")?;
+        let vae = AutoencoderKL::new(source.weights("vae", seed, dtype, device)?, &vae_config)?;
+        Ok(Self {
+            encoders,
+            unet,
+            unet_config,
+            vae,
+            vae_config,
+        })
+    }
+
+    fn sdxl(&self) -> bool {
+        self.unet_config.addition_embed_type.as_deref() == Some("text_time")
+    }
+
+    /// The text conditioning for `batch` prompts as the pipelines build it: the last hidden state
+    /// for SD1.x, the concatenated penultimate layers and the pooled projection for SDXL.
+    fn encode(&self, ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let mut states = Vec::new();
+        let mut pooled = None;
+        for (model, _) in &self.encoders {
+            let output = model.forward(ids)?;
+            if self.sdxl() {
+                states.push(output.hidden_states[output.hidden_states.len() - 2].clone());
+                pooled = output.text_embeds.or(Some(output.pooled));
+            } else {
+                states.push(output.last_hidden_state);
+            }
+        }
+        Ok((Tensor::cat(&states, 2)?, pooled))
+    }
+
+    /// SDXL's added conditions: the pooled embedding and the size/crop (or aesthetic) time ids,
+    /// sized from the UNet config.
+    fn added(&self, pooled: Option<&Tensor>, batch: usize) -> Result<Option<AddedConditions>> {
+        let Some(pooled) = pooled else {
+            return Ok(None);
+        };
+        let projection = self
+            .unet_config
+            .projection_class_embeddings_input_dim
+            .unwrap_or(0);
+        let time_dim = self.unet_config.addition_time_embed_dim.unwrap_or(1).max(1);
+        let ids = projection.saturating_sub(pooled.dim(1)?) / time_dim;
+        let time_ids = Tensor::ones((batch, ids), pooled.dtype(), pooled.device())?;
+        Ok(Some(AddedConditions {
+            text_embeds: pooled.clone(),
+            time_ids,
+        }))
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
+    let threads = system::configure_threads(args.threads)?;
+    let source = Source::parse(&args.model)?;
+    let device = sdrs_pipeline::parse_device(&args.device)?;
+    let dtype = sdrs_pipeline::parse_dtype(&args.dtype)?;
+    let parts = selected_parts(&args.parts)?;
+    if args.batch == 0 || args.runs == 0 || args.steps == 0 {
+        bail!("--batch, --runs and --steps must be at least 1");
+    }
+    let unet_config: UNet2DConditionConfig = source.config("unet")?;
+    let vae_config: AutoencoderKLConfig = source.config("vae")?;
+    let scale = 1 << vae_config.block_out_channels.len().saturating_sub(1);
+    let size = args
+        .size
+        .unwrap_or(unet_config.sample_size.unwrap_or(64) * scale);
+    if size == 0 || size % scale != 0 {
+        bail!("--size {size} must be a positive multiple of {scale}");
+    }
+    let latent = size / scale;
+    let kernels = system::kernel_description();
+    let header = format!(
+        "{}, {size}x{size}, batch {} (UNet batch {} with guidance), {}, {threads} threads, {kernels}",
+        source.name(),
+        args.batch,
+        2 * args.batch,
+        sdrs_pipeline::dtype_name(dtype),
+    );
+    eprintln!("sdrs bench: {header}");
+
+    let mut results = Vec::new();
+    let unet_batch = 2 * args.batch;
+    let tokens = 77;
+    let ids = Tensor::zeros((unet_batch, tokens), DType::U32, &device)?;
+    let latents =
+        Tensor::randn(0f32, 1.0, (unet_batch, 4, latent, latent), &device)?.to_dtype(dtype)?;
+    let needs_models = parts.iter().any(|p| ["text", "unet", "vae"].contains(p));
+    if needs_models {
+        eprintln!("building the models...");
+        let models = Models::build(&source, args.seed, dtype, &device)?;
+        if parts.contains(&"text") {
+            let flops: f64 = models
+                .encoders
+                .iter()
+                .map(|(_, cfg)| clip_flops(cfg, unet_batch, tokens))
+                .sum();
+            let seconds = time_runs(args.runs, || models.encode(&ids).map(|_| ()))?;
+            results.push(measured("text encoder", seconds, Some(flops)));
+        }
+        if parts.contains(&"unet") {
+            let (context, pooled) = models.encode(&ids)?;
+            let context = context.to_dtype(dtype)?;
+            let added = models.added(pooled.as_ref(), unet_batch)?;
+            let timestep = Tensor::new(&[500f32], &device)?;
+            let flops = unet_flops(&models.unet_config, unet_batch, latent, latent, tokens)?;
+            let seconds = time_runs(args.runs, || {
+                models
+                    .unet
+                    .forward(&latents, &timestep, &context, added.as_ref())?;
+                Ok(())
+            })?;
+            results.push(measured("UNet step", seconds, Some(flops)));
+        }
+        if parts.contains(&"vae") {
+            let one = latents.narrow(0, 0, args.batch)?;
+            let flops = vae_decode_flops(&models.vae_config, args.batch, latent, latent);
+            let seconds = time_runs(args.runs, || {
+                models.vae.decode(&one)?;
+                Ok(())
+            })?;
+            results.push(measured("VAE decode", seconds, Some(flops)));
+        }
+    }
+    if parts.contains(&"taesd") {
+        // TAESD proper: no TAEF2 pooled branch.
+        let weights = RandomWeights::new(args.seed).without(&["pool"]);
+        let tiny = AutoencoderTiny::new(
+            weights.into_var_builder(dtype, &device),
+            &AutoencoderTinyConfig::default(),
+        )?;
+        let one = latents.narrow(0, 0, args.batch)?;
+        let seconds = time_runs(args.runs, || {
+            tiny.decode(&one)?;
+            Ok(())
+        })?;
+        results.push(measured("TAESD decode", seconds, None));
+    }
+    if parts.contains(&"generate") {
+        results.push(whole_generation(
+            &source, &args, dtype, &device, &ids, latent,
+        )?);
+    }
+
+    let json = serde_json::json!({
+        "model": source.name(),
+        "size": size,
+        "batch": args.batch,
+        "dtype": sdrs_pipeline::dtype_name(dtype),
+        "device": args.device,
+        "threads": threads,
+        "kernels": kernels,
+        "results": results.iter().map(Measurement::json).collect::<Vec<_>>(),
+    });
+    match args.json.as_deref() {
+        Some(path) if path.as_os_str() == "-" => {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        other => {
+            print_table(&header, &results);
+            if let Some(path) = other {
+                std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The whole text-to-image path in a fresh state: build the models, encode the prompts, run
+/// `steps` guided UNet steps with the model's scheduler and decode. Its peak memory counts from
+/// the start of loading, as a user's generation would.
+fn whole_generation(
+    source: &Source,
+    args: &BenchArgs,
+    dtype: DType,
+    device: &Device,
+    ids: &Tensor,
+    latent: usize,
+) -> Result<Measurement> {
+    system::reset_peak_rss();
+    let start = Instant::now();
+    let models = Models::build(source, args.seed, dtype, device)?;
+    let loading = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let (context, pooled) = models.encode(ids)?;
+    let context = context.to_dtype(dtype)?;
+    let added = models.added(pooled.as_ref(), ids.dim(0)?)?;
+    let scheduler_config = match source {
+        Source::Builtin(model) => model.json("scheduler/scheduler_config.json"),
+        Source::Folder(root) => read_json(&root.join("scheduler/scheduler_config.json")).ok(),
+    }
+    .context("the model has no scheduler config")?;
+    let mut scheduler = sdrs_schedulers::from_config(&scheduler_config, args.steps)?;
+    let mut sample = (Tensor::randn(0f32, 1.0, (args.batch, 4, latent, latent), device)?
+        * scheduler.init_noise_sigma())?;
+    let guidance = 7.5;
+    for &t in scheduler.timesteps().to_vec().iter() {
+        let input = Tensor::cat(&[&sample, &sample], 0)?;
+        let input = scheduler.scale_model_input(&input, t)?.to_dtype(dtype)?;
+        let timestep = Tensor::new(&[t as f32], device)?;
+        let noise = models
+            .unet
+            .forward(&input, &timestep, &context, added.as_ref())?
+            .to_dtype(DType::F32)?;
+        let uncond = noise.narrow(0, 0, args.batch)?;
+        let cond = noise.narrow(0, args.batch, args.batch)?;
+        let guided = (&uncond + ((cond - &uncond)? * guidance)?)?;
+        sample = scheduler.step(&guided, t, &sample, &mut NoNoise)?;
+    }
+    let scaled = (sample / models.vae_config.scaling_factor)?.to_dtype(dtype)?;
+    models.vae.decode(&scaled)?;
+    let seconds = start.elapsed().as_secs_f64();
+    eprintln!(
+        "whole generation: {loading:.1} s to build the models, {seconds:.1} s to generate ({} steps)",
+        args.steps
+    );
+    let mut measurement = measured(
+        &format!("whole generation ({} steps)", args.steps),
+        vec![seconds],
+        None,
+    );
+    measurement.peak_rss = system::peak_rss();
+    Ok(measurement)
+}
+
+fn selected_parts(requested: &[String]) -> Result<Vec<&'static str>> {
+    if requested.is_empty() {
+        return Ok(PARTS.to_vec());
+    }
+    requested
+        .iter()
+        .map(|name| {
+            PARTS
+                .iter()
+                .find(|part| **part == name.trim())
+                .copied()
+                .with_context(|| {
+                    format!(
+                        "unknown part {name:?} in --parts: expected some of {}",
+                        PARTS.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+/// One untimed warm-up run (weight packing, allocator growth), then `runs` timed ones.
+fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f()?;
+            Ok(start.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+fn measured(part: &str, seconds: Vec<f64>, flops: Option<f64>) -> Measurement {
+    let measurement = Measurement {
+        part: part.to_string(),
+        seconds,
+        flops,
+        peak_rss: system::peak_rss(),
+    };
+    eprintln!("{part}: {:.3} s", measurement.median());
+    measurement
+}
+
+fn print_table(header: &str, results: &[Measurement]) {
+    println!("{header}");
+    println!("| part | median s | min s | max s | GFLOP | GFLOP/s | peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_string());
+    for m in results {
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+            m.part,
+            m.median(),
+            m.min(),
+            m.max(),
+            or_dash(m.flops.map(|f| format!("{:.0}", f / 1e9))),
+            or_dash(m.gflops_per_second().map(|g| format!("{g:.1}"))),
+            or_dash(m.peak_rss.map(|b| format!("{:.2} GB", b as f64 / 1e9))),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_checked_by_name() {
+        assert_eq!(selected_parts(&[]).unwrap(), PARTS.to_vec());
+        let picked = selected_parts(&["unet".into(), "vae".into()]).unwrap();
+        assert_eq!(picked, vec!["unet", "vae"]);
+        let error = selected_parts(&["unets".into()]).unwrap_err().to_string();
+        assert!(
+            error.contains("\"unets\"") && error.contains("taesd"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn median_min_and_max_of_the_runs() {
+        let m = Measurement {
+            part: "x".into(),
+            seconds: vec![3.0, 1.0, 2.0],
+            flops: Some(4e9),
+            peak_rss: None,
+        };
+        assert_eq!((m.median(), m.min(), m.max()), (2.0, 1.0, 3.0));
+        assert_eq!(m.gflops_per_second(), Some(2.0));
+    }
+
+    #[test]
+    fn unknown_models_name_the_built_in_ones() {
+        let error = Source::parse("sd14").err().unwrap().to_string();
+        assert!(error.contains("sd15, sdxl, sdxl-refiner"), "{error}");
+    }
+}
