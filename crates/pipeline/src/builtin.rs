@@ -110,7 +110,8 @@ impl BuiltinModel {
     /// A built-in file parsed as JSON.
     pub fn json(&self, path: &str) -> Option<serde_json::Value> {
         // The files are ours and checked by the tests below, so they always parse.
-        self.file(path).and_then(|text| serde_json::from_str(text).ok())
+        self.file(path)
+            .and_then(|text| serde_json::from_str(text).ok())
     }
 }
 
