@@ -21,9 +21,15 @@ fn bench_times_every_part_of_a_model_folder_as_json() {
     assert!(output.status.success(), "{}", stderr(&output));
     let json: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_eq!(json["threads"], 1);
-    assert_eq!(json["size"], 128, "the tiny UNet's sample_size 16 times the VAE's factor 8");
+    assert_eq!(
+        json["size"], 128,
+        "the tiny UNet's sample_size 16 times the VAE's factor 8"
+    );
     let results = json["results"].as_array().unwrap();
-    let parts: Vec<&str> = results.iter().map(|r| r["part"].as_str().unwrap()).collect();
+    let parts: Vec<&str> = results
+        .iter()
+        .map(|r| r["part"].as_str().unwrap())
+        .collect();
     assert_eq!(
         parts,
         [
@@ -69,14 +75,26 @@ fn bench_prints_a_table_for_chosen_parts_and_size() {
 fn bench_rejects_unknown_parts_models_and_sizes() {
     let output = sdrs(&["bench", "--parts", "unet,vea"]);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("unknown part \"vea\""), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("unknown part \"vea\""),
+        "{}",
+        stderr(&output)
+    );
 
     let output = sdrs(&["bench", "-m", "sd14"]);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("sd15, sdxl, sdxl-refiner"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("sd15, sdxl, sdxl-refiner"),
+        "{}",
+        stderr(&output)
+    );
 
     let model = fixtures().join("tiny-sd15");
     let output = sdrs(&["bench", "-m", model.to_str().unwrap(), "--size", "100"]);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("--size 100"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--size 100"),
+        "{}",
+        stderr(&output)
+    );
 }
