@@ -134,6 +134,10 @@ pub struct GenerateArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+
+    /// Worker threads for the CPU kernels (default: the number of physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// The sampler and schedule the flags ask for: an explicit `--scheduler` wins over a schedule implied
@@ -215,6 +219,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             args.refiner_start
         );
     }
+    crate::system::configure_threads(args.threads)?;
     let pending = PendingImage::reserve(&args.output)?;
     let options = LoadOptions {
         device: sdrs_pipeline::parse_device(&args.device)?,
@@ -468,6 +473,14 @@ mod tests {
         assert_eq!(args.seed, 42);
         assert_eq!(args.output, PathBuf::from("o.png"));
         assert_eq!(args.steps, 4);
+    }
+
+    #[test]
+    fn threads_default_to_the_physical_cores_and_parse() {
+        assert_eq!(parse(&[]).threads, None);
+        assert_eq!(parse(&["--threads", "3"]).threads, Some(3));
+        let argv = ["x", "-m", "m", "-p", "p", "--threads", "many"];
+        assert!(Wrapper::try_parse_from(argv).is_err());
     }
 
     #[test]
