@@ -1,0 +1,551 @@
+//! Matrix multiplication `C += A · B` on the CPU for f32, bf16 and f16 operands, accumulating in
+//! f32: the BLIS scheme (pack a block of B and of A into the order the micro-kernel reads, then
+//! run a register-blocked micro-kernel over the packed panels), parallel over blocks of C.
+//!
+//! Operands are read through [`Operand`], so that a convolution can feed its input as an implicit
+//! im2col matrix (see `conv.rs`) that is never materialised. Micro-kernels: AVX512-BF16 dot
+//! products for bf16 inputs where the CPU has them, and f32 FMA kernels that the compiler
+//! vectorises for AVX-512, AVX2+FMA, NEON and plain targets.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::cpu::Level;
+
+/// An element type the kernels read.
+pub trait Element: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl Element for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// A `rows x cols` matrix the packing routines read row segment by row segment.
+pub trait Operand: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// Writes the elements `(row, col0 .. col0 + out.len())` as f32.
+    fn read_row(&self, row: usize, col0: usize, out: &mut [f32]);
+}
+
+/// A matrix stored with arbitrary element strides (a transposed view has `col_stride > 1`).
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a, T: Element> Strided<'a, T> {
+    /// A row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of this matrix, without moving data.
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+}
+
+impl<T: Element> Operand for Strided<'_, T> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    #[inline]
+    fn read_row(&self, row: usize, col0: usize, out: &mut [f32]) {
+        let start = row * self.row_stride + col0 * self.col_stride;
+        if self.col_stride == 1 {
+            let src = &self.data[start..start + out.len()];
+            for (o, s) in out.iter_mut().zip(src) {
+                *o = s.to_f32();
+            }
+        } else {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = self.data[start + j * self.col_stride].to_f32();
+            }
+        }
+    }
+}
+
+/// Depth of the packed blocks: a packed B panel (`KC x NR`) stays in L1, an A block in L2.
+const KC: usize = 256;
+/// Rows of C one task computes (a multiple of every MR).
+const MC: usize = 96;
+/// Columns of C one task computes (a multiple of every NR).
+const NC: usize = 512;
+
+/// `c[i * ldc + j] += sum_k a[i, k] * b[k, j]` for the `a.rows() x b.cols()` matrix `c`.
+///
+/// # Panics
+/// If the inner dimensions differ or `c` is too short: callers check shapes first (the candle
+/// operations in `nn.rs` return errors naming both shapes).
+pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
+    assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "gemm: output too short");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Bf16 | Level::Avx512 => {
+            run::<8, 32>(a, b, c, ldc, x86::kernel_avx512 as Kernel<8, 32>)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Simd256 => run::<6, 16>(a, b, c, ldc, x86::kernel_avx2 as Kernel<6, 16>),
+        #[cfg(target_arch = "aarch64")]
+        Level::Simd256 | Level::Avx512 | Level::Avx512Bf16 => {
+            run::<6, 16>(a, b, c, ldc, kernel_fma::<6, 16> as Kernel<6, 16>)
+        }
+        _ => run::<4, 8>(a, b, c, ldc, kernel_plain::<4, 8> as Kernel<4, 8>),
+    }
+}
+
+/// `c += a · b` with bf16 dot products (AVX512-BF16): the operands are rounded to bf16 while
+/// packing (exact when they are bf16 already), products accumulate in f32. Falls back to [`gemm`]
+/// on CPUs without the instructions.
+pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512Bf16 {
+        let (m, k, n) = (a.rows(), a.cols(), b.cols());
+        assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
+        assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "gemm: output too short");
+        if m > 0 && n > 0 && k > 0 {
+            x86::run_bf16(a, b, c, ldc);
+        }
+        return;
+    }
+    gemm(level, a, b, c, ldc)
+}
+
+/// A micro-kernel: `c[MR x NR] += packed_a[kc][MR] · packed_b[kc][NR]`, storing `mr x nr` of it.
+type Kernel<const MR: usize, const NR: usize> =
+    unsafe fn(usize, &[f32], &[f32], *mut f32, usize, usize, usize);
+
+/// The output pointer shared by the tasks; each task writes its own disjoint tile of C.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint regions of the buffer the caller lent for the whole call.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// Packs rows `row0..row0+rows` of `op` (or, for B, columns via `read_row` of its rows) into
+/// panels of `width` interleaved lines: `out[panel][p][w]` = `line (panel*width + w), depth p`.
+/// `lines` yields one line (`depth` values) at a time into the scratch buffer.
+fn pack_panels(
+    width: usize,
+    count: usize,
+    depth: usize,
+    read: impl Fn(usize, &mut [f32]) + Sync,
+    out: &mut [f32],
+) {
+    let panels = count.div_ceil(width);
+    out[..panels * depth * width]
+        .par_chunks_mut(depth * width)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; depth],
+            |line, (panel, dst)| {
+                for w in 0..width {
+                    let index = panel * width + w;
+                    if index < count {
+                        read(index, line);
+                        for (p, value) in line.iter().enumerate() {
+                            dst[p * width + w] = *value;
+                        }
+                    } else {
+                        for p in 0..depth {
+                            dst[p * width + w] = 0.0;
+                        }
+                    }
+                }
+            },
+        );
+}
+
+/// Packs `B[pc..pc+kc, jc..jc+nc]` as `[panel][p][NR]`: row segments of B are the natural read.
+fn pack_b<const NR: usize>(
+    b: &dyn Operand,
+    pc: usize,
+    kc: usize,
+    jc: usize,
+    nc: usize,
+    out: &mut [f32],
+) {
+    let panels = nc.div_ceil(NR);
+    out[..panels * kc * NR]
+        .par_chunks_mut(kc * NR)
+        .enumerate()
+        .for_each(|(panel, dst)| {
+            let j0 = jc + panel * NR;
+            let width = NR.min(jc + nc - j0);
+            for p in 0..kc {
+                let row = &mut dst[p * NR..(p + 1) * NR];
+                b.read_row(pc + p, j0, &mut row[..width]);
+                row[width..].fill(0.0);
+            }
+        });
+}
+
+fn run<const MR: usize, const NR: usize>(
+    a: &dyn Operand,
+    b: &dyn Operand,
+    c: &mut [f32],
+    ldc: usize,
+    kernel: Kernel<MR, NR>,
+) {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    let m_panels = m.div_ceil(MR);
+    let mut packed_a = vec![0f32; m_panels * MR * KC.min(k)];
+    let mut packed_b = vec![0f32; NC.min(n).div_ceil(NR) * NR * KC.min(k)];
+    let out = SharedOut(c.as_mut_ptr());
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        pack_panels(
+            MR,
+            m,
+            kc,
+            |row, line| a.read_row(row, pc, line),
+            &mut packed_a,
+        );
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            pack_b::<NR>(b, pc, kc, jc, nc, &mut packed_b);
+            let n_panels = nc.div_ceil(NR);
+            let m_blocks = m.div_ceil(MC);
+            // Column groups so that small-M products (cross-attention, the time embedding)
+            // still give every thread work.
+            let groups = n_panels.min(rayon::current_num_threads().max(1) * 2);
+            let per_group = n_panels.div_ceil(groups);
+            let (packed_a, packed_b) = (&packed_a, &packed_b);
+            (0..m_blocks * groups).into_par_iter().for_each(|task| {
+                let (mb, g) = (task / groups, task % groups);
+                let out = out;
+                for jp in g * per_group..((g + 1) * per_group).min(n_panels) {
+                    let j0 = jc + jp * NR;
+                    let nr = NR.min(n - j0);
+                    let bp = &packed_b[jp * kc * NR..(jp + 1) * kc * NR];
+                    let first = mb * MC / MR;
+                    let last = ((mb + 1) * MC / MR).min(m_panels);
+                    for ip in first..last {
+                        let i0 = ip * MR;
+                        let mr = MR.min(m - i0);
+                        let ap = &packed_a[ip * kc * MR..(ip + 1) * kc * MR];
+                        // SAFETY: the tile (i0.., j0..) of mr x nr lies inside c (checked by
+                        // `gemm`) and no other task writes it.
+                        unsafe { kernel(kc, ap, bp, out.0.add(i0 * ldc + j0), ldc, mr, nr) };
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The register tile, computed with fused multiply-adds; the compiler vectorises the `NR` loop
+/// for whatever target features the caller was compiled with.
+#[inline(always)]
+fn tile_fma<const MR: usize, const NR: usize>(kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
+    let mut acc = [[0f32; NR]; MR];
+    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] = ap[i].mul_add(bp[j], acc[i][j]);
+            }
+        }
+    }
+    acc
+}
+
+/// The same without FMA instructions (a separate multiply and add), for plain targets where
+/// `mul_add` would be a library call.
+#[inline(always)]
+fn tile_plain<const MR: usize, const NR: usize>(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+) -> [[f32; NR]; MR] {
+    let mut acc = [[0f32; NR]; MR];
+    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] += ap[i] * bp[j];
+            }
+        }
+    }
+    acc
+}
+
+/// Adds the `mr x nr` corner of `acc` to C.
+///
+/// # Safety
+/// `c` must point to an `mr x nr` tile of a row-major matrix with leading dimension `ldc`.
+#[inline(always)]
+unsafe fn store<const MR: usize, const NR: usize>(
+    acc: &[[f32; NR]; MR],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+) {
+    for (i, row) in acc.iter().enumerate().take(mr) {
+        let dst = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
+        for (d, v) in dst.iter_mut().zip(row) {
+            *d += v;
+        }
+    }
+}
+
+/// # Safety
+/// See [`store`].
+#[allow(dead_code)]
+unsafe fn kernel_fma<const MR: usize, const NR: usize>(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+) {
+    store(&tile_fma::<MR, NR>(kc, a, b), c, ldc, mr, nr)
+}
+
+/// # Safety
+/// See [`store`].
+unsafe fn kernel_plain<const MR: usize, const NR: usize>(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+) {
+    store(&tile_plain::<MR, NR>(kc, a, b), c, ldc, mr, nr)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must have AVX-512F and FMA; see [`store`] for `c`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn kernel_avx512(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+    ) {
+        store(&tile_fma::<8, 32>(kc, a, b), c, ldc, mr, nr)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; see [`store`] for `c`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_avx2(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+    ) {
+        store(&tile_fma::<6, 16>(kc, a, b), c, ldc, mr, nr)
+    }
+
+    const MR: usize = 8;
+    const NR: usize = 32;
+    /// K pairs per packed block (512 values of K).
+    const KP: usize = 256;
+
+    /// bf16 pairs `(x[2p], x[2p + 1])` as one 32-bit lane, low half first, as `vdpbf16ps` reads.
+    fn pair(lo: f32, hi: f32) -> u32 {
+        let bits = |x: f32| half::bf16::from_f32(x).to_bits() as u32;
+        bits(lo) | (bits(hi) << 16)
+    }
+
+    /// Packs `count` lines of `2 * kp` values (K padded with zeros) as `[panel][p][width]` pairs.
+    fn pack_pairs(
+        width: usize,
+        count: usize,
+        kp: usize,
+        read: impl Fn(usize, &mut [f32]) + Sync,
+        out: &mut [u32],
+    ) {
+        let panels = count.div_ceil(width);
+        out[..panels * kp * width]
+            .par_chunks_mut(kp * width)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; 2 * kp],
+                |line, (panel, dst)| {
+                    for w in 0..width {
+                        let index = panel * width + w;
+                        if index < count {
+                            read(index, line);
+                        } else {
+                            line.fill(0.0);
+                        }
+                        for p in 0..kp {
+                            dst[p * width + w] = pair(line[2 * p], line[2 * p + 1]);
+                        }
+                    }
+                },
+            );
+    }
+
+    pub fn run_bf16(a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
+        let (m, k, n) = (a.rows(), a.cols(), b.cols());
+        let m_panels = m.div_ceil(MR);
+        let kp_max = KP.min(k.div_ceil(2));
+        let mut packed_a = vec![0u32; m_panels * MR * kp_max];
+        let mut packed_b = vec![0u32; NC.min(n).div_ceil(NR) * NR * kp_max];
+        let out = SharedOut(c.as_mut_ptr());
+        for pc in (0..k).step_by(2 * KP) {
+            let kc = (2 * KP).min(k - pc);
+            let kp = kc.div_ceil(2);
+            pack_pairs(
+                MR,
+                m,
+                kp,
+                |row, line| {
+                    a.read_row(row, pc, &mut line[..kc]);
+                    line[kc..].fill(0.0);
+                },
+                &mut packed_a,
+            );
+            for jc in (0..n).step_by(NC) {
+                let nc = NC.min(n - jc);
+                let n_panels = nc.div_ceil(NR);
+                // B is read by rows of K: pack a K pair of rows at a time.
+                packed_b[..n_panels * kp * NR]
+                    .par_chunks_mut(kp * NR)
+                    .enumerate()
+                    .for_each_init(
+                        || (vec![0f32; NR], vec![0f32; NR]),
+                        |(even, odd), (panel, dst)| {
+                            let j0 = jc + panel * NR;
+                            let width = NR.min(jc + nc - j0);
+                            for p in 0..kp {
+                                b.read_row(pc + 2 * p, j0, &mut even[..width]);
+                                if 2 * p + 1 < kc {
+                                    b.read_row(pc + 2 * p + 1, j0, &mut odd[..width]);
+                                } else {
+                                    odd[..width].fill(0.0);
+                                }
+                                for j in 0..NR {
+                                    dst[p * NR + j] = if j < width {
+                                        pair(even[j], odd[j])
+                                    } else {
+                                        0
+                                    };
+                                }
+                            }
+                        },
+                    );
+                let m_blocks = m.div_ceil(MC);
+                let groups = n_panels.min(rayon::current_num_threads().max(1) * 2);
+                let per_group = n_panels.div_ceil(groups);
+                let (packed_a, packed_b) = (&packed_a, &packed_b);
+                (0..m_blocks * groups).into_par_iter().for_each(|task| {
+                    let (mb, g) = (task / groups, task % groups);
+                    let out = out;
+                    for jp in g * per_group..((g + 1) * per_group).min(n_panels) {
+                        let j0 = jc + jp * NR;
+                        let nr = NR.min(n - j0);
+                        let bp = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
+                        let first = mb * MC / MR;
+                        let last = ((mb + 1) * MC / MR).min(m_panels);
+                        for ip in first..last {
+                            let i0 = ip * MR;
+                            let mr = MR.min(m - i0);
+                            let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
+                            // SAFETY: the level check in `gemm_bf16` guarantees the CPU
+                            // features; the tile lies inside c and belongs to this task only.
+                            unsafe {
+                                kernel_bf16(kp, ap, bp, out.0.add(i0 * ldc + j0), ldc, mr, nr)
+                            };
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// `c[8 x 32] += a · b` over `kp` K pairs with `vdpbf16ps`: 16 accumulators, two B vectors
+    /// per pair, and each A pair broadcast to all lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512-BF16; see [`store`] for `c`.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    unsafe fn kernel_bf16(
+        kp: usize,
+        a: &[u32],
+        b: &[u32],
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kp) {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.as_ptr().cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.as_ptr().add(16).cast()));
+            for i in 0..MR {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(ap[i] as i32));
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+            }
+        }
+        let mut tile = [[0f32; NR]; MR];
+        for i in 0..MR {
+            _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i][0]);
+            _mm512_storeu_ps(tile[i].as_mut_ptr().add(16), acc[i][1]);
+        }
+        store(&tile, c, ldc, mr, nr)
+    }
+}

@@ -1,0 +1,122 @@
+//! The layers on our kernels against candle's own linear and conv2d on seeded random inputs:
+//! odd sizes, strides, padding, 1x1 kernels, non-contiguous inputs, f32/bf16/f16.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Conv2dConfig;
+use sdrs_kernels::nn::{Conv2d, Linear};
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // candle's CPU randn is not seeded: build the values from a small LCG instead.
+    let count: usize = shape.iter().product();
+    let mut state = seed;
+    let values: Vec<f32> = (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+fn max_relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale
+}
+
+#[test]
+fn linear_matches_candle_for_every_dtype_and_odd_sizes() {
+    for (batch, k, n) in [(1, 1, 1), (77, 40, 7), (3, 321, 129)] {
+        let x = randn(&[2, batch, k], 1);
+        let w = randn(&[n, k], 2);
+        let b = randn(&[n], 3);
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let (x, w, b) = (
+                x.to_dtype(dtype).unwrap(),
+                w.to_dtype(dtype).unwrap(),
+                b.to_dtype(dtype).unwrap(),
+            );
+            let ours = Linear::new(w.clone(), Some(b.clone())).unwrap();
+            let got = ours.forward(&x).unwrap();
+            // The reference in f32 on the same rounded values: the only difference left is
+            // the output's rounding to the dtype (bf16: 2^-8 relative).
+            let reference = candle_nn::Linear::new(
+                w.to_dtype(DType::F32).unwrap(),
+                Some(b.to_dtype(DType::F32).unwrap()),
+            )
+            .forward(&x.to_dtype(DType::F32).unwrap())
+            .unwrap();
+            assert_eq!(got.dims(), reference.dims());
+            assert_eq!(got.dtype(), dtype);
+            let diff = max_relative_diff(&got, &reference);
+            assert!(diff < tol, "{dtype:?} {batch}x{k}x{n}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn linear_takes_non_contiguous_inputs_and_no_bias() {
+    let x = randn(&[5, 24], 4).t().unwrap();
+    let w = randn(&[9, 5], 5);
+    let got = Linear::new(w.clone(), None).unwrap().forward(&x).unwrap();
+    let reference = candle_nn::Linear::new(w, None).forward(&x).unwrap();
+    assert!(max_relative_diff(&got, &reference) < 1e-5);
+}
+
+#[test]
+fn conv2d_matches_candle_for_strides_padding_and_dtypes() {
+    let cases = [
+        // (batch, cin, cout, h, w, kernel, stride, padding)
+        (1, 3, 5, 7, 9, 3, 1, 1),
+        (2, 4, 8, 16, 16, 3, 2, 1),
+        (1, 6, 3, 5, 6, 1, 1, 0),
+        (1, 5, 7, 9, 8, 3, 2, 0),
+        (2, 33, 17, 11, 13, 3, 1, 1),
+    ];
+    for (batch, cin, cout, h, w, k, stride, padding) in cases {
+        let x = randn(&[batch, cin, h, w], 6);
+        let weight = randn(&[cout, cin, k, k], 7);
+        let bias = randn(&[cout], 8);
+        let config = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let (xd, wd, bd) = (
+                x.to_dtype(dtype).unwrap(),
+                weight.to_dtype(dtype).unwrap(),
+                bias.to_dtype(dtype).unwrap(),
+            );
+            let got = Conv2d::new(wd.clone(), Some(bd.clone()), config)
+                .unwrap()
+                .forward(&xd)
+                .unwrap();
+            let reference = candle_nn::Conv2d::new(
+                wd.to_dtype(DType::F32).unwrap(),
+                Some(bd.to_dtype(DType::F32).unwrap()),
+                config,
+            )
+            .forward(&xd.to_dtype(DType::F32).unwrap())
+            .unwrap();
+            assert_eq!(got.dims(), reference.dims(), "{cin}->{cout} {h}x{w} s{stride}");
+            let diff = max_relative_diff(&got, &reference);
+            assert!(diff < tol, "{dtype:?} {cin}->{cout} {h}x{w} k{k} s{stride}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn mismatched_shapes_are_errors_not_panics() {
+    let w = randn(&[4, 6], 9);
+    let x = randn(&[2, 5], 10);
+    let error = Linear::new(w, None).unwrap().forward(&x).unwrap_err();
+    assert!(error.to_string().contains("[2, 5]"), "{error}");
+    let conv = Conv2d::new(randn(&[2, 3, 3, 3], 11), None, Conv2dConfig::default()).unwrap();
+    let error = conv.forward(&randn(&[1, 4, 8, 8], 12)).unwrap_err();
+    assert!(error.to_string().contains("channels"), "{error}");
+}
