@@ -347,3 +347,8 @@ pub fn conv2d_no_bias(
     )?;
     Conv2d::new(weight, None, config)
 }
+
+/// A linear layer without bias (candle-nn's `linear_no_bias`).
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    linear_b(in_dim, out_dim, false, vb)
+}

@@ -4,7 +4,8 @@
 //! optional projection.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+use sdrs_kernels::nn::Linear;
 
 use crate::activations::Activation;
 use crate::configuration_clip::ClipTextConfig;
@@ -84,10 +85,10 @@ impl ClipAttention {
         let h = cfg.hidden_size;
         let head_dim = cfg.head_dim();
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: sdrs_kernels::nn::linear(h, h, vb.pp("q_proj"))?,
+            k_proj: sdrs_kernels::nn::linear(h, h, vb.pp("k_proj"))?,
+            v_proj: sdrs_kernels::nn::linear(h, h, vb.pp("v_proj"))?,
+            out_proj: sdrs_kernels::nn::linear(h, h, vb.pp("out_proj"))?,
             num_heads: cfg.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -129,8 +130,8 @@ struct ClipMlp {
 impl ClipMlp {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: sdrs_kernels::nn::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: sdrs_kernels::nn::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
             activation: cfg.activation()?,
         })
     }
@@ -211,7 +212,7 @@ impl ClipTextModel {
             .map(|i| ClipEncoderLayer::new(layers_vb.pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
         let text_projection = if vb.contains_tensor("text_projection.weight") {
-            Some(candle_nn::linear_no_bias(
+            Some(sdrs_kernels::nn::linear_no_bias(
                 cfg.hidden_size,
                 cfg.projection_dim,
                 vb.pp("text_projection"),

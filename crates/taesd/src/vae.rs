@@ -2,7 +2,8 @@
 //! `AutoencoderTiny`, each an `nn.Sequential` stored under `layers.<index>`.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use sdrs_kernels::nn::{conv2d, conv2d_no_bias, Conv2d};
 
 use crate::activations::{Activation, UpsampleMode};
 use crate::config::AutoencoderTinyConfig;

@@ -4,7 +4,8 @@
 use std::str::FromStr;
 
 use candle_core::Tensor;
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+use sdrs_kernels::nn::Linear;
 
 use crate::error::{Error, Result};
 
@@ -74,7 +75,7 @@ pub struct Geglu {
 
 impl Geglu {
     pub fn new(vb: VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
-        let proj = candle_nn::linear(dim_in, dim_out * 2, vb.pp("proj"))?;
+        let proj = sdrs_kernels::nn::linear(dim_in, dim_out * 2, vb.pp("proj"))?;
         Ok(Self { proj })
     }
 

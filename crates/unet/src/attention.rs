@@ -3,7 +3,8 @@
 //! [`scaled_dot_product_attention`] that every attention in sdrs goes through.
 
 use candle_core::{DType, Tensor};
-use candle_nn::{GroupNorm, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{GroupNorm, LayerNorm, Module, VarBuilder};
+use sdrs_kernels::nn::Linear;
 
 use crate::activations::Geglu;
 use crate::error::{Error, Result};
@@ -136,10 +137,10 @@ impl Attention {
             )?),
             None => None,
         };
-        let to_q = candle_nn::linear_b(cfg.query_dim, inner_dim, cfg.bias, vb.pp("to_q"))?;
-        let to_k = candle_nn::linear_b(context_dim, inner_dim, cfg.bias, vb.pp("to_k"))?;
-        let to_v = candle_nn::linear_b(context_dim, inner_dim, cfg.bias, vb.pp("to_v"))?;
-        let to_out = candle_nn::linear_b(
+        let to_q = sdrs_kernels::nn::linear_b(cfg.query_dim, inner_dim, cfg.bias, vb.pp("to_q"))?;
+        let to_k = sdrs_kernels::nn::linear_b(context_dim, inner_dim, cfg.bias, vb.pp("to_k"))?;
+        let to_v = sdrs_kernels::nn::linear_b(context_dim, inner_dim, cfg.bias, vb.pp("to_v"))?;
+        let to_out = sdrs_kernels::nn::linear_b(
             inner_dim,
             cfg.query_dim,
             cfg.out_bias,
@@ -227,7 +228,7 @@ impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize, inner_dim: usize) -> Result<Self> {
         let net = vb.pp("net");
         let geglu = Geglu::new(net.pp("0"), dim, inner_dim)?;
-        let out = candle_nn::linear(inner_dim, dim, net.pp("2"))?;
+        let out = sdrs_kernels::nn::linear(inner_dim, dim, net.pp("2"))?;
         Ok(Self { geglu, out })
     }
 

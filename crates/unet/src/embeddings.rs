@@ -3,7 +3,8 @@
 //! `TimestepEmbedding` (the MLP on top).
 
 use candle_core::{DType, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+use sdrs_kernels::nn::Linear;
 
 use crate::activations::Activation;
 use crate::error::Result;
@@ -73,8 +74,8 @@ impl TimestepEmbedding {
         act: Activation,
         post_act: Option<Activation>,
     ) -> Result<Self> {
-        let linear_1 = candle_nn::linear(in_channels, time_embed_dim, vb.pp("linear_1"))?;
-        let linear_2 = candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?;
+        let linear_1 = sdrs_kernels::nn::linear(in_channels, time_embed_dim, vb.pp("linear_1"))?;
+        let linear_2 = sdrs_kernels::nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?;
         Ok(Self {
             linear_1,
             act,

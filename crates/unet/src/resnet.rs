@@ -2,8 +2,9 @@
 //! `models/upsampling.py`: `ResnetBlock2D`, `Downsample2D`, `Upsample2D`. Shared by the UNet and
 //! the VAE (whose resnets have no time embedding).
 
-use candle_core::{DType, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, Module, VarBuilder};
+use candle_core::{Tensor, D};
+use candle_nn::{Conv2dConfig, GroupNorm, Module, VarBuilder};
+use sdrs_kernels::nn::Linear;
 
 use crate::activations::Activation;
 use crate::error::Result;
@@ -44,13 +45,11 @@ impl Default for ResnetBlock2DConfig {
     }
 }
 
-/// A 2D convolution (torch's `nn.Conv2d`, keys `weight` and `bias`).
-///
-/// candle's CPU backend has no bf16 convolution: there the input and weights are widened to f32
-/// and the result narrowed back, so that bf16 works on every device. Elsewhere it runs natively.
+/// A 2D convolution (torch's `nn.Conv2d`, keys `weight` and `bias`), on sdrs' kernels on the CPU
+/// (f32, bf16 and f16) and on candle's elsewhere.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+    inner: sdrs_kernels::nn::Conv2d,
 }
 
 impl Conv2d {
@@ -67,7 +66,7 @@ impl Conv2d {
             stride,
             ..Default::default()
         };
-        let inner = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
+        let inner = sdrs_kernels::nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
         Ok(Self { inner })
     }
 
@@ -76,26 +75,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if xs.dtype() != DType::BF16 || !xs.device().is_cpu() {
-            return Ok(self.inner.forward(xs)?);
-        }
-        let cfg = self.inner.config();
-        let weight = self.inner.weight().to_dtype(DType::F32)?;
-        let out = xs.to_dtype(DType::F32)?.conv2d(
-            &weight,
-            cfg.padding,
-            cfg.stride,
-            cfg.dilation,
-            cfg.groups,
-        )?;
-        let out = match self.inner.bias() {
-            Some(bias) => {
-                let bias = bias.to_dtype(DType::F32)?;
-                out.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?
-            }
-            None => out,
-        };
-        Ok(out.to_dtype(DType::BF16)?)
+        Ok(self.inner.forward(xs)?)
     }
 }
 
@@ -136,7 +116,7 @@ impl ResnetBlock2D {
         let norm1 = candle_nn::group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
         let conv1 = Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?;
         let time_emb_proj = match cfg.temb_channels {
-            Some(temb) => Some(candle_nn::linear(
+            Some(temb) => Some(sdrs_kernels::nn::linear(
                 temb,
                 out_channels,
                 vb.pp("time_emb_proj"),

@@ -3,7 +3,8 @@
 //! `proj_out`, plus the input.
 
 use candle_core::Tensor;
-use candle_nn::{GroupNorm, Linear, Module, VarBuilder};
+use candle_nn::{GroupNorm, Module, VarBuilder};
+use sdrs_kernels::nn::Linear;
 
 use crate::attention::BasicTransformerBlock;
 use crate::error::Result;
@@ -33,7 +34,7 @@ enum Projection {
 impl Projection {
     fn new(vb: VarBuilder, linear: bool, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(if linear {
-            Self::Linear(candle_nn::linear(in_dim, out_dim, vb)?)
+            Self::Linear(sdrs_kernels::nn::linear(in_dim, out_dim, vb)?)
         } else {
             Self::Conv(Conv2d::new(vb, in_dim, out_dim, 1, 1, 0)?)
         })
