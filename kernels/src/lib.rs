@@ -7,3 +7,4 @@ pub mod cpu;
 pub mod gemm;
 pub mod conv;
 pub mod nn;
+pub mod attention;

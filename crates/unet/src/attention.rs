@@ -2,58 +2,29 @@
 //! and `models/attention.py` (`FeedForward`, `BasicTransformerBlock`), plus the single
 //! [`scaled_dot_product_attention`] that every attention in sdrs goes through.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::{GroupNorm, LayerNorm, Module, VarBuilder};
 use sdrs_kernels::nn::Linear;
 
 use crate::activations::Geglu;
 use crate::error::{Error, Result};
 
-/// Score elements computed at once (256 MiB in f32); longer queries are processed in chunks.
-const MAX_SCORE_ELEMENTS: usize = 1 << 26;
-
 /// `softmax(q k^T * scale) v` for `q` `[B, H, Nq, D]`, `k` and `v` `[B, H, Nk, D]`.
 ///
-/// Every attention of the UNet and the VAE calls this one function, so that a faster kernel
-/// (flash attention, a Metal kernel, ...) can be swapped in here alone.
-///
-/// In f16/bf16 the scores and the softmax are computed in f32, as torch's fused kernels
-/// effectively do (they accumulate in f32): f16 scores of SD2.x overflow otherwise (what
-/// diffusers' `upcast_attention` / `upcast_softmax` guard against), so those options need no
-/// further handling. Queries are processed in chunks so that the scores of large images (the
-/// VAE's mid block at 1024x1024 has 16384 tokens) do not need gigabytes at once; the softmax is
-/// per query, so chunking does not change the result.
+/// Every attention of the UNet and the VAE calls this one function; it runs the process-wide
+/// mode of [`sdrs_kernels::attention::default_attention`] (`--attention`): flash attention on the
+/// CPU by default, which never holds the `Nq x Nk` scores, and candle's matmul and softmax
+/// elsewhere. Scores and softmax are computed in f32 for every dtype, as torch's fused kernels
+/// effectively do: f16 scores of SD2.x overflow otherwise (what diffusers' `upcast_attention` /
+/// `upcast_softmax` guard against), so those options need no further handling.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let compute = match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    };
-    let (b, h, nq, _) = q.dims4()?;
-    let nk = k.dim(2)?;
-    let k_t = k.to_dtype(compute)?.transpose(2, 3)?.contiguous()?;
-    let v = v.contiguous()?;
-    let rows_per_chunk = (MAX_SCORE_ELEMENTS / (b * h * nk).max(1)).clamp(1, nq.max(1));
-    let mut outputs = Vec::with_capacity(nq.div_ceil(rows_per_chunk));
-    let mut start = 0;
-    while start < nq {
-        let rows = rows_per_chunk.min(nq - start);
-        let q = (q.narrow(2, start, rows)?.to_dtype(compute)? * scale)?.contiguous()?;
-        let scores = q.matmul(&k_t)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        outputs.push(probs.matmul(&v)?);
-        start += rows;
-    }
-    if outputs.len() == 1 {
-        Ok(outputs.remove(0))
-    } else {
-        Ok(Tensor::cat(&outputs, 2)?)
-    }
+    let mode = sdrs_kernels::attention::default_attention();
+    Ok(sdrs_kernels::attention::attention(q, k, v, scale, mode)?)
 }
 
 /// The options of an [`Attention`] layer (diffusers' `Attention.__init__` arguments we use).
@@ -298,7 +269,7 @@ impl BasicTransformerBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// A direct, loop-based attention to check the tensor version against.
     fn naive(q: &[Vec<f32>], k: &[Vec<f32>], v: &[Vec<f32>], scale: f32) -> Vec<Vec<f32>> {

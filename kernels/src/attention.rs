@@ -1,0 +1,445 @@
+//! Scaled dot-product attention, `softmax(q kᵀ · scale) v`, three ways:
+//! - `flash`: tiled over query and key blocks with an online softmax (FlashAttention, Dao et al.
+//!   2022), so the `Lq x Lk` score matrix never exists; parallel over batch x heads x query
+//!   blocks, vectorised for the CPU's SIMD level, f32 accumulation for every input dtype;
+//! - `sliced`: diffusers' sliced attention, the full softmax for a few (batch x head) slices at a
+//!   time (memory grows with the slice, not with the batch);
+//! - `naive`: candle's matmul and softmax, in query chunks of bounded size (the reference, and
+//!   the path of devices without our kernels).
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::cpu::{self, Level};
+use crate::gemm::Element;
+
+/// How attention is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionMode {
+    /// The fastest that fits: flash on the CPU, naive elsewhere.
+    #[default]
+    Auto,
+    Naive,
+    /// `Some(n)`: `n` (batch x head) slices at a time; `None`: one.
+    Sliced(Option<usize>),
+    Flash,
+}
+
+impl AttentionMode {
+    pub const ACCEPTED: &'static str = "auto, naive, sliced, sliced:N (N >= 1), flash";
+}
+
+impl FromStr for AttentionMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("unknown attention {s:?}: expected one of {}", Self::ACCEPTED);
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "naive" => Ok(Self::Naive),
+            "flash" => Ok(Self::Flash),
+            "sliced" => Ok(Self::Sliced(None)),
+            other => match other.strip_prefix("sliced:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n >= 1 => Ok(Self::Sliced(Some(n))),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for AttentionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Naive => write!(f, "naive"),
+            Self::Sliced(None) => write!(f, "sliced"),
+            Self::Sliced(Some(n)) => write!(f, "sliced:{n}"),
+            Self::Flash => write!(f, "flash"),
+        }
+    }
+}
+
+static DEFAULT_MODE: Mutex<AttentionMode> = Mutex::new(AttentionMode::Auto);
+
+/// Sets the mode [`default_attention`] returns (the CLI's `--attention`), for the whole process.
+pub fn set_default_attention(mode: AttentionMode) {
+    *DEFAULT_MODE.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+}
+
+/// The process-wide attention mode (`auto` unless set).
+pub fn default_attention() -> AttentionMode {
+    *DEFAULT_MODE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The mode `auto` resolves to for these inputs.
+pub fn resolve(mode: AttentionMode, q: &Tensor) -> AttentionMode {
+    let ours = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    match mode {
+        AttentionMode::Auto if ours => AttentionMode::Flash,
+        AttentionMode::Auto => AttentionMode::Naive,
+        AttentionMode::Flash if !ours => AttentionMode::Naive,
+        other => other,
+    }
+}
+
+/// `softmax(q kᵀ · scale) v` for `q [B, H, Lq, D]`, `k [B, H, Lk, D]`, `v [B, H, Lk, Dv]`, in the
+/// dtype of `q`. Scores and softmax are always computed in f32.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mode: AttentionMode,
+) -> Result<Tensor> {
+    let (b, h, _, d) = q.dims4()?;
+    let (bk, hk, lk, dk) = k.dims4()?;
+    let (bv, hv, lv, _) = v.dims4()?;
+    if (bk, hk, dk) != (b, h, d) || (bv, hv, lv) != (b, h, lk) {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} do not fit together",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+    }
+    match resolve(mode, q) {
+        AttentionMode::Flash => q.apply_op3_no_bwd(k, v, &FlashAttention { scale }),
+        AttentionMode::Sliced(slice) => sliced(q, k, v, scale, slice.unwrap_or(1)),
+        _ => naive(q, k, v, scale),
+    }
+}
+
+/// Score elements the naive path computes at once (256 MiB in f32).
+const MAX_SCORE_ELEMENTS: usize = 1 << 26;
+
+/// candle's matmul + softmax, over query chunks of at most [`MAX_SCORE_ELEMENTS`] scores.
+pub fn naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let compute = match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    };
+    let (b, h, nq, _) = q.dims4()?;
+    let nk = k.dim(2)?;
+    let k_t = k.to_dtype(compute)?.transpose(2, 3)?.contiguous()?;
+    let v = v.to_dtype(compute)?.contiguous()?;
+    let rows_per_chunk = (MAX_SCORE_ELEMENTS / (b * h * nk).max(1)).clamp(1, nq.max(1));
+    let mut outputs = Vec::with_capacity(nq.div_ceil(rows_per_chunk));
+    let mut start = 0;
+    while start < nq {
+        let rows = rows_per_chunk.min(nq - start);
+        let q = (q.narrow(2, start, rows)?.to_dtype(compute)? * scale)?.contiguous()?;
+        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k_t)?)?;
+        outputs.push(probs.matmul(&v)?.to_dtype(dtype)?);
+        start += rows;
+    }
+    if outputs.len() == 1 {
+        Ok(outputs.remove(0))
+    } else {
+        Tensor::cat(&outputs, 2)
+    }
+}
+
+/// diffusers' sliced attention: `slice` (batch x head) pairs at a time, each with its full
+/// softmax.
+pub fn sliced(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: usize) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let (lk, dv) = (k.dim(2)?, v.dim(3)?);
+    let q = q.reshape((b * h, 1, lq, d))?;
+    let k = k.reshape((b * h, 1, lk, d))?;
+    let v = v.reshape((b * h, 1, lk, dv))?;
+    let slice = slice.max(1);
+    let mut outputs = Vec::with_capacity((b * h).div_ceil(slice));
+    for start in (0..b * h).step_by(slice) {
+        let len = slice.min(b * h - start);
+        outputs.push(naive(
+            &q.narrow(0, start, len)?,
+            &k.narrow(0, start, len)?,
+            &v.narrow(0, start, len)?,
+            scale,
+        )?);
+    }
+    Tensor::cat(&outputs, 0)?.reshape((b, h, lq, dv))
+}
+
+/// Query rows per task, and keys per inner block.
+const BLOCK_Q: usize = 32;
+const BLOCK_K: usize = 64;
+
+struct FlashAttention {
+    scale: f64,
+}
+
+/// A 4-D strided view: element `(b, h, i, d)`.
+struct View<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    stride: [usize; 4],
+}
+
+impl<T: Element> View<'_, T> {
+    #[inline(always)]
+    fn at(&self, b: usize, h: usize, i: usize, d: usize) -> f32 {
+        let s = &self.stride;
+        self.data[self.offset + b * s[0] + h * s[1] + i * s[2] + d * s[3]].to_f32()
+    }
+}
+
+fn view<'a, T>(data: &'a [T], layout: &Layout) -> Result<View<'a, T>> {
+    let stride = layout.stride();
+    if stride.len() != 4 {
+        candle_core::bail!("flash attention: expected 4-D inputs, got {:?}", layout.shape());
+    }
+    Ok(View {
+        data,
+        offset: layout.start_offset(),
+        stride: [stride[0], stride[1], stride[2], stride[3]],
+    })
+}
+
+/// Everything one (batch, head) needs in f32: the keys transposed (`[D][Lk]`, so the score loop
+/// runs along keys) and the values (`[Lk][Dv]`). O(L·D) memory, never O(L²).
+struct HeadKv {
+    k_t: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl FlashAttention {
+    fn run<T: Element>(&self, q: View<T>, k: View<T>, v: View<T>, dims: [usize; 6]) -> Vec<f32> {
+        let [b, h, lq, d, lk, dv] = dims;
+        let heads: Vec<HeadKv> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let mut k_t = vec![0f32; d * lk];
+                for j in 0..lk {
+                    for x in 0..d {
+                        k_t[x * lk + j] = k.at(bi, hi, j, x);
+                    }
+                }
+                let mut vv = vec![0f32; lk * dv];
+                for j in 0..lk {
+                    for x in 0..dv {
+                        vv[j * dv + x] = v.at(bi, hi, j, x);
+                    }
+                }
+                HeadKv { k_t, v: vv }
+            })
+            .collect();
+        let mut out = vec![0f32; b * h * lq * dv];
+        let q_blocks = lq.div_ceil(BLOCK_Q);
+        let level = cpu::level();
+        let scale = self.scale as f32;
+        // One task per (b, h, query block), writing its own rows of `out`.
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(b * h * q_blocks);
+        for (bh, head_out) in out.chunks_mut(lq * dv).enumerate() {
+            for (qb, block) in head_out.chunks_mut(BLOCK_Q * dv).enumerate() {
+                tasks.push((bh, qb, block));
+            }
+        }
+        tasks.into_par_iter().for_each(|(bh, qb, block)| {
+            let (bi, hi) = (bh / h, bh % h);
+            let i0 = qb * BLOCK_Q;
+            let rows = BLOCK_Q.min(lq - i0);
+            let mut q_block = vec![0f32; BLOCK_Q * d];
+            for i in 0..rows {
+                for x in 0..d {
+                    q_block[i * d + x] = q.at(bi, hi, i0 + i, x) * scale;
+                }
+            }
+            let kv = &heads[bh];
+            let dims = BlockDims { rows, d, lk, dv };
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512 | Level::Avx512Bf16 => unsafe {
+                    // SAFETY: the level was detected on this CPU.
+                    x86::block_avx512(&q_block, kv, block, dims)
+                },
+                #[cfg(target_arch = "x86_64")]
+                Level::Simd256 => unsafe {
+                    // SAFETY: the level was detected on this CPU.
+                    x86::block_avx2(&q_block, kv, block, dims)
+                },
+                _ => flash_block(&q_block, kv, block, dims),
+            }
+        });
+        out
+    }
+}
+
+#[derive(Clone, Copy)]
+struct BlockDims {
+    rows: usize,
+    d: usize,
+    lk: usize,
+    dv: usize,
+}
+
+/// `e^x` for `x <= 0` to about 2e-7 relative: `2^n · p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`
+/// and a degree-6 Taylor polynomial. Written so the compiler vectorises it (no library call).
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// One query block against every key block, with the online softmax.
+#[inline(always)]
+fn flash_block(q: &[f32], kv: &HeadKv, out: &mut [f32], dims: BlockDims) {
+    let BlockDims { rows, d, lk, dv } = dims;
+    let mut max = [f32::NEG_INFINITY; BLOCK_Q];
+    let mut sum = [0f32; BLOCK_Q];
+    let mut acc = vec![0f32; BLOCK_Q * dv];
+    let mut scores = [0f32; BLOCK_K];
+    for j0 in (0..lk).step_by(BLOCK_K) {
+        let width = BLOCK_K.min(lk - j0);
+        for i in 0..rows {
+            let s = &mut scores[..width];
+            s.fill(0.0);
+            let qi = &q[i * d..(i + 1) * d];
+            for (x, &qv) in qi.iter().enumerate() {
+                let k_row = &kv.k_t[x * lk + j0..x * lk + j0 + width];
+                for (sv, &kval) in s.iter_mut().zip(k_row) {
+                    *sv += qv * kval;
+                }
+            }
+            let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let new_max = max[i].max(block_max);
+            let correction = exp_neg(max[i] - new_max);
+            let mut block_sum = 0.0;
+            for sv in s.iter_mut() {
+                *sv = exp_neg(*sv - new_max);
+                block_sum += *sv;
+            }
+            sum[i] = sum[i] * correction + block_sum;
+            max[i] = new_max;
+            let a = &mut acc[i * dv..(i + 1) * dv];
+            if correction != 1.0 {
+                for av in a.iter_mut() {
+                    *av *= correction;
+                }
+            }
+            for (j, &p) in s.iter().enumerate() {
+                let v_row = &kv.v[(j0 + j) * dv..(j0 + j + 1) * dv];
+                for (av, &vv) in a.iter_mut().zip(v_row) {
+                    *av += p * vv;
+                }
+            }
+        }
+    }
+    for i in 0..rows {
+        let inv = 1.0 / sum[i];
+        for (o, a) in out[i * dv..(i + 1) * dv]
+            .iter_mut()
+            .zip(&acc[i * dv..(i + 1) * dv])
+        {
+            *o = a * inv;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+
+    /// # Safety
+    /// The CPU must have AVX-512F and FMA.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn block_avx512(q: &[f32], kv: &HeadKv, out: &mut [f32], dims: BlockDims) {
+        flash_block(q, kv, out, dims)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block_avx2(q: &[f32], kv: &HeadKv, out: &mut [f32], dims: BlockDims) {
+        flash_block(q, kv, out, dims)
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "sdrs-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, lq, d) = l1.shape().dims4()?;
+        let lk = l2.shape().dims4()?.2;
+        let dv = l3.shape().dims4()?.3;
+        let dims = [b, h, lq, d, lk, dv];
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.run(view(q, l1)?, view(k, l2)?, view(v, l3)?, dims)
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.run(view(q, l1)?, view(k, l2)?, view(v, l3)?, dims)
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                self.run(view(q, l1)?, view(k, l2)?, view(v, l3)?, dims)
+            }
+            _ => candle_core::bail!(
+                "flash attention: q, k and v must share an f32/bf16/f16 dtype, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        };
+        let storage = match s1.dtype() {
+            DType::BF16 => CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
+            _ => CpuStorage::F32(out),
+        };
+        Ok((storage, Shape::from((b, h, lq, dv))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for text in ["auto", "naive", "sliced", "sliced:4", "flash"] {
+            let mode: AttentionMode = text.parse().unwrap();
+            assert_eq!(mode.to_string(), text);
+        }
+        for bad in ["fast", "sliced:0", "sliced:x", ""] {
+            let error = bad.parse::<AttentionMode>().unwrap_err();
+            assert!(error.contains("sliced:N"), "{error}");
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate_over_the_softmax_range() {
+        let mut worst = 0f64;
+        for i in 0..=20000 {
+            let x = -87.0 * i as f32 / 20000.0;
+            let got = exp_neg(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 1e-6, "{worst}");
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
+    }
+}
