@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use clap::Args;
 use sdrs_clip::{ClipTextConfig, ClipTextModel};
+use sdrs_kernels::attention::AttentionMode;
 use sdrs_pipeline::bench::{clip_flops, unet_flops, vae_decode_flops, RandomWeights};
 use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
 use sdrs_pipeline::BuiltinModel;
@@ -39,9 +40,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
 
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (bf16 on CPUs with native bf16 dot products, else f32; f16 on GPUs),
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
+
+    /// Attention kernel: auto, naive, sliced, sliced:N or flash.
+    #[arg(long, default_value = "auto", value_parser = crate::generate::parse_attention)]
+    pub attention: AttentionMode,
 
     /// Device: cpu, cuda[:N], metal or auto.
     #[arg(long, default_value = "cpu")]
@@ -264,8 +270,9 @@ impl Models {
 pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let threads = system::configure_threads(args.threads)?;
     let source = Source::parse(&args.model)?;
+    sdrs_kernels::attention::set_default_attention(args.attention);
     let device = sdrs_pipeline::parse_device(&args.device)?;
-    let dtype = sdrs_pipeline::parse_dtype(&args.dtype)?;
+    let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device)?;
     let parts = selected_parts(&args.parts)?;
     if args.batch == 0 || args.runs == 0 || args.steps == 0 {
         bail!("--batch, --runs and --steps must be at least 1");
@@ -280,7 +287,9 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         bail!("--size {size} must be a positive multiple of {scale}");
     }
     let latent = size / scale;
-    let kernels = system::kernel_description();
+    let probe = Tensor::zeros((1, 1, 1, 1), dtype, &device)?;
+    let attention = sdrs_kernels::attention::resolve(args.attention, &probe);
+    let kernels = format!("{}, attention {attention}", system::kernel_description());
     let header = format!(
         "{}, {size}x{size}, batch {} (UNet batch {} with guidance), {}, {threads} threads, {kernels}",
         source.name(),

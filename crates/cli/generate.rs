@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use sdrs_kernels::attention::AttentionMode;
 use sdrs_pipeline::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion};
 use sdrs_schedulers::{Sampler, SigmaSchedule};
 use sdrs_taesd::AutoencoderTiny;
@@ -131,9 +132,14 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
 
-    /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (bf16 on CPUs with native bf16 dot products, f32 on other CPUs, f16 on
+    /// GPUs), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
+
+    /// Attention kernel: auto, naive, sliced, sliced:N (N batch x head slices at a time) or flash.
+    #[arg(long, default_value = "auto", value_parser = parse_attention)]
+    pub attention: AttentionMode,
 
     /// Worker threads for the CPU kernels (default: the number of physical cores).
     #[arg(long)]
@@ -220,10 +226,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         );
     }
     crate::system::configure_threads(args.threads)?;
+    sdrs_kernels::attention::set_default_attention(args.attention);
     let pending = PendingImage::reserve(&args.output)?;
+    let device = sdrs_pipeline::parse_device(&args.device)?;
     let options = LoadOptions {
-        device: sdrs_pipeline::parse_device(&args.device)?,
-        dtype: sdrs_pipeline::parse_dtype(&args.dtype)?,
+        dtype: sdrs_pipeline::resolve_dtype(&args.dtype, &device)?,
+        device,
         variant: None,
     };
     let seed = resolve_seed(args.seed);
@@ -432,6 +440,11 @@ fn model_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
+/// clap's parser for `--attention`.
+pub fn parse_attention(value: &str) -> Result<AttentionMode, String> {
+    value.parse()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,6 +486,18 @@ mod tests {
         assert_eq!(args.seed, 42);
         assert_eq!(args.output, PathBuf::from("o.png"));
         assert_eq!(args.steps, 4);
+    }
+
+    #[test]
+    fn attention_and_dtype_default_to_auto_and_bad_modes_are_refused() {
+        let args = parse(&[]);
+        assert_eq!(args.attention, AttentionMode::Auto);
+        assert_eq!(args.dtype, "auto");
+        let args = parse(&["--attention", "sliced:2"]);
+        assert_eq!(args.attention, AttentionMode::Sliced(Some(2)));
+        let argv = ["x", "-m", "m", "-p", "p", "--attention", "fastest"];
+        let error = Wrapper::try_parse_from(argv).err().unwrap().to_string();
+        assert!(error.contains("sliced:N"), "{error}");
     }
 
     #[test]

@@ -23,7 +23,11 @@ pub fn configure_threads(requested: Option<usize>) -> Result<usize> {
 
 /// The CPU kernels chosen at run time, for the benchmark's header.
 pub fn kernel_description() -> String {
-    format!("cpu kernels {}", std::env::consts::ARCH)
+    format!(
+        "{} kernels {}",
+        std::env::consts::ARCH,
+        sdrs_kernels::cpu::level().name()
+    )
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`); `None` elsewhere.

@@ -39,7 +39,12 @@ impl FromStr for AttentionMode {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || format!("unknown attention {s:?}: expected one of {}", Self::ACCEPTED);
+        let bad = || {
+            format!(
+                "unknown attention {s:?}: expected one of {}",
+                Self::ACCEPTED
+            )
+        };
         match s.trim() {
             "auto" => Ok(Self::Auto),
             "naive" => Ok(Self::Naive),
@@ -194,7 +199,10 @@ impl<T: Element> View<'_, T> {
 fn view<'a, T>(data: &'a [T], layout: &Layout) -> Result<View<'a, T>> {
     let stride = layout.stride();
     if stride.len() != 4 {
-        candle_core::bail!("flash attention: expected 4-D inputs, got {:?}", layout.shape());
+        candle_core::bail!(
+            "flash attention: expected 4-D inputs, got {:?}",
+            layout.shape()
+        );
     }
     Ok(View {
         data,

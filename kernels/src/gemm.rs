@@ -120,7 +120,10 @@ const NC: usize = 512;
 pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
     assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
-    assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "gemm: output too short");
+    assert!(
+        m == 0 || c.len() >= (m - 1) * ldc + n,
+        "gemm: output too short"
+    );
     if m == 0 || n == 0 || k == 0 {
         return;
     }
@@ -147,7 +150,10 @@ pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], 
     if level == Level::Avx512Bf16 {
         let (m, k, n) = (a.rows(), a.cols(), b.cols());
         assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
-        assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "gemm: output too short");
+        assert!(
+            m == 0 || c.len() >= (m - 1) * ldc + n,
+            "gemm: output too short"
+        );
         if m > 0 && n > 0 && k > 0 {
             x86::run_bf16(a, b, c, ldc);
         }
@@ -166,6 +172,13 @@ struct SharedOut(*mut f32);
 // SAFETY: tasks write disjoint regions of the buffer the caller lent for the whole call.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The element at `offset` (a method, so closures capture the whole `Send` wrapper).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 
 /// Packs rows `row0..row0+rows` of `op` (or, for B, columns via `read_row` of its rows) into
 /// panels of `width` interleaved lines: `out[panel][p][w]` = `line (panel*width + w), depth p`.
@@ -258,7 +271,6 @@ fn run<const MR: usize, const NR: usize>(
             let (packed_a, packed_b) = (&packed_a, &packed_b);
             (0..m_blocks * groups).into_par_iter().for_each(|task| {
                 let (mb, g) = (task / groups, task % groups);
-                let out = out;
                 for jp in g * per_group..((g + 1) * per_group).min(n_panels) {
                     let j0 = jc + jp * NR;
                     let nr = NR.min(n - j0);
@@ -271,7 +283,7 @@ fn run<const MR: usize, const NR: usize>(
                         let ap = &packed_a[ip * kc * MR..(ip + 1) * kc * MR];
                         // SAFETY: the tile (i0.., j0..) of mr x nr lies inside c (checked by
                         // `gemm`) and no other task writes it.
-                        unsafe { kernel(kc, ap, bp, out.0.add(i0 * ldc + j0), ldc, mr, nr) };
+                        unsafe { kernel(kc, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
                     }
                 }
             });
@@ -478,11 +490,8 @@ mod x86 {
                                     odd[..width].fill(0.0);
                                 }
                                 for j in 0..NR {
-                                    dst[p * NR + j] = if j < width {
-                                        pair(even[j], odd[j])
-                                    } else {
-                                        0
-                                    };
+                                    dst[p * NR + j] =
+                                        if j < width { pair(even[j], odd[j]) } else { 0 };
                                 }
                             }
                         },
@@ -493,7 +502,6 @@ mod x86 {
                 let (packed_a, packed_b) = (&packed_a, &packed_b);
                 (0..m_blocks * groups).into_par_iter().for_each(|task| {
                     let (mb, g) = (task / groups, task % groups);
-                    let out = out;
                     for jp in g * per_group..((g + 1) * per_group).min(n_panels) {
                         let j0 = jc + jp * NR;
                         let nr = NR.min(n - j0);
@@ -506,9 +514,7 @@ mod x86 {
                             let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
                             // SAFETY: the level check in `gemm_bf16` guarantees the CPU
                             // features; the tile lies inside c and belongs to this task only.
-                            unsafe {
-                                kernel_bf16(kp, ap, bp, out.0.add(i0 * ldc + j0), ldc, mr, nr)
-                            };
+                            unsafe { kernel_bf16(kp, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
                         }
                     }
                 });

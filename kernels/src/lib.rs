@@ -3,8 +3,8 @@
 //! instructions, and the candle layers that use them. Other devices go through candle's own
 //! operations; CUDA and Metal kernels can join here through the same layer types.
 
+pub mod attention;
+pub mod conv;
 pub mod cpu;
 pub mod gemm;
-pub mod conv;
 pub mod nn;
-pub mod attention;

@@ -48,10 +48,7 @@ impl LinearOp {
             None => vec![0f32; m * n],
         };
         let level = cpu::level();
-        let (a, b) = (
-            Strided::row_major(x, m, k),
-            Strided::row_major(w, n, k).t(),
-        );
+        let (a, b) = (Strided::row_major(x, m, k), Strided::row_major(w, n, k).t());
         if std::any::TypeId::of::<T>() == std::any::TypeId::of::<bf16>() {
             gemm_bf16(level, &a, &b, &mut c, n);
         } else {

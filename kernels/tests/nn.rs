@@ -23,7 +23,14 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 fn max_relative_diff(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-6);
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
     diff.to_scalar::<f32>().unwrap() / scale
 }
@@ -103,9 +110,16 @@ fn conv2d_matches_candle_for_strides_padding_and_dtypes() {
             )
             .forward(&xd.to_dtype(DType::F32).unwrap())
             .unwrap();
-            assert_eq!(got.dims(), reference.dims(), "{cin}->{cout} {h}x{w} s{stride}");
+            assert_eq!(
+                got.dims(),
+                reference.dims(),
+                "{cin}->{cout} {h}x{w} s{stride}"
+            );
             let diff = max_relative_diff(&got, &reference);
-            assert!(diff < tol, "{dtype:?} {cin}->{cout} {h}x{w} k{k} s{stride}: {diff}");
+            assert!(
+                diff < tol,
+                "{dtype:?} {cin}->{cout} {h}x{w} k{k} s{stride}: {diff}"
+            );
         }
     }
 }

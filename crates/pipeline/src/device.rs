@@ -71,6 +71,23 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
+/// Resolves a dtype flag where `auto` picks the fast dtype of the device: bf16 on CPUs with native
+/// bf16 dot products (AVX512-BF16), f32 on other CPUs, f16 on CUDA and Metal.
+pub fn resolve_dtype(name: &str, device: &Device) -> Result<DType> {
+    if name.trim().eq_ignore_ascii_case("auto") {
+        return Ok(match device {
+            Device::Cpu if sdrs_kernels::cpu::has_native_bf16() => DType::BF16,
+            Device::Cpu => DType::F32,
+            _ => DType::F16,
+        });
+    }
+    parse_dtype(name).map_err(|_| Error::InvalidParameter {
+        name: "dtype",
+        value: name.to_string(),
+        expected: "one of auto, f32, f16, bf16".to_string(),
+    })
+}
+
 /// The short name used in messages and metadata (`f32`, `f16`, `bf16`).
 pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
@@ -112,5 +129,18 @@ mod tests {
             message.contains("int8") && message.contains("bf16"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn auto_dtype_is_bf16_only_with_native_bf16_on_the_cpu() {
+        let expected = if sdrs_kernels::cpu::has_native_bf16() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        assert_eq!(resolve_dtype("auto", &Device::Cpu).unwrap(), expected);
+        assert_eq!(resolve_dtype("f16", &Device::Cpu).unwrap(), DType::F16);
+        let message = resolve_dtype("f8", &Device::Cpu).unwrap_err().to_string();
+        assert!(message.contains("auto, f32"), "{message}");
     }
 }

@@ -16,7 +16,7 @@ pub mod weights;
 
 pub use builtin::BuiltinModel;
 pub use conditioning::MicroConditioning;
-pub use device::{dtype_name, parse_device, parse_dtype};
+pub use device::{dtype_name, parse_device, parse_dtype, resolve_dtype};
 pub use error::{Error, Result};
 pub use stable_diffusion::{
     InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress,
