@@ -173,9 +173,10 @@ pub fn sliced(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: usize) -> R
     Tensor::cat(&outputs, 0)?.reshape((b, h, lq, dv))
 }
 
-/// Query rows per task, and keys per inner block.
-const BLOCK_Q: usize = 32;
+/// Keys per inner block (a multiple of every micro-tile width).
 const BLOCK_K: usize = 64;
+/// Query panels (of the micro-tile height) per task.
+const PANELS_Q: usize = 4;
 
 struct FlashAttention {
     scale: f64,
@@ -211,82 +212,56 @@ fn view<'a, T>(data: &'a [T], layout: &Layout) -> Result<View<'a, T>> {
     })
 }
 
-/// Everything one (batch, head) needs in f32: the keys transposed (`[D][Lk]`, so the score loop
-/// runs along keys) and the values (`[Lk][Dv]`). O(L·D) memory, never O(L²).
-struct HeadKv {
-    k_t: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl FlashAttention {
-    fn run<T: Element>(&self, q: View<T>, k: View<T>, v: View<T>, dims: [usize; 6]) -> Vec<f32> {
-        let [b, h, lq, d, lk, dv] = dims;
-        let heads: Vec<HeadKv> = (0..b * h)
-            .into_par_iter()
-            .map(|bh| {
-                let (bi, hi) = (bh / h, bh % h);
-                let mut k_t = vec![0f32; d * lk];
-                for j in 0..lk {
-                    for x in 0..d {
-                        k_t[x * lk + j] = k.at(bi, hi, j, x);
-                    }
-                }
-                let mut vv = vec![0f32; lk * dv];
-                for j in 0..lk {
-                    for x in 0..dv {
-                        vv[j * dv + x] = v.at(bi, hi, j, x);
-                    }
-                }
-                HeadKv { k_t, v: vv }
-            })
-            .collect();
-        let mut out = vec![0f32; b * h * lq * dv];
-        let q_blocks = lq.div_ceil(BLOCK_Q);
-        let level = cpu::level();
-        let scale = self.scale as f32;
-        // One task per (b, h, query block), writing its own rows of `out`.
-        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(b * h * q_blocks);
-        for (bh, head_out) in out.chunks_mut(lq * dv).enumerate() {
-            for (qb, block) in head_out.chunks_mut(BLOCK_Q * dv).enumerate() {
-                tasks.push((bh, qb, block));
-            }
-        }
-        tasks.into_par_iter().for_each(|(bh, qb, block)| {
-            let (bi, hi) = (bh / h, bh % h);
-            let i0 = qb * BLOCK_Q;
-            let rows = BLOCK_Q.min(lq - i0);
-            let mut q_block = vec![0f32; BLOCK_Q * d];
-            for i in 0..rows {
-                for x in 0..d {
-                    q_block[i * d + x] = q.at(bi, hi, i0 + i, x) * scale;
-                }
-            }
-            let kv = &heads[bh];
-            let dims = BlockDims { rows, d, lk, dv };
-            match level {
-                #[cfg(target_arch = "x86_64")]
-                Level::Avx512 | Level::Avx512Bf16 => unsafe {
-                    // SAFETY: the level was detected on this CPU.
-                    x86::block_avx512(&q_block, kv, block, dims)
-                },
-                #[cfg(target_arch = "x86_64")]
-                Level::Simd256 => unsafe {
-                    // SAFETY: the level was detected on this CPU.
-                    x86::block_avx2(&q_block, kv, block, dims)
-                },
-                _ => flash_block(&q_block, kv, block, dims),
-            }
-        });
-        out
-    }
-}
-
+/// Sizes of one flash attention call.
 #[derive(Clone, Copy)]
-struct BlockDims {
-    rows: usize,
+struct Dims {
+    b: usize,
+    h: usize,
+    lq: usize,
     d: usize,
     lk: usize,
     dv: usize,
+}
+
+/// One (batch, head)'s keys and values in f32, laid out as the micro-tiles read them: keys in
+/// panels of `NR` keys (`[panel][d][NR]`), values in panels of `NR` output columns
+/// (`[panel][key][NR]`), both zero-padded to whole blocks. O(L·D) memory, never O(L²).
+struct HeadKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Keys rounded up to a whole number of blocks.
+    lk_padded: usize,
+}
+
+fn pack_head<T: Element, const NR: usize>(
+    k: &View<T>,
+    v: &View<T>,
+    dims: Dims,
+    bi: usize,
+    hi: usize,
+) -> HeadKv {
+    let Dims { d, lk, dv, .. } = dims;
+    let lk_padded = lk.div_ceil(BLOCK_K) * BLOCK_K;
+    let mut kp = vec![0f32; lk_padded * d];
+    for j in 0..lk {
+        let (panel, lane) = (j / NR, j % NR);
+        for x in 0..d {
+            kp[(panel * d + x) * NR + lane] = k.at(bi, hi, j, x);
+        }
+    }
+    let v_panels = dv.div_ceil(NR);
+    let mut vp = vec![0f32; v_panels * lk_padded * NR];
+    for j in 0..lk {
+        for x in 0..dv {
+            let (panel, lane) = (x / NR, x % NR);
+            vp[(panel * lk_padded + j) * NR + lane] = v.at(bi, hi, j, x);
+        }
+    }
+    HeadKv {
+        k: kp,
+        v: vp,
+        lk_padded,
+    }
 }
 
 /// `e^x` for `x <= 0` to about 2e-7 relative: `2^n · p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`
@@ -303,77 +278,193 @@ fn exp_neg(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// One query block against every key block, with the online softmax.
+/// Rows `i0 .. i0 + rows` (at most `PANELS_Q * MR`) of one head: for each key block, the scores
+/// `S = Q Kᵀ` and then `O += P V` as register tiles, with the online softmax in between.
 #[inline(always)]
-fn flash_block(q: &[f32], kv: &HeadKv, out: &mut [f32], dims: BlockDims) {
-    let BlockDims { rows, d, lk, dv } = dims;
-    let mut max = [f32::NEG_INFINITY; BLOCK_Q];
-    let mut sum = [0f32; BLOCK_Q];
-    let mut acc = vec![0f32; BLOCK_Q * dv];
-    let mut scores = [0f32; BLOCK_K];
+fn flash_rows<const MR: usize, const NR: usize>(
+    q: &[f32],
+    kv: &HeadKv,
+    out: &mut [f32],
+    rows: usize,
+    dims: Dims,
+    tile: impl Fn(usize, &[f32], &[f32]) -> [[f32; NR]; MR],
+) {
+    let Dims { d, lk, dv, .. } = dims;
+    let q_panels = rows.div_ceil(MR);
+    let v_panels = dv.div_ceil(NR);
+    let mut max = [f32::NEG_INFINITY; 64];
+    let mut sum = [0f32; 64];
+    let mut scores = vec![[0f32; BLOCK_K]; q_panels * MR];
+    // P of each query panel, packed `[key][MR]` as the tile reads A.
+    let mut p_packed = vec![0f32; q_panels * BLOCK_K * MR];
+    let mut acc = vec![[[0f32; NR]; MR]; q_panels * v_panels];
     for j0 in (0..lk).step_by(BLOCK_K) {
         let width = BLOCK_K.min(lk - j0);
-        for i in 0..rows {
-            let s = &mut scores[..width];
-            s.fill(0.0);
-            let qi = &q[i * d..(i + 1) * d];
-            for (x, &qv) in qi.iter().enumerate() {
-                let k_row = &kv.k_t[x * lk + j0..x * lk + j0 + width];
-                for (sv, &kval) in s.iter_mut().zip(k_row) {
-                    *sv += qv * kval;
+        for qp in 0..q_panels {
+            let a = &q[qp * d * MR..(qp + 1) * d * MR];
+            for kp in 0..BLOCK_K / NR {
+                let panel = j0 / NR + kp;
+                let b = &kv.k[panel * d * NR..(panel + 1) * d * NR];
+                let t = tile(d, a, b);
+                for (r, row) in t.iter().enumerate() {
+                    scores[qp * MR + r][kp * NR..(kp + 1) * NR].copy_from_slice(row);
                 }
+            }
+        }
+        for (i, s) in scores.iter_mut().enumerate() {
+            for value in s[width..].iter_mut() {
+                *value = f32::NEG_INFINITY;
             }
             let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let new_max = max[i].max(block_max);
             let correction = exp_neg(max[i] - new_max);
             let mut block_sum = 0.0;
-            for sv in s.iter_mut() {
-                *sv = exp_neg(*sv - new_max);
-                block_sum += *sv;
+            for value in s.iter_mut() {
+                *value = exp_neg(*value - new_max);
+                block_sum += *value;
             }
             sum[i] = sum[i] * correction + block_sum;
             max[i] = new_max;
-            let a = &mut acc[i * dv..(i + 1) * dv];
+            let (qp, r) = (i / MR, i % MR);
+            for (j, value) in s.iter().enumerate() {
+                p_packed[(qp * BLOCK_K + j) * MR + r] = *value;
+            }
             if correction != 1.0 {
-                for av in a.iter_mut() {
-                    *av *= correction;
+                for vp in 0..v_panels {
+                    for value in acc[qp * v_panels + vp][r].iter_mut() {
+                        *value *= correction;
+                    }
                 }
             }
-            for (j, &p) in s.iter().enumerate() {
-                let v_row = &kv.v[(j0 + j) * dv..(j0 + j + 1) * dv];
-                for (av, &vv) in a.iter_mut().zip(v_row) {
-                    *av += p * vv;
+        }
+        for qp in 0..q_panels {
+            let a = &p_packed[qp * BLOCK_K * MR..(qp + 1) * BLOCK_K * MR];
+            for vp in 0..v_panels {
+                let start = (vp * kv.lk_padded + j0) * NR;
+                let t = tile(BLOCK_K, a, &kv.v[start..start + BLOCK_K * NR]);
+                let target = &mut acc[qp * v_panels + vp];
+                for (dst, src) in target.iter_mut().zip(&t) {
+                    for (x, y) in dst.iter_mut().zip(src) {
+                        *x += y;
+                    }
                 }
             }
         }
     }
     for i in 0..rows {
+        let (qp, r) = (i / MR, i % MR);
         let inv = 1.0 / sum[i];
-        for (o, a) in out[i * dv..(i + 1) * dv]
-            .iter_mut()
-            .zip(&acc[i * dv..(i + 1) * dv])
-        {
-            *o = a * inv;
+        for x in 0..dv {
+            out[i * dv + x] = acc[qp * v_panels + x / NR][r][x % NR] * inv;
         }
     }
+}
+
+impl FlashAttention {
+    fn run<T: Element>(&self, q: View<T>, k: View<T>, v: View<T>, dims: Dims) -> Vec<f32> {
+        match cpu::level() {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 | Level::Avx512Bf16 => {
+                self.run_tiled::<T, 8, 32>(q, k, v, dims, |r| unsafe {
+                    // SAFETY: the level was detected on this CPU.
+                    x86::rows_avx512(r)
+                })
+            }
+            #[cfg(target_arch = "x86_64")]
+            Level::Simd256 => self.run_tiled::<T, 6, 16>(q, k, v, dims, |r| unsafe {
+                // SAFETY: the level was detected on this CPU.
+                x86::rows_avx2(r)
+            }),
+            #[cfg(target_arch = "aarch64")]
+            Level::Simd256 | Level::Avx512 | Level::Avx512Bf16 => {
+                self.run_tiled::<T, 6, 16>(q, k, v, dims, |r| {
+                    flash_rows::<6, 16>(r.q, r.kv, r.out, r.rows, r.dims, crate::gemm::tile_fma)
+                })
+            }
+            _ => self.run_tiled::<T, 4, 8>(q, k, v, dims, |r| {
+                flash_rows::<4, 8>(r.q, r.kv, r.out, r.rows, r.dims, crate::gemm::tile_plain)
+            }),
+        }
+    }
+
+    fn run_tiled<T: Element, const MR: usize, const NR: usize>(
+        &self,
+        q: View<T>,
+        k: View<T>,
+        v: View<T>,
+        dims: Dims,
+        rows_kernel: impl Fn(Rows) + Sync,
+    ) -> Vec<f32> {
+        let Dims {
+            b, h, lq, d, dv, ..
+        } = dims;
+        let heads: Vec<HeadKv> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| pack_head::<T, NR>(&k, &v, dims, bh / h, bh % h))
+            .collect();
+        let block_rows = PANELS_Q * MR;
+        let scale = self.scale as f32;
+        let mut out = vec![0f32; b * h * lq * dv];
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (bh, head_out) in out.chunks_mut(lq * dv).enumerate() {
+            for (block, rows_out) in head_out.chunks_mut(block_rows * dv).enumerate() {
+                tasks.push((bh, block, rows_out));
+            }
+        }
+        tasks.into_par_iter().for_each(|(bh, block, rows_out)| {
+            let (bi, hi) = (bh / h, bh % h);
+            let i0 = block * block_rows;
+            let rows = block_rows.min(lq - i0);
+            // Q rows in panels of MR, `[panel][d][MR]`, pre-scaled.
+            let mut q_packed = vec![0f32; rows.div_ceil(MR) * MR * d];
+            for i in 0..rows {
+                let (panel, r) = (i / MR, i % MR);
+                for x in 0..d {
+                    q_packed[(panel * d + x) * MR + r] = q.at(bi, hi, i0 + i, x) * scale;
+                }
+            }
+            rows_kernel(Rows {
+                q: &q_packed,
+                kv: &heads[bh],
+                out: rows_out,
+                rows,
+                dims,
+            });
+        });
+        out
+    }
+}
+
+/// The arguments of one task, passed through the target-feature wrappers.
+struct Rows<'a> {
+    q: &'a [f32],
+    kv: &'a HeadKv,
+    out: &'a mut [f32],
+    rows: usize,
+    dims: Dims,
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
+    use crate::gemm::tile_fma;
 
     /// # Safety
     /// The CPU must have AVX-512F and FMA.
     #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn block_avx512(q: &[f32], kv: &HeadKv, out: &mut [f32], dims: BlockDims) {
-        flash_block(q, kv, out, dims)
+    pub unsafe fn rows_avx512(r: Rows) {
+        flash_rows::<8, 32>(r.q, r.kv, r.out, r.rows, r.dims, |kc, a, b| {
+            tile_fma::<8, 32>(kc, a, b)
+        })
     }
 
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block_avx2(q: &[f32], kv: &HeadKv, out: &mut [f32], dims: BlockDims) {
-        flash_block(q, kv, out, dims)
+    pub unsafe fn rows_avx2(r: Rows) {
+        flash_rows::<6, 16>(r.q, r.kv, r.out, r.rows, r.dims, |kc, a, b| {
+            tile_fma::<6, 16>(kc, a, b)
+        })
     }
 }
 
@@ -394,7 +485,14 @@ impl CustomOp3 for FlashAttention {
         let (b, h, lq, d) = l1.shape().dims4()?;
         let lk = l2.shape().dims4()?.2;
         let dv = l3.shape().dims4()?.3;
-        let dims = [b, h, lq, d, lk, dv];
+        let dims = Dims {
+            b,
+            h,
+            lq,
+            d,
+            lk,
+            dv,
+        };
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 self.run(view(q, l1)?, view(k, l2)?, view(v, l3)?, dims)

@@ -294,7 +294,11 @@ fn run<const MR: usize, const NR: usize>(
 /// The register tile, computed with fused multiply-adds; the compiler vectorises the `NR` loop
 /// for whatever target features the caller was compiled with.
 #[inline(always)]
-fn tile_fma<const MR: usize, const NR: usize>(kc: usize, a: &[f32], b: &[f32]) -> [[f32; NR]; MR] {
+pub(crate) fn tile_fma<const MR: usize, const NR: usize>(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+) -> [[f32; NR]; MR] {
     let mut acc = [[0f32; NR]; MR];
     for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
         for i in 0..MR {
@@ -309,7 +313,7 @@ fn tile_fma<const MR: usize, const NR: usize>(kc: usize, a: &[f32], b: &[f32]) -
 /// The same without FMA instructions (a separate multiply and add), for plain targets where
 /// `mul_add` would be a library call.
 #[inline(always)]
-fn tile_plain<const MR: usize, const NR: usize>(
+pub(crate) fn tile_plain<const MR: usize, const NR: usize>(
     kc: usize,
     a: &[f32],
     b: &[f32],
