@@ -29,11 +29,61 @@ fn storage_from_f32(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     })
 }
 
-/// Whether our CPU kernels take this tensor (others go to candle).
+/// Runs `$body` with `$x` and `$w` bound to the contiguous slices of two CPU storages of any mix
+/// of f32, bf16 and f16 (activations may stay in f32 while the weights are half precision).
+macro_rules! with_slices {
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$x:ident, $w:ident| $body:expr) => {{
+        use CpuStorage::{BF16, F16, F32};
+        macro_rules! arm {
+            ($a:expr, $b:expr) => {{
+                let $x = contiguous($a, $l1, $op)?;
+                let $w = contiguous($b, $l2, $op)?;
+                $body
+            }};
+        }
+        match ($s1, $s2) {
+            (F32(a), F32(b)) => arm!(a, b),
+            (F32(a), BF16(b)) => arm!(a, b),
+            (F32(a), F16(b)) => arm!(a, b),
+            (BF16(a), F32(b)) => arm!(a, b),
+            (BF16(a), BF16(b)) => arm!(a, b),
+            (BF16(a), F16(b)) => arm!(a, b),
+            (F16(a), F32(b)) => arm!(a, b),
+            (F16(a), BF16(b)) => arm!(a, b),
+            (F16(a), F16(b)) => arm!(a, b),
+            _ => candle_core::bail!(
+                "{}: input {:?} and weight {:?} must be f32, bf16 or f16",
+                $op,
+                $s1.dtype(),
+                $s2.dtype()
+            ),
+        }
+    }};
+}
+
+/// Whether our CPU kernels take this input and weight (others go to candle).
 fn on_our_kernels(xs: &Tensor, weight: &Tensor) -> bool {
-    xs.device().is_cpu()
-        && xs.dtype() == weight.dtype()
-        && matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    let ours = |dtype| matches!(dtype, DType::F32 | DType::BF16 | DType::F16);
+    xs.device().is_cpu() && ours(xs.dtype()) && ours(weight.dtype())
+}
+
+/// candle's own layer for other devices, in the weight's dtype, the result in the input's.
+fn on_candle(
+    xs: &Tensor,
+    weight: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if xs.dtype() == weight.dtype() {
+        f(xs)
+    } else {
+        f(&xs.to_dtype(weight.dtype())?)?.to_dtype(xs.dtype())
+    }
+}
+
+/// Whether the weight is bf16, which selects the bf16 dot-product kernels (the activations are
+/// rounded to bf16 as they are packed, as PyTorch's bf16 autocast does).
+fn is_bf16<W: 'static>() -> bool {
+    std::any::TypeId::of::<W>() == std::any::TypeId::of::<bf16>()
 }
 
 /// `x [.., K] · wᵀ` for `w [N, K]`, the output starting from `bias [N]` when there is one.
@@ -42,14 +92,21 @@ struct LinearOp {
 }
 
 impl LinearOp {
-    fn run<T: Element>(&self, x: &[T], w: &[T], m: usize, k: usize, n: usize) -> Vec<f32> {
+    fn run<X: Element, W: Element>(
+        &self,
+        x: &[X],
+        w: &[W],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
         let mut c = match &self.bias {
             Some(bias) => bias.repeat(m),
             None => vec![0f32; m * n],
         };
         let level = cpu::level();
         let (a, b) = (Strided::row_major(x, m, k), Strided::row_major(w, n, k).t());
-        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<bf16>() {
+        if is_bf16::<W>() {
             gemm_bf16(level, &a, &b, &mut c, n);
         } else {
             gemm(level, &a, &b, &mut c, n);
@@ -85,34 +142,8 @@ impl CustomOp2 for LinearOp {
         let m: usize = batch.iter().product();
         let mut out_dims = batch.to_vec();
         out_dims.push(n);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.run(
-                contiguous(x, l1, "sdrs-linear")?,
-                contiguous(w, l2, "sdrs-linear")?,
-                m,
-                k,
-                n,
-            ),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => self.run(
-                contiguous(x, l1, "sdrs-linear")?,
-                contiguous(w, l2, "sdrs-linear")?,
-                m,
-                k,
-                n,
-            ),
-            (CpuStorage::F16(x), CpuStorage::F16(w)) => self.run(
-                contiguous(x, l1, "sdrs-linear")?,
-                contiguous(w, l2, "sdrs-linear")?,
-                m,
-                k,
-                n,
-            ),
-            _ => candle_core::bail!(
-                "sdrs-linear: input {:?} and weight {:?} must share an f32/bf16/f16 dtype",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
+        let out = with_slices!("sdrs-linear", (s1, l1), (s2, l2), |x, w| self
+            .run(x, w, m, k, n));
         Ok((storage_from_f32(out, s1.dtype())?, Shape::from(out_dims)))
     }
 }
@@ -152,7 +183,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if !on_our_kernels(xs, self.weight()) {
-            return self.inner.forward(xs);
+            return on_candle(xs, self.weight(), |xs| self.inner.forward(xs));
         }
         let op = LinearOp {
             bias: self.bias_f32.clone(),
@@ -184,7 +215,13 @@ struct Conv2dOp {
 }
 
 impl Conv2dOp {
-    fn run<T: Element>(&self, x: &[T], w: &[T], images: usize, g: ConvGeometry) -> Vec<f32> {
+    fn run<X: Element, W: Element>(
+        &self,
+        x: &[X],
+        w: &[W],
+        images: usize,
+        g: ConvGeometry,
+    ) -> Vec<f32> {
         let Some((out_h, out_w)) = g.output_size() else {
             return Vec::new();
         };
@@ -195,8 +232,7 @@ impl Conv2dOp {
                 chunk.fill(*value);
             }
         }
-        let bf16_dot = std::any::TypeId::of::<T>() == std::any::TypeId::of::<bf16>();
-        conv2d_kernel(cpu::level(), g, images, x, w, &mut out, bf16_dot);
+        conv2d_kernel(cpu::level(), g, images, x, w, &mut out, is_bf16::<W>());
         out
     }
 }
@@ -240,31 +276,8 @@ impl CustomOp2 for Conv2dOp {
                 self.config.padding
             );
         };
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.run(
-                contiguous(x, l1, "sdrs-conv2d")?,
-                contiguous(w, l2, "sdrs-conv2d")?,
-                images,
-                g,
-            ),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => self.run(
-                contiguous(x, l1, "sdrs-conv2d")?,
-                contiguous(w, l2, "sdrs-conv2d")?,
-                images,
-                g,
-            ),
-            (CpuStorage::F16(x), CpuStorage::F16(w)) => self.run(
-                contiguous(x, l1, "sdrs-conv2d")?,
-                contiguous(w, l2, "sdrs-conv2d")?,
-                images,
-                g,
-            ),
-            _ => candle_core::bail!(
-                "sdrs-conv2d: input {:?} and weight {:?} must share an f32/bf16/f16 dtype",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
+        let out = with_slices!("sdrs-conv2d", (s1, l1), (s2, l2), |x, w| self
+            .run(x, w, images, g));
         let shape = Shape::from((images, out_channels, out_h, out_w));
         Ok((storage_from_f32(out, s1.dtype())?, shape))
     }
@@ -302,7 +315,7 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if !on_our_kernels(xs, self.weight()) || self.config().groups != 1 {
-            return self.inner.forward(xs);
+            return on_candle(xs, self.weight(), |xs| self.inner.forward(xs));
         }
         let op = Conv2dOp {
             bias: self.bias_f32.clone(),
@@ -348,4 +361,96 @@ pub fn conv2d_no_bias(
 /// A linear layer without bias (candle-nn's `linear_no_bias`).
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     linear_b(in_dim, out_dim, false, vb)
+}
+
+/// `nn.GroupNorm` with its statistics, weight and bias in f32 whatever the input's dtype (torch's
+/// half-precision kernels accumulate in f32 too); the result is in the input's dtype.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.elem_count();
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!("GroupNorm: {channels} channels cannot form {groups} groups");
+        }
+        Ok(Self {
+            weight: weight.to_dtype(DType::F32)?,
+            bias: bias.to_dtype(DType::F32)?,
+            groups,
+            eps,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        if dims.len() < 2 || dims[1] != self.weight.elem_count() {
+            candle_core::bail!(
+                "GroupNorm: input {:?} does not have {} channels in dim 1",
+                xs.shape(),
+                self.weight.elem_count()
+            );
+        }
+        let per_group = xs.elem_count() / dims[0] / self.groups;
+        let x = xs
+            .reshape((dims[0], self.groups, per_group))?
+            .to_dtype(DType::F32)?;
+        let mean = (x.sum_keepdim(2)? / per_group as f64)?;
+        let x = x.broadcast_sub(&mean)?;
+        let var = (x.sqr()?.sum_keepdim(2)? / per_group as f64)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut affine = vec![1; dims.len()];
+        affine[1] = dims[1];
+        x.reshape(dims)?
+            .broadcast_mul(&self.weight.reshape(affine.clone())?)?
+            .broadcast_add(&self.bias.reshape(affine)?)?
+            .to_dtype(xs.dtype())
+    }
+}
+
+/// candle-nn's `group_norm`: `weight` and `bias` of `channels` under `vb`.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    GroupNorm::new(weight, bias, groups, eps)
+}
+
+/// `nn.LayerNorm` over the last dimension, computed in f32 like [`GroupNorm`].
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: weight.to_dtype(DType::F32)?,
+            bias: bias.to_dtype(DType::F32)?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = xs.to_dtype(DType::F32)?.contiguous()?;
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)?
+            .to_dtype(xs.dtype())
+    }
+}
+
+/// candle-nn's `layer_norm`: `weight` and `bias` of `dim` under `vb`.
+pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let weight = vb.get(dim, "weight")?;
+    let bias = vb.get(dim, "bias")?;
+    LayerNorm::new(weight, bias, eps)
 }

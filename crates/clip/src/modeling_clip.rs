@@ -64,7 +64,16 @@ impl ClipTextEmbeddings {
         let position_ids = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
         let tokens = self.token_embedding.forward(input_ids)?;
         let positions = self.position_embedding.forward(&position_ids)?;
-        Ok(tokens.broadcast_add(&positions)?)
+        // On the CPU the activations stay in f32 whatever the weights' dtype (sdrs' kernels take
+        // half-precision weights with f32 inputs); elsewhere they follow the weights.
+        let dtype = if tokens.device().is_cpu() {
+            DType::F32
+        } else {
+            tokens.dtype()
+        };
+        Ok(tokens
+            .to_dtype(dtype)?
+            .broadcast_add(&positions.to_dtype(dtype)?)?)
     }
 }
 

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::stable_diffusion::activation_dtype;
 use crate::stable_diffusion::{InitImage, LoadOptions, Request, StableDiffusion};
 use crate::weights::{find_weights, read_json, var_builder};
 use sdrs_taesd::AutoencoderTiny;
@@ -292,12 +293,12 @@ impl Runner<'_> {
             let diff = if encode {
                 let image = get(&reference, "image")?
                     .to_device(&device)?
-                    .to_dtype(dtype)?;
+                    .to_dtype(activation_dtype(dtype, &device))?;
                 max_abs_diff(&model.encode(&image)?, get(&reference, "encoded")?)?
             } else {
                 let latents = get(&reference, "latents")?
                     .to_device(&device)?
-                    .to_dtype(dtype)?;
+                    .to_dtype(activation_dtype(dtype, &device))?;
                 max_abs_diff(&model.decode(&latents)?, get(&reference, "decoded")?)?
             };
             worst = worst.max(diff);
@@ -322,12 +323,18 @@ impl Runner<'_> {
         let model = AutoencoderTiny::from_dir(&dir, dtype, &device)?;
         let latents = get(&reference, &format!("{name}_latents"))?
             .to_device(&device)?
-            .to_dtype(dtype)?;
+            .to_dtype(activation_dtype(dtype, &device))?;
         let decoded = model.decode_unit(&latents)?;
         let diff = max_abs_diff(&decoded, get(&reference, &format!("{name}_decoded"))?)?;
         let image = get(&reference, &format!("{name}_image"))?;
         let round_trip = model
-            .decode_unit(&model.encode_unit(&image.to_device(&device)?.to_dtype(dtype)?)?)?
+            .decode_unit(
+                &model.encode_unit(
+                    &image
+                        .to_device(&device)?
+                        .to_dtype(activation_dtype(dtype, &device))?,
+                )?,
+            )?
             .to_dtype(DType::F32)?
             .clamp(0f32, 1f32)?;
         let psnr = sdrs_taesd::metrics::psnr_db(&round_trip, image)?;
@@ -420,7 +427,9 @@ impl Runner<'_> {
             &config,
         )?;
         let input = |key: &str| -> Result<Tensor> {
-            Ok(get(&reference, key)?.to_device(&device)?.to_dtype(dtype)?)
+            Ok(get(&reference, key)?
+                .to_device(&device)?
+                .to_dtype(activation_dtype(dtype, &device))?)
         };
         let added = match (reference.get("text_embeds"), reference.get("time_ids")) {
             (Some(_), Some(_)) => Some(sdrs_unet::AddedConditions {
@@ -448,7 +457,9 @@ impl Runner<'_> {
         let vae =
             sdrs_vae::AutoencoderKL::new(var_builder("vae", &files, dtype, &device)?, &config)?;
         let input = |key: &str| -> Result<Tensor> {
-            Ok(get(&reference, key)?.to_device(&device)?.to_dtype(dtype)?)
+            Ok(get(&reference, key)?
+                .to_device(&device)?
+                .to_dtype(activation_dtype(dtype, &device))?)
         };
         if encode {
             let dist = vae.encode(&input("image")?)?;

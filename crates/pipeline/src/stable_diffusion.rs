@@ -76,6 +76,18 @@ impl ModelFamily {
     }
 }
 
+/// The dtype activations flow in for weights stored in `weights`: f32 on the CPU, where the kernels
+/// take half-precision weights with f32 activations (only the products' inputs are rounded, as in
+/// PyTorch's bf16 autocast, so norms and residual sums keep their precision); the weights' dtype
+/// on GPUs.
+pub fn activation_dtype(weights: DType, device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        weights
+    }
+}
+
 /// How a model is loaded: where it computes, in which dtype, and which weight variant to prefer.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -329,6 +341,11 @@ impl StableDiffusion {
             dtype,
         })
     }
+    /// The dtype the VAE's activations flow in.
+    fn vae_activations(&self) -> DType {
+        activation_dtype(self.vae_dtype, &self.device)
+    }
+
     /// The folder the model was loaded from.
     pub fn root(&self) -> &Path {
         &self.root
@@ -397,9 +414,12 @@ impl StableDiffusion {
             clip_skip: request.clip_skip,
             guided,
         };
-        let conditioning = self
-            .text
-            .encode(&prompts, &micro, self.dtype, &self.device)?;
+        let conditioning = self.text.encode(
+            &prompts,
+            &micro,
+            activation_dtype(self.dtype, &self.device),
+            &self.device,
+        )?;
 
         let mut scheduler = sdrs_schedulers::from_config(&request.scheduler, request.steps)?;
         let num_train_timesteps = request.scheduler["num_train_timesteps"]
@@ -448,9 +468,9 @@ impl StableDiffusion {
                 check_shape("init image", &image, (1, 3, height, width))?;
                 let dist = self
                     .vae
-                    .encode(&((image * 2.0)? - 1.0)?.to_dtype(self.vae_dtype)?)?;
+                    .encode(&((image * 2.0)? - 1.0)?.to_dtype(self.vae_activations())?)?;
                 let sample_noise = generator.randn(dist.mean.shape(), DType::F32, &self.device)?;
-                let encoded = dist.sample_with(&sample_noise.to_dtype(self.vae_dtype)?)?;
+                let encoded = dist.sample_with(&sample_noise.to_dtype(self.vae_activations())?)?;
                 let init = self.scale_latents(&encoded.to_dtype(DType::F32)?)?;
                 let latents = if request.denoising_start.is_some() {
                     init
@@ -522,7 +542,7 @@ impl StableDiffusion {
             let noise_pred = self
                 .unet
                 .forward(
-                    &model_input.to_dtype(self.dtype)?,
+                    &model_input.to_dtype(activation_dtype(self.dtype, &self.device))?,
                     &t_batch,
                     &conditioning.embeddings,
                     conditioning.added.as_ref(),
@@ -594,7 +614,9 @@ impl StableDiffusion {
         if let Some(tiny) = &self.tiny_vae {
             // A tiny autoencoder is trained on the latents as the UNet sees them (diffusers'
             // AutoencoderTiny has scaling factor 1).
-            let z = latents.to_device(tiny.device())?.to_dtype(tiny.dtype())?;
+            let z = latents
+                .to_device(tiny.device())?
+                .to_dtype(activation_dtype(tiny.dtype(), tiny.device()))?;
             let image = tiny.decode(&(z / tiny.config().scaling_factor)?)?;
             return Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?);
         }
@@ -608,7 +630,7 @@ impl StableDiffusion {
                 None => z,
             },
         };
-        let image = self.vae.decode(&z.to_dtype(self.vae_dtype)?)?;
+        let image = self.vae.decode(&z.to_dtype(self.vae_activations())?)?;
         Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 

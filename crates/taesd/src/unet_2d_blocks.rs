@@ -3,8 +3,8 @@
 //! `Block(use_midblock_gn=True)`).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
-use sdrs_kernels::nn::{conv2d, conv2d_no_bias, Conv2d};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use sdrs_kernels::nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, GroupNorm};
 
 use crate::activations::Activation;
 use crate::error::{Error, Result};

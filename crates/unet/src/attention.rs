@@ -3,8 +3,8 @@
 //! [`scaled_dot_product_attention`] that every attention in sdrs goes through.
 
 use candle_core::Tensor;
-use candle_nn::{GroupNorm, LayerNorm, Module, VarBuilder};
-use sdrs_kernels::nn::Linear;
+use candle_nn::{Module, VarBuilder};
+use sdrs_kernels::nn::{GroupNorm, LayerNorm, Linear};
 
 use crate::activations::Geglu;
 use crate::error::{Error, Result};
@@ -100,7 +100,7 @@ impl Attention {
         }
         let context_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
         let group_norm = match cfg.norm_num_groups {
-            Some(groups) => Some(candle_nn::group_norm(
+            Some(groups) => Some(sdrs_kernels::nn::group_norm(
                 groups,
                 cfg.query_dim,
                 cfg.eps,
@@ -230,20 +230,20 @@ impl BasicTransformerBlock {
         cross_attention_dim: Option<usize>,
     ) -> Result<Self> {
         let eps = 1e-5;
-        let norm1 = candle_nn::layer_norm(dim, eps, vb.pp("norm1"))?;
+        let norm1 = sdrs_kernels::nn::layer_norm(dim, eps, vb.pp("norm1"))?;
         let attn1 = Attention::new(
             vb.pp("attn1"),
             &AttentionConfig::transformer(dim, None, heads, dim_head),
         )?;
         let cross = match cross_attention_dim {
             Some(context_dim) => {
-                let norm2 = candle_nn::layer_norm(dim, eps, vb.pp("norm2"))?;
+                let norm2 = sdrs_kernels::nn::layer_norm(dim, eps, vb.pp("norm2"))?;
                 let cfg = AttentionConfig::transformer(dim, Some(context_dim), heads, dim_head);
                 Some((norm2, Attention::new(vb.pp("attn2"), &cfg)?))
             }
             None => None,
         };
-        let norm3 = candle_nn::layer_norm(dim, eps, vb.pp("norm3"))?;
+        let norm3 = sdrs_kernels::nn::layer_norm(dim, eps, vb.pp("norm3"))?;
         let ff = FeedForward::new(vb.pp("ff"), dim, 4 * dim)?;
         Ok(Self {
             norm1,

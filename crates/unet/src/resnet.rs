@@ -3,8 +3,8 @@
 //! the VAE (whose resnets have no time embedding).
 
 use candle_core::{Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, Module, VarBuilder};
-use sdrs_kernels::nn::Linear;
+use candle_nn::{Conv2dConfig, Module, VarBuilder};
+use sdrs_kernels::nn::{GroupNorm, Linear};
 
 use crate::activations::Activation;
 use crate::error::Result;
@@ -113,7 +113,7 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, in_channels: usize, cfg: &ResnetBlock2DConfig) -> Result<Self> {
         let out_channels = cfg.out_channels.unwrap_or(in_channels);
-        let norm1 = candle_nn::group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
+        let norm1 = sdrs_kernels::nn::group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?;
         let conv1 = Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?;
         let time_emb_proj = match cfg.temb_channels {
             Some(temb) => Some(sdrs_kernels::nn::linear(
@@ -124,7 +124,8 @@ impl ResnetBlock2D {
             None => None,
         };
         let groups_out = cfg.groups_out.unwrap_or(cfg.groups);
-        let norm2 = candle_nn::group_norm(groups_out, out_channels, cfg.eps, vb.pp("norm2"))?;
+        let norm2 =
+            sdrs_kernels::nn::group_norm(groups_out, out_channels, cfg.eps, vb.pp("norm2"))?;
         let conv2 = Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?;
         let use_in_shortcut = cfg.use_in_shortcut.unwrap_or(in_channels != out_channels);
         let conv_shortcut = if use_in_shortcut {

@@ -3,8 +3,8 @@
 //! `proj_out`, plus the input.
 
 use candle_core::Tensor;
-use candle_nn::{GroupNorm, Module, VarBuilder};
-use sdrs_kernels::nn::Linear;
+use candle_nn::{Module, VarBuilder};
+use sdrs_kernels::nn::{GroupNorm, Linear};
 
 use crate::attention::BasicTransformerBlock;
 use crate::error::Result;
@@ -54,8 +54,12 @@ impl Transformer2DModel {
         let inner_dim = cfg.num_attention_heads * cfg.attention_head_dim;
         // diffusers quirk: this GroupNorm's eps is fixed at 1e-6 in `Transformer2DModel`,
         // whatever the UNet's `norm_eps`.
-        let norm =
-            candle_nn::group_norm(cfg.norm_num_groups, cfg.in_channels, 1e-6, vb.pp("norm"))?;
+        let norm = sdrs_kernels::nn::group_norm(
+            cfg.norm_num_groups,
+            cfg.in_channels,
+            1e-6,
+            vb.pp("norm"),
+        )?;
         let linear = cfg.use_linear_projection;
         let proj_in = Projection::new(vb.pp("proj_in"), linear, cfg.in_channels, inner_dim)?;
         let blocks = vb.pp("transformer_blocks");

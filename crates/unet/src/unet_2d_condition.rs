@@ -2,7 +2,8 @@
 //! UNet of SD1.x, SD2.x and SDXL (base and refiner).
 
 use candle_core::{DType, Tensor};
-use candle_nn::{GroupNorm, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+use sdrs_kernels::nn::GroupNorm;
 
 use crate::activations::Activation;
 use crate::config::{block_type_name, UNet2DConditionConfig};
@@ -233,8 +234,12 @@ impl UNet2DConditionModel {
             });
         }
 
-        let conv_norm_out =
-            candle_nn::group_norm(groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = sdrs_kernels::nn::group_norm(
+            groups,
+            channels[0],
+            cfg.norm_eps,
+            vb.pp("conv_norm_out"),
+        )?;
         let conv_out = conv2d_same(
             vb.pp("conv_out"),
             channels[0],

@@ -2,7 +2,8 @@
 //! autoencoder of "High-Resolution Image Synthesis with Latent Diffusion Models").
 
 use candle_core::Tensor;
-use candle_nn::{GroupNorm, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+use sdrs_kernels::nn::GroupNorm;
 use sdrs_unet::resnet::Conv2d;
 use sdrs_unet::unet_2d_blocks::{
     BlockConfig, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D,
@@ -81,8 +82,12 @@ impl Encoder {
         }
         let mid_block = mid_block(vb.pp("mid_block"), cfg, act)?;
         let last = channels[n - 1];
-        let conv_norm_out =
-            candle_nn::group_norm(cfg.norm_num_groups, last, VAE_EPS, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = sdrs_kernels::nn::group_norm(
+            cfg.norm_num_groups,
+            last,
+            VAE_EPS,
+            vb.pp("conv_norm_out"),
+        )?;
         // `double_z`: mean and log-variance.
         let conv_out = conv3x3(vb.pp("conv_out"), last, 2 * cfg.latent_channels)?;
         Ok(Self {
@@ -143,7 +148,7 @@ impl Decoder {
             let vb = vb.pp("up_blocks").pp(i.to_string());
             up_blocks.push(UpDecoderBlock2D::new(vb, &block, i + 1 != n)?);
         }
-        let conv_norm_out = candle_nn::group_norm(
+        let conv_norm_out = sdrs_kernels::nn::group_norm(
             cfg.norm_num_groups,
             channels[0],
             VAE_EPS,
