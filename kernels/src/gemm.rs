@@ -147,7 +147,7 @@ pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: 
 /// on CPUs without the instructions.
 pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512Bf16 {
+    if level == Level::Avx512Bf16 && x86::bf16_kernel_verified() {
         let (m, k, n) = (a.rows(), a.cols(), b.cols());
         assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
         assert!(
@@ -411,6 +411,28 @@ mod x86 {
         nr: usize,
     ) {
         store(&tile_fma::<6, 16>(kc, a, b), c, ldc, mr, nr)
+    }
+
+    /// Whether the bf16 dot-product path gives the f32 kernels' result on this CPU, checked once
+    /// on a small product of bf16-exact values (the two must agree to rounding). The development
+    /// machines lack AVX512-BF16, so this guards users against an untested path: if it ever
+    /// disagreed, the f32 kernels would be used instead.
+    pub fn bf16_kernel_verified() -> bool {
+        static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VERIFIED.get_or_init(|| {
+            let (m, k, n) = (19, 77, 45);
+            let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 8.0;
+            let a: Vec<f32> = (0..m * k).map(value).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
+            let (a, b) = (Strided::row_major(&a, m, k), Strided::row_major(&b, k, n));
+            let mut want = vec![0f32; m * n];
+            run::<8, 32>(&a, &b, &mut want, n, kernel_avx512 as Kernel<8, 32>);
+            let mut got = vec![0f32; m * n];
+            run_bf16(&a, &b, &mut got, n);
+            got.iter()
+                .zip(&want)
+                .all(|(g, w)| (g - w).abs() <= 1e-4 * w.abs().max(1.0))
+        })
     }
 
     const MR: usize = 8;
