@@ -263,32 +263,36 @@ fn run<const MR: usize, const NR: usize>(
             let nc = NC.min(n - jc);
             pack_b::<NR>(b, pc, kc, jc, nc, &mut packed_b);
             let n_panels = nc.div_ceil(NR);
-            let m_blocks = m.div_ceil(MC);
-            // Column groups so that small-M products (cross-attention, the time embedding)
-            // still give every thread work.
-            let groups = n_panels.min(rayon::current_num_threads().max(1) * 2);
-            let per_group = n_panels.div_ceil(groups);
             let (packed_a, packed_b) = (&packed_a, &packed_b);
-            (0..m_blocks * groups).into_par_iter().for_each(|task| {
-                let (mb, g) = (task / groups, task % groups);
-                for jp in g * per_group..((g + 1) * per_group).min(n_panels) {
-                    let j0 = jc + jp * NR;
-                    let nr = NR.min(n - j0);
-                    let bp = &packed_b[jp * kc * NR..(jp + 1) * kc * NR];
-                    let first = mb * MC / MR;
-                    let last = ((mb + 1) * MC / MR).min(m_panels);
-                    for ip in first..last {
-                        let i0 = ip * MR;
-                        let mr = MR.min(m - i0);
-                        let ap = &packed_a[ip * kc * MR..(ip + 1) * kc * MR];
-                        // SAFETY: the tile (i0.., j0..) of mr x nr lies inside c (checked by
-                        // `gemm`) and no other task writes it.
-                        unsafe { kernel(kc, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
-                    }
-                }
+            for_each_tile(m, n_panels, MR, |ip, jp| {
+                let (i0, j0) = (ip * MR, jc + jp * NR);
+                let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
+                let ap = &packed_a[ip * kc * MR..(ip + 1) * kc * MR];
+                let bp = &packed_b[jp * kc * NR..(jp + 1) * kc * NR];
+                // SAFETY: the tile (i0.., j0..) of mr x nr lies inside c (checked by `gemm`)
+                // and no other task writes it.
+                unsafe { kernel(kc, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
             });
         }
     }
+}
+
+/// Calls `tile(row_panel, column_panel)` for every micro-tile of an `m`-row block, in parallel
+/// tasks of up to `MC` rows by a group of column panels: the column groups give every thread work
+/// even when `m` is small (cross-attention keys, the time embedding).
+fn for_each_tile(m: usize, n_panels: usize, mr: usize, tile: impl Fn(usize, usize) + Sync) {
+    let m_panels = m.div_ceil(mr);
+    let m_blocks = m.div_ceil(MC);
+    let groups = n_panels.min(rayon::current_num_threads().max(1) * 2).max(1);
+    let per_group = n_panels.div_ceil(groups);
+    (0..m_blocks * groups).into_par_iter().for_each(|task| {
+        let (mb, g) = (task / groups, task % groups);
+        for jp in g * per_group..((g + 1) * per_group).min(n_panels) {
+            for ip in mb * MC / mr..((mb + 1) * MC / mr).min(m_panels) {
+                tile(ip, jp);
+            }
+        }
+    });
 }
 
 /// The register tile, computed with fused multiply-adds; the compiler vectorises the `NR` loop
@@ -522,27 +526,15 @@ mod x86 {
                             }
                         },
                     );
-                let m_blocks = m.div_ceil(MC);
-                let groups = n_panels.min(rayon::current_num_threads().max(1) * 2);
-                let per_group = n_panels.div_ceil(groups);
                 let (packed_a, packed_b) = (&packed_a, &packed_b);
-                (0..m_blocks * groups).into_par_iter().for_each(|task| {
-                    let (mb, g) = (task / groups, task % groups);
-                    for jp in g * per_group..((g + 1) * per_group).min(n_panels) {
-                        let j0 = jc + jp * NR;
-                        let nr = NR.min(n - j0);
-                        let bp = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
-                        let first = mb * MC / MR;
-                        let last = ((mb + 1) * MC / MR).min(m_panels);
-                        for ip in first..last {
-                            let i0 = ip * MR;
-                            let mr = MR.min(m - i0);
-                            let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
-                            // SAFETY: the level check in `gemm_bf16` guarantees the CPU
-                            // features; the tile lies inside c and belongs to this task only.
-                            unsafe { kernel_bf16(kp, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
-                        }
-                    }
+                for_each_tile(m, n_panels, MR, |ip, jp| {
+                    let (i0, j0) = (ip * MR, jc + jp * NR);
+                    let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
+                    let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
+                    let bp = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
+                    // SAFETY: the level check in `gemm_bf16` guarantees the CPU features; the
+                    // tile lies inside c and belongs to this task only.
+                    unsafe { kernel_bf16(kp, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
                 });
             }
         }

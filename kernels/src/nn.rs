@@ -325,6 +325,21 @@ impl Module for Conv2d {
     }
 }
 
+/// The `[out, in / groups, k, k]` weight of a convolution under `vb`.
+fn conv_weight(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    config: &Conv2dConfig,
+    vb: &VarBuilder,
+) -> Result<Tensor> {
+    let groups = config.groups.max(1);
+    vb.get(
+        (out_channels, in_channels / groups, kernel_size, kernel_size),
+        "weight",
+    )
+}
+
 /// candle-nn's `conv2d`: weight `[out, in / groups, k, k]` and bias `[out]` under `vb`.
 pub fn conv2d(
     in_channels: usize,
@@ -333,11 +348,7 @@ pub fn conv2d(
     config: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let groups = config.groups.max(1);
-    let weight = vb.get(
-        (out_channels, in_channels / groups, kernel_size, kernel_size),
-        "weight",
-    )?;
+    let weight = conv_weight(in_channels, out_channels, kernel_size, &config, &vb)?;
     let bias = vb.get(out_channels, "bias")?;
     Conv2d::new(weight, Some(bias), config)
 }
@@ -350,11 +361,7 @@ pub fn conv2d_no_bias(
     config: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let groups = config.groups.max(1);
-    let weight = vb.get(
-        (out_channels, in_channels / groups, kernel_size, kernel_size),
-        "weight",
-    )?;
+    let weight = conv_weight(in_channels, out_channels, kernel_size, &config, &vb)?;
     Conv2d::new(weight, None, config)
 }
 
