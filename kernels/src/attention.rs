@@ -114,7 +114,7 @@ pub fn attention(
         );
     }
     match resolve(mode, q) {
-        AttentionMode::Flash => q.apply_op3_no_bwd(k, v, &FlashAttention { scale }),
+        AttentionMode::Flash => flash_at(cpu::level(), q, k, v, scale),
         AttentionMode::Sliced(slice) => sliced(q, k, v, scale, slice.unwrap_or(1)),
         _ => naive(q, k, v, scale),
     }
@@ -180,6 +180,14 @@ const PANELS_Q: usize = 4;
 
 struct FlashAttention {
     scale: f64,
+    level: Level,
+}
+
+/// Flash attention on the CPU with the kernels of `level` (at most the CPU's own: tests run every
+/// level this machine has against the same reference).
+pub fn flash_at(level: Level, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let level = level.min(cpu::level());
+    q.apply_op3_no_bwd(k, v, &FlashAttention { scale, level })
 }
 
 /// A 4-D strided view: element `(b, h, i, d)`.
@@ -362,7 +370,7 @@ fn flash_rows<const MR: usize, const NR: usize>(
 
 impl FlashAttention {
     fn run<T: Element>(&self, q: View<T>, k: View<T>, v: View<T>, dims: Dims) -> Vec<f32> {
-        match cpu::level() {
+        match self.level {
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 | Level::Avx512Bf16 => {
                 self.run_tiled::<T, 8, 32>(q, k, v, dims, |r| unsafe {

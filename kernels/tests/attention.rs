@@ -2,7 +2,8 @@
 //! lengths and head sizes, single keys, non-contiguous views, f32/bf16/f16, every SIMD level.
 
 use candle_core::{DType, Device, Tensor};
-use sdrs_kernels::attention::{attention, naive, AttentionMode};
+use sdrs_kernels::attention::{attention, flash_at, naive, AttentionMode};
+use sdrs_kernels::cpu::Level;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let count: usize = shape.iter().product();
@@ -61,6 +62,21 @@ fn flash_and_sliced_match_naive_in_f32() {
             // Values are convex combinations of v (|v| <= 3): f32 rounding of a few ulps.
             let diff = max_diff(&got, &reference);
             assert!(diff < 2e-5, "{mode} {b}x{h}x{lq}x{lk}x{d}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn flash_matches_naive_on_every_simd_level() {
+    for level in Level::available() {
+        for (b, h, lq, lk, d) in SHAPES {
+            let q = randn(&[b, h, lq, d], 11);
+            let k = randn(&[b, h, lk, d], 12);
+            let v = randn(&[b, h, lk, d], 13);
+            let reference = naive(&q, &k, &v, 0.3).unwrap();
+            let got = flash_at(level, &q, &k, &v, 0.3).unwrap();
+            let diff = max_diff(&got, &reference);
+            assert!(diff < 2e-5, "{level:?} {b}x{h}x{lq}x{lk}x{d}: {diff}");
         }
     }
 }

@@ -134,3 +134,37 @@ fn mismatched_shapes_are_errors_not_panics() {
     let error = conv.forward(&randn(&[1, 4, 8, 8], 12)).unwrap_err();
     assert!(error.to_string().contains("channels"), "{error}");
 }
+
+#[test]
+fn conv_kernel_matches_candle_on_every_simd_level() {
+    use sdrs_kernels::conv::{conv2d, ConvGeometry};
+    let (cin, cout, h, w) = (5, 7, 9, 11);
+    let x = randn(&[1, cin, h, w], 13);
+    let weight = randn(&[cout, cin, 3, 3], 14);
+    let reference = x.conv2d(&weight, 1, 2, 1, 1).unwrap();
+    let g = ConvGeometry {
+        channels: cin,
+        out_channels: cout,
+        height: h,
+        width: w,
+        kernel_h: 3,
+        kernel_w: 3,
+        stride: 2,
+        padding: 1,
+        dilation: 1,
+    };
+    let (out_h, out_w) = g.output_size().unwrap();
+    let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ws = weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for level in sdrs_kernels::cpu::Level::available() {
+        for bf16_dot in [false, true] {
+            let mut out = vec![0f32; cout * out_h * out_w];
+            conv2d(level, g, 1, &xs, &ws, &mut out, bf16_dot);
+            let got = Tensor::from_vec(out, (1, cout, out_h, out_w), &Device::Cpu).unwrap();
+            let diff = max_relative_diff(&got, &reference);
+            // bf16_dot rounds the operands to bf16 where the CPU has the instructions.
+            let tol = if bf16_dot { 1e-2 } else { 1e-5 };
+            assert!(diff < tol, "{level:?} bf16_dot={bf16_dot}: {diff}");
+        }
+    }
+}
