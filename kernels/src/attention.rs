@@ -275,7 +275,7 @@ fn pack_head<T: Element, const NR: usize>(
 /// `e^x` for `x <= 0` to about 2e-7 relative: `2^n · p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`
 /// and a degree-6 Taylor polynomial. Written so the compiler vectorises it (no library call).
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(crate) fn exp_neg(x: f32) -> f32 {
     let x = x.max(-87.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;

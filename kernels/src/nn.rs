@@ -395,8 +395,14 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl GroupNorm {
+    /// The normalisation followed by SiLU, in one pass over the data on the CPU (what every
+    /// resnet and the output heads do).
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, true)
+    }
+
+    fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         if dims.len() < 2 || dims[1] != self.weight.elem_count() {
             candle_core::bail!(
@@ -404,6 +410,18 @@ impl Module for GroupNorm {
                 xs.shape(),
                 self.weight.elem_count()
             );
+        }
+        let ours =
+            xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16);
+        if ours {
+            let op = GroupNormOp {
+                weight: self.weight.to_vec1::<f32>()?,
+                bias: self.bias.to_vec1::<f32>()?,
+                groups: self.groups,
+                eps: self.eps,
+                silu,
+            };
+            return xs.contiguous()?.apply_op1_no_bwd(&op);
         }
         let per_group = xs.elem_count() / dims[0] / self.groups;
         let x = xs
@@ -415,10 +433,103 @@ impl Module for GroupNorm {
         let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let mut affine = vec![1; dims.len()];
         affine[1] = dims[1];
-        x.reshape(dims)?
+        let y = x
+            .reshape(dims)?
             .broadcast_mul(&self.weight.reshape(affine.clone())?)?
-            .broadcast_add(&self.bias.reshape(affine)?)?
-            .to_dtype(xs.dtype())
+            .broadcast_add(&self.bias.reshape(affine)?)?;
+        let y = if silu { y.silu()? } else { y };
+        y.to_dtype(xs.dtype())
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, false)
+    }
+}
+
+/// GroupNorm (+ SiLU) on `[N, C, ...]`: statistics per (image, group) in f64, then one pass
+/// that normalises, applies the affine and the activation, and writes the input's dtype.
+struct GroupNormOp {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl GroupNormOp {
+    fn run<T: Element>(&self, x: &[T], images: usize, channels: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let group_channels = channels / self.groups;
+        let spatial = x.len() / (images * channels).max(1);
+        let chunk = group_channels * spatial;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(chunk.max(1))
+            .zip(x.par_chunks(chunk.max(1)))
+            .enumerate()
+            .for_each(|(index, (dst, src))| {
+                let (mut sum, mut sq) = (0f64, 0f64);
+                for v in src {
+                    let v = v.to_f32() as f64;
+                    sum += v;
+                    sq += v * v;
+                }
+                let n = src.len().max(1) as f64;
+                let mean = sum / n;
+                let var = (sq / n - mean * mean).max(0.0);
+                let rstd = 1.0 / (var + self.eps).sqrt();
+                let group = index % self.groups;
+                for (c, (d_row, s_row)) in dst
+                    .chunks_mut(spatial.max(1))
+                    .zip(src.chunks(spatial.max(1)))
+                    .enumerate()
+                {
+                    let channel = group * group_channels + c;
+                    let scale = (rstd as f32) * self.weight[channel];
+                    let (mean, shift) = (mean as f32, self.bias[channel]);
+                    for (d, s) in d_row.iter_mut().zip(s_row) {
+                        // Centre first: folding the mean into the shift loses digits when the
+                        // variance is tiny and `scale` huge.
+                        let y = (s.to_f32() - mean) * scale + shift;
+                        *d = if self.silu { silu(y) } else { y };
+                    }
+                }
+            });
+        out
+    }
+}
+
+/// `y * sigmoid(y)`, with the exponential of a non-positive argument only (no overflow).
+#[inline(always)]
+fn silu(y: f32) -> f32 {
+    let e = crate::attention::exp_neg(-y.abs());
+    let sigmoid = if y >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    };
+    y * sigmoid
+}
+
+impl candle_core::CustomOp1 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "sdrs-group-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (images, channels) = (layout.dims()[0], layout.dims()[1]);
+        let op = "sdrs-group-norm";
+        let out = match storage {
+            CpuStorage::F32(x) => self.run(contiguous(x, layout, op)?, images, channels),
+            CpuStorage::BF16(x) => self.run(contiguous(x, layout, op)?, images, channels),
+            CpuStorage::F16(x) => self.run(contiguous(x, layout, op)?, images, channels),
+            other => candle_core::bail!("sdrs-group-norm: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((
+            storage_from_f32(out, storage.dtype())?,
+            layout.shape().clone(),
+        ))
     }
 }
 

@@ -168,3 +168,35 @@ fn conv_kernel_matches_candle_on_every_simd_level() {
         }
     }
 }
+
+#[test]
+fn fused_group_norm_and_silu_match_candle() {
+    use sdrs_kernels::nn::GroupNorm;
+    for (shape, groups) in [
+        (vec![2, 8, 5, 7], 4),
+        (vec![1, 6, 9], 3),
+        (vec![1, 32, 1, 1], 32),
+    ] {
+        let channels = shape[1];
+        let x = randn(&shape, 21);
+        let weight = randn(&[channels], 22);
+        let bias = randn(&[channels], 23);
+        let ours = GroupNorm::new(weight.clone(), bias.clone(), groups, 1e-5).unwrap();
+        let reference = candle_nn::GroupNorm::new(weight, bias, channels, groups, 1e-5)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        // f32 statistics and one rounding per element: a few ulps.
+        let diff = max_relative_diff(&ours.forward(&x).unwrap(), &reference);
+        assert!(diff < 1e-5, "{shape:?}: {diff}");
+        let fused = ours.forward_silu(&x).unwrap();
+        assert!(max_relative_diff(&fused, &reference.silu().unwrap()) < 1e-5);
+        let half = ours
+            .forward_silu(&x.to_dtype(DType::BF16).unwrap())
+            .unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
+    }
+    let ours = GroupNorm::new(randn(&[4], 1), randn(&[4], 2), 2, 1e-5).unwrap();
+    let error = ours.forward(&randn(&[1, 3, 2, 2], 3)).unwrap_err();
+    assert!(error.to_string().contains("4 channels"), "{error}");
+}

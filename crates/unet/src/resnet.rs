@@ -96,6 +96,15 @@ pub fn conv2d_same(
     )
 }
 
+/// `act(norm(xs))`, fused into one pass when the activation is SiLU (as in every SD model).
+pub fn norm_act(norm: &GroupNorm, act: Activation, xs: &Tensor) -> Result<Tensor> {
+    if act == Activation::Silu {
+        Ok(norm.forward_silu(xs)?)
+    } else {
+        Ok(act.forward(&norm.forward(xs)?)?)
+    }
+}
+
 /// `norm1 -> act -> conv1 (+ time_emb_proj(act(temb))) -> norm2 -> act -> conv2`, plus the
 /// (optionally projected) input.
 #[derive(Debug, Clone)]
@@ -156,13 +165,13 @@ impl ResnetBlock2D {
 
     /// `xs` `[B, C, H, W]`; `temb` `[B, temb_channels]`, ignored by a block built without one.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.act.forward(&self.norm1.forward(xs)?)?;
+        let h = norm_act(&self.norm1, self.act, xs)?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let temb = proj.forward(&self.act.forward(temb)?)?;
             h = h.broadcast_add(&temb.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
         }
-        let h = self.act.forward(&self.norm2.forward(&h)?)?;
+        let h = norm_act(&self.norm2, self.act, &h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,

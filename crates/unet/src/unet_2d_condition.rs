@@ -2,7 +2,7 @@
 //! UNet of SD1.x, SD2.x and SDXL (base and refiner).
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::VarBuilder;
 use sdrs_kernels::nn::GroupNorm;
 
 use crate::activations::Activation;
@@ -389,7 +389,7 @@ impl UNet2DConditionModel {
             };
         }
 
-        let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = crate::resnet::norm_act(&self.conv_norm_out, self.conv_act, &xs)?;
         self.conv_out.forward(&xs)
     }
 

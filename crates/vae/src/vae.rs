@@ -2,7 +2,7 @@
 //! autoencoder of "High-Resolution Image Synthesis with Latent Diffusion Models").
 
 use candle_core::Tensor;
-use candle_nn::{Module, VarBuilder};
+use candle_nn::VarBuilder;
 use sdrs_kernels::nn::GroupNorm;
 use sdrs_unet::resnet::Conv2d;
 use sdrs_unet::unet_2d_blocks::{
@@ -106,7 +106,7 @@ impl Encoder {
         }
         let xs = self.mid_block.forward(&xs, None)?;
         // diffusers quirk: the final activation is `nn.SiLU()` whatever `act_fn` says.
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }
@@ -171,7 +171,7 @@ impl Decoder {
             xs = block.forward(&xs, None)?;
         }
         // diffusers quirk: the final activation is `nn.SiLU()` whatever `act_fn` says.
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }
