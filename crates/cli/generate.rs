@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use clap::Args;
 use sdrs_kernels::attention::AttentionMode;
 use sdrs_pipeline::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion};
@@ -16,15 +17,22 @@ use crate::progress::step_bar;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The model: a folder in the diffusers layout (`model_index.json`, `unet/`, `vae/`, ...) or a
-    /// single original-layout `.safetensors` checkpoint (with `--config`).
-    #[arg(short = 'm', long = "model")]
-    pub model: PathBuf,
+    /// The model: a short name (sd15, sdxl, sdxl-refiner), a Hugging Face repo id `org/name`
+    /// (optionally `org/name@revision`; downloaded into the Hugging Face cache on first use), a
+    /// folder in the diffusers layout, or a single original-layout `.safetensors` checkpoint.
+    #[arg(short = 'm', long = "model", default_value = "sd15")]
+    pub model: String,
 
     /// For a single-file checkpoint: a diffusers folder of the same family whose configs,
-    /// tokenizers and scheduler are used (its weights are not read).
+    /// tokenizers and scheduler are used (its weights are not read). Without it, SD1.5 and SDXL
+    /// checkpoints of the published shapes use built-in configs; SD2.x ones need it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+
+    /// Weight variant to use where the model has it (`fp16`: `*.fp16.safetensors`). Downloads
+    /// from Hugging Face take the fp16 files by default when computing in f16 or bf16.
+    #[arg(long, value_parser = crate::hub::parse_variant)]
+    pub variant: Option<String>,
 
     /// What to draw.
     #[arg(short = 'p', long = "prompt")]
@@ -50,9 +58,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0.75)]
     pub strength: f64,
 
-    /// SDXL: a refiner model that finishes the base model's last steps.
+    /// SDXL: a refiner model that finishes the base model's last steps (named as `-m` is, e.g.
+    /// `sdxl-refiner`).
     #[arg(long)]
-    pub refiner: Option<PathBuf>,
+    pub refiner: Option<String>,
 
     /// SDXL: the fraction of the steps the base model runs before the refiner takes over.
     #[arg(long = "refiner-start", default_value_t = 0.8)]
@@ -110,10 +119,11 @@ pub struct GenerateArgs {
     #[arg(long = "clip-skip")]
     pub clip_skip: Option<usize>,
 
-    /// Decode with a tiny autoencoder (TAESD, TAESDXL, ...): a folder in the diffusers layout or
-    /// with the original `*_encoder/_decoder.safetensors` files.
+    /// Decode with a tiny autoencoder (TAESD, TAESDXL, ...): `taesd`, `taesdxl`, a Hugging Face
+    /// repo id, or a folder in the diffusers layout or with the original
+    /// `*_encoder/_decoder.safetensors` files.
     #[arg(long)]
-    pub vae: Option<PathBuf>,
+    pub vae: Option<String>,
 
     /// Write a preview of the image being sampled to this PNG (replaced atomically), decoded with
     /// `--vae` when given, else with a cheap linear projection of the latents.
@@ -232,8 +242,13 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let options = LoadOptions {
         dtype: sdrs_pipeline::resolve_dtype(&args.dtype, &device)?,
         device,
-        variant: None,
+        variant: args.variant.clone(),
     };
+    // What to download: the variant asked for, else the fp16 files for half-precision compute.
+    let download_variant = args
+        .variant
+        .clone()
+        .or_else(|| matches!(options.dtype, DType::F16 | DType::BF16).then(|| "fp16".to_string()));
     let seed = resolve_seed(args.seed);
     eprintln!("seed {seed}");
 
@@ -241,12 +256,22 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         // Fail before any work if the preview cannot be written either.
         drop(PendingImage::reserve(preview)?);
     }
-    let mut pipeline = load_model(&args.model, args.config.as_deref(), &options)?;
-    if let Some(vae) = &args.vae {
-        if !vae.exists() {
-            bail!("--vae {}: no such folder (give a tiny autoencoder such as a local copy of madebyollin/taesd)", vae.display());
+    let mut pipeline = load_model(
+        &args.model,
+        args.config.as_deref(),
+        &options,
+        download_variant.as_deref(),
+    )?;
+    if let Some(vae_ref) = &args.vae {
+        let vae = crate::hub::local_model(vae_ref, download_variant.as_deref())
+            .with_context(|| format!("--vae {vae_ref}"))?;
+        if !vae.is_dir() {
+            bail!(
+                "--vae {}: not a folder (give a tiny autoencoder such as taesd, taesdxl or a local copy of madebyollin/taesd)",
+                vae.display()
+            );
         }
-        let tiny = AutoencoderTiny::from_dir(vae, options.dtype, &options.device)
+        let tiny = AutoencoderTiny::from_dir(&vae, options.dtype, &options.device)
             .with_context(|| format!("cannot load the tiny autoencoder at {}", vae.display()))?;
         pipeline.set_tiny_autoencoder(tiny)?;
     }
@@ -309,19 +334,19 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let image = match &args.refiner {
         None => pipeline.generate(&request, &mut on_step)?,
-        Some(refiner_path) => {
+        Some(refiner_ref) => {
             if pipeline.family() != ModelFamily::SdxlBase {
                 bail!(
                     "--refiner needs an SDXL base model, but {} is {}",
-                    args.model.display(),
+                    args.model,
                     pipeline.family().name()
                 );
             }
-            let refiner = load_model(refiner_path, None, &options)?;
+            let refiner = load_model(refiner_ref, None, &options, download_variant.as_deref())?;
             if refiner.family() != ModelFamily::SdxlRefiner {
                 bail!(
                     "--refiner {} is {}, not an SDXL refiner",
-                    refiner_path.display(),
+                    refiner_ref,
                     refiner.family().name()
                 );
             }
@@ -333,7 +358,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             refine.latents = None;
             refine.denoising_end = None;
             refine.denoising_start = Some(args.refiner_start);
-            extra.push(("Refiner".to_string(), model_name(refiner_path)));
+            extra.push(("Refiner".to_string(), model_name(refiner_ref)));
             extra.push((
                 "Refiner switch at".to_string(),
                 args.refiner_start.to_string(),
@@ -367,20 +392,22 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A diffusers folder, or a single `.safetensors` checkpoint with the configs of `config`.
+/// A model reference (see `--model`) loaded: a diffusers folder (downloaded from Hugging Face
+/// first for a repo id, with the weight variant `download_variant` where the repo has it), or a
+/// single `.safetensors` checkpoint with the configs of `config`, else the built-in ones.
 fn load_model(
-    model: &Path,
+    reference: &str,
     config: Option<&Path>,
     options: &LoadOptions,
+    download_variant: Option<&str>,
 ) -> Result<StableDiffusion> {
+    let model = crate::hub::local_model(reference, download_variant)?;
+    let model = model.as_path();
     let loaded = if model.is_file() {
-        let config = config.ok_or_else(|| {
-            anyhow::anyhow!(
-                "{} is a single-file checkpoint: give --config <diffusers folder of the same family> for its configs",
-                model.display()
-            )
-        })?;
-        StableDiffusion::load_single_file(model, config, options)
+        match config {
+            Some(config) => StableDiffusion::load_single_file(model, config, options),
+            None => StableDiffusion::load_single_file_builtin(model, options),
+        }
     } else if model.is_dir() {
         StableDiffusion::load(model, options)
     } else {
@@ -426,8 +453,15 @@ fn output_size(
     Ok(size)
 }
 
-/// The model's name as AUTOMATIC1111 shows it: the folder's (or file's) name without extension.
-fn model_name(path: &Path) -> String {
+/// The model's name as AUTOMATIC1111 shows it: the folder's (or file's) name without extension;
+/// for a repo id, the repo's name without the revision.
+fn model_name(reference: &str) -> String {
+    let path = Path::new(reference);
+    let path = if path.exists() {
+        path
+    } else {
+        Path::new(reference.split('@').next().unwrap_or(reference))
+    };
     let is_weights_file = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors") || e.eq_ignore_ascii_case("ckpt"));
@@ -550,7 +584,7 @@ mod tests {
         ]);
         assert_eq!(args.preview, Some(PathBuf::from("p.png")));
         assert_eq!(args.preview_every, 5);
-        assert_eq!(args.vae, Some(PathBuf::from("taesd")));
+        assert_eq!(args.vae.as_deref(), Some("taesd"));
         assert_eq!(parse(&[]).preview_every, 1);
         let argv = ["x", "-m", "m", "-p", "a", "--preview-every", "0"];
         assert!(Wrapper::try_parse_from(argv).is_err());
@@ -566,7 +600,7 @@ mod tests {
         let args = parse(&["-i", "in.png", "--strength", "0.5", "--refiner", "r"]);
         assert_eq!(args.init_img, Some(PathBuf::from("in.png")));
         assert_eq!(args.strength, 0.5);
-        assert_eq!(args.refiner, Some(PathBuf::from("r")));
+        assert_eq!(args.refiner.as_deref(), Some("r"));
     }
 
     #[test]
@@ -578,8 +612,24 @@ mod tests {
 
     #[test]
     fn model_name_is_the_folder_or_file_stem() {
-        assert_eq!(model_name(Path::new("/m/tiny-sd15")), "tiny-sd15");
-        assert_eq!(model_name(Path::new("/m/rv.safetensors")), "rv");
-        assert_eq!(model_name(Path::new("/m/sd-v1.5")), "sd-v1.5");
+        assert_eq!(model_name("/m/tiny-sd15"), "tiny-sd15");
+        assert_eq!(model_name("/m/rv.safetensors"), "rv");
+        assert_eq!(model_name("/m/sd-v1.5"), "sd-v1.5");
+        assert_eq!(model_name("org/my-model@v2"), "my-model");
+        assert_eq!(model_name("sd15"), "sd15");
+    }
+
+    #[test]
+    fn model_defaults_to_sd15_and_variant_is_optional() {
+        let args = Wrapper::try_parse_from(["x", "-p", "a cat"]).unwrap().args;
+        assert_eq!(args.model, "sd15");
+        assert_eq!(args.variant, None);
+        assert_eq!(args.config, None);
+        let args = parse(&["--variant", "fp16"]);
+        assert_eq!(args.variant.as_deref(), Some("fp16"));
+        let argv = ["x", "-p", "p", "--variant", "fp16/../x"];
+        assert!(Wrapper::try_parse_from(argv).is_err());
+        let args = parse(&["--config", "cfg"]);
+        assert_eq!(args.config, Some(PathBuf::from("cfg")));
     }
 }

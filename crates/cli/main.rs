@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod hub;
 mod input;
 mod output;
 mod parity;
@@ -31,6 +32,10 @@ enum Command {
     Roundtrip(roundtrip::RoundtripArgs),
     /// Time the text encoder, a UNet step, the VAE and TAESD decodes and a whole generation.
     Bench(bench::BenchArgs),
+    /// Download a model from Hugging Face into the cache ahead of time; print where it is.
+    Pull(hub::PullArgs),
+    /// List the models in the Hugging Face cache with their revisions and sizes on disk.
+    Models(hub::ModelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,12 +45,60 @@ fn main() -> ExitCode {
         Command::Parity(args) => parity::run(args),
         Command::Roundtrip(args) => roundtrip::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Pull(args) => hub::run_pull(args),
+        Command::Models(args) => hub::run_models(args),
     };
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, each once: library errors often say their cause in their own
+/// message already, and `{:#}` would repeat it.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    /// An error that says its cause in its own message, as the library errors do.
+    #[derive(Debug)]
+    struct Outer {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "outer: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = || std::io::Error::other("disk on fire");
+        let error = anyhow::Error::new(Outer { source: io() }).context("cannot load");
+        assert_eq!(describe(&error), "cannot load: outer: disk on fire");
+        let error = anyhow::Error::new(io()).context("cannot load");
+        assert_eq!(describe(&error), "cannot load: disk on fire");
     }
 }

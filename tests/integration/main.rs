@@ -3,6 +3,7 @@
 mod bad_input;
 mod bench;
 mod generate;
+mod hub;
 mod parity;
 mod roundtrip;
 mod util;

@@ -178,6 +178,28 @@ impl ClipTokenizer {
         Self::finish(tokenizer, &special, &origin)
     }
 
+    /// The tokenizer of every SD1.x and SDXL text encoder, from the CLIP vocabulary built into
+    /// the binary (`assets/vocab.json` and `assets/merges.txt`, as OpenAI published them), with
+    /// the special tokens and length of a folder's `tokenizer_config.json` and
+    /// `special_tokens_map.json` (either may be `None`), read as [`Self::from_dir`] reads them.
+    pub fn builtin(
+        tokenizer_config: Option<&Value>,
+        special_tokens_map: Option<&Value>,
+    ) -> Result<Self> {
+        const VOCAB: &str = include_str!("../assets/vocab.json");
+        const MERGES: &str = include_str!("../assets/merges.txt");
+        let special = SpecialTokens::from_configs(tokenizer_config, special_tokens_map);
+        let origin = "the built-in CLIP vocabulary".to_string();
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(VOCAB).map_err(|source| Error::Json {
+                path: PathBuf::from("<built-in vocab.json>"),
+                source,
+            })?;
+        let merges = parse_merges(MERGES, "<built-in merges.txt>")?;
+        let tokenizer = build_clip_bpe(vocab, merges, &special, &origin)?;
+        Self::finish(tokenizer, &special, &origin)
+    }
+
     /// Registers the special tokens (transformers adds every configured special token to the
     /// backend, so e.g. a pad token `!` is matched whole and never merged into `!!`) and looks
     /// up their ids.

@@ -47,6 +47,20 @@ pub enum Error {
         source: crate::single_file::SingleFileError,
     },
 
+    /// A single checkpoint of a family without built-in configs.
+    #[error("{path} is an {family} checkpoint, which has no built-in configs: load it with the configs of a diffusers folder of the same model (`--config <folder>` in the CLI)")]
+    NoBuiltinConfig { path: PathBuf, family: &'static str },
+
+    /// A single checkpoint that does not have the shapes of the published model whose built-in
+    /// configs were used (a model of another size, or a pruned or extended one).
+    #[error("{path} does not have the shapes of the published {model} model, whose built-in configs were used; load it with the configs of a diffusers folder of the same model (`--config <folder>` in the CLI): {source}")]
+    NotPublishedShapes {
+        path: PathBuf,
+        model: &'static str,
+        #[source]
+        source: Box<Error>,
+    },
+
     /// The model folder holds a pipeline this version does not run.
     #[error("unsupported pipeline {class} in {path}; supported: {supported}")]
     UnsupportedPipeline {

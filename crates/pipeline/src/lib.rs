@@ -8,6 +8,7 @@ pub mod checkpoint;
 mod conditioning;
 pub mod device;
 pub mod error;
+pub mod model_files;
 pub mod parity;
 pub mod preview;
 pub mod single_file;
@@ -18,6 +19,7 @@ pub use builtin::BuiltinModel;
 pub use conditioning::MicroConditioning;
 pub use device::{dtype_name, parse_device, parse_dtype, resolve_dtype};
 pub use error::{Error, Result};
+pub use model_files::ModelFiles;
 pub use stable_diffusion::{
     InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress,
 };

@@ -7,18 +7,19 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sdrs_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use sdrs_clip::ClipTextModel;
 use sdrs_schedulers::{NoNoise, NoiseSource, TorchGenerator};
-use sdrs_unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
+use sdrs_unet::UNet2DConditionModel;
+use sdrs_vae::AutoencoderKL;
 
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::Checkpoint;
 use crate::conditioning::{MicroConditioning, Prompts, TextEncoder, TextEncoders};
 use crate::error::{Error, Result};
+use crate::model_files::{builtin_for_checkpoint, ModelFiles};
 use crate::single_file::CheckpointFamily;
-use crate::weights::{find_weights, read_json, var_builder};
+use crate::weights::{find_weights, var_builder};
 use sdrs_taesd::AutoencoderTiny;
 
 /// Which kind of Stable Diffusion model a folder holds, detected from its own files.
@@ -36,22 +37,26 @@ impl ModelFamily {
     /// SDXL when the UNet takes `text_time` added conditions; the refiner when the model has no
     /// first text encoder (or says it wants aesthetic scores).
     pub fn detect(root: &Path) -> Result<Self> {
-        let unet_config = root.join("unet").join("config.json");
-        let unet = read_json(&unet_config)?;
+        Self::detect_in(&ModelFiles::Folder(root.to_path_buf()))
+    }
+
+    /// [`Self::detect`] for any source of configs.
+    pub fn detect_in(files: &ModelFiles) -> Result<Self> {
+        let unet = files.json("unet/config.json")?;
         let sdxl = unet["addition_embed_type"].as_str() == Some("text_time");
         if !sdxl {
-            if root.join("text_encoder").is_dir() {
+            if files.has_dir("text_encoder") {
                 return Ok(Self::Sd);
             }
             return Err(Error::MissingFile {
-                path: root.join("text_encoder"),
+                path: files.location("text_encoder"),
                 what: "a Stable Diffusion 1.x/2.x model needs its text encoder".to_string(),
             });
         }
-        let index = root.join("model_index.json");
-        let aesthetics = index.is_file()
-            && read_json(&index)?["requires_aesthetics_score"].as_bool() == Some(true);
-        if aesthetics || !root.join("text_encoder").join("config.json").is_file() {
+        let aesthetics = files
+            .optional_json("model_index.json")?
+            .is_some_and(|index| index["requires_aesthetics_score"].as_bool() == Some(true));
+        if aesthetics || !files.has_file("text_encoder/config.json") {
             Ok(Self::SdxlRefiner)
         } else {
             Ok(Self::SdxlBase)
@@ -227,7 +232,18 @@ impl StableDiffusion {
     /// Loads every component from a diffusers folder (`model_index.json`, `tokenizer*/`,
     /// `text_encoder*/`, `unet/`, `vae/`, `scheduler/`).
     pub fn load(root: &Path, options: &LoadOptions) -> Result<Self> {
-        Self::load_with(root, &Weights::Folder, options)
+        if !root.is_dir() {
+            return Err(Error::MissingFile {
+                path: root.to_path_buf(),
+                what: "a model folder in the diffusers layout".to_string(),
+            });
+        }
+        Self::load_with(
+            root,
+            &ModelFiles::Folder(root.to_path_buf()),
+            &Weights::Folder(root.to_path_buf()),
+            options,
+        )
     }
 
     /// Loads a single original-layout checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
@@ -257,27 +273,66 @@ impl StableDiffusion {
                 ),
             });
         }
-        Self::load_with(config_dir, &Weights::Checkpoint(checkpoint), options)
-    }
-
-    fn load_with(root: &Path, weights: &Weights, options: &LoadOptions) -> Result<Self> {
-        if !root.is_dir() {
+        if !config_dir.is_dir() {
             return Err(Error::MissingFile {
-                path: root.to_path_buf(),
+                path: config_dir.to_path_buf(),
                 what: "a model folder in the diffusers layout".to_string(),
             });
         }
-        let family = ModelFamily::detect(root)?;
+        Self::load_with(
+            config_dir,
+            &ModelFiles::Folder(config_dir.to_path_buf()),
+            &Weights::Checkpoint(checkpoint),
+            options,
+        )
+    }
+
+    /// Loads a single original-layout checkpoint of SD1.5, SDXL base or SDXL refiner with the
+    /// built-in configs of the published model of its family (detected from its keys) and the
+    /// built-in CLIP vocabulary: no config folder, no network. A checkpoint whose shapes differ
+    /// from the published model's, or an SD2.x one, needs [`Self::load_single_file`].
+    pub fn load_single_file_builtin(checkpoint: &Path, options: &LoadOptions) -> Result<Self> {
+        let checkpoint = Checkpoint::open(checkpoint)?;
+        let path = checkpoint.path().to_path_buf();
+        let model =
+            builtin_for_checkpoint(checkpoint.family()).ok_or_else(|| Error::NoBuiltinConfig {
+                path: path.clone(),
+                family: "SD2.x",
+            })?;
+        Self::load_with(
+            &path,
+            &ModelFiles::Builtin(model),
+            &Weights::Checkpoint(checkpoint),
+            options,
+        )
+        .map_err(|source| match source {
+            Error::SingleFile { .. } | Error::Weights { .. } => Error::NotPublishedShapes {
+                path,
+                model: model.name(),
+                source: Box::new(source),
+            },
+            other => other,
+        })
+    }
+
+    /// `root` is what [`Self::root`] reports: the folder, or the single checkpoint file.
+    fn load_with(
+        root: &Path,
+        files: &ModelFiles,
+        weights: &Weights,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let family = ModelFamily::detect_in(files)?;
         let device = &options.device;
         let dtype = options.dtype;
         let variant = options.variant.as_deref();
         let load =
             |component: &'static str, dtype: DType| -> Result<(VarBuilder<'static>, PathBuf)> {
-                weights.component(root, component, variant, dtype, device)
+                weights.component(files, component, variant, dtype, device)
             };
         let text_encoder = |tokenizer: &str, encoder: &'static str| -> Result<TextEncoder> {
-            let tokenizer = ClipTokenizer::from_dir(&root.join(tokenizer))?;
-            let config = ClipTextConfig::from_file(&root.join(encoder).join("config.json"))?;
+            let tokenizer = files.tokenizer(tokenizer)?;
+            let config = files.text_config(encoder)?;
             let (vb, path) = load(encoder, dtype)?;
             let model = ClipTextModel::new(vb, &config)
                 .map_err(|e| with_weights_context(encoder, path, e))?;
@@ -288,12 +343,9 @@ impl StableDiffusion {
                 TextEncoders::Sd(Box::new(text_encoder("tokenizer", "text_encoder")?))
             }
             ModelFamily::SdxlBase | ModelFamily::SdxlRefiner => {
-                let index = root.join("model_index.json");
-                let index = if index.is_file() {
-                    read_json(&index)?
-                } else {
-                    serde_json::Value::Null
-                };
+                let index = files
+                    .optional_json("model_index.json")?
+                    .unwrap_or(serde_json::Value::Null);
                 let mut encoders = Vec::new();
                 if family == ModelFamily::SdxlBase {
                     encoders.push(text_encoder("tokenizer", "text_encoder")?);
@@ -310,12 +362,12 @@ impl StableDiffusion {
             }
         };
 
-        let unet_config = UNet2DConditionConfig::from_file(&root.join("unet").join("config.json"))?;
+        let unet_config = files.unet_config()?;
         let (vb, path) = load("unet", dtype)?;
         let unet = UNet2DConditionModel::new(vb, &unet_config)
             .map_err(|e| with_weights_context("unet", path, e))?;
 
-        let vae_config = AutoencoderKLConfig::from_file(&root.join("vae").join("config.json"))?;
+        let vae_config = files.vae_config()?;
         // diffusers runs the VAE in f32 when the model is f16 and the VAE says it overflows in f16.
         let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
             DType::F32
@@ -326,7 +378,7 @@ impl StableDiffusion {
         let vae = AutoencoderKL::new(vb, &vae_config)
             .map_err(|e| with_weights_context("vae", path, e))?;
 
-        let scheduler_config = read_json(&root.join("scheduler").join("scheduler_config.json"))?;
+        let scheduler_config = files.json("scheduler/scheduler_config.json")?;
 
         Ok(Self {
             root: root.to_path_buf(),
@@ -346,7 +398,8 @@ impl StableDiffusion {
         activation_dtype(self.vae_dtype, &self.device)
     }
 
-    /// The folder the model was loaded from.
+    /// The folder the model was loaded from (the checkpoint file for a single file loaded with the
+    /// built-in configs).
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -767,31 +820,32 @@ fn with_weights_context<E: Into<Error>>(component: &'static str, path: PathBuf, 
 
 /// Where the component weights come from.
 enum Weights {
-    /// Each component's own files in the diffusers folder.
-    Folder,
+    /// Each component's own files in this diffusers folder.
+    Folder(PathBuf),
     /// One original-layout checkpoint for every component.
     Checkpoint(Checkpoint),
 }
 
 impl Weights {
     /// The weights of `component` as a `VarBuilder`, and the file they come from (for messages).
+    /// The component's config comes from `files` (a single checkpoint has none of its own).
     fn component(
         &self,
-        root: &Path,
+        files: &ModelFiles,
         component: &'static str,
         variant: Option<&str>,
         dtype: DType,
         device: &Device,
     ) -> Result<(VarBuilder<'static>, PathBuf)> {
-        let dir = root.join(component);
         match self {
-            Weights::Folder => {
+            Weights::Folder(root) => {
+                let dir = root.join(component);
                 let files = find_weights(&dir, variant)?;
                 let vb = var_builder(component, &files, dtype, device)?;
                 Ok((vb, files.first().cloned().unwrap_or(dir)))
             }
             Weights::Checkpoint(checkpoint) => {
-                let config = read_json(&dir.join("config.json"))?;
+                let config = files.json(&format!("{component}/config.json"))?;
                 let vb = checkpoint.var_builder(component, &config, dtype, device)?;
                 Ok((vb, checkpoint.path().to_path_buf()))
             }
