@@ -462,7 +462,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,fma")]
     pub unsafe fn rows_avx512(r: Rows) {
         flash_rows::<8, 32>(r.q, r.kv, r.out, r.rows, r.dims, |kc, a, b| {
-            tile_fma::<8, 32>(kc, a, b)
+            crate::gemm::tile_avx512(kc, a, b)
         })
     }
 
