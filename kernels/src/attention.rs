@@ -173,10 +173,8 @@ pub fn sliced(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: usize) -> R
     Tensor::cat(&outputs, 0)?.reshape((b, h, lq, dv))
 }
 
-/// Keys per inner block (a multiple of every micro-tile width).
-const BLOCK_K: usize = 64;
-/// Query panels (of the micro-tile height) per task.
-const PANELS_Q: usize = 4;
+/// Keys per inner block (a multiple of every micro-tile height: 4, 6 and 8).
+const BLOCK_K: usize = 96;
 
 struct FlashAttention {
     scale: f64,
@@ -231,17 +229,17 @@ struct Dims {
     dv: usize,
 }
 
-/// One (batch, head)'s keys and values in f32, laid out as the micro-tiles read them: keys in
-/// panels of `NR` keys (`[panel][d][NR]`), values in panels of `NR` output columns
-/// (`[panel][key][NR]`), both zero-padded to whole blocks. O(L·D) memory, never O(L²).
+/// One (batch, head)'s keys and values in f32, laid out as the micro-tiles read their A operand:
+/// keys in panels of `MR` keys (`[panel][d][MR]`), and values transposed, in panels of `MR`
+/// output columns (`[panel][key][MR]`), zero-padded to whole panels. O(L·D) memory, never O(L²).
 struct HeadKv {
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Keys rounded up to a whole number of blocks.
+    /// Keys rounded up to a whole number of panels.
     lk_padded: usize,
 }
 
-fn pack_head<T: Element, const NR: usize>(
+fn pack_head<T: Element, const MR: usize>(
     k: &View<T>,
     v: &View<T>,
     dims: Dims,
@@ -249,20 +247,20 @@ fn pack_head<T: Element, const NR: usize>(
     hi: usize,
 ) -> HeadKv {
     let Dims { d, lk, dv, .. } = dims;
-    let lk_padded = lk.div_ceil(BLOCK_K) * BLOCK_K;
+    let lk_padded = lk.div_ceil(MR) * MR;
     let mut kp = vec![0f32; lk_padded * d];
     for j in 0..lk {
-        let (panel, lane) = (j / NR, j % NR);
+        let (panel, lane) = (j / MR, j % MR);
         for x in 0..d {
-            kp[(panel * d + x) * NR + lane] = k.at(bi, hi, j, x);
+            kp[(panel * d + x) * MR + lane] = k.at(bi, hi, j, x);
         }
     }
-    let v_panels = dv.div_ceil(NR);
-    let mut vp = vec![0f32; v_panels * lk_padded * NR];
+    let v_panels = dv.div_ceil(MR);
+    let mut vp = vec![0f32; v_panels * lk_padded * MR];
     for j in 0..lk {
         for x in 0..dv {
-            let (panel, lane) = (x / NR, x % NR);
-            vp[(panel * lk_padded + j) * NR + lane] = v.at(bi, hi, j, x);
+            let (panel, lane) = (x / MR, x % MR);
+            vp[(panel * lk_padded + j) * MR + lane] = v.at(bi, hi, j, x);
         }
     }
     HeadKv {
@@ -286,8 +284,11 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Rows `i0 .. i0 + rows` (at most `PANELS_Q * MR`) of one head: for each key block, the scores
-/// `S = Q Kᵀ` and then `O += P V` as register tiles, with the online softmax in between.
+/// Up to `NR` query rows of one head, computed transposed so that every step is a register
+/// tile or a vertical vector operation: for each block of keys, `Sᵀ = K Qᵀ` (`[key][query]`, keys
+/// as the tile's rows), the online softmax down each column (one query per SIMD lane, no
+/// horizontal reductions and no transposes), then `Oᵀ += Vᵀ Pᵀ` with `Pᵀ` read in place as the
+/// tile's B operand. `q` is the query block packed `[d][NR]`, pre-scaled.
 #[inline(always)]
 fn flash_rows<const MR: usize, const NR: usize>(
     q: &[f32],
@@ -298,72 +299,68 @@ fn flash_rows<const MR: usize, const NR: usize>(
     tile: impl Fn(usize, &[f32], &[f32]) -> [[f32; NR]; MR],
 ) {
     let Dims { d, lk, dv, .. } = dims;
-    let q_panels = rows.div_ceil(MR);
-    let v_panels = dv.div_ceil(NR);
-    let mut max = [f32::NEG_INFINITY; 64];
-    let mut sum = [0f32; 64];
-    let mut scores = vec![[0f32; BLOCK_K]; q_panels * MR];
-    // P of each query panel, packed `[key][MR]` as the tile reads A.
-    let mut p_packed = vec![0f32; q_panels * BLOCK_K * MR];
-    let mut acc = vec![[[0f32; NR]; MR]; q_panels * v_panels];
+    let v_panels = dv.div_ceil(MR);
+    let mut max = [f32::NEG_INFINITY; NR];
+    let mut sum = [0f32; NR];
+    let mut scores = vec![[0f32; NR]; BLOCK_K];
+    let mut acc = vec![[[0f32; NR]; MR]; v_panels];
     for j0 in (0..lk).step_by(BLOCK_K) {
         let width = BLOCK_K.min(lk - j0);
-        for qp in 0..q_panels {
-            let a = &q[qp * d * MR..(qp + 1) * d * MR];
-            for kp in 0..BLOCK_K / NR {
-                let panel = j0 / NR + kp;
-                let b = &kv.k[panel * d * NR..(panel + 1) * d * NR];
-                let t = tile(d, a, b);
-                for (r, row) in t.iter().enumerate() {
-                    scores[qp * MR + r][kp * NR..(kp + 1) * NR].copy_from_slice(row);
+        for kp in 0..width.div_ceil(MR) {
+            let panel = j0 / MR + kp;
+            let t = tile(d, &kv.k[panel * d * MR..(panel + 1) * d * MR], q);
+            let rows_here = MR.min(BLOCK_K - kp * MR);
+            scores[kp * MR..kp * MR + rows_here].copy_from_slice(&t[..rows_here]);
+        }
+        let block = &mut scores[..width];
+        let mut new_max = max;
+        for row in block.iter() {
+            for (m, s) in new_max.iter_mut().zip(row) {
+                *m = m.max(*s);
+            }
+        }
+        let mut correction = [0f32; NR];
+        for ((c, old), new) in correction.iter_mut().zip(&max).zip(&new_max) {
+            *c = exp_neg(old - new);
+        }
+        let mut block_sum = [0f32; NR];
+        for row in block.iter_mut() {
+            for ((s, m), total) in row.iter_mut().zip(&new_max).zip(block_sum.iter_mut()) {
+                *s = exp_neg(*s - m);
+                *total += *s;
+            }
+        }
+        for (((total, c), b), (m, new)) in sum
+            .iter_mut()
+            .zip(&correction)
+            .zip(&block_sum)
+            .zip(max.iter_mut().zip(&new_max))
+        {
+            *total = *total * c + b;
+            *m = *new;
+        }
+        if correction.iter().any(|&c| c != 1.0) {
+            for row in acc.iter_mut().flatten() {
+                for (x, c) in row.iter_mut().zip(&correction) {
+                    *x *= c;
                 }
             }
         }
-        for (i, s) in scores.iter_mut().enumerate() {
-            for value in s[width..].iter_mut() {
-                *value = f32::NEG_INFINITY;
-            }
-            let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = max[i].max(block_max);
-            let correction = exp_neg(max[i] - new_max);
-            let mut block_sum = 0.0;
-            for value in s.iter_mut() {
-                *value = exp_neg(*value - new_max);
-                block_sum += *value;
-            }
-            sum[i] = sum[i] * correction + block_sum;
-            max[i] = new_max;
-            let (qp, r) = (i / MR, i % MR);
-            for (j, value) in s.iter().enumerate() {
-                p_packed[(qp * BLOCK_K + j) * MR + r] = *value;
-            }
-            if correction != 1.0 {
-                for vp in 0..v_panels {
-                    for value in acc[qp * v_panels + vp][r].iter_mut() {
-                        *value *= correction;
-                    }
-                }
-            }
-        }
-        for qp in 0..q_panels {
-            let a = &p_packed[qp * BLOCK_K * MR..(qp + 1) * BLOCK_K * MR];
-            for vp in 0..v_panels {
-                let start = (vp * kv.lk_padded + j0) * NR;
-                let t = tile(BLOCK_K, a, &kv.v[start..start + BLOCK_K * NR]);
-                let target = &mut acc[qp * v_panels + vp];
-                for (dst, src) in target.iter_mut().zip(&t) {
-                    for (x, y) in dst.iter_mut().zip(src) {
-                        *x += y;
-                    }
+        let p = block.as_flattened();
+        for (vp, target) in acc.iter_mut().enumerate() {
+            let start = (vp * kv.lk_padded + j0) * MR;
+            let t = tile(width, &kv.v[start..start + width * MR], p);
+            for (dst, src) in target.iter_mut().zip(&t) {
+                for (x, y) in dst.iter_mut().zip(src) {
+                    *x += y;
                 }
             }
         }
     }
-    for i in 0..rows {
-        let (qp, r) = (i / MR, i % MR);
+    for (i, row) in out.chunks_exact_mut(dv).take(rows).enumerate() {
         let inv = 1.0 / sum[i];
-        for x in 0..dv {
-            out[i * dv + x] = acc[qp * v_panels + x / NR][r][x % NR] * inv;
+        for (x, value) in row.iter_mut().enumerate() {
+            *value = acc[x / MR][x % MR][i] * inv;
         }
     }
 }
@@ -408,27 +405,25 @@ impl FlashAttention {
         } = dims;
         let heads: Vec<HeadKv> = (0..b * h)
             .into_par_iter()
-            .map(|bh| pack_head::<T, NR>(&k, &v, dims, bh / h, bh % h))
+            .map(|bh| pack_head::<T, MR>(&k, &v, dims, bh / h, bh % h))
             .collect();
-        let block_rows = PANELS_Q * MR;
         let scale = self.scale as f32;
         let mut out = vec![0f32; b * h * lq * dv];
         let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
         for (bh, head_out) in out.chunks_mut(lq * dv).enumerate() {
-            for (block, rows_out) in head_out.chunks_mut(block_rows * dv).enumerate() {
+            for (block, rows_out) in head_out.chunks_mut(NR * dv).enumerate() {
                 tasks.push((bh, block, rows_out));
             }
         }
         tasks.into_par_iter().for_each(|(bh, block, rows_out)| {
             let (bi, hi) = (bh / h, bh % h);
-            let i0 = block * block_rows;
-            let rows = block_rows.min(lq - i0);
-            // Q rows in panels of MR, `[panel][d][MR]`, pre-scaled.
-            let mut q_packed = vec![0f32; rows.div_ceil(MR) * MR * d];
+            let i0 = block * NR;
+            let rows = NR.min(lq - i0);
+            // The block's queries as the tile's B operand, `[d][NR]`, pre-scaled.
+            let mut q_packed = vec![0f32; d * NR];
             for i in 0..rows {
-                let (panel, r) = (i / MR, i % MR);
                 for x in 0..d {
-                    q_packed[(panel * d + x) * MR + r] = q.at(bi, hi, i0 + i, x) * scale;
+                    q_packed[x * NR + i] = q.at(bi, hi, i0 + i, x) * scale;
                 }
             }
             rows_kernel(Rows {

@@ -33,7 +33,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-const SHAPES: [(usize, usize, usize, usize, usize); 6] = [
+const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
     // (batch, heads, Lq, Lk, D)
     (1, 1, 1, 1, 1),
     (2, 3, 77, 1, 40),
@@ -41,6 +41,8 @@ const SHAPES: [(usize, usize, usize, usize, usize); 6] = [
     (2, 2, 130, 129, 8),
     (1, 1, 5, 300, 64),
     (1, 17, 9, 9, 3),
+    // Several key blocks with a partial last one, several value panels, a partial query block.
+    (1, 2, 65, 193, 80),
 ];
 
 #[test]
