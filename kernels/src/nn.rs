@@ -572,3 +572,86 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let bias = vb.get(dim, "bias")?;
     LayerNorm::new(weight, bias, eps)
 }
+
+/// GEGLU's gating (Shazeer 2020): `[..., 2n]` -> `[..., n]`, `value * gelu(gate)` with `value`
+/// the first half of the last dimension and `gate` the second, GELU in torch's exact erf form.
+/// One pass over the data on the CPU (no split copies, a vectorisable erf); candle's ops elsewhere.
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    let last = projected.dim(candle_core::D::Minus1)?;
+    if last % 2 != 0 {
+        candle_core::bail!(
+            "geglu: the last dimension of {:?} must be even (value and gate halves)",
+            projected.shape()
+        );
+    }
+    let half = last / 2;
+    let ours = projected.device().is_cpu()
+        && matches!(projected.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    if ours {
+        return projected.contiguous()?.apply_op1_no_bwd(&GegluOp);
+    }
+    let value = projected.narrow(candle_core::D::Minus1, 0, half)?;
+    let gate = projected.narrow(candle_core::D::Minus1, half, half)?;
+    value * gate.gelu_erf()?
+}
+
+struct GegluOp;
+
+impl GegluOp {
+    fn run<T: Element>(x: &[T], last: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let half = last / 2;
+        let mut out = vec![0f32; x.len() / 2];
+        out.par_chunks_mut(half.max(1))
+            .zip(x.par_chunks(last.max(1)))
+            .for_each(|(dst, src)| {
+                let (value, gate) = src.split_at(half);
+                for ((d, v), g) in dst.iter_mut().zip(value).zip(gate) {
+                    *d = v.to_f32() * gelu_erf(g.to_f32());
+                }
+            });
+        out
+    }
+}
+
+/// `x · Φ(x) = x/2 · (1 + erf(x/√2))`.
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `erf(x)` to within 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free so that loops over it
+/// vectorise (the library `erf` is a scalar call).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let y = 1.0 - poly * crate::attention::exp_neg(-z * z);
+    y.copysign(x)
+}
+
+impl candle_core::CustomOp1 for GegluOp {
+    fn name(&self) -> &'static str {
+        "sdrs-geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.dims();
+        let last = dims.last().copied().unwrap_or(0);
+        let op = "sdrs-geglu";
+        let out = match storage {
+            CpuStorage::F32(x) => Self::run(contiguous(x, layout, op)?, last),
+            CpuStorage::BF16(x) => Self::run(contiguous(x, layout, op)?, last),
+            CpuStorage::F16(x) => Self::run(contiguous(x, layout, op)?, last),
+            other => candle_core::bail!("sdrs-geglu: unsupported dtype {:?}", other.dtype()),
+        };
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last /= 2;
+        }
+        Ok((storage_from_f32(out, storage.dtype())?, Shape::from(shape)))
+    }
+}

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Conv2dConfig;
-use sdrs_kernels::nn::{Conv2d, Linear};
+use sdrs_kernels::nn::{geglu, Conv2d, Linear};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // candle's CPU randn is not seeded: build the values from a small LCG instead.
@@ -199,4 +199,32 @@ fn fused_group_norm_and_silu_match_candle() {
     let ours = GroupNorm::new(randn(&[4], 1), randn(&[4], 2), 2, 1e-5).unwrap();
     let error = ours.forward(&randn(&[1, 3, 2, 2], 3)).unwrap_err();
     assert!(error.to_string().contains("4 channels"), "{error}");
+}
+
+#[test]
+fn geglu_matches_value_times_candle_gelu_erf() {
+    for (shape, seed) in [
+        (vec![1, 2], 1),
+        (vec![2, 77, 2 * 37], 2),
+        (vec![3, 1, 2 * 640], 3),
+    ] {
+        // Wider than [-1, 1]: erf's tails matter.
+        let x = (randn(&shape, seed) * 6.0).unwrap();
+        let half = shape[shape.len() - 1] / 2;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = x.to_dtype(dtype).unwrap();
+            let wide = x.to_dtype(DType::F32).unwrap();
+            let value = wide.narrow(candle_core::D::Minus1, 0, half).unwrap();
+            let gate = wide.narrow(candle_core::D::Minus1, half, half).unwrap();
+            let want = (value * gate.gelu_erf().unwrap()).unwrap();
+            let got = geglu(&x).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let diff = max_relative_diff(&got, &want);
+            // f32: the erf approximation (1.5e-7) and rounding; half precision: the output's rounding.
+            let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+            assert!(diff < tolerance, "{shape:?} {dtype:?}: {diff}");
+        }
+    }
+    let odd = randn(&[2, 3], 4);
+    assert!(geglu(&odd).unwrap_err().to_string().contains("even"));
 }

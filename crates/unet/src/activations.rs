@@ -80,11 +80,7 @@ impl Geglu {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.proj.forward(xs)?;
-        let half = projected.dim(candle_core::D::Minus1)? / 2;
-        let value = projected.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = projected.narrow(candle_core::D::Minus1, half, half)?;
-        Ok((value * gate.gelu_erf()?)?)
+        Ok(sdrs_kernels::nn::geglu(&self.proj.forward(xs)?)?)
     }
 }
 
