@@ -302,7 +302,7 @@ fn flash_rows<const MR: usize, const NR: usize>(
     let v_panels = dv.div_ceil(MR);
     let mut max = [f32::NEG_INFINITY; NR];
     let mut sum = [0f32; NR];
-    let mut scores = vec![[0f32; NR]; BLOCK_K];
+    let mut scores = [[0f32; NR]; BLOCK_K];
     let mut acc = vec![[[0f32; NR]; MR]; v_panels];
     for j0 in (0..lk).step_by(BLOCK_K) {
         let width = BLOCK_K.min(lk - j0);
