@@ -40,6 +40,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    sdrs_kernels::memory::keep_freed_memory();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Parity(args) => parity::run(args),

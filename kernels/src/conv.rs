@@ -70,6 +70,24 @@ impl<T: Element> Operand for Patches<'_, T> {
             } else {
                 let src = &plane[iy as usize * g.width..(iy as usize + 1) * g.width];
                 let x0 = (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                if g.stride == 1 {
+                    // A contiguous stretch of the input row between zero padding: one bounds
+                    // computation and a plain (vectorised) conversion loop.
+                    let lo = (-x0).clamp(0, run as isize) as usize;
+                    let hi = (g.width as isize - x0).clamp(lo as isize, run as isize) as usize;
+                    dst[..lo].fill(0.0);
+                    if hi > lo {
+                        let start = (x0 + lo as isize) as usize;
+                        for (d, s) in dst[lo..hi].iter_mut().zip(&src[start..]) {
+                            *d = s.to_f32();
+                        }
+                    }
+                    dst[hi..].fill(0.0);
+                    j += run;
+                    ox = 0;
+                    oy += 1;
+                    continue;
+                }
                 for (i, d) in dst.iter_mut().enumerate() {
                     let ix = x0 + (i * g.stride) as isize;
                     *d = if ix >= 0 && (ix as usize) < g.width {

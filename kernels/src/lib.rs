@@ -7,4 +7,5 @@ pub mod attention;
 pub mod conv;
 pub mod cpu;
 pub mod gemm;
+pub mod memory;
 pub mod nn;

@@ -83,6 +83,9 @@ fn conv2d_matches_candle_for_strides_padding_and_dtypes() {
         (1, 6, 3, 5, 6, 1, 1, 0),
         (1, 5, 7, 9, 8, 3, 2, 0),
         (2, 33, 17, 11, 13, 3, 1, 1),
+        // Padding wider than the input: whole stretches of a row lie in the padding.
+        (1, 2, 3, 4, 3, 3, 1, 3),
+        (1, 3, 4, 6, 7, 5, 1, 2),
     ];
     for (batch, cin, cout, h, w, k, stride, padding) in cases {
         let x = randn(&[batch, cin, h, w], 6);

@@ -31,8 +31,17 @@ fn sdrs_hub(server: &FakeHub, cache: &Path, env: &[(&str, &str)], args: &[&str])
     command.output().expect("the sdrs binary runs")
 }
 
-fn generate_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
+/// `sdrs generate -m model -o out` for a small seeded image, with the Hub and cache as in
+/// [`sdrs_hub`].
+fn generate(
+    server: &FakeHub,
+    cache: &Path,
+    env: &[(&str, &str)],
+    model: &str,
+    out: &Path,
+) -> Output {
+    let out = out.to_str().unwrap();
+    let args = [
         "generate",
         "-m",
         model,
@@ -52,7 +61,8 @@ fn generate_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
         "f32",
         "-o",
         out,
-    ]
+    ];
+    sdrs_hub(server, cache, env, &args)
 }
 
 #[test]
@@ -62,12 +72,7 @@ fn generate_downloads_a_repo_once_then_runs_from_the_cache_and_offline() {
     let cache = tempfile::tempdir().unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let first = out_dir.path().join("first.png");
-    let output = sdrs_hub(
-        &server,
-        cache.path(),
-        &[],
-        &generate_args("org/tiny-sd15", first.to_str().unwrap()),
-    );
+    let output = generate(&server, cache.path(), &[], "org/tiny-sd15", &first);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(
         stderr(&output).contains("downloaded 12 file(s) of org/tiny-sd15"),
@@ -78,12 +83,7 @@ fn generate_downloads_a_repo_once_then_runs_from_the_cache_and_offline() {
     assert!(requests > 0);
 
     let second = out_dir.path().join("second.png");
-    let output = sdrs_hub(
-        &server,
-        cache.path(),
-        &[],
-        &generate_args("org/tiny-sd15", second.to_str().unwrap()),
-    );
+    let output = generate(&server, cache.path(), &[], "org/tiny-sd15", &second);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(
         server.requests().len(),
@@ -92,11 +92,12 @@ fn generate_downloads_a_repo_once_then_runs_from_the_cache_and_offline() {
     );
 
     let third = out_dir.path().join("third.png");
-    let output = sdrs_hub(
+    let output = generate(
         &server,
         cache.path(),
         &[("HF_HUB_OFFLINE", "1")],
-        &generate_args("org/tiny-sd15", third.to_str().unwrap()),
+        "org/tiny-sd15",
+        &third,
     );
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(server.requests().len(), requests);
@@ -159,12 +160,7 @@ fn a_missing_repo_stops_with_the_reason_and_no_image() {
     let cache = tempfile::tempdir().unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("out.png");
-    let output = sdrs_hub(
-        &server,
-        cache.path(),
-        &[],
-        &generate_args("org/nothing-here", out.to_str().unwrap()),
-    );
+    let output = generate(&server, cache.path(), &[], "org/nothing-here", &out);
     let message = stderr(&output);
     assert!(!output.status.success());
     assert!(
@@ -199,20 +195,12 @@ fn a_gated_repo_asks_for_a_token_and_works_with_hf_token() {
         &["pull", "org/gated"],
     );
     assert!(output.status.success(), "{}", stderr(&output));
-    // The token file written by `huggingface-cli login` works as well.
-    let home = cache.path().join("hf-home");
+    // The token file written by `huggingface-cli login` (`HF_HOME/token`) works as well.
+    let fresh = tempfile::tempdir().unwrap();
+    let home = fresh.path().join("hf-home");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("token"), "hf_abc\n").unwrap();
-    let fresh = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_sdrs"))
-        .args(["pull", "org/gated"])
-        .env("HF_ENDPOINT", server.endpoint())
-        .env("HF_HUB_CACHE", fresh.path())
-        .env("HF_HOME", &home)
-        .env_remove("HF_TOKEN")
-        .env_remove("HF_HUB_OFFLINE")
-        .output()
-        .unwrap();
+    let output = sdrs_hub(&server, fresh.path(), &[], &["pull", "org/gated"]);
     assert!(output.status.success(), "{}", stderr(&output));
 }
 
@@ -223,11 +211,12 @@ fn offline_and_not_cached_names_the_missing_file() {
     let cache = tempfile::tempdir().unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("out.png");
-    let output = sdrs_hub(
+    let output = generate(
         &server,
         cache.path(),
         &[("HF_HUB_OFFLINE", "1")],
-        &generate_args("org/tiny-sd15", out.to_str().unwrap()),
+        "org/tiny-sd15",
+        &out,
     );
     let message = stderr(&output);
     assert!(!output.status.success());
@@ -242,11 +231,12 @@ fn offline_and_not_cached_names_the_missing_file() {
     assert!(output.status.success(), "{}", stderr(&output));
     let snapshot = stdout(&output).trim().to_string();
     std::fs::remove_file(Path::new(&snapshot).join("unet/config.json")).unwrap();
-    let output = sdrs_hub(
+    let output = generate(
         &server,
         cache.path(),
         &[("HF_HUB_OFFLINE", "1")],
-        &generate_args("org/tiny-sd15", out.to_str().unwrap()),
+        "org/tiny-sd15",
+        &out,
     );
     let message = stderr(&output);
     assert!(!output.status.success());

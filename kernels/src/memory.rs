@@ -1,0 +1,25 @@
+//! How the process allocator treats the large, short-lived buffers of a diffusion step.
+//!
+//! Every layer's output is a fresh buffer of megabytes (a 512x512 VAE activation is 134 MB).
+//! glibc hands blocks above its mmap threshold (at most 32 MiB, adjusted at run time) straight back
+//! to the kernel when they are freed and trims the top of its heap beyond 128 KiB, so the next
+//! layer's buffer is new pages again: page faults and zeroing measured 12-15% of an SD1.5 UNet step
+//! and of a VAE decode on a 2-core AVX-512 machine. Keeping freed memory in the heap lets the next
+//! buffer reuse it; the peak resident memory does not change (the same buffers are live at the
+//! peak), only the pages are not given back between layers.
+
+/// Keeps freed memory in the process heap for reuse (glibc on Linux; a no-op elsewhere, where the
+/// allocators already cache freed memory). Affects the whole process: the `sdrs` binary calls it
+/// at start-up; library users may call it too.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // Blocks below 1 GiB come from the heap, and up to 2 GiB of free heap top is kept.
+        // SAFETY: mallopt only changes allocator parameters; it is called before any large
+        // allocation and is thread-safe in glibc.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
