@@ -271,11 +271,14 @@ fn pack_head<T: Element, const MR: usize>(
 }
 
 /// `e^x` for `x <= 0` to about 2e-7 relative: `2^n · p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`
-/// and a degree-6 Taylor polynomial. Written so the compiler vectorises it (no library call).
+/// and a degree-6 Taylor polynomial. Written so the compiler vectorises it with no library call:
+/// `n` is rounded to nearest by adding and subtracting 1.5 · 2^23 (`floor` is a call to libm
+/// on x86-64 targets without SSE4.1, which is every function not compiled for AVX).
 #[inline(always)]
 pub(crate) fn exp_neg(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
