@@ -12,9 +12,34 @@ use rayon::prelude::*;
 
 use crate::cpu::Level;
 
+/// `x` rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN), as the low 16 bits:
+/// the same bits as `half::bf16::from_f32`, without branches, so packing loops vectorise.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u32 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+    if nan {
+        (bits >> 16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// bf16 pairs `(x[2p], x[2p + 1])` as one 32-bit lane, low half first, as `vdpbf16ps` reads.
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    bf16_bits(lo) | (bf16_bits(hi) << 16)
+}
+
 /// An element type the kernels read.
 pub trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+    /// The value rounded to bf16, as the low 16 bits (exact for bf16 itself).
+    #[inline(always)]
+    fn bf16_bits(self) -> u32 {
+        bf16_bits(self.to_f32())
+    }
 }
 
 impl Element for f32 {
@@ -28,6 +53,11 @@ impl Element for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
+    }
+
+    #[inline(always)]
+    fn bf16_bits(self) -> u32 {
+        self.to_bits() as u32
     }
 }
 
@@ -44,6 +74,20 @@ pub trait Operand: Sync {
     fn cols(&self) -> usize;
     /// Writes the elements `(row, col0 .. col0 + out.len())` as f32.
     fn read_row(&self, row: usize, col0: usize, out: &mut [f32]);
+
+    /// Writes rows `row` and `row + 1` (zero when `!two_rows`) for columns `col0 ..` as bf16
+    /// pairs, `row` in the low half: the bf16 kernel's packed B. `out` holds at most 64 columns.
+    fn read_pairs(&self, row: usize, two_rows: bool, col0: usize, out: &mut [u32]) {
+        let (mut even, mut odd) = ([0f32; 64], [0f32; 64]);
+        let width = out.len();
+        self.read_row(row, col0, &mut even[..width]);
+        if two_rows {
+            self.read_row(row + 1, col0, &mut odd[..width]);
+        }
+        for ((o, lo), hi) in out.iter_mut().zip(&even).zip(&odd) {
+            *o = pair(*lo, *hi);
+        }
+    }
 }
 
 /// A matrix stored with arbitrary element strides (a transposed view has `col_stride > 1`).
@@ -83,6 +127,22 @@ impl<'a, T: Element> Strided<'a, T> {
 impl<T: Element> Operand for Strided<'_, T> {
     fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Straight from the stored elements, with no f32 round trip: for a transposed row-major
+    /// matrix (a linear layer's weight as B) the two rows of a pair are neighbours in memory.
+    fn read_pairs(&self, row: usize, two_rows: bool, col0: usize, out: &mut [u32]) {
+        let start = row * self.row_stride + col0 * self.col_stride;
+        for (j, o) in out.iter_mut().enumerate() {
+            let index = start + j * self.col_stride;
+            let lo = self.data[index].bf16_bits();
+            let hi = if two_rows {
+                self.data[index + self.row_stride].bf16_bits()
+            } else {
+                0
+            };
+            *o = lo | (hi << 16);
+        }
     }
 
     fn cols(&self) -> usize {
@@ -476,25 +536,6 @@ mod x86 {
     const KP: usize = 256;
 
     /// bf16 pairs `(x[2p], x[2p + 1])` as one 32-bit lane, low half first, as `vdpbf16ps` reads.
-    #[inline(always)]
-    fn pair(lo: f32, hi: f32) -> u32 {
-        bf16_bits(lo) | (bf16_bits(hi) << 16)
-    }
-
-    /// `x` rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN), as the low 16 bits:
-    /// the same bits as `half::bf16::from_f32`, without branches, so packing loops vectorise.
-    #[inline(always)]
-    pub(crate) fn bf16_bits(x: f32) -> u32 {
-        let bits = x.to_bits();
-        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-        let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
-        if nan {
-            (bits >> 16) | 0x40
-        } else {
-            rounded
-        }
-    }
-
     /// Packs `count` lines of `2 * kp` values (K padded with zeros) as `[panel][p][width]` pairs.
     fn pack_pairs(
         width: usize,
@@ -552,25 +593,15 @@ mod x86 {
                 packed_b[..n_panels * kp * NR]
                     .par_chunks_mut(kp * NR)
                     .enumerate()
-                    .for_each_init(
-                        || (vec![0f32; NR], vec![0f32; NR]),
-                        |(even, odd), (panel, dst)| {
-                            let j0 = jc + panel * NR;
-                            let width = NR.min(jc + nc - j0);
-                            for p in 0..kp {
-                                b.read_row(pc + 2 * p, j0, &mut even[..width]);
-                                if 2 * p + 1 < kc {
-                                    b.read_row(pc + 2 * p + 1, j0, &mut odd[..width]);
-                                } else {
-                                    odd[..width].fill(0.0);
-                                }
-                                for j in 0..NR {
-                                    dst[p * NR + j] =
-                                        if j < width { pair(even[j], odd[j]) } else { 0 };
-                                }
-                            }
-                        },
-                    );
+                    .for_each(|(panel, dst)| {
+                        let j0 = jc + panel * NR;
+                        let width = NR.min(jc + nc - j0);
+                        for p in 0..kp {
+                            let row = &mut dst[p * NR..(p + 1) * NR];
+                            b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, j0, &mut row[..width]);
+                            row[width..].fill(0);
+                        }
+                    });
                 let (packed_a, packed_b) = (&packed_a, &packed_b);
                 for_each_tile(m, n_panels, MR, |ip, jp| {
                     let (i0, j0) = (ip * MR, jc + jp * NR);
@@ -619,7 +650,7 @@ mod x86 {
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     #[test]
     fn bf16_rounding_matches_the_half_crate_bit_for_bit() {
@@ -645,12 +676,7 @@ mod tests {
         }
         for x in values {
             let want = half::bf16::from_f32(x).to_bits() as u32;
-            assert_eq!(
-                super::x86::bf16_bits(x),
-                want,
-                "{x:e} ({:#010x})",
-                x.to_bits()
-            );
+            assert_eq!(super::bf16_bits(x), want, "{x:e} ({:#010x})", x.to_bits());
         }
     }
 }
