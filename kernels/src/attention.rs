@@ -273,18 +273,34 @@ fn pack_head<T: Element, const MR: usize>(
 /// `e^x` for `x <= 0` to about 2e-7 relative: `2^n · p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`
 /// and a degree-6 Taylor polynomial. Written so the compiler vectorises it with no library call:
 /// `n` is rounded to nearest by adding and subtracting 1.5 · 2^23 (`floor` is a call to libm
-/// on x86-64 targets without SSE4.1, which is every function not compiled for AVX).
+/// on x86-64 targets without SSE4.1, which is every function not compiled for AVX), and `2^n` is
+/// built from the low bits of that sum, where `n` sits as an integer (a saturating `as i32` and
+/// `f32::max`'s NaN rule both compile to scalar code).
 #[inline(always)]
 pub(crate) fn exp_neg(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // Also maps NaN to the clamp.
+    let x = if x > -87.0 { x } else { -87.0 };
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // The low 9 bits of `shifted` hold `n` in two's complement; `n + 127` in 1..=127 becomes
+    // the exponent field and everything above it is shifted out.
+    p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
+}
+
+/// The larger of two scores without `f32::max`'s NaN handling (which stays scalar).
+#[inline(always)]
+fn larger(a: f32, b: f32) -> f32 {
+    if b > a {
+        b
+    } else {
+        a
+    }
 }
 
 /// Up to `NR` query rows of one head, computed transposed so that every step is a register
@@ -319,7 +335,7 @@ fn flash_rows<const MR: usize, const NR: usize>(
         let mut new_max = max;
         for row in block.iter() {
             for (m, s) in new_max.iter_mut().zip(row) {
-                *m = m.max(*s);
+                *m = larger(*m, *s);
             }
         }
         let mut correction = [0f32; NR];
@@ -552,6 +568,9 @@ mod tests {
         }
         assert!(worst < 1e-6, "{worst}");
         assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(f32::NAN) < 1e-37, "NaN is clamped like -inf");
+        assert_eq!(larger(1.0, 2.0), 2.0);
+        assert_eq!(larger(-3.0, -4.0), -3.0);
         assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
     }
 }
