@@ -289,13 +289,24 @@ fn pack_b<const NR: usize>(
         .enumerate()
         .for_each(|(panel, dst)| {
             let j0 = jc + panel * NR;
-            let width = NR.min(jc + nc - j0);
-            for p in 0..kc {
-                let row = &mut dst[p * NR..(p + 1) * NR];
-                b.read_row(pc + p, j0, &mut row[..width]);
-                row[width..].fill(0.0);
-            }
+            pack_b_panel::<NR>(b, pc, kc, j0, NR.min(jc + nc - j0), dst);
         });
+}
+
+/// One panel of [`pack_b`]: columns `j0 .. j0 + width` (the rest of the `NR` zero).
+fn pack_b_panel<const NR: usize>(
+    b: &dyn Operand,
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    width: usize,
+    dst: &mut [f32],
+) {
+    for p in 0..kc {
+        let row = &mut dst[p * NR..(p + 1) * NR];
+        b.read_row(pc + p, j0, &mut row[..width]);
+        row[width..].fill(0.0);
+    }
 }
 
 fn run<const MR: usize, const NR: usize>(
@@ -319,22 +330,57 @@ fn run<const MR: usize, const NR: usize>(
             |row, line| a.read_row(row, pc, line),
             &mut packed_a,
         );
+        let tile = |packed_a: &[f32], packed_b: &[f32], ip: usize, jp: usize, jc: usize| {
+            let (i0, j0) = (ip * MR, jc + jp * NR);
+            let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
+            let ap = &packed_a[ip * kc * MR..(ip + 1) * kc * MR];
+            let bp = &packed_b[jp * kc * NR..(jp + 1) * kc * NR];
+            // SAFETY: the tile (i0.., j0..) of mr x nr lies inside c (checked by `gemm`) and no
+            // other task writes it.
+            unsafe { kernel(kc, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
+        };
+        if wide_n(n) {
+            // See `run_bf16`: whole column blocks per task.
+            let packed_a = &packed_a;
+            (0..n.div_ceil(NC)).into_par_iter().for_each_init(
+                || vec![0f32; NC.div_ceil(NR) * NR * KC.min(k)],
+                |packed_b, block| {
+                    let jc = block * NC;
+                    let nc = NC.min(n - jc);
+                    for jp in 0..nc.div_ceil(NR) {
+                        let j0 = jc + jp * NR;
+                        pack_b_panel::<NR>(
+                            b,
+                            pc,
+                            kc,
+                            j0,
+                            NR.min(n - j0),
+                            &mut packed_b[jp * kc * NR..],
+                        );
+                        for ip in 0..m_panels {
+                            tile(packed_a, packed_b, ip, jp, jc);
+                        }
+                    }
+                },
+            );
+            continue;
+        }
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             pack_b::<NR>(b, pc, kc, jc, nc, &mut packed_b);
             let n_panels = nc.div_ceil(NR);
             let (packed_a, packed_b) = (&packed_a, &packed_b);
             for_each_tile(m, n_panels, MR, |ip, jp| {
-                let (i0, j0) = (ip * MR, jc + jp * NR);
-                let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
-                let ap = &packed_a[ip * kc * MR..(ip + 1) * kc * MR];
-                let bp = &packed_b[jp * kc * NR..(jp + 1) * kc * NR];
-                // SAFETY: the tile (i0.., j0..) of mr x nr lies inside c (checked by `gemm`)
-                // and no other task writes it.
-                unsafe { kernel(kc, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
+                tile(packed_a, packed_b, ip, jp, jc)
             });
         }
     }
+}
+
+/// Whether `n` columns make enough blocks of `NC` to give every thread several: then each task
+/// packs and computes whole column blocks on its own.
+fn wide_n(n: usize) -> bool {
+    n.div_ceil(NC) >= 4 * rayon::current_num_threads().max(1)
 }
 
 /// Calls `tile(row_panel, column_panel)` for every micro-tile of an `m`-row block, in parallel
@@ -586,31 +632,56 @@ mod x86 {
                 },
                 &mut packed_a,
             );
+            let pack_panel = |j0: usize, width: usize, dst: &mut [u32]| {
+                // B is read by rows of K: a K pair of rows at a time.
+                for p in 0..kp {
+                    let row = &mut dst[p * NR..(p + 1) * NR];
+                    b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, j0, &mut row[..width]);
+                    row[width..].fill(0);
+                }
+            };
+            let tile = |packed_a: &[u32], packed_b: &[u32], ip: usize, jp: usize, jc: usize| {
+                let (i0, j0) = (ip * MR, jc + jp * NR);
+                let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
+                let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
+                let bp = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
+                // SAFETY: the level check in `gemm_bf16` guarantees the CPU features; the
+                // tile lies inside c and belongs to this task only.
+                unsafe { kernel_bf16(kp, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
+            };
+            if wide_n(n) {
+                // Many column blocks (a convolution's pixels): one task per block packs its
+                // own B and runs all its tiles, a single fork-join per depth block.
+                let packed_a = &packed_a;
+                (0..n.div_ceil(NC)).into_par_iter().for_each_init(
+                    || vec![0u32; NC.div_ceil(NR) * NR * kp_max],
+                    |packed_b, block| {
+                        let jc = block * NC;
+                        let nc = NC.min(n - jc);
+                        for jp in 0..nc.div_ceil(NR) {
+                            let j0 = jc + jp * NR;
+                            pack_panel(j0, NR.min(n - j0), &mut packed_b[jp * kp * NR..]);
+                            for ip in 0..m_panels {
+                                tile(packed_a, packed_b, ip, jp, jc);
+                            }
+                        }
+                    },
+                );
+                continue;
+            }
             for jc in (0..n).step_by(NC) {
                 let nc = NC.min(n - jc);
                 let n_panels = nc.div_ceil(NR);
-                // B is read by rows of K: pack a K pair of rows at a time.
                 packed_b[..n_panels * kp * NR]
                     .par_chunks_mut(kp * NR)
                     .enumerate()
                     .for_each(|(panel, dst)| {
                         let j0 = jc + panel * NR;
-                        let width = NR.min(jc + nc - j0);
-                        for p in 0..kp {
-                            let row = &mut dst[p * NR..(p + 1) * NR];
-                            b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, j0, &mut row[..width]);
-                            row[width..].fill(0);
-                        }
+                        pack_panel(j0, NR.min(jc + nc - j0), dst);
                     });
                 let (packed_a, packed_b) = (&packed_a, &packed_b);
                 for_each_tile(m, n_panels, MR, |ip, jp| {
-                    let (i0, j0) = (ip * MR, jc + jp * NR);
-                    let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
-                    let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
-                    let bp = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
-                    // SAFETY: the level check in `gemm_bf16` guarantees the CPU features; the
-                    // tile lies inside c and belongs to this task only.
-                    unsafe { kernel_bf16(kp, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
+                    tile(packed_a, packed_b, ip, jp, jc)
                 });
             }
         }

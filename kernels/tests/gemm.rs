@@ -123,3 +123,43 @@ fn half_precision_inputs_match_the_reference_on_the_rounded_values() {
         }
     }
 }
+
+#[test]
+fn wide_products_computed_by_whole_column_blocks_match_the_reference() {
+    // With one thread, 2100 columns are enough 512-column blocks for the path that gives each
+    // task whole blocks (a convolution's pixels); K spans two depth blocks, both row-major B
+    // (as im2col reads) and a transposed one.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (m, k, n) = (9, 600, 2100);
+    let round =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect() };
+    let a = round(random(m * k, 3));
+    let w = round(random(n * k, 4));
+    let want = reference(&a, &w, m, k, n);
+    let w_kn: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+    pool.install(|| {
+        for level in Level::available() {
+            for transposed in [false, true] {
+                for dot in [false, true] {
+                    let b = if transposed {
+                        Strided::row_major(&w, n, k).t()
+                    } else {
+                        Strided::row_major(&w_kn, k, n)
+                    };
+                    let mut c = vec![0f32; m * n];
+                    let a = Strided::row_major(&a, m, k);
+                    if dot {
+                        gemm_bf16(level, &a, &b, &mut c, n);
+                    } else {
+                        gemm(level, &a, &b, &mut c, n);
+                    }
+                    let error = relative_error(&c, &want);
+                    assert!(error < 1e-5, "{level:?} t={transposed} dot={dot}: {error}");
+                }
+            }
+        }
+    });
+}
