@@ -76,16 +76,19 @@ pub trait Operand: Sync {
     fn read_row(&self, row: usize, col0: usize, out: &mut [f32]);
 
     /// Writes rows `row` and `row + 1` (zero when `!two_rows`) for columns `col0 ..` as bf16
-    /// pairs, `row` in the low half: the bf16 kernel's packed B. `out` holds at most 64 columns.
+    /// pairs, `row` in the low half: the bf16 kernel's packed B.
     fn read_pairs(&self, row: usize, two_rows: bool, col0: usize, out: &mut [u32]) {
-        let (mut even, mut odd) = ([0f32; 64], [0f32; 64]);
-        let width = out.len();
-        self.read_row(row, col0, &mut even[..width]);
-        if two_rows {
-            self.read_row(row + 1, col0, &mut odd[..width]);
-        }
-        for ((o, lo), hi) in out.iter_mut().zip(&even).zip(&odd) {
-            *o = pair(*lo, *hi);
+        const CHUNK: usize = 128;
+        let (mut even, mut odd) = ([0f32; CHUNK], [0f32; CHUNK]);
+        for (index, out) in out.chunks_mut(CHUNK).enumerate() {
+            let (col, width) = (col0 + index * CHUNK, out.len());
+            self.read_row(row, col, &mut even[..width]);
+            if two_rows {
+                self.read_row(row + 1, col, &mut odd[..width]);
+            }
+            for ((o, lo), hi) in out.iter_mut().zip(&even).zip(&odd) {
+                *o = pair(*lo, *hi);
+            }
         }
     }
 }
@@ -293,6 +296,21 @@ fn pack_b<const NR: usize>(
         });
 }
 
+/// Deals depth `p` of a row of B (`line`, the block's columns) out to the block's panels
+/// (`[panel][depth][NR]`, `depth` deep), zero-padding the last panel.
+fn scatter_row<const NR: usize, T: Copy + Default>(
+    line: &[T],
+    p: usize,
+    depth: usize,
+    packed: &mut [T],
+) {
+    for (jp, chunk) in line.chunks(NR).enumerate() {
+        let dst = &mut packed[(jp * depth + p) * NR..(jp * depth + p + 1) * NR];
+        dst[..chunk.len()].copy_from_slice(chunk);
+        dst[chunk.len()..].fill(T::default());
+    }
+}
+
 /// One panel of [`pack_b`]: columns `j0 .. j0 + width` (the rest of the `NR` zero).
 fn pack_b_panel<const NR: usize>(
     b: &dyn Operand,
@@ -343,20 +361,15 @@ fn run<const MR: usize, const NR: usize>(
             // See `run_bf16`: whole column blocks per task.
             let packed_a = &packed_a;
             (0..n.div_ceil(NC)).into_par_iter().for_each_init(
-                || vec![0f32; NC.div_ceil(NR) * NR * KC.min(k)],
-                |packed_b, block| {
+                || (vec![0f32; NC.div_ceil(NR) * NR * KC.min(k)], vec![0f32; NC]),
+                |(packed_b, line), block| {
                     let jc = block * NC;
                     let nc = NC.min(n - jc);
+                    for p in 0..kc {
+                        b.read_row(pc + p, jc, &mut line[..nc]);
+                        scatter_row::<NR, f32>(&line[..nc], p, kc, packed_b);
+                    }
                     for jp in 0..nc.div_ceil(NR) {
-                        let j0 = jc + jp * NR;
-                        pack_b_panel::<NR>(
-                            b,
-                            pc,
-                            kc,
-                            j0,
-                            NR.min(n - j0),
-                            &mut packed_b[jp * kc * NR..],
-                        );
                         for ip in 0..m_panels {
                             tile(packed_a, packed_b, ip, jp, jc);
                         }
@@ -654,13 +667,17 @@ mod x86 {
                 // own B and runs all its tiles, a single fork-join per depth block.
                 let packed_a = &packed_a;
                 (0..n.div_ceil(NC)).into_par_iter().for_each_init(
-                    || vec![0u32; NC.div_ceil(NR) * NR * kp_max],
-                    |packed_b, block| {
+                    || (vec![0u32; NC.div_ceil(NR) * NR * kp_max], vec![0u32; NC]),
+                    |(packed_b, line), block| {
                         let jc = block * NC;
                         let nc = NC.min(n - jc);
+                        // Whole rows of the block at a time (an im2col row is read in long
+                        // runs), then dealt out to the panels.
+                        for p in 0..kp {
+                            b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, jc, &mut line[..nc]);
+                            scatter_row::<NR, u32>(&line[..nc], p, kp, packed_b);
+                        }
                         for jp in 0..nc.div_ceil(NR) {
-                            let j0 = jc + jp * NR;
-                            pack_panel(j0, NR.min(n - j0), &mut packed_b[jp * kp * NR..]);
                             for ip in 0..m_panels {
                                 tile(packed_a, packed_b, ip, jp, jc);
                             }

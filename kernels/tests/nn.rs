@@ -76,6 +76,21 @@ fn linear_takes_non_contiguous_inputs_and_no_bias() {
 
 #[test]
 fn conv2d_matches_candle_for_strides_padding_and_dtypes() {
+    conv_cases();
+}
+
+#[test]
+fn conv2d_by_whole_column_blocks_matches_candle() {
+    // With one thread, the 40x60 case has enough 512-pixel blocks for the path that packs whole
+    // blocks of im2col rows per task.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(conv_cases);
+}
+
+fn conv_cases() {
     let cases = [
         // (batch, cin, cout, h, w, kernel, stride, padding)
         (1, 3, 5, 7, 9, 3, 1, 1),
@@ -86,6 +101,7 @@ fn conv2d_matches_candle_for_strides_padding_and_dtypes() {
         // Padding wider than the input: whole stretches of a row lie in the padding.
         (1, 2, 3, 4, 3, 3, 1, 3),
         (1, 3, 4, 6, 7, 5, 1, 2),
+        (1, 4, 5, 40, 60, 3, 1, 1),
     ];
     for (batch, cin, cout, h, w, k, stride, padding) in cases {
         let x = randn(&[batch, cin, h, w], 6);
