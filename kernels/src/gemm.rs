@@ -608,8 +608,8 @@ mod x86 {
             .par_chunks_mut(kp * width)
             .enumerate()
             .for_each_init(
-                || vec![0f32; 2 * kp],
-                |line, (panel, dst)| {
+                || (vec![0f32; 2 * kp], vec![0u16; 2 * kp]),
+                |(line, bits), (panel, dst)| {
                     for w in 0..width {
                         let index = panel * width + w;
                         if index < count {
@@ -617,8 +617,13 @@ mod x86 {
                         } else {
                             line.fill(0.0);
                         }
-                        for p in 0..kp {
-                            dst[p * width + w] = pair(line[2 * p], line[2 * p + 1]);
+                        // Round the whole line first (a contiguous loop that vectorises), then
+                        // deal out neighbouring halves as pairs.
+                        for (b, x) in bits.iter_mut().zip(line.iter()) {
+                            *b = bf16_bits(*x) as u16;
+                        }
+                        for (p, half) in bits.chunks_exact(2).enumerate() {
+                            dst[p * width + w] = u32::from(half[0]) | (u32::from(half[1]) << 16);
                         }
                     }
                 },
