@@ -296,6 +296,40 @@ fn pack_b<const NR: usize>(
         });
 }
 
+/// One depth block of a wide product, one task per block of `NC` columns: each task packs its
+/// block of B a whole row at a time (`fill_row(p, jc, line)` writes depth `p` of the columns from
+/// `jc`; an im2col row is read in long runs), deals the rows out to panels, then runs
+/// `tile(packed_b, row_panel, column_panel, jc)` for all its tiles. One fork-join per depth block.
+fn wide_blocks<const NR: usize, T: Copy + Default + Send>(
+    n: usize,
+    depth: usize,
+    m_panels: usize,
+    fill_row: impl Fn(usize, usize, &mut [T]) + Sync,
+    tile: impl Fn(&[T], usize, usize, usize) + Sync,
+) {
+    (0..n.div_ceil(NC)).into_par_iter().for_each_init(
+        || {
+            (
+                vec![T::default(); NC.div_ceil(NR) * NR * depth],
+                vec![T::default(); NC],
+            )
+        },
+        |(packed_b, line), block| {
+            let jc = block * NC;
+            let nc = NC.min(n - jc);
+            for p in 0..depth {
+                fill_row(p, jc, &mut line[..nc]);
+                scatter_row::<NR, T>(&line[..nc], p, depth, packed_b);
+            }
+            for jp in 0..nc.div_ceil(NR) {
+                for ip in 0..m_panels {
+                    tile(packed_b, ip, jp, jc);
+                }
+            }
+        },
+    );
+}
+
 /// Deals depth `p` of a row of B (`line`, the block's columns) out to the block's panels
 /// (`[panel][depth][NR]`, `depth` deep), zero-padding the last panel.
 fn scatter_row<const NR: usize, T: Copy + Default>(
@@ -358,23 +392,14 @@ fn run<const MR: usize, const NR: usize>(
             unsafe { kernel(kc, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
         };
         if wide_n(n) {
-            // See `run_bf16`: whole column blocks per task.
+            // Many column blocks (a convolution's pixels): whole blocks per task.
             let packed_a = &packed_a;
-            (0..n.div_ceil(NC)).into_par_iter().for_each_init(
-                || (vec![0f32; NC.div_ceil(NR) * NR * KC.min(k)], vec![0f32; NC]),
-                |(packed_b, line), block| {
-                    let jc = block * NC;
-                    let nc = NC.min(n - jc);
-                    for p in 0..kc {
-                        b.read_row(pc + p, jc, &mut line[..nc]);
-                        scatter_row::<NR, f32>(&line[..nc], p, kc, packed_b);
-                    }
-                    for jp in 0..nc.div_ceil(NR) {
-                        for ip in 0..m_panels {
-                            tile(packed_a, packed_b, ip, jp, jc);
-                        }
-                    }
-                },
+            wide_blocks::<NR, f32>(
+                n,
+                kc,
+                m_panels,
+                |p, jc, line| b.read_row(pc + p, jc, line),
+                |packed_b, ip, jp, jc| tile(packed_a, packed_b, ip, jp, jc),
             );
             continue;
         }
@@ -671,23 +696,12 @@ mod x86 {
                 // Many column blocks (a convolution's pixels): one task per block packs its
                 // own B and runs all its tiles, a single fork-join per depth block.
                 let packed_a = &packed_a;
-                (0..n.div_ceil(NC)).into_par_iter().for_each_init(
-                    || (vec![0u32; NC.div_ceil(NR) * NR * kp_max], vec![0u32; NC]),
-                    |(packed_b, line), block| {
-                        let jc = block * NC;
-                        let nc = NC.min(n - jc);
-                        // Whole rows of the block at a time (an im2col row is read in long
-                        // runs), then dealt out to the panels.
-                        for p in 0..kp {
-                            b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, jc, &mut line[..nc]);
-                            scatter_row::<NR, u32>(&line[..nc], p, kp, packed_b);
-                        }
-                        for jp in 0..nc.div_ceil(NR) {
-                            for ip in 0..m_panels {
-                                tile(packed_a, packed_b, ip, jp, jc);
-                            }
-                        }
-                    },
+                wide_blocks::<NR, u32>(
+                    n,
+                    kp,
+                    m_panels,
+                    |p, jc, line| b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, jc, line),
+                    |packed_b, ip, jp, jc| tile(packed_a, packed_b, ip, jp, jc),
                 );
                 continue;
             }
