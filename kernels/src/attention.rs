@@ -84,7 +84,7 @@ pub fn default_attention() -> AttentionMode {
 
 /// The mode `auto` resolves to for these inputs.
 pub fn resolve(mode: AttentionMode, q: &Tensor) -> AttentionMode {
-    let ours = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    let ours = crate::nn::on_cpu_kernels(q);
     match mode {
         AttentionMode::Auto if ours => AttentionMode::Flash,
         AttentionMode::Auto => AttentionMode::Naive,

@@ -83,18 +83,15 @@ impl<T: Element> Operand for Patches<'_, T> {
                         }
                     }
                     dst[hi..].fill(0.0);
-                    j += run;
-                    ox = 0;
-                    oy += 1;
-                    continue;
-                }
-                for (i, d) in dst.iter_mut().enumerate() {
-                    let ix = x0 + (i * g.stride) as isize;
-                    *d = if ix >= 0 && (ix as usize) < g.width {
-                        src[ix as usize].to_f32()
-                    } else {
-                        0.0
-                    };
+                } else {
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        let ix = x0 + (i * g.stride) as isize;
+                        *d = if ix >= 0 && (ix as usize) < g.width {
+                            src[ix as usize].to_f32()
+                        } else {
+                            0.0
+                        };
+                    }
                 }
             }
             j += run;

@@ -619,7 +619,6 @@ mod x86 {
     /// K pairs per packed block (512 values of K).
     const KP: usize = 256;
 
-    /// bf16 pairs `(x[2p], x[2p + 1])` as one 32-bit lane, low half first, as `vdpbf16ps` reads.
     /// Packs `count` lines of `2 * kp` values (K padded with zeros) as `[panel][p][width]` pairs.
     fn pack_pairs(
         width: usize,

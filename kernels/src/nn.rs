@@ -29,6 +29,27 @@ fn storage_from_f32(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     })
 }
 
+/// Runs `$body` with `$x` bound to the contiguous slice of a CPU storage in f32, bf16 or f16.
+macro_rules! with_slice {
+    ($op:expr, ($s:expr, $l:expr), |$x:ident| $body:expr) => {{
+        match $s {
+            CpuStorage::F32(a) => {
+                let $x = contiguous(a, $l, $op)?;
+                $body
+            }
+            CpuStorage::BF16(a) => {
+                let $x = contiguous(a, $l, $op)?;
+                $body
+            }
+            CpuStorage::F16(a) => {
+                let $x = contiguous(a, $l, $op)?;
+                $body
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", $op, other.dtype()),
+        }
+    }};
+}
+
 /// Runs `$body` with `$x` and `$w` bound to the contiguous slices of two CPU storages of any mix
 /// of f32, bf16 and f16 (activations may stay in f32 while the weights are half precision).
 macro_rules! with_slices {
@@ -61,10 +82,15 @@ macro_rules! with_slices {
     }};
 }
 
-/// Whether our CPU kernels take this input and weight (others go to candle).
+/// Whether our CPU kernels take this tensor: on the CPU, in f32, bf16 or f16 (others go to
+/// candle's own operations).
+pub(crate) fn on_cpu_kernels(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// Whether our CPU kernels take this input and weight.
 fn on_our_kernels(xs: &Tensor, weight: &Tensor) -> bool {
-    let ours = |dtype| matches!(dtype, DType::F32 | DType::BF16 | DType::F16);
-    xs.device().is_cpu() && ours(xs.dtype()) && ours(weight.dtype())
+    on_cpu_kernels(xs) && matches!(weight.dtype(), DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// candle's own layer for other devices, in the weight's dtype, the result in the input's.
@@ -411,9 +437,7 @@ impl GroupNorm {
                 self.weight.elem_count()
             );
         }
-        let ours =
-            xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16);
-        if ours {
+        if on_cpu_kernels(xs) {
             let op = GroupNormOp {
                 weight: self.weight.to_vec1::<f32>()?,
                 bias: self.bias.to_vec1::<f32>()?,
@@ -520,12 +544,7 @@ impl candle_core::CustomOp1 for GroupNormOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (images, channels) = (layout.dims()[0], layout.dims()[1]);
         let op = "sdrs-group-norm";
-        let out = match storage {
-            CpuStorage::F32(x) => self.run(contiguous(x, layout, op)?, images, channels),
-            CpuStorage::BF16(x) => self.run(contiguous(x, layout, op)?, images, channels),
-            CpuStorage::F16(x) => self.run(contiguous(x, layout, op)?, images, channels),
-            other => candle_core::bail!("sdrs-group-norm: unsupported dtype {:?}", other.dtype()),
-        };
+        let out = with_slice!(op, (storage, layout), |x| self.run(x, images, channels));
         Ok((
             storage_from_f32(out, storage.dtype())?,
             layout.shape().clone(),
@@ -585,9 +604,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         );
     }
     let half = last / 2;
-    let ours = projected.device().is_cpu()
-        && matches!(projected.dtype(), DType::F32 | DType::BF16 | DType::F16);
-    if ours {
+    if on_cpu_kernels(projected) {
         return projected.contiguous()?.apply_op1_no_bwd(&GegluOp);
     }
     let value = projected.narrow(candle_core::D::Minus1, 0, half)?;
@@ -642,12 +659,7 @@ impl candle_core::CustomOp1 for GegluOp {
         let dims = layout.dims();
         let last = dims.last().copied().unwrap_or(0);
         let op = "sdrs-geglu";
-        let out = match storage {
-            CpuStorage::F32(x) => Self::run(contiguous(x, layout, op)?, last),
-            CpuStorage::BF16(x) => Self::run(contiguous(x, layout, op)?, last),
-            CpuStorage::F16(x) => Self::run(contiguous(x, layout, op)?, last),
-            other => candle_core::bail!("sdrs-geglu: unsupported dtype {:?}", other.dtype()),
-        };
+        let out = with_slice!(op, (storage, layout), |x| Self::run(x, last));
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last /= 2;
