@@ -29,8 +29,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
 
-    /// Weight variant to use where the model has it (`fp16`: `*.fp16.safetensors`). Downloads
-    /// from Hugging Face take the fp16 files by default when computing in f16 or bf16.
+    /// Weight variant to read and download where the model has it (`fp16`:
+    /// `*.fp16.safetensors`); the plain files fill any gap. Default: fp16 when computing in f16
+    /// or bf16, else the plain files.
     #[arg(long, value_parser = crate::hub::parse_variant)]
     pub variant: Option<String>,
 
@@ -239,16 +240,17 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     sdrs_kernels::attention::set_default_attention(args.attention);
     let pending = PendingImage::reserve(&args.output)?;
     let device = sdrs_pipeline::parse_device(&args.device)?;
+    let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device)?;
     let options = LoadOptions {
-        dtype: sdrs_pipeline::resolve_dtype(&args.dtype, &device)?,
+        dtype,
         device,
-        variant: args.variant.clone(),
+        // The variant asked for, else the fp16 files for half-precision compute: the same one is
+        // downloaded and read, so a cache holding both kinds loads what this run fetched.
+        variant: args
+            .variant
+            .clone()
+            .or_else(|| matches!(dtype, DType::F16 | DType::BF16).then(|| "fp16".to_string())),
     };
-    // What to download: the variant asked for, else the fp16 files for half-precision compute.
-    let download_variant = args
-        .variant
-        .clone()
-        .or_else(|| matches!(options.dtype, DType::F16 | DType::BF16).then(|| "fp16".to_string()));
     let seed = resolve_seed(args.seed);
     eprintln!("seed {seed}");
 
@@ -256,14 +258,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         // Fail before any work if the preview cannot be written either.
         drop(PendingImage::reserve(preview)?);
     }
-    let mut pipeline = load_model(
-        &args.model,
-        args.config.as_deref(),
-        &options,
-        download_variant.as_deref(),
-    )?;
+    let mut pipeline = load_model(&args.model, args.config.as_deref(), &options)?;
     if let Some(vae_ref) = &args.vae {
-        let vae = crate::hub::local_model(vae_ref, download_variant.as_deref())
+        let vae = crate::hub::local_model(vae_ref, options.variant.as_deref())
             .with_context(|| format!("--vae {vae_ref}"))?;
         if !vae.is_dir() {
             bail!(
@@ -342,7 +339,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
                     pipeline.family().name()
                 );
             }
-            let refiner = load_model(refiner_ref, None, &options, download_variant.as_deref())?;
+            let refiner = load_model(refiner_ref, None, &options)?;
             if refiner.family() != ModelFamily::SdxlRefiner {
                 bail!(
                     "--refiner {} is {}, not an SDXL refiner",
@@ -393,15 +390,14 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
 }
 
 /// A model reference (see `--model`) loaded: a diffusers folder (downloaded from Hugging Face
-/// first for a repo id, with the weight variant `download_variant` where the repo has it), or a
+/// first for a repo id, with the weight variant of `options` where the repo has it), or a
 /// single `.safetensors` checkpoint with the configs of `config`, else the built-in ones.
 fn load_model(
     reference: &str,
     config: Option<&Path>,
     options: &LoadOptions,
-    download_variant: Option<&str>,
 ) -> Result<StableDiffusion> {
-    let model = crate::hub::local_model(reference, download_variant)?;
+    let model = crate::hub::local_model(reference, options.variant.as_deref())?;
     let model = model.as_path();
     let loaded = if model.is_file() {
         match config {

@@ -9,7 +9,7 @@ mod fake_hub;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use fake_hub::FakeHub;
+use fake_hub::{folder_files, FakeHub};
 
 use crate::util::{files_in, fixtures, stderr, stdout};
 
@@ -241,4 +241,47 @@ fn offline_and_not_cached_names_the_missing_file() {
     let message = stderr(&output);
     assert!(!output.status.success());
     assert!(message.contains("unet/config.json"), "{message}");
+}
+
+#[test]
+fn half_precision_runs_read_the_fp16_files_they_downloaded() {
+    // The plain weights are broken and the fp16 variant is the real model: a bf16 run must
+    // download the fp16 files and load them, even with the plain files already cached.
+    let mut files = folder_files(&fixtures().join("tiny-sd15"));
+    let weights: Vec<String> = files
+        .keys()
+        .filter(|name| name.ends_with(".safetensors"))
+        .cloned()
+        .collect();
+    for name in weights {
+        let good = files[&name].clone();
+        files.insert(
+            name.replace(".safetensors", ".fp16.safetensors"),
+            good.clone(),
+        );
+        files.insert(name, good[..64].to_vec());
+    }
+    let server = FakeHub::start();
+    server.add_files("org/variants", COMMIT, files, None);
+    let cache = tempfile::tempdir().unwrap();
+    let output = sdrs_hub(&server, cache.path(), &[], &["pull", "org/variants"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out.png");
+    let mut args = vec![
+        "generate",
+        "-m",
+        "org/variants",
+        "-p",
+        "a red fox",
+        "--steps",
+        "2",
+    ];
+    args.extend([
+        "-W", "32", "-H", "32", "-s", "3", "--device", "cpu", "--dtype", "bf16",
+    ]);
+    args.extend(["-o", out.to_str().unwrap()]);
+    let output = sdrs_hub(&server, cache.path(), &[], &args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(out.is_file());
 }

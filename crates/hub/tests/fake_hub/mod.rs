@@ -75,9 +75,7 @@ impl FakeHub {
     /// Serves every file under `folder` as the repo `repo_id` at `commit` (40 hex digits);
     /// `token`: the repo is gated and needs this token.
     pub fn add_repo(&self, repo_id: &str, commit: &str, folder: &Path, token: Option<&str>) {
-        let mut files = BTreeMap::new();
-        collect(folder, "", &mut files);
-        self.add_files(repo_id, commit, files, token);
+        self.add_files(repo_id, commit, folder_files(folder), token);
     }
 
     /// Serves `files` (repo path -> contents) as the repo `repo_id`.
@@ -403,6 +401,13 @@ fn etag_of(data: &[u8]) -> String {
         b = (b ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3 ^ 0x10);
     }
     format!("{a:016x}{b:016x}{:08x}", data.len())
+}
+
+/// Every file under `folder`: repo path -> contents.
+pub fn folder_files(folder: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    collect(folder, "", &mut files);
+    files
 }
 
 fn collect(dir: &Path, prefix: &str, files: &mut BTreeMap<String, Vec<u8>>) {
