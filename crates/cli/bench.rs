@@ -13,9 +13,9 @@ use clap::Args;
 use sdrs_clip::{ClipTextConfig, ClipTextModel};
 use sdrs_kernels::attention::AttentionMode;
 use sdrs_pipeline::bench::{clip_flops, unet_flops, vae_decode_flops, RandomWeights};
+use sdrs_pipeline::stable_diffusion::activation_dtype;
 use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
-use sdrs_pipeline::BuiltinModel;
-use sdrs_schedulers::NoNoise;
+use sdrs_pipeline::{BuiltinModel, LoadOptions, ModelFiles, Request, StableDiffusion};
 use sdrs_taesd::{AutoencoderTiny, AutoencoderTinyConfig};
 use sdrs_unet::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
 use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -176,14 +176,7 @@ impl Source {
     ) -> Result<VarBuilder<'static>> {
         match self {
             Self::Builtin(_) => {
-                // CLIPTextModel (the first encoder) has no projection; the second one has.
-                let absent: &[&str] = match component {
-                    "text_encoder" => &["text_projection"],
-                    _ => &[],
-                };
-                Ok(RandomWeights::new(seed)
-                    .without(absent)
-                    .into_var_builder(dtype, device))
+                Ok(RandomWeights::for_component(seed, component).into_var_builder(dtype, device))
             }
             Self::Folder(root) => {
                 let files = find_weights(&root.join(component), None)?;
@@ -303,14 +296,19 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let unet_batch = 2 * args.batch;
     let tokens = 77;
     let ids = Tensor::zeros((unet_batch, tokens), DType::U32, &device)?;
-    let latents =
-        Tensor::randn(0f32, 1.0, (unet_batch, 4, latent, latent), &device)?.to_dtype(dtype)?;
+    // Activations flow as the pipeline runs them: f32 on the CPU around half-precision weights.
+    let activations = activation_dtype(dtype, &device);
+    let latents = Tensor::randn(0f32, 1.0, (unet_batch, 4, latent, latent), &device)?
+        .to_dtype(activations)?;
     // The whole generation runs first, so that its peak memory is its own (the process's
     // high-water mark only grows; later parts report theirs on top of it).
     if parts.contains(&"generate") {
-        results.push(whole_generation(
-            &source, &args, dtype, &device, &ids, latent,
-        )?);
+        let options = LoadOptions {
+            device: device.clone(),
+            dtype,
+            variant: None,
+        };
+        results.push(whole_generation(&source, &args, &options, size)?);
     }
     let needs_models = parts.iter().any(|p| ["text", "unet", "vae"].contains(p));
     if needs_models {
@@ -327,7 +325,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         }
         if parts.contains(&"unet") {
             let (context, pooled) = models.encode(&ids)?;
-            let context = context.to_dtype(dtype)?;
+            let context = context.to_dtype(activations)?;
             let added = models.added(pooled.as_ref(), unet_batch)?;
             let timestep = Tensor::new(&[500f32], &device)?;
             let flops = unet_flops(&models.unet_config, unet_batch, latent, latent, tokens)?;
@@ -389,56 +387,43 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// The whole text-to-image path in a fresh state: build the models, encode the prompts, run
-/// `steps` guided UNet steps with the model's scheduler and decode. Its peak memory counts from
-/// the start of loading, as a user's generation would.
+/// The whole text-to-image path as `sdrs generate` runs it, in a fresh state: load the model
+/// (built from random weights for a built-in architecture), encode the prompts, run `steps`
+/// guided steps with the model's scheduler and decode one image, each model freed after its last
+/// use ([`StableDiffusion::generate_once`]). Its peak memory counts from the start of loading.
 fn whole_generation(
     source: &Source,
     args: &BenchArgs,
-    dtype: DType,
-    device: &Device,
-    ids: &Tensor,
-    latent: usize,
+    options: &LoadOptions,
+    size: usize,
 ) -> Result<Measurement> {
     system::reset_peak_rss();
     let start = Instant::now();
-    let models = Models::build(source, args.seed, dtype, device)?;
+    let pipeline = match source {
+        Source::Builtin(model) => {
+            StableDiffusion::random(&ModelFiles::Builtin(*model), args.seed, options)?
+        }
+        Source::Folder(root) => StableDiffusion::load(root, options)?,
+    };
     let loading = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let (context, pooled) = models.encode(ids)?;
-    let context = context.to_dtype(dtype)?;
-    let added = models.added(pooled.as_ref(), ids.dim(0)?)?;
-    let scheduler_config = match source {
-        Source::Builtin(model) => model.json("scheduler/scheduler_config.json"),
-        Source::Folder(root) => read_json(&root.join("scheduler/scheduler_config.json")).ok(),
-    }
-    .context("the model has no scheduler config")?;
-    let mut scheduler = sdrs_schedulers::from_config(&scheduler_config, args.steps)?;
-    let mut sample = (Tensor::randn(0f32, 1.0, (args.batch, 4, latent, latent), device)?
-        * scheduler.init_noise_sigma())?;
-    let guidance = 7.5;
-    for &t in scheduler.timesteps().to_vec().iter() {
-        let input = Tensor::cat(&[&sample, &sample], 0)?;
-        let input = scheduler.scale_model_input(&input, t)?.to_dtype(dtype)?;
-        let timestep = Tensor::new(&[t as f32], device)?;
-        let noise = models
-            .unet
-            .forward(&input, &timestep, &context, added.as_ref())?
-            .to_dtype(DType::F32)?;
-        let uncond = noise.narrow(0, 0, args.batch)?;
-        let cond = noise.narrow(0, args.batch, args.batch)?;
-        let guided = (&uncond + ((cond - &uncond)? * guidance)?)?;
-        sample = scheduler.step(&guided, t, &sample, &mut NoNoise)?;
-    }
-    let scaled = (sample / models.vae_config.scaling_factor)?.to_dtype(dtype)?;
-    models.vae.decode(&scaled)?;
+    let mut request = Request::new(
+        &pipeline,
+        "a photograph of an astronaut riding a horse",
+        pipeline.scheduler_config().clone(),
+    );
+    request.width = size;
+    request.height = size;
+    request.steps = args.steps;
+    request.seed = Some(args.seed);
+    pipeline.generate_once(&request, &mut |_| {})?;
     let seconds = start.elapsed().as_secs_f64();
     eprintln!(
-        "whole generation: {loading:.1} s to build the models, {seconds:.1} s to generate ({} steps)",
+        "whole generation: {loading:.1} s to load the models, {seconds:.1} s to generate ({} steps)",
         args.steps
     );
     let mut measurement = measured(
-        &format!("whole generation ({} steps)", args.steps),
+        &format!("whole generation ({} steps, 1 image)", args.steps),
         vec![seconds],
         None,
     );

@@ -330,7 +330,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         }
     };
     let image = match &args.refiner {
-        None => pipeline.generate(&request, &mut on_step)?,
+        None => pipeline.generate_once(&request, &mut on_step)?,
         Some(refiner_ref) => {
             if pipeline.family() != ModelFamily::SdxlBase {
                 bail!(
@@ -339,16 +339,22 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
                     pipeline.family().name()
                 );
             }
-            let refiner = load_model(refiner_ref, None, &options)?;
-            if refiner.family() != ModelFamily::SdxlRefiner {
+            // Checked (and downloaded) before the base model runs, loaded after it is freed, so
+            // that only one of the two models is in memory at a time.
+            let refiner_path = crate::hub::local_model(refiner_ref, options.variant.as_deref())
+                .with_context(|| format!("--refiner {refiner_ref}"))?;
+            let family = ModelFamily::detect_model(&refiner_path)
+                .with_context(|| format!("--refiner {refiner_ref}"))?;
+            if family != ModelFamily::SdxlRefiner {
                 bail!(
                     "--refiner {} is {}, not an SDXL refiner",
                     refiner_ref,
-                    refiner.family().name()
+                    family.name()
                 );
             }
             request.denoising_end = Some(args.refiner_start);
-            let latents = pipeline.denoise(&request, &mut on_step)?;
+            let latents = pipeline.denoise_once(&request, &mut on_step)?;
+            let refiner = open_model(&refiner_path, None, &options)?;
             let mut refine = request.clone();
             refine.scheduler = sampler.config(refiner.scheduler_config(), schedule)?;
             refine.init_image = InitImage::Latents(latents);
@@ -360,7 +366,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
                 "Refiner switch at".to_string(),
                 args.refiner_start.to_string(),
             ));
-            refiner.generate(&refine, &mut on_step)?
+            refiner.generate_once(&refine, &mut on_step)?
         }
     };
     bar.finish_and_clear();
@@ -398,7 +404,15 @@ fn load_model(
     options: &LoadOptions,
 ) -> Result<StableDiffusion> {
     let model = crate::hub::local_model(reference, options.variant.as_deref())?;
-    let model = model.as_path();
+    open_model(&model, config, options)
+}
+
+/// [`load_model`] for a model already on disk.
+fn open_model(
+    model: &Path,
+    config: Option<&Path>,
+    options: &LoadOptions,
+) -> Result<StableDiffusion> {
     let loaded = if model.is_file() {
         match config {
             Some(config) => StableDiffusion::load_single_file(model, config, options),

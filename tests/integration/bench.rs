@@ -33,7 +33,7 @@ fn bench_times_every_part_of_a_model_folder_as_json() {
     assert_eq!(
         parts,
         [
-            "whole generation (2 steps)",
+            "whole generation (2 steps, 1 image)",
             "text encoder",
             "UNet step",
             "VAE decode",

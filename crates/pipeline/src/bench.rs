@@ -34,6 +34,16 @@ impl RandomWeights {
         }
     }
 
+    /// The weights of one diffusers component: as [`Self::new`], leaving out what the published
+    /// model lacks (the first SDXL/SD1.5 text encoder, `CLIPTextModel`, has no projection).
+    pub fn for_component(seed: u64, component: &str) -> Self {
+        let weights = Self::new(seed);
+        match component {
+            "text_encoder" => weights.without(&["text_projection"]),
+            _ => weights,
+        }
+    }
+
     /// Leaves out the optional tensors whose names contain one of `fragments`.
     pub fn without(mut self, fragments: &[&str]) -> Self {
         self.absent

@@ -1,27 +1,27 @@
 //! Loading component weights from a single original-layout checkpoint: the key plan from
-//! [`crate::single_file`] carried out on memory-mapped tensors, giving each component a
+//! [`crate::single_file`] carried out on tensors read from the file, giving each component a
 //! `VarBuilder` in the diffusers key space.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::single_file::{component_plan, detect_family, CheckpointFamily, Source};
+use crate::tensor_files::TensorFiles;
 
 /// An open single-file checkpoint.
 pub struct Checkpoint {
     path: PathBuf,
-    tensors: MmapedSafetensors,
+    tensors: TensorFiles,
     keys: Vec<(String, Vec<usize>)>,
     family: CheckpointFamily,
 }
 
 impl Checkpoint {
-    /// Memory-maps `path` and detects which model it holds from its keys.
+    /// Opens `path` and detects which model it holds from its keys.
     pub fn open(path: &Path) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::MissingFile {
@@ -29,18 +29,13 @@ impl Checkpoint {
                 what: "a .safetensors checkpoint".to_string(),
             });
         }
-        // SAFETY: mapped read-only; a file changed by another process while we run is outside
-        // what any memory-mapped loader can guard against.
-        let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|source| Error::Weights {
-            component: "checkpoint",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut keys: Vec<(String, Vec<usize>)> = tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| (name, view.shape().to_vec()))
-            .collect();
+        let tensors =
+            TensorFiles::open(&[path.to_path_buf()]).map_err(|source| Error::Weights {
+                component: "checkpoint",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let mut keys = tensors.shapes();
         keys.sort();
         let family = detect_family(&keys).map_err(|source| Error::SingleFile {
             path: path.to_path_buf(),
@@ -91,7 +86,7 @@ impl Checkpoint {
     }
 
     fn materialize(&self, source: &Source) -> candle_core::Result<Tensor> {
-        let tensor = self.tensors.load(source.key(), &Device::Cpu)?;
+        let tensor = self.tensors.load(source.key())?;
         match source {
             Source::Rename(_) => Ok(tensor),
             Source::Slice { index, parts, .. } => {

@@ -13,6 +13,10 @@ pub enum Error {
     #[error("no weights in {dir}: looked for {looked_for}")]
     MissingWeights { dir: PathBuf, looked_for: String },
 
+    /// A model of a one-shot pipeline used after it was freed.
+    #[error("{component} already freed by a one-shot run of this pipeline; load the model again")]
+    Released { component: &'static str },
+
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
     Io {

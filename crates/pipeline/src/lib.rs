@@ -13,6 +13,7 @@ pub mod parity;
 pub mod preview;
 pub mod single_file;
 pub mod stable_diffusion;
+pub mod tensor_files;
 pub mod weights;
 
 pub use builtin::BuiltinModel;

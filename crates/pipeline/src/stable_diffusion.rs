@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sdrs_clip::ClipTextModel;
 use sdrs_schedulers::{NoNoise, NoiseSource, TorchGenerator};
-use sdrs_unet::UNet2DConditionModel;
+use sdrs_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdrs_vae::AutoencoderKL;
 
 use candle_nn::VarBuilder;
 
+use crate::bench::RandomWeights;
 use crate::checkpoint::Checkpoint;
-use crate::conditioning::{MicroConditioning, Prompts, TextEncoder, TextEncoders};
+use crate::conditioning::{Conditioning, MicroConditioning, Prompts, TextEncoder, TextEncoders};
 use crate::error::{Error, Result};
 use crate::model_files::{builtin_for_checkpoint, ModelFiles};
 use crate::single_file::CheckpointFamily;
@@ -38,6 +39,16 @@ impl ModelFamily {
     /// first text encoder (or says it wants aesthetic scores).
     pub fn detect(root: &Path) -> Result<Self> {
         Self::detect_in(&ModelFiles::Folder(root.to_path_buf()))
+    }
+
+    /// The family of a diffusers folder or of a single checkpoint file, from its configs or its
+    /// tensor names alone (no weights are read).
+    pub fn detect_model(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            Ok(Checkpoint::open(path)?.family().into())
+        } else {
+            Self::detect(path)
+        }
     }
 
     /// [`Self::detect`] for any source of configs.
@@ -77,6 +88,16 @@ impl ModelFamily {
         match self {
             Self::Sd => 7.5,
             Self::SdxlBase | Self::SdxlRefiner => 5.0,
+        }
+    }
+}
+
+impl From<CheckpointFamily> for ModelFamily {
+    fn from(family: CheckpointFamily) -> Self {
+        match family {
+            CheckpointFamily::Sd15 | CheckpointFamily::Sd2 => ModelFamily::Sd,
+            CheckpointFamily::SdxlBase => ModelFamily::SdxlBase,
+            CheckpointFamily::SdxlRefiner => ModelFamily::SdxlRefiner,
         }
     }
 }
@@ -217,8 +238,11 @@ impl StepProgress<'_> {
 pub struct StableDiffusion {
     root: PathBuf,
     family: ModelFamily,
-    text: TextEncoders,
-    unet: UNet2DConditionModel,
+    /// `None` only inside a one-shot run ([`Self::generate_once`]) once the prompts are encoded.
+    text: Option<TextEncoders>,
+    /// `None` only inside a one-shot run once the denoising is done.
+    unet: Option<UNet2DConditionModel>,
+    unet_config: UNet2DConditionConfig,
     vae: AutoencoderKL,
     vae_dtype: DType,
     /// Decodes instead of the full VAE when set (fast final decode and previews).
@@ -256,11 +280,7 @@ impl StableDiffusion {
     ) -> Result<Self> {
         let checkpoint = Checkpoint::open(checkpoint)?;
         let expected = ModelFamily::detect(config_dir)?;
-        let found = match checkpoint.family() {
-            CheckpointFamily::Sd15 | CheckpointFamily::Sd2 => ModelFamily::Sd,
-            CheckpointFamily::SdxlBase => ModelFamily::SdxlBase,
-            CheckpointFamily::SdxlRefiner => ModelFamily::SdxlRefiner,
-        };
+        let found = ModelFamily::from(checkpoint.family());
         if found != expected {
             return Err(Error::InvalidParameter {
                 name: "config folder",
@@ -313,6 +333,14 @@ impl StableDiffusion {
             },
             other => other,
         })
+    }
+
+    /// A model with the configs of `files` (e.g. [`ModelFiles::Builtin`] for the published
+    /// architectures) and seeded random weights built in the process: what `sdrs bench` measures,
+    /// the real shapes and pipeline with no weight files.
+    pub fn random(files: &ModelFiles, seed: u64, options: &LoadOptions) -> Result<Self> {
+        let root = files.location("").join("<random weights>");
+        Self::load_with(&root, files, &Weights::Random(seed), options)
     }
 
     /// `root` is what [`Self::root`] reports: the folder, or the single checkpoint file.
@@ -383,8 +411,9 @@ impl StableDiffusion {
         Ok(Self {
             root: root.to_path_buf(),
             family,
-            text,
-            unet,
+            text: Some(text),
+            unet: Some(unet),
+            unet_config,
             vae,
             vae_dtype,
             tiny_vae: None,
@@ -421,7 +450,7 @@ impl StableDiffusion {
     /// The size the UNet was trained at, in pixels: diffusers' default width and height.
     pub fn default_size(&self) -> usize {
         // diffusers falls back to 64 latents (SD1.5) when the config has no sample size.
-        self.unet.config().sample_size.unwrap_or(64) * self.vae_scale_factor()
+        self.unet_config.sample_size.unwrap_or(64) * self.vae_scale_factor()
     }
 
     pub fn device(&self) -> &Device {
@@ -442,6 +471,42 @@ impl StableDiffusion {
         self.decode(&latents)
     }
 
+    /// [`Self::generate`] for a single image, freeing each model after its last use: the text
+    /// encoders once the prompts are encoded, the UNet before the VAE decodes. The peak memory
+    /// is then that of the models still needed plus one stage's activations, not of every model
+    /// (stable-diffusion.cpp's command line does the same). The image is the same.
+    pub fn generate_once(
+        mut self,
+        request: &Request,
+        progress: &mut dyn FnMut(&StepProgress),
+    ) -> Result<Tensor> {
+        let latents = self.denoise_releasing(request, progress)?;
+        self.unet = None;
+        sdrs_kernels::memory::release_freed_memory();
+        self.decode(&latents)
+    }
+
+    /// [`Self::denoise`] for a single image, freeing the text encoders once the prompts are
+    /// encoded and everything else when it returns (for a refiner that continues from the latents).
+    pub fn denoise_once(
+        mut self,
+        request: &Request,
+        progress: &mut dyn FnMut(&StepProgress),
+    ) -> Result<Tensor> {
+        self.denoise_releasing(request, progress)
+    }
+
+    fn denoise_releasing(
+        &mut self,
+        request: &Request,
+        progress: &mut dyn FnMut(&StepProgress),
+    ) -> Result<Tensor> {
+        let conditioning = self.encode_prompts(request)?;
+        self.text = None;
+        sdrs_kernels::memory::release_freed_memory();
+        self.denoise_with(request, &conditioning, progress)
+    }
+
     /// The denoising loop; returns the final latents as the scheduler keeps them (what diffusers
     /// returns with `output_type="latent"`, and what a refiner continues from).
     pub fn denoise(
@@ -449,6 +514,12 @@ impl StableDiffusion {
         request: &Request,
         progress: &mut dyn FnMut(&StepProgress),
     ) -> Result<Tensor> {
+        let conditioning = self.encode_prompts(request)?;
+        self.denoise_with(request, &conditioning, progress)
+    }
+
+    /// Checks the request and encodes its prompts (and SDXL's micro-conditioning).
+    fn encode_prompts(&self, request: &Request) -> Result<Conditioning> {
         self.check_request(request)?;
         let guided = request.guidance_scale > 1.0;
         let (height, width) = (request.height, request.width);
@@ -467,12 +538,29 @@ impl StableDiffusion {
             clip_skip: request.clip_skip,
             guided,
         };
-        let conditioning = self.text.encode(
+        let text = self.text.as_ref().ok_or(Error::Released {
+            component: "text encoders",
+        })?;
+        text.encode(
             &prompts,
             &micro,
             activation_dtype(self.dtype, &self.device),
             &self.device,
-        )?;
+        )
+    }
+
+    fn denoise_with(
+        &self,
+        request: &Request,
+        conditioning: &Conditioning,
+        progress: &mut dyn FnMut(&StepProgress),
+    ) -> Result<Tensor> {
+        let guided = request.guidance_scale > 1.0;
+        let (height, width) = (request.height, request.width);
+        let unet = self
+            .unet
+            .as_ref()
+            .ok_or(Error::Released { component: "UNet" })?;
 
         let mut scheduler = sdrs_schedulers::from_config(&request.scheduler, request.steps)?;
         let num_train_timesteps = request.scheduler["num_train_timesteps"]
@@ -482,7 +570,7 @@ impl StableDiffusion {
         let factor = self.vae_scale_factor();
         let shape = (
             1,
-            self.unet.config().in_channels,
+            self.unet_config.in_channels,
             height / factor,
             width / factor,
         );
@@ -592,8 +680,7 @@ impl StableDiffusion {
             };
             let model_input = scheduler.scale_model_input(&model_input, t)?;
             let t_batch = Tensor::full(t as f32, batch, &self.device)?;
-            let noise_pred = self
-                .unet
+            let noise_pred = unet
                 .forward(
                     &model_input.to_dtype(activation_dtype(self.dtype, &self.device))?,
                     &t_batch,
@@ -636,10 +723,7 @@ impl StableDiffusion {
     /// Decodes with a tiny autoencoder (TAESD and kin) instead of the full VAE from now on; its
     /// latent channels must match the UNet's.
     pub fn set_tiny_autoencoder(&mut self, tiny: AutoencoderTiny) -> Result<()> {
-        let (found, expected) = (
-            tiny.config().latent_channels,
-            self.unet.config().in_channels,
-        );
+        let (found, expected) = (tiny.config().latent_channels, self.unet_config.in_channels);
         if found != expected {
             return Err(Error::InvalidParameter {
                 name: "tiny autoencoder",
@@ -824,6 +908,8 @@ enum Weights {
     Folder(PathBuf),
     /// One original-layout checkpoint for every component.
     Checkpoint(Checkpoint),
+    /// Seeded random weights of the configured shapes (benchmarks).
+    Random(u64),
 }
 
 impl Weights {
@@ -849,6 +935,10 @@ impl Weights {
                 let vb = checkpoint.var_builder(component, &config, dtype, device)?;
                 Ok((vb, checkpoint.path().to_path_buf()))
             }
+            Weights::Random(seed) => Ok((
+                RandomWeights::for_component(*seed, component).into_var_builder(dtype, device),
+                PathBuf::from("<random weights>"),
+            )),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Finding a component's `.safetensors` weights in a diffusers folder and memory-mapping them
-//! into a `VarBuilder` of the compute dtype, with errors that name the file.
+//! Finding a component's `.safetensors` weights in a diffusers folder and opening them as a
+//! `VarBuilder` of the compute dtype, with errors that name the file.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
+use crate::tensor_files::TensorFiles;
 
 /// The file stems diffusers (`diffusion_pytorch_model`) and transformers (`model`) save weights under.
 const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
@@ -77,7 +78,8 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Memory-maps `files` as one `VarBuilder` whose tensors come out in `dtype` on `device`.
+/// Opens `files` as one `VarBuilder` whose tensors come out in `dtype` on `device` (read one by
+/// one when the model asks for them; see [`crate::tensor_files`]).
 pub fn var_builder(
     component: &'static str,
     files: &[PathBuf],
@@ -85,15 +87,16 @@ pub fn var_builder(
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
     let first = files.first().cloned().unwrap_or_default();
-    // SAFETY: the files are mapped read-only; as with every memory-mapped loader, a file changed
-    // by another process while we run is outside what we can guard against.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|source| {
-        Error::Weights {
-            component,
-            path: first,
-            source,
-        }
-    })
+    let tensors = TensorFiles::open(files).map_err(|source| Error::Weights {
+        component,
+        path: first,
+        source,
+    })?;
+    Ok(VarBuilder::from_backend(
+        Box::new(tensors),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// Reads and parses a JSON file; Python's `Infinity`/`NaN` literals (which diffusers writes) are accepted.

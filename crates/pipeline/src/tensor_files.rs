@@ -1,0 +1,389 @@
+//! `.safetensors` files read tensor by tensor with positioned reads, instead of memory-mapped.
+//!
+//! candle's CPU tensors own their memory, so a memory-mapped file is copied tensor by tensor
+//! anyway; while the mapping lives, every page of it that was read also counts as resident memory
+//! of the process, so loading a 1.7 GB UNet from a mapped file peaks at twice its size. Reading
+//! each tensor straight into its own buffer keeps the file in the page cache (shared, and not the
+//! process's), and the resident memory of a loaded model is its weights once.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use safetensors::tensor::TensorInfo;
+use safetensors::Dtype;
+
+/// The most header bytes accepted (the `safetensors` crate's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Where one tensor lies: its file, dtype, shape and absolute byte range.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+    len: usize,
+}
+
+/// One or more `.safetensors` files (a model's shards) opened for reading tensors by name.
+pub struct TensorFiles {
+    files: Vec<(PathBuf, Mutex<File>)>,
+    entries: HashMap<String, Entry>,
+}
+
+fn error(path: &Path, message: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{}: {message}", path.display()))
+}
+
+/// The candle dtype a safetensors dtype loads as, or `None` for those sdrs has no use for.
+fn candle_dtype(dtype: Dtype) -> Option<DType> {
+    Some(match dtype {
+        Dtype::U8 => DType::U8,
+        Dtype::U32 => DType::U32,
+        Dtype::I16 => DType::I16,
+        Dtype::I32 => DType::I32,
+        Dtype::I64 => DType::I64,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+impl TensorFiles {
+    /// Opens `paths` and reads their headers; every tensor's byte range is checked against the
+    /// file's length here, so a truncated or corrupt file is refused before any weight is read.
+    pub fn open(paths: &[PathBuf]) -> candle_core::Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let mut file =
+                File::open(path).map_err(|e| error(path, format_args!("cannot open: {e}")))?;
+            let header = read_header(path, &mut file)?;
+            for (name, entry) in header {
+                entries.insert(
+                    name,
+                    Entry {
+                        file: index,
+                        ..entry
+                    },
+                );
+            }
+            files.push((path.clone(), Mutex::new(file)));
+        }
+        Ok(Self { files, entries })
+    }
+
+    /// Every tensor's name and shape.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.entries
+            .iter()
+            .map(|(name, entry)| (name.clone(), entry.shape.clone()))
+            .collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Reads tensor `name` in the dtype it is stored in, on the CPU.
+    pub fn load(&self, name: &str) -> candle_core::Result<Tensor> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })?;
+        let (path, file) = &self.files[entry.file];
+        let mut file = file
+            .lock()
+            .map_err(|_| error(path, "a previous read failed"))?;
+        let read = match entry.dtype {
+            DType::U8 => read_values::<u8>(&mut file, entry),
+            DType::U32 => read_values::<u32>(&mut file, entry),
+            DType::I16 => read_values::<i16>(&mut file, entry),
+            DType::I32 => read_values::<i32>(&mut file, entry),
+            DType::I64 => read_values::<i64>(&mut file, entry),
+            DType::F16 => read_values::<half::f16>(&mut file, entry),
+            DType::BF16 => read_values::<half::bf16>(&mut file, entry),
+            DType::F32 => read_values::<f32>(&mut file, entry),
+            DType::F64 => read_values::<f64>(&mut file, entry),
+            other => {
+                return Err(error(
+                    path,
+                    format_args!("tensor {name}: no reader for {other:?}"),
+                ))
+            }
+        };
+        read.map_err(|e| error(path, format_args!("cannot read tensor {name}: {e}")))?
+    }
+}
+
+/// Reads one tensor's bytes straight into the buffer its CPU tensor will own (no second copy).
+fn read_values<T: candle_core::WithDType + bytemuck::Pod>(
+    file: &mut File,
+    entry: &Entry,
+) -> std::io::Result<candle_core::Result<Tensor>> {
+    let mut values = vec![T::zeroed(); entry.len / std::mem::size_of::<T>()];
+    file.seek(SeekFrom::Start(entry.start))?;
+    file.read_exact(bytemuck::cast_slice_mut(&mut values))?;
+    Ok(Tensor::from_vec(
+        values,
+        entry.shape.as_slice(),
+        &Device::Cpu,
+    ))
+}
+
+/// Parses the header of an open safetensors file into entries (file index 0).
+fn read_header(path: &Path, file: &mut File) -> candle_core::Result<Vec<(String, Entry)>> {
+    let file_len = file
+        .metadata()
+        .map_err(|e| error(path, format_args!("cannot read: {e}")))?
+        .len();
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix).map_err(|_| {
+        error(
+            path,
+            format_args!(
+                "not a safetensors file: {file_len} bytes, shorter than the 8-byte header length"
+            ),
+        )
+    })?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > MAX_HEADER || header_len > file_len - 8 {
+        return Err(error(
+            path,
+            format_args!(
+                "not a safetensors file (or truncated): its header claims {header_len} bytes, the file has {file_len}"
+            ),
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| error(path, format_args!("cannot read the header: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| error(path, format_args!("the header is not valid JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    let data_len = file_len - data_start;
+    let mut entries = Vec::with_capacity(header.len());
+    for (name, value) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: TensorInfo = serde_json::from_value(value).map_err(|e| {
+            error(
+                path,
+                format_args!("bad header entry for tensor {name}: {e}"),
+            )
+        })?;
+        let dtype = candle_dtype(info.dtype).ok_or_else(|| {
+            error(
+                path,
+                format_args!(
+                    "tensor {name} is stored as {:?}; accepted: F32, F16, BF16, F64, U8, U32, I16, I32, I64",
+                    info.dtype
+                ),
+            )
+        })?;
+        let (begin, end) = info.data_offsets;
+        let expected = info
+            .shape
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d));
+        if end < begin || expected != Some(end - begin) {
+            return Err(error(
+                path,
+                format_args!(
+                    "tensor {name} of shape {:?} ({:?}) has the byte range {begin}..{end}, which does not fit its size",
+                    info.shape, info.dtype
+                ),
+            ));
+        }
+        if end as u64 > data_len {
+            return Err(error(
+                path,
+                format_args!(
+                    "truncated: tensor {name} ends at byte {} of the data, but the file holds {data_len} data bytes",
+                    end
+                ),
+            ));
+        }
+        entries.push((
+            name,
+            Entry {
+                file: 0,
+                dtype,
+                shape: info.shape,
+                start: data_start + begin as u64,
+                len: end - begin,
+            },
+        ));
+    }
+    Ok(entries)
+}
+
+impl SimpleBackend for TensorFiles {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        // The shape is checked from the header, before anything is read.
+        if let Some(entry) = self.entries.get(name) {
+            if entry.shape.as_slice() != shape.dims() {
+                return Err(candle_core::Error::UnexpectedShape {
+                    msg: format!("shape mismatch for {name}"),
+                    expected: shape,
+                    got: entry.shape.clone().into(),
+                }
+                .bt());
+            }
+        }
+        self.get_unchecked(name, dtype, device)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.load(name)?.to_dtype(dtype)?.to_device(device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, tensors: &[(&str, Tensor)]) {
+        let data: Vec<(&str, Tensor)> = tensors.to_vec();
+        candle_core::safetensors::save(&data.into_iter().collect(), path).unwrap();
+    }
+
+    #[test]
+    fn reads_what_candle_writes_in_every_float_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        let values = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
+        write(
+            &path,
+            &[
+                ("f32", values.clone()),
+                ("f16", values.to_dtype(DType::F16).unwrap()),
+                ("bf16", values.to_dtype(DType::BF16).unwrap()),
+                ("scalar", Tensor::new(&[7u32], &Device::Cpu).unwrap()),
+            ],
+        );
+        let files = TensorFiles::open(std::slice::from_ref(&path)).unwrap();
+        for name in ["f32", "f16", "bf16"] {
+            let read = files
+                .get(
+                    (2, 3, 4).into(),
+                    name,
+                    candle_nn::Init::Const(0.),
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+            let diff = (read - &values).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+        assert_eq!(files.load("f16").unwrap().dtype(), DType::F16);
+        assert_eq!(files.load("scalar").unwrap().to_vec1::<u32>().unwrap(), [7]);
+        assert!(files.contains("bf16") && !files.contains("nope"));
+        let mut shapes = files.shapes();
+        shapes.sort();
+        assert_eq!(shapes[0], ("bf16".to_string(), vec![2, 3, 4]));
+
+        let wrong = files
+            .get(
+                (4, 3, 2).into(),
+                "f32",
+                candle_nn::Init::Const(0.),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("shape mismatch for f32"), "{wrong}");
+        let missing = files.load("nope").unwrap_err().to_string();
+        assert!(missing.contains("nope"), "{missing}");
+    }
+
+    #[test]
+    fn shards_are_one_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.safetensors");
+        let b = dir.path().join("b.safetensors");
+        write(&a, &[("x", Tensor::new(&[1f32], &Device::Cpu).unwrap())]);
+        write(
+            &b,
+            &[("y", Tensor::new(&[2f32, 3.], &Device::Cpu).unwrap())],
+        );
+        let files = TensorFiles::open(&[a, b]).unwrap();
+        assert_eq!(files.load("x").unwrap().to_vec1::<f32>().unwrap(), [1.]);
+        assert_eq!(files.load("y").unwrap().to_vec1::<f32>().unwrap(), [2., 3.]);
+    }
+
+    #[test]
+    fn truncated_short_and_garbage_files_are_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let big = Tensor::zeros((64, 64), DType::F32, &Device::Cpu).unwrap();
+        write(&path, &[("big", big)]);
+        let bytes = std::fs::read(&path).unwrap();
+        let cases: [(&[u8], &str); 4] = [
+            (&bytes[..bytes.len() / 2], "truncated: tensor big"),
+            (&bytes[..5], "shorter than the 8-byte header length"),
+            (&bytes[..40], "header claims"),
+            (b"\x04\0\0\0\0\0\0\0{no}", "not valid JSON"),
+        ];
+        for (content, expected) in cases {
+            std::fs::write(&path, content).unwrap();
+            let message = TensorFiles::open(std::slice::from_ref(&path))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(message.contains(expected), "{message}");
+            assert!(message.contains("w.safetensors"), "{message}");
+        }
+        let message = TensorFiles::open(&[dir.path().join("absent.safetensors")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("absent.safetensors"), "{message}");
+    }
+
+    #[test]
+    fn a_range_that_does_not_match_the_shape_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let header = br#"{"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+        let mut content = (header.len() as u64).to_le_bytes().to_vec();
+        content.extend_from_slice(header);
+        content.extend_from_slice(&[0; 12]);
+        std::fs::write(&path, content).unwrap();
+        let message = TensorFiles::open(std::slice::from_ref(&path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("does not fit its size"), "{message}");
+    }
+}
