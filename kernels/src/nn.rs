@@ -3,7 +3,7 @@
 //! fused in as the GEMM's starting value); on other devices they call candle's own operations.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use half::{bf16, f16};
 
@@ -241,40 +241,39 @@ struct Conv2dOp {
 }
 
 impl Conv2dOp {
+    /// The convolution of `x` by `w`, plus the bias, plus `residual` (the output's shape, f32)
+    /// when given: the output starts from it, so a resnet's skip sum costs no extra pass or tensor.
     fn run<X: Element, W: Element>(
         &self,
         x: &[X],
         w: &[W],
         images: usize,
         g: ConvGeometry,
+        residual: Option<&[f32]>,
     ) -> Vec<f32> {
         let Some((out_h, out_w)) = g.output_size() else {
             return Vec::new();
         };
         let plane = out_h * out_w;
-        let mut out = vec![0f32; images * g.out_channels * plane];
+        let mut out = match residual {
+            Some(residual) => residual.to_vec(),
+            None => vec![0f32; images * g.out_channels * plane],
+        };
         if let Some(bias) = &self.bias {
-            for (chunk, value) in out.chunks_mut(plane).zip(bias.iter().cycle()) {
-                chunk.fill(*value);
+            for (chunk, &value) in out.chunks_mut(plane).zip(bias.iter().cycle()) {
+                if residual.is_some() {
+                    chunk.iter_mut().for_each(|v| *v += value);
+                } else {
+                    chunk.fill(value);
+                }
             }
         }
         conv2d_kernel(cpu::level(), g, images, x, w, &mut out, is_bf16::<W>());
         out
     }
-}
 
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "sdrs-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    /// The geometry of input `l1` convolved by weight `l2`, and the output shape.
+    fn geometry(&self, l1: &Layout, l2: &Layout) -> Result<(ConvGeometry, Shape)> {
         let (images, channels, height, width) = l1.shape().dims4()?;
         let (out_channels, c_w, kernel_h, kernel_w) = l2.shape().dims4()?;
         if c_w != channels {
@@ -302,9 +301,67 @@ impl CustomOp2 for Conv2dOp {
                 self.config.padding
             );
         };
+        Ok((g, Shape::from((images, out_channels, out_h, out_w))))
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "sdrs-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, shape) = self.geometry(l1, l2)?;
+        let images = shape.dims()[0];
         let out = with_slices!("sdrs-conv2d", (s1, l1), (s2, l2), |x, w| self
-            .run(x, w, images, g));
-        let shape = Shape::from((images, out_channels, out_h, out_w));
+            .run(x, w, images, g, None));
+        Ok((storage_from_f32(out, s1.dtype())?, shape))
+    }
+}
+
+/// The convolution with a residual added (third operand: f32, the output's shape).
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "sdrs-conv2d-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, shape) = self.geometry(l1, l2)?;
+        if l3.shape() != &shape {
+            candle_core::bail!(
+                "sdrs-conv2d-add: residual {:?} is not the output's shape {shape:?}",
+                l3.shape()
+            );
+        }
+        let CpuStorage::F32(residual) = s3 else {
+            candle_core::bail!(
+                "sdrs-conv2d-add: the residual must be f32, got {:?}",
+                s3.dtype()
+            );
+        };
+        let residual = contiguous(residual, l3, "sdrs-conv2d-add")?;
+        let images = shape.dims()[0];
+        let out = with_slices!("sdrs-conv2d-add", (s1, l1), (s2, l2), |x, w| self.run(
+            x,
+            w,
+            images,
+            g,
+            Some(residual)
+        ));
         Ok((storage_from_f32(out, s1.dtype())?, shape))
     }
 }
@@ -338,16 +395,37 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    fn op(&self) -> Conv2dOp {
+        Conv2dOp {
+            bias: self.bias_f32.clone(),
+            config: *self.config(),
+        }
+    }
+
+    /// `self.forward(xs) + residual` in one pass: the output starts from the residual (an f32
+    /// tensor of the output's shape) instead of zeros, as a resnet's skip connection needs; other
+    /// dtypes and devices take the plain sum.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let fused = on_our_kernels(xs, self.weight())
+            && self.config().groups == 1
+            && xs.dtype() == DType::F32
+            && residual.dtype() == DType::F32
+            && residual.device().is_cpu();
+        if !fused {
+            return self.forward(xs)? + residual;
+        }
+        xs.contiguous()?
+            .apply_op3_no_bwd(self.weight(), &residual.contiguous()?, &self.op())
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if !on_our_kernels(xs, self.weight()) || self.config().groups != 1 {
             return on_candle(xs, self.weight(), |xs| self.inner.forward(xs));
         }
-        let op = Conv2dOp {
-            bias: self.bias_f32.clone(),
-            config: *self.config(),
-        };
-        xs.contiguous()?.apply_op2_no_bwd(self.weight(), &op)
+        xs.contiguous()?.apply_op2_no_bwd(self.weight(), &self.op())
     }
 }
 

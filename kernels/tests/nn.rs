@@ -144,6 +144,52 @@ fn conv_cases() {
 }
 
 #[test]
+fn convolution_with_a_residual_matches_candle() {
+    let cases = [
+        // (batch, cin, cout, h, w, kernel, stride, padding)
+        (1, 3, 5, 14, 18, 3, 1, 1),
+        (2, 4, 6, 10, 6, 3, 1, 1),
+        (1, 5, 4, 12, 14, 3, 2, 1),
+        (1, 2, 3, 12, 15, 1, 1, 0),
+        (1, 3, 2, 6, 8, 5, 1, 4),
+        (1, 6, 7, 9, 8, 3, 1, 0),
+    ];
+    for (batch, cin, cout, h, w, k, stride, padding) in cases {
+        let x = randn(&[batch, cin, h, w], 31);
+        let weight = randn(&[cout, cin, k, k], 32);
+        let bias = randn(&[cout], 33);
+        let config = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let reference = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), config)
+            .forward(&x)
+            .unwrap();
+        let residual = randn(reference.dims(), 34);
+        let name = format!("{cin}->{cout} {h}x{w} k{k} s{stride} p{padding}");
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let conv = Conv2d::new(
+                weight.to_dtype(dtype).unwrap(),
+                Some(bias.to_dtype(dtype).unwrap()),
+                config,
+            )
+            .unwrap();
+            let got = conv.forward_add(&x, &residual).unwrap();
+            assert_eq!(got.dims(), reference.dims(), "{name}");
+            let expected = (&reference + &residual).unwrap();
+            let diff = max_relative_diff(&got, &expected);
+            assert!(diff < tol, "with residual {dtype:?} {name}: {diff}");
+        }
+    }
+    let conv = Conv2d::new(randn(&[2, 3, 3, 3], 35), None, Conv2dConfig::default()).unwrap();
+    let error = conv
+        .forward_add(&randn(&[1, 3, 8, 8], 36), &randn(&[1, 2, 7, 7], 37))
+        .unwrap_err();
+    assert!(error.to_string().contains("residual"), "{error}");
+}
+
+#[test]
 fn mismatched_shapes_are_errors_not_panics() {
     let w = randn(&[4, 6], 9);
     let x = randn(&[2, 5], 10);
