@@ -272,6 +272,21 @@ impl Conv2dOp {
         out
     }
 
+    /// [`Self::run`] on the storages of the input and the weight, the result in the input's dtype.
+    fn convolve(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        g: ConvGeometry,
+        shape: Shape,
+        residual: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let images = shape.dims()[0];
+        let out = with_slices!("sdrs-conv2d", (s1, l1), (s2, l2), |x, w| self
+            .run(x, w, images, g, residual));
+        Ok((storage_from_f32(out, s1.dtype())?, shape))
+    }
+
     /// The geometry of input `l1` convolved by weight `l2`, and the output shape.
     fn geometry(&self, l1: &Layout, l2: &Layout) -> Result<(ConvGeometry, Shape)> {
         let (images, channels, height, width) = l1.shape().dims4()?;
@@ -318,10 +333,7 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, shape) = self.geometry(l1, l2)?;
-        let images = shape.dims()[0];
-        let out = with_slices!("sdrs-conv2d", (s1, l1), (s2, l2), |x, w| self
-            .run(x, w, images, g, None));
-        Ok((storage_from_f32(out, s1.dtype())?, shape))
+        self.convolve((s1, l1), (s2, l2), g, shape, None)
     }
 }
 
@@ -354,15 +366,7 @@ impl CustomOp3 for Conv2dOp {
             );
         };
         let residual = contiguous(residual, l3, "sdrs-conv2d-add")?;
-        let images = shape.dims()[0];
-        let out = with_slices!("sdrs-conv2d-add", (s1, l1), (s2, l2), |x, w| self.run(
-            x,
-            w,
-            images,
-            g,
-            Some(residual)
-        ));
-        Ok((storage_from_f32(out, s1.dtype())?, shape))
+        self.convolve((s1, l1), (s2, l2), g, shape, Some(residual))
     }
 }
 
