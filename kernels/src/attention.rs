@@ -400,11 +400,10 @@ impl FlashAttention {
                 x86::rows_avx2(r)
             }),
             #[cfg(target_arch = "aarch64")]
-            Level::Simd256 | Level::Avx512 | Level::Avx512Bf16 => {
-                self.run_tiled::<T, 6, 16>(q, k, v, dims, |r| {
+            Level::Simd256 | Level::NeonBf16 | Level::Avx512 | Level::Avx512Bf16 => self
+                .run_tiled::<T, 6, 16>(q, k, v, dims, |r| {
                     flash_rows::<6, 16>(r.q, r.kv, r.out, r.rows, r.dims, crate::gemm::tile_fma)
-                })
-            }
+                }),
             _ => self.run_tiled::<T, 4, 8>(q, k, v, dims, |r| {
                 flash_rows::<4, 8>(r.q, r.kv, r.out, r.rows, r.dims, crate::gemm::tile_plain)
             }),

@@ -1,7 +1,8 @@
 //! Which SIMD instruction sets the CPU offers, detected once at run time, so that one binary picks
-//! the fastest kernels on any x86-64 (AVX2+FMA, AVX-512, AVX512-BF16) or aarch64 (NEON) machine.
+//! the fastest kernels on any x86-64 (AVX2+FMA, AVX-512, AVX512-BF16) or aarch64 (NEON, NEON with
+//! the BF16 dot products) machine.
 //!
-//! `SDRS_CPU_FEATURES=portable|avx2|avx512` caps the level (to compare kernels, or to check the
+//! `SDRS_CPU_FEATURES=portable|avx2|neon|avx512` caps the level (to compare kernels, or to check the
 //! slower paths on a fast machine).
 
 use std::sync::OnceLock;
@@ -13,6 +14,9 @@ pub enum Level {
     Portable,
     /// x86-64 AVX2 with FMA, or aarch64 NEON (always present there).
     Simd256,
+    /// aarch64 NEON with the BF16 dot products (FEAT_BF16: Apple M2 and later, AWS Graviton 3
+    /// and later, Neoverse V1/N2 ...).
+    NeonBf16,
     /// x86-64 AVX-512F.
     Avx512,
     /// x86-64 AVX-512F with the AVX512-BF16 dot-product instructions.
@@ -27,6 +31,7 @@ impl Level {
             Self::Simd256 if cfg!(target_arch = "aarch64") => "neon",
             Self::Simd256 => "avx2+fma",
             Self::Avx512 => "avx512",
+            Self::NeonBf16 => "neon+bf16",
             Self::Avx512Bf16 => "avx512bf16",
         }
     }
@@ -34,15 +39,21 @@ impl Level {
     /// Every level this CPU can run, slowest first (for parity tests of each path).
     pub fn available() -> Vec<Level> {
         let best = detected();
-        [
-            Self::Portable,
-            Self::Simd256,
-            Self::Avx512,
-            Self::Avx512Bf16,
-        ]
-        .into_iter()
-        .filter(|level| *level <= best)
-        .collect()
+        let levels: &[Level] = if cfg!(target_arch = "aarch64") {
+            &[Self::Portable, Self::Simd256, Self::NeonBf16]
+        } else {
+            &[
+                Self::Portable,
+                Self::Simd256,
+                Self::Avx512,
+                Self::Avx512Bf16,
+            ]
+        };
+        levels
+            .iter()
+            .copied()
+            .filter(|level| *level <= best)
+            .collect()
     }
 }
 
@@ -66,7 +77,11 @@ fn detected() -> Level {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        Level::Simd256
+        if std::arch::is_aarch64_feature_detected!("bf16") {
+            Level::NeonBf16
+        } else {
+            Level::Simd256
+        }
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
@@ -90,7 +105,7 @@ pub fn level() -> Level {
 
 /// Whether bf16 is the fast dtype here (native bf16 dot products), which makes it the default.
 pub fn has_native_bf16() -> bool {
-    level() == Level::Avx512Bf16
+    matches!(level(), Level::Avx512Bf16 | Level::NeonBf16)
 }
 
 #[cfg(test)]

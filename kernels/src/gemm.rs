@@ -3,8 +3,8 @@
 //! run a register-blocked micro-kernel over the packed panels), parallel over blocks of C.
 //!
 //! Operands are read through [`Operand`], so that a convolution can feed its input as an implicit
-//! im2col matrix (see `conv.rs`) that is never materialised. Micro-kernels: AVX512-BF16 dot
-//! products for bf16 inputs where the CPU has them, and f32 FMA kernels that the compiler
+//! im2col matrix (see `conv.rs`) that is never materialised. Micro-kernels: AVX512-BF16 or NEON
+//! BFDOT dot products for bf16 inputs where the CPU has them, and f32 FMA kernels that the compiler
 //! vectorises for AVX-512, AVX2+FMA, NEON and plain targets.
 
 use half::{bf16, f16};
@@ -198,7 +198,7 @@ pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: 
         #[cfg(target_arch = "x86_64")]
         Level::Simd256 => run::<6, 16>(a, b, c, ldc, x86::kernel_avx2 as Kernel<6, 16>),
         #[cfg(target_arch = "aarch64")]
-        Level::Simd256 | Level::Avx512 | Level::Avx512Bf16 => {
+        Level::Simd256 | Level::NeonBf16 | Level::Avx512 | Level::Avx512Bf16 => {
             run::<6, 16>(a, b, c, ldc, kernel_fma::<6, 16> as Kernel<6, 16>)
         }
         _ => run::<4, 8>(a, b, c, ldc, kernel_plain::<4, 8> as Kernel<4, 8>),
@@ -211,18 +211,175 @@ pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: 
 pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512Bf16 && x86::bf16_kernel_verified() {
-        let (m, k, n) = (a.rows(), a.cols(), b.cols());
-        assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
-        assert!(
-            m == 0 || c.len() >= (m - 1) * ldc + n,
-            "gemm: output too short"
-        );
-        if m > 0 && n > 0 && k > 0 {
-            x86::run_bf16(a, b, c, ldc);
-        }
-        return;
+        return run_bf16_checked::<8, 32>(a, b, c, ldc, x86::kernel_bf16);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::NeonBf16 && arm::bf16_kernel_verified() {
+        return run_bf16_checked::<{ arm::MR }, { arm::NR }>(a, b, c, ldc, arm::kernel_bf16);
     }
     gemm(level, a, b, c, ldc)
+}
+
+/// [`run_bf16`] after `gemm`'s shape checks.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn run_bf16_checked<const MR: usize, const NR: usize>(
+    a: &dyn Operand,
+    b: &dyn Operand,
+    c: &mut [f32],
+    ldc: usize,
+    kernel: Bf16Kernel<MR, NR>,
+) {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
+    assert!(
+        m == 0 || c.len() >= (m - 1) * ldc + n,
+        "gemm: output too short"
+    );
+    if m > 0 && n > 0 && k > 0 {
+        run_bf16::<MR, NR>(a, b, c, ldc, kernel);
+    }
+}
+
+/// A bf16 micro-kernel: `c[MR x NR] += packed_a[kp][MR] · packed_b[kp][NR]` over `kp` K pairs
+/// (each `u32` two bf16 of neighbouring K, the lower first), storing `mr x nr` of it.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+type Bf16Kernel<const MR: usize, const NR: usize> =
+    unsafe fn(usize, &[u32], &[u32], *mut f32, usize, usize, usize);
+
+/// K pairs per packed block of the bf16 products (512 values of K).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const KP: usize = 256;
+
+/// Whether the bf16 dot-product `kernel` gives the f32 kernels' result on this CPU, checked on a
+/// small product of bf16-exact values (the two must agree to rounding). Guards users against an
+/// instruction path the development machines could only emulate: if it ever disagreed, the f32
+/// kernels would be used instead.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn bf16_agrees_with_f32<const MR: usize, const NR: usize>(kernel: Bf16Kernel<MR, NR>) -> bool {
+    let (m, k, n) = (19, 77, 45);
+    let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 8.0;
+    let a: Vec<f32> = (0..m * k).map(value).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
+    let (a, b) = (Strided::row_major(&a, m, k), Strided::row_major(&b, k, n));
+    let mut want = vec![0f32; m * n];
+    run::<4, 8>(&a, &b, &mut want, n, kernel_plain::<4, 8> as Kernel<4, 8>);
+    let mut got = vec![0f32; m * n];
+    run_bf16::<MR, NR>(&a, &b, &mut got, n, kernel);
+    got.iter()
+        .zip(&want)
+        .all(|(g, w)| (g - w).abs() <= 1e-4 * w.abs().max(1.0))
+}
+
+/// Packs `count` lines of `2 * kp` values (K padded with zeros) as `[panel][p][width]` pairs.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn pack_pairs(
+    width: usize,
+    count: usize,
+    kp: usize,
+    read: impl Fn(usize, &mut [f32]) + Sync,
+    out: &mut [u32],
+) {
+    let panels = count.div_ceil(width);
+    out[..panels * kp * width]
+        .par_chunks_mut(kp * width)
+        .enumerate()
+        .for_each_init(
+            || (vec![0f32; 2 * kp], vec![0u16; 2 * kp]),
+            |(line, bits), (panel, dst)| {
+                for w in 0..width {
+                    let index = panel * width + w;
+                    if index < count {
+                        read(index, line);
+                    } else {
+                        line.fill(0.0);
+                    }
+                    // Round the whole line first (a contiguous loop that vectorises), then
+                    // deal out neighbouring halves as pairs.
+                    for (b, x) in bits.iter_mut().zip(line.iter()) {
+                        *b = bf16_bits(*x) as u16;
+                    }
+                    for (p, half) in bits.chunks_exact(2).enumerate() {
+                        dst[p * width + w] = u32::from(half[0]) | (u32::from(half[1]) << 16);
+                    }
+                }
+            },
+        );
+}
+
+/// The bf16 product driver: operands rounded to bf16 pairs while packing, `kernel` on the tiles.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn run_bf16<const MR: usize, const NR: usize>(
+    a: &dyn Operand,
+    b: &dyn Operand,
+    c: &mut [f32],
+    ldc: usize,
+    kernel: Bf16Kernel<MR, NR>,
+) {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    let m_panels = m.div_ceil(MR);
+    let kp_max = KP.min(k.div_ceil(2));
+    let mut packed_a = vec![0u32; m_panels * MR * kp_max];
+    let mut packed_b = vec![0u32; NC.min(n).div_ceil(NR) * NR * kp_max];
+    let out = SharedOut(c.as_mut_ptr());
+    for pc in (0..k).step_by(2 * KP) {
+        let kc = (2 * KP).min(k - pc);
+        let kp = kc.div_ceil(2);
+        pack_pairs(
+            MR,
+            m,
+            kp,
+            |row, line| {
+                a.read_row(row, pc, &mut line[..kc]);
+                line[kc..].fill(0.0);
+            },
+            &mut packed_a,
+        );
+        let pack_panel = |j0: usize, width: usize, dst: &mut [u32]| {
+            // B is read by rows of K: a K pair of rows at a time.
+            for p in 0..kp {
+                let row = &mut dst[p * NR..(p + 1) * NR];
+                b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, j0, &mut row[..width]);
+                row[width..].fill(0);
+            }
+        };
+        let tile = |packed_a: &[u32], packed_b: &[u32], ip: usize, jp: usize, jc: usize| {
+            let (i0, j0) = (ip * MR, jc + jp * NR);
+            let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
+            let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
+            let bp = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
+            // SAFETY: the level check in `gemm_bf16` guarantees the CPU features; the
+            // tile lies inside c and belongs to this task only.
+            unsafe { kernel(kp, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
+        };
+        if wide_n(n) {
+            // Many column blocks (a convolution's pixels): one task per block packs its
+            // own B and runs all its tiles, a single fork-join per depth block.
+            let packed_a = &packed_a;
+            wide_blocks::<NR, u32>(
+                n,
+                kp,
+                m_panels,
+                |p, jc, line| b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, jc, line),
+                |packed_b, ip, jp, jc| tile(packed_a, packed_b, ip, jp, jc),
+            );
+            continue;
+        }
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            let n_panels = nc.div_ceil(NR);
+            packed_b[..n_panels * kp * NR]
+                .par_chunks_mut(kp * NR)
+                .enumerate()
+                .for_each(|(panel, dst)| {
+                    let j0 = jc + panel * NR;
+                    pack_panel(j0, NR.min(jc + nc - j0), dst);
+                });
+            let (packed_a, packed_b) = (&packed_a, &packed_b);
+            for_each_tile(m, n_panels, MR, |ip, jp| {
+                tile(packed_a, packed_b, ip, jp, jc)
+            });
+        }
+    }
 }
 
 /// A micro-kernel: `c[MR x NR] += packed_a[kc][MR] · packed_b[kc][NR]`, storing `mr x nr` of it.
@@ -592,134 +749,13 @@ mod x86 {
         store(&tile_fma::<6, 16>(kc, a, b), c, ldc, mr, nr)
     }
 
-    /// Whether the bf16 dot-product path gives the f32 kernels' result on this CPU, checked once
-    /// on a small product of bf16-exact values (the two must agree to rounding). The development
-    /// machines lack AVX512-BF16, so this guards users against an untested path: if it ever
-    /// disagreed, the f32 kernels would be used instead.
-    pub fn bf16_kernel_verified() -> bool {
-        static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *VERIFIED.get_or_init(|| {
-            let (m, k, n) = (19, 77, 45);
-            let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 8.0;
-            let a: Vec<f32> = (0..m * k).map(value).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
-            let (a, b) = (Strided::row_major(&a, m, k), Strided::row_major(&b, k, n));
-            let mut want = vec![0f32; m * n];
-            run::<8, 32>(&a, &b, &mut want, n, kernel_avx512 as Kernel<8, 32>);
-            let mut got = vec![0f32; m * n];
-            run_bf16(&a, &b, &mut got, n);
-            got.iter()
-                .zip(&want)
-                .all(|(g, w)| (g - w).abs() <= 1e-4 * w.abs().max(1.0))
-        })
-    }
-
     const MR: usize = 8;
     const NR: usize = 32;
-    /// K pairs per packed block (512 values of K).
-    const KP: usize = 256;
 
-    /// Packs `count` lines of `2 * kp` values (K padded with zeros) as `[panel][p][width]` pairs.
-    fn pack_pairs(
-        width: usize,
-        count: usize,
-        kp: usize,
-        read: impl Fn(usize, &mut [f32]) + Sync,
-        out: &mut [u32],
-    ) {
-        let panels = count.div_ceil(width);
-        out[..panels * kp * width]
-            .par_chunks_mut(kp * width)
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; 2 * kp], vec![0u16; 2 * kp]),
-                |(line, bits), (panel, dst)| {
-                    for w in 0..width {
-                        let index = panel * width + w;
-                        if index < count {
-                            read(index, line);
-                        } else {
-                            line.fill(0.0);
-                        }
-                        // Round the whole line first (a contiguous loop that vectorises), then
-                        // deal out neighbouring halves as pairs.
-                        for (b, x) in bits.iter_mut().zip(line.iter()) {
-                            *b = bf16_bits(*x) as u16;
-                        }
-                        for (p, half) in bits.chunks_exact(2).enumerate() {
-                            dst[p * width + w] = u32::from(half[0]) | (u32::from(half[1]) << 16);
-                        }
-                    }
-                },
-            );
-    }
-
-    pub fn run_bf16(a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
-        let (m, k, n) = (a.rows(), a.cols(), b.cols());
-        let m_panels = m.div_ceil(MR);
-        let kp_max = KP.min(k.div_ceil(2));
-        let mut packed_a = vec![0u32; m_panels * MR * kp_max];
-        let mut packed_b = vec![0u32; NC.min(n).div_ceil(NR) * NR * kp_max];
-        let out = SharedOut(c.as_mut_ptr());
-        for pc in (0..k).step_by(2 * KP) {
-            let kc = (2 * KP).min(k - pc);
-            let kp = kc.div_ceil(2);
-            pack_pairs(
-                MR,
-                m,
-                kp,
-                |row, line| {
-                    a.read_row(row, pc, &mut line[..kc]);
-                    line[kc..].fill(0.0);
-                },
-                &mut packed_a,
-            );
-            let pack_panel = |j0: usize, width: usize, dst: &mut [u32]| {
-                // B is read by rows of K: a K pair of rows at a time.
-                for p in 0..kp {
-                    let row = &mut dst[p * NR..(p + 1) * NR];
-                    b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, j0, &mut row[..width]);
-                    row[width..].fill(0);
-                }
-            };
-            let tile = |packed_a: &[u32], packed_b: &[u32], ip: usize, jp: usize, jc: usize| {
-                let (i0, j0) = (ip * MR, jc + jp * NR);
-                let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
-                let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
-                let bp = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
-                // SAFETY: the level check in `gemm_bf16` guarantees the CPU features; the
-                // tile lies inside c and belongs to this task only.
-                unsafe { kernel_bf16(kp, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
-            };
-            if wide_n(n) {
-                // Many column blocks (a convolution's pixels): one task per block packs its
-                // own B and runs all its tiles, a single fork-join per depth block.
-                let packed_a = &packed_a;
-                wide_blocks::<NR, u32>(
-                    n,
-                    kp,
-                    m_panels,
-                    |p, jc, line| b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, jc, line),
-                    |packed_b, ip, jp, jc| tile(packed_a, packed_b, ip, jp, jc),
-                );
-                continue;
-            }
-            for jc in (0..n).step_by(NC) {
-                let nc = NC.min(n - jc);
-                let n_panels = nc.div_ceil(NR);
-                packed_b[..n_panels * kp * NR]
-                    .par_chunks_mut(kp * NR)
-                    .enumerate()
-                    .for_each(|(panel, dst)| {
-                        let j0 = jc + panel * NR;
-                        pack_panel(j0, NR.min(jc + nc - j0), dst);
-                    });
-                let (packed_a, packed_b) = (&packed_a, &packed_b);
-                for_each_tile(m, n_panels, MR, |ip, jp| {
-                    tile(packed_a, packed_b, ip, jp, jc)
-                });
-            }
-        }
+    /// Whether the AVX512-BF16 path gives the f32 kernels' result on this CPU (checked once).
+    pub fn bf16_kernel_verified() -> bool {
+        static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<8, 32>(kernel_bf16))
     }
 
     /// `c[8 x 32] += a · b` over `kp` K pairs with `vdpbf16ps`: 16 accumulators, two B vectors
@@ -728,7 +764,7 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX512-BF16; see [`store`] for `c`.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    unsafe fn kernel_bf16(
+    pub unsafe fn kernel_bf16(
         kp: usize,
         a: &[u32],
         b: &[u32],
@@ -756,8 +792,120 @@ mod x86 {
     }
 }
 
+/// The aarch64 BF16 kernel (FEAT_BF16). `BFDOT` has the pair semantics of `vdpbf16ps`: each f32
+/// lane adds the products of two neighbouring bf16, so it reads the same packed pairs.
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::*;
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// 8 rows x 12 columns: 24 accumulators, 2 A and 3 B registers of the 32.
+    pub const MR: usize = 8;
+    pub const NR: usize = 12;
+
+    /// Whether the NEON BF16 path gives the f32 kernels' result on this CPU (checked once).
+    pub fn bf16_kernel_verified() -> bool {
+        static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<MR, NR>(kernel_bf16))
+    }
+
+    /// `acc.4s += b.8h · a.2h[LANE]` (BFDOT by element): four columns, one row's K pair.
+    /// Written as assembly: the BF16 intrinsics are not stable Rust.
+    macro_rules! bfdot {
+        ($acc:expr, $b:expr, $a:expr, $lane:literal) => {
+            asm!(
+                concat!("bfdot {acc:v}.4s, {b:v}.8h, {a:v}.2h[", $lane, "]"),
+                acc = inout(vreg) $acc,
+                b = in(vreg) $b,
+                a = in(vreg) $a,
+                options(pure, nomem, nostack, preserves_flags)
+            )
+        };
+    }
+
+    /// `c[8 x 12] += a · b` over `kp` K pairs with `BFDOT`.
+    ///
+    /// # Safety
+    /// The CPU must have FEAT_BF16; see [`store`] for `c`.
+    #[target_feature(enable = "neon,bf16")]
+    pub unsafe fn kernel_bf16(
+        kp: usize,
+        a: &[u32],
+        b: &[u32],
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+    ) {
+        let mut acc = [[vdupq_n_f32(0.0); 3]; MR];
+        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kp) {
+            let (a0, a1) = (vld1q_u32(ap.as_ptr()), vld1q_u32(ap.as_ptr().add(4)));
+            let bv = [
+                vld1q_u32(bp.as_ptr()),
+                vld1q_u32(bp.as_ptr().add(4)),
+                vld1q_u32(bp.as_ptr().add(8)),
+            ];
+            for (j, b) in bv.into_iter().enumerate() {
+                bfdot!(acc[0][j], b, a0, "0");
+                bfdot!(acc[1][j], b, a0, "1");
+                bfdot!(acc[2][j], b, a0, "2");
+                bfdot!(acc[3][j], b, a0, "3");
+                bfdot!(acc[4][j], b, a1, "0");
+                bfdot!(acc[5][j], b, a1, "1");
+                bfdot!(acc[6][j], b, a1, "2");
+                bfdot!(acc[7][j], b, a1, "3");
+            }
+        }
+        let mut tile = [[0f32; NR]; MR];
+        for (row, sums) in tile.iter_mut().zip(&acc) {
+            for (j, sum) in sums.iter().enumerate() {
+                vst1q_f32(row.as_mut_ptr().add(4 * j), *sum);
+            }
+        }
+        store(&tile, c, ldc, mr, nr)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// Where the CPU has bf16 dot products, the run-time self-check must accept them (else the
+    /// bf16 kernel would be silently skipped and the parity tests would test the f32 one), and
+    /// `gemm_bf16` must round its f32 inputs, which shows the bf16 kernel ran.
+    #[test]
+    fn the_bf16_kernel_is_verified_and_used_where_the_cpu_has_it() {
+        let (m, k, n) = (9, 40, 13);
+        // 1 + 2^-10 is not a bf16 value: rounded it is 1.
+        let a = vec![1.0 + 2f32.powi(-10); m * k];
+        let b = vec![1.0f32; k * n];
+        let (a, b) = (Strided::row_major(&a, m, k), Strided::row_major(&b, k, n));
+        for level in Level::available() {
+            let native = matches!(level, Level::Avx512Bf16 | Level::NeonBf16);
+            #[cfg(target_arch = "x86_64")]
+            if native {
+                assert!(x86::bf16_kernel_verified(), "{level:?}");
+            }
+            #[cfg(target_arch = "aarch64")]
+            if native {
+                assert!(arm::bf16_kernel_verified(), "{level:?}");
+            }
+            let mut c = vec![0f32; m * n];
+            gemm_bf16(level, &a, &b, &mut c, n);
+            let want = if native {
+                k as f32
+            } else {
+                k as f32 * (1.0 + 2f32.powi(-10))
+            };
+            assert!(
+                c.iter().all(|&v| v == want),
+                "{level:?}: {} vs {want}",
+                c[0]
+            );
+        }
+    }
+
     #[test]
     fn bf16_rounding_matches_the_half_crate_bit_for_bit() {
         let mut values = vec![
