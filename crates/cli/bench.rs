@@ -13,7 +13,7 @@ use clap::Args;
 use sdrs_clip::{ClipTextConfig, ClipTextModel};
 use sdrs_kernels::attention::AttentionMode;
 use sdrs_pipeline::bench::{clip_flops, unet_flops, vae_decode_flops, RandomWeights};
-use sdrs_pipeline::stable_diffusion::activation_dtype;
+use sdrs_pipeline::stable_diffusion::{activation_dtype, tiny_autoencoder_dtype};
 use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
 use sdrs_pipeline::{BuiltinModel, LoadOptions, ModelFiles, Request, StableDiffusion};
 use sdrs_taesd::{AutoencoderTiny, AutoencoderTinyConfig};
@@ -351,7 +351,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         // TAESD proper: no TAEF2 pooled branch.
         let weights = RandomWeights::new(args.seed).without(&["pool"]);
         let tiny = AutoencoderTiny::new(
-            weights.into_var_builder(dtype, &device),
+            weights.into_var_builder(tiny_autoencoder_dtype(dtype, &device), &device),
             &AutoencoderTinyConfig::default(),
         )?;
         let one = latents.narrow(0, 0, args.batch)?;

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Args;
 use sdrs_kernels::attention::AttentionMode;
+use sdrs_pipeline::stable_diffusion::tiny_autoencoder_dtype;
 use sdrs_pipeline::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion};
 use sdrs_schedulers::{Sampler, SigmaSchedule};
 use sdrs_taesd::AutoencoderTiny;
@@ -268,7 +269,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
                 vae.display()
             );
         }
-        let tiny = AutoencoderTiny::from_dir(&vae, options.dtype, &options.device)
+        let dtype = tiny_autoencoder_dtype(options.dtype, &options.device);
+        let tiny = AutoencoderTiny::from_dir(&vae, dtype, &options.device)
             .with_context(|| format!("cannot load the tiny autoencoder at {}", vae.display()))?;
         pipeline.set_tiny_autoencoder(tiny)?;
     }

@@ -68,6 +68,7 @@ impl Autoencoder {
                 dtype,
             ));
         }
+        let dtype = sdrs_pipeline::stable_diffusion::tiny_autoencoder_dtype(dtype, device);
         Ok(Self::Tiny(Box::new(AutoencoderTiny::from_dir(
             &dir, dtype, device,
         )?)))

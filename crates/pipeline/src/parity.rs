@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::stable_diffusion::activation_dtype;
+use crate::stable_diffusion::{activation_dtype, tiny_autoencoder_dtype};
 use crate::stable_diffusion::{InitImage, LoadOptions, Request, StableDiffusion};
 use crate::weights::{find_weights, read_json, var_builder};
 use sdrs_taesd::AutoencoderTiny;
@@ -280,7 +280,8 @@ impl Runner<'_> {
     fn tiny_autoencoder(&mut self, name: &str, encode: bool) -> Result<f64> {
         let reference = self.reference(&format!("{name}.safetensors"))?;
         let dir = self.fixtures.join(name);
-        let (dtype, device) = (self.options.dtype, self.options.device.clone());
+        let device = self.options.device.clone();
+        let dtype = tiny_autoencoder_dtype(self.options.dtype, &device);
         let from_folder = AutoencoderTiny::from_dir(&dir, dtype, &device)?;
         let from_bare = AutoencoderTiny::from_files(
             Some(&dir.join(format!("{name}_encoder.safetensors"))),
@@ -319,7 +320,8 @@ impl Runner<'_> {
                 source,
             }
         })?;
-        let (dtype, device) = (self.options.dtype, self.options.device.clone());
+        let device = self.options.device.clone();
+        let dtype = tiny_autoencoder_dtype(self.options.dtype, &device);
         let model = AutoencoderTiny::from_dir(&dir, dtype, &device)?;
         let latents = get(&reference, &format!("{name}_latents"))?
             .to_device(&device)?
