@@ -242,7 +242,7 @@ struct Conv2dOp {
 
 impl Conv2dOp {
     /// The convolution of `x` by `w`, plus the bias, plus `residual` (the output's shape, f32)
-    /// when given: the output starts from it, so a resnet's skip sum costs no extra pass or tensor.
+    /// when given, added into the output in place: a resnet's skip sum costs no extra tensor.
     fn run<X: Element, W: Element>(
         &self,
         x: &[X],
@@ -255,20 +255,17 @@ impl Conv2dOp {
             return Vec::new();
         };
         let plane = out_h * out_w;
-        let mut out = match residual {
-            Some(residual) => residual.to_vec(),
-            None => vec![0f32; images * g.out_channels * plane],
-        };
+        let mut out = vec![0f32; images * g.out_channels * plane];
         if let Some(bias) = &self.bias {
             for (chunk, &value) in out.chunks_mut(plane).zip(bias.iter().cycle()) {
-                if residual.is_some() {
-                    chunk.iter_mut().for_each(|v| *v += value);
-                } else {
-                    chunk.fill(value);
-                }
+                chunk.fill(value);
             }
         }
         conv2d_kernel(cpu::level(), g, images, x, w, &mut out, is_bf16::<W>());
+        if let Some(residual) = residual {
+            // Added last, in place: the same sums, in the same order, as `conv + residual`.
+            out.iter_mut().zip(residual).for_each(|(o, r)| *o += r);
+        }
         out
     }
 
@@ -407,9 +404,9 @@ impl Conv2d {
         }
     }
 
-    /// `self.forward(xs) + residual` in one pass: the output starts from the residual (an f32
-    /// tensor of the output's shape) instead of zeros, as a resnet's skip connection needs; other
-    /// dtypes and devices take the plain sum.
+    /// `self.forward(xs) + residual` with no tensor for the sum: the residual (an f32 tensor of
+    /// the output's shape, as a resnet's skip connection) is added into the convolution's output
+    /// as it is finished, bit for bit the plain sum; other dtypes and devices take the plain sum.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let fused = on_our_kernels(xs, self.weight())
             && self.config().groups == 1
