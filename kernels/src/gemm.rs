@@ -193,15 +193,17 @@ pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: 
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Bf16 | Level::Avx512 => {
-            run::<8, 32>(a, b, c, ldc, x86::kernel_avx512 as Kernel<8, 32>)
+            run::<Values, 8, 32>(a, b, c, ldc, x86::kernel_avx512 as Kernel<f32, 8, 32>)
         }
         #[cfg(target_arch = "x86_64")]
-        Level::Simd256 => run::<6, 16>(a, b, c, ldc, x86::kernel_avx2 as Kernel<6, 16>),
+        Level::Simd256 => {
+            run::<Values, 6, 16>(a, b, c, ldc, x86::kernel_avx2 as Kernel<f32, 6, 16>)
+        }
         #[cfg(target_arch = "aarch64")]
         Level::Simd256 | Level::NeonBf16 | Level::Avx512 | Level::Avx512Bf16 => {
-            run::<6, 16>(a, b, c, ldc, kernel_fma::<6, 16> as Kernel<6, 16>)
+            run::<Values, 6, 16>(a, b, c, ldc, kernel_fma::<6, 16> as Kernel<f32, 6, 16>)
         }
-        _ => run::<4, 8>(a, b, c, ldc, kernel_plain::<4, 8> as Kernel<4, 8>),
+        _ => run::<Values, 4, 8>(a, b, c, ldc, kernel_plain::<4, 8> as Kernel<f32, 4, 8>),
     }
 }
 
@@ -220,14 +222,14 @@ pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], 
     gemm(level, a, b, c, ldc)
 }
 
-/// [`run_bf16`] after `gemm`'s shape checks.
+/// The bf16 [`run`] after `gemm`'s shape checks.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn run_bf16_checked<const MR: usize, const NR: usize>(
     a: &dyn Operand,
     b: &dyn Operand,
     c: &mut [f32],
     ldc: usize,
-    kernel: Bf16Kernel<MR, NR>,
+    kernel: Kernel<u32, MR, NR>,
 ) {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
     assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
@@ -236,15 +238,9 @@ fn run_bf16_checked<const MR: usize, const NR: usize>(
         "gemm: output too short"
     );
     if m > 0 && n > 0 && k > 0 {
-        run_bf16::<MR, NR>(a, b, c, ldc, kernel);
+        run::<Bf16Pairs, MR, NR>(a, b, c, ldc, kernel);
     }
 }
-
-/// A bf16 micro-kernel: `c[MR x NR] += packed_a[kp][MR] · packed_b[kp][NR]` over `kp` K pairs
-/// (each `u32` two bf16 of neighbouring K, the lower first), storing `mr x nr` of it.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-type Bf16Kernel<const MR: usize, const NR: usize> =
-    unsafe fn(usize, &[u32], &[u32], *mut f32, usize, usize, usize);
 
 /// K pairs per packed block of the bf16 products (512 values of K).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -255,16 +251,22 @@ const KP: usize = 256;
 /// instruction path the development machines could only emulate: if it ever disagreed, the f32
 /// kernels would be used instead.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn bf16_agrees_with_f32<const MR: usize, const NR: usize>(kernel: Bf16Kernel<MR, NR>) -> bool {
+fn bf16_agrees_with_f32<const MR: usize, const NR: usize>(kernel: Kernel<u32, MR, NR>) -> bool {
     let (m, k, n) = (19, 77, 45);
     let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 8.0;
     let a: Vec<f32> = (0..m * k).map(value).collect();
     let b: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
     let (a, b) = (Strided::row_major(&a, m, k), Strided::row_major(&b, k, n));
     let mut want = vec![0f32; m * n];
-    run::<4, 8>(&a, &b, &mut want, n, kernel_plain::<4, 8> as Kernel<4, 8>);
+    run::<Values, 4, 8>(
+        &a,
+        &b,
+        &mut want,
+        n,
+        kernel_plain::<4, 8> as Kernel<f32, 4, 8>,
+    );
     let mut got = vec![0f32; m * n];
-    run_bf16::<MR, NR>(&a, &b, &mut got, n, kernel);
+    run::<Bf16Pairs, MR, NR>(&a, &b, &mut got, n, kernel);
     got.iter()
         .zip(&want)
         .all(|(g, w)| (g - w).abs() <= 1e-4 * w.abs().max(1.0))
@@ -306,85 +308,76 @@ fn pack_pairs(
         );
 }
 
-/// The bf16 product driver: operands rounded to bf16 pairs while packing, `kernel` on the tiles.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn run_bf16<const MR: usize, const NR: usize>(
-    a: &dyn Operand,
-    b: &dyn Operand,
-    c: &mut [f32],
-    ldc: usize,
-    kernel: Bf16Kernel<MR, NR>,
-) {
-    let (m, k, n) = (a.rows(), a.cols(), b.cols());
-    let m_panels = m.div_ceil(MR);
-    let kp_max = KP.min(k.div_ceil(2));
-    let mut packed_a = vec![0u32; m_panels * MR * kp_max];
-    let mut packed_b = vec![0u32; NC.min(n).div_ceil(NR) * NR * kp_max];
-    let out = SharedOut(c.as_mut_ptr());
-    for pc in (0..k).step_by(2 * KP) {
-        let kc = (2 * KP).min(k - pc);
-        let kp = kc.div_ceil(2);
-        pack_pairs(
-            MR,
-            m,
-            kp,
-            |row, line| {
-                a.read_row(row, pc, &mut line[..kc]);
-                line[kc..].fill(0.0);
-            },
-            &mut packed_a,
+/// A micro-kernel: `c[MR x NR] += packed_a[depth][MR] · packed_b[depth][NR]`, storing `mr x nr`
+/// of it. `E` is what the packing holds: f32 values, or `u32` pairs of bf16.
+type Kernel<E, const MR: usize, const NR: usize> =
+    unsafe fn(usize, &[E], &[E], *mut f32, usize, usize, usize);
+
+/// How one kind of product packs its operands: f32 values ([`Values`]) or bf16 pairs of
+/// neighbouring K ([`Bf16Pairs`]).
+trait Packing {
+    type Elem: Copy + Default + Send + Sync;
+    /// K values per depth block.
+    const BLOCK: usize;
+    /// Packed depth of a block of `kc` K values.
+    fn depth(kc: usize) -> usize;
+    /// Packs every row of `a` (K from `pc`, `kc` values) as `[panel][depth][width]`.
+    fn pack_a(width: usize, a: &dyn Operand, pc: usize, kc: usize, out: &mut [Self::Elem]);
+    /// Packed depth `p` of B (K from `pc`, `kc` values in the block), columns from `jc`.
+    fn read_b(b: &dyn Operand, pc: usize, kc: usize, p: usize, jc: usize, out: &mut [Self::Elem]);
+}
+
+/// f32 products: values as they are.
+struct Values;
+
+impl Packing for Values {
+    type Elem = f32;
+    const BLOCK: usize = KC;
+
+    fn depth(kc: usize) -> usize {
+        kc
+    }
+
+    fn pack_a(width: usize, a: &dyn Operand, pc: usize, kc: usize, out: &mut [f32]) {
+        pack_panels(
+            width,
+            a.rows(),
+            kc,
+            |row, line| a.read_row(row, pc, line),
+            out,
         );
-        let pack_panel = |j0: usize, width: usize, dst: &mut [u32]| {
-            // B is read by rows of K: a K pair of rows at a time.
-            for p in 0..kp {
-                let row = &mut dst[p * NR..(p + 1) * NR];
-                b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, j0, &mut row[..width]);
-                row[width..].fill(0);
-            }
-        };
-        let tile = |packed_a: &[u32], packed_b: &[u32], ip: usize, jp: usize, jc: usize| {
-            let (i0, j0) = (ip * MR, jc + jp * NR);
-            let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
-            let ap = &packed_a[ip * kp * MR..(ip + 1) * kp * MR];
-            let bp = &packed_b[jp * kp * NR..(jp + 1) * kp * NR];
-            // SAFETY: the level check in `gemm_bf16` guarantees the CPU features; the
-            // tile lies inside c and belongs to this task only.
-            unsafe { kernel(kp, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
-        };
-        if wide_n(n) {
-            // Many column blocks (a convolution's pixels): one task per block packs its
-            // own B and runs all its tiles, a single fork-join per depth block.
-            let packed_a = &packed_a;
-            wide_blocks::<NR, u32>(
-                n,
-                kp,
-                m_panels,
-                |p, jc, line| b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, jc, line),
-                |packed_b, ip, jp, jc| tile(packed_a, packed_b, ip, jp, jc),
-            );
-            continue;
-        }
-        for jc in (0..n).step_by(NC) {
-            let nc = NC.min(n - jc);
-            let n_panels = nc.div_ceil(NR);
-            packed_b[..n_panels * kp * NR]
-                .par_chunks_mut(kp * NR)
-                .enumerate()
-                .for_each(|(panel, dst)| {
-                    let j0 = jc + panel * NR;
-                    pack_panel(j0, NR.min(jc + nc - j0), dst);
-                });
-            let (packed_a, packed_b) = (&packed_a, &packed_b);
-            for_each_tile(m, n_panels, MR, |ip, jp| {
-                tile(packed_a, packed_b, ip, jp, jc)
-            });
-        }
+    }
+
+    fn read_b(b: &dyn Operand, pc: usize, _: usize, p: usize, jc: usize, out: &mut [f32]) {
+        b.read_row(pc + p, jc, out);
     }
 }
 
-/// A micro-kernel: `c[MR x NR] += packed_a[kc][MR] · packed_b[kc][NR]`, storing `mr x nr` of it.
-type Kernel<const MR: usize, const NR: usize> =
-    unsafe fn(usize, &[f32], &[f32], *mut f32, usize, usize, usize);
+/// bf16 dot products: values rounded to bf16 and paired along K (a zero pads an odd end).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+struct Bf16Pairs;
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl Packing for Bf16Pairs {
+    type Elem = u32;
+    const BLOCK: usize = 2 * KP;
+
+    fn depth(kc: usize) -> usize {
+        kc.div_ceil(2)
+    }
+
+    fn pack_a(width: usize, a: &dyn Operand, pc: usize, kc: usize, out: &mut [u32]) {
+        let read = |row: usize, line: &mut [f32]| {
+            a.read_row(row, pc, &mut line[..kc]);
+            line[kc..].fill(0.0);
+        };
+        pack_pairs(width, a.rows(), kc.div_ceil(2), read, out);
+    }
+
+    fn read_b(b: &dyn Operand, pc: usize, kc: usize, p: usize, jc: usize, out: &mut [u32]) {
+        b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, jc, out);
+    }
+}
 
 /// The output pointer shared by the tasks; each task writes its own disjoint tile of C.
 #[derive(Clone, Copy)]
@@ -432,25 +425,6 @@ fn pack_panels(
                 }
             },
         );
-}
-
-/// Packs `B[pc..pc+kc, jc..jc+nc]` as `[panel][p][NR]`: row segments of B are the natural read.
-fn pack_b<const NR: usize>(
-    b: &dyn Operand,
-    pc: usize,
-    kc: usize,
-    jc: usize,
-    nc: usize,
-    out: &mut [f32],
-) {
-    let panels = nc.div_ceil(NR);
-    out[..panels * kc * NR]
-        .par_chunks_mut(kc * NR)
-        .enumerate()
-        .for_each(|(panel, dst)| {
-            let j0 = jc + panel * NR;
-            pack_b_panel::<NR>(b, pc, kc, j0, NR.min(jc + nc - j0), dst);
-        });
 }
 
 /// One depth block of a wide product, one task per block of `NC` columns: each task packs its
@@ -502,68 +476,61 @@ fn scatter_row<const NR: usize, T: Copy + Default>(
     }
 }
 
-/// One panel of [`pack_b`]: columns `j0 .. j0 + width` (the rest of the `NR` zero).
-fn pack_b_panel<const NR: usize>(
-    b: &dyn Operand,
-    pc: usize,
-    kc: usize,
-    j0: usize,
-    width: usize,
-    dst: &mut [f32],
-) {
-    for p in 0..kc {
-        let row = &mut dst[p * NR..(p + 1) * NR];
-        b.read_row(pc + p, j0, &mut row[..width]);
-        row[width..].fill(0.0);
-    }
-}
-
-fn run<const MR: usize, const NR: usize>(
+/// The product driver: for each depth block, pack A, then B by column blocks, and run `kernel`
+/// on every tile in parallel.
+fn run<P: Packing, const MR: usize, const NR: usize>(
     a: &dyn Operand,
     b: &dyn Operand,
     c: &mut [f32],
     ldc: usize,
-    kernel: Kernel<MR, NR>,
+    kernel: Kernel<P::Elem, MR, NR>,
 ) {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
     let m_panels = m.div_ceil(MR);
-    let mut packed_a = vec![0f32; m_panels * MR * KC.min(k)];
-    let mut packed_b = vec![0f32; NC.min(n).div_ceil(NR) * NR * KC.min(k)];
+    let depth_max = P::depth(P::BLOCK.min(k));
+    let mut packed_a = vec![P::Elem::default(); m_panels * MR * depth_max];
+    let mut packed_b = vec![P::Elem::default(); NC.min(n).div_ceil(NR) * NR * depth_max];
     let out = SharedOut(c.as_mut_ptr());
-    for pc in (0..k).step_by(KC) {
-        let kc = KC.min(k - pc);
-        pack_panels(
-            MR,
-            m,
-            kc,
-            |row, line| a.read_row(row, pc, line),
-            &mut packed_a,
-        );
-        let tile = |packed_a: &[f32], packed_b: &[f32], ip: usize, jp: usize, jc: usize| {
+    for pc in (0..k).step_by(P::BLOCK) {
+        let kc = P::BLOCK.min(k - pc);
+        let depth = P::depth(kc);
+        P::pack_a(MR, a, pc, kc, &mut packed_a);
+        let tile = |packed_a: &[P::Elem], packed_b: &[P::Elem], ip: usize, jp: usize, jc: usize| {
             let (i0, j0) = (ip * MR, jc + jp * NR);
             let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
-            let ap = &packed_a[ip * kc * MR..(ip + 1) * kc * MR];
-            let bp = &packed_b[jp * kc * NR..(jp + 1) * kc * NR];
-            // SAFETY: the tile (i0.., j0..) of mr x nr lies inside c (checked by `gemm`) and no
-            // other task writes it.
-            unsafe { kernel(kc, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
+            let ap = &packed_a[ip * depth * MR..(ip + 1) * depth * MR];
+            let bp = &packed_b[jp * depth * NR..(jp + 1) * depth * NR];
+            // SAFETY: the caller checked the CPU features of `kernel`; the tile (i0.., j0..) of
+            // mr x nr lies inside c (checked by `gemm`) and no other task writes it.
+            unsafe { kernel(depth, ap, bp, out.at(i0 * ldc + j0), ldc, mr, nr) };
         };
         if wide_n(n) {
             // Many column blocks (a convolution's pixels): whole blocks per task.
             let packed_a = &packed_a;
-            wide_blocks::<NR, f32>(
+            wide_blocks::<NR, P::Elem>(
                 n,
-                kc,
+                depth,
                 m_panels,
-                |p, jc, line| b.read_row(pc + p, jc, line),
+                |p, jc, line| P::read_b(b, pc, kc, p, jc, line),
                 |packed_b, ip, jp, jc| tile(packed_a, packed_b, ip, jp, jc),
             );
             continue;
         }
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
-            pack_b::<NR>(b, pc, kc, jc, nc, &mut packed_b);
             let n_panels = nc.div_ceil(NR);
+            // B is read by rows of K (a pair of rows for bf16), one panel per task.
+            packed_b[..n_panels * depth * NR]
+                .par_chunks_mut(depth * NR)
+                .enumerate()
+                .for_each(|(panel, dst)| {
+                    let j0 = jc + panel * NR;
+                    let width = NR.min(jc + nc - j0);
+                    for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
+                        P::read_b(b, pc, kc, p, j0, &mut row[..width]);
+                        row[width..].fill(P::Elem::default());
+                    }
+                });
             let (packed_a, packed_b) = (&packed_a, &packed_b);
             for_each_tile(m, n_panels, MR, |ip, jp| {
                 tile(packed_a, packed_b, ip, jp, jc)
