@@ -280,15 +280,25 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         bail!("--size {size} must be a positive multiple of {scale}");
     }
     let latent = size / scale;
-    let probe = Tensor::zeros((1, 1, 1, 1), dtype, &device)?;
+    // Activations flow as the pipeline runs them: f32 on the CPU around half-precision weights.
+    let activations = activation_dtype(dtype, &device);
+    let probe = Tensor::zeros((1, 1, 1, 1), activations, &device)?;
     let attention = sdrs_kernels::attention::resolve(args.attention, &probe);
     let kernels = format!("{}, attention {attention}", system::kernel_description());
+    let precision = if activations == dtype {
+        sdrs_pipeline::dtype_name(dtype).to_string()
+    } else {
+        format!(
+            "{} weights, {} activations",
+            sdrs_pipeline::dtype_name(dtype),
+            sdrs_pipeline::dtype_name(activations)
+        )
+    };
     let header = format!(
-        "{}, {size}x{size}, batch {} (UNet batch {} with guidance), {}, {threads} threads, {kernels}",
+        "{}, {size}x{size}, batch {} (UNet batch {} with guidance), {precision}, {threads} threads, {kernels}",
         source.name(),
         args.batch,
         2 * args.batch,
-        sdrs_pipeline::dtype_name(dtype),
     );
     eprintln!("sdrs bench: {header}");
 
@@ -296,8 +306,6 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let unet_batch = 2 * args.batch;
     let tokens = 77;
     let ids = Tensor::zeros((unet_batch, tokens), DType::U32, &device)?;
-    // Activations flow as the pipeline runs them: f32 on the CPU around half-precision weights.
-    let activations = activation_dtype(dtype, &device);
     let latents = Tensor::randn(0f32, 1.0, (unet_batch, 4, latent, latent), &device)?
         .to_dtype(activations)?;
     // The whole generation runs first, so that its peak memory is its own (the process's
@@ -367,6 +375,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         "size": size,
         "batch": args.batch,
         "dtype": sdrs_pipeline::dtype_name(dtype),
+        "activation_dtype": sdrs_pipeline::dtype_name(activations),
         "device": args.device,
         "threads": threads,
         "kernels": kernels,

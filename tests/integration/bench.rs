@@ -21,6 +21,8 @@ fn bench_times_every_part_of_a_model_folder_as_json() {
     assert!(output.status.success(), "{}", stderr(&output));
     let json: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_eq!(json["threads"], 1);
+    // The CPU pipeline runs f32 activations around the weights of any dtype.
+    assert_eq!(json["activation_dtype"], "f32");
     assert_eq!(
         json["size"], 128,
         "the tiny UNet's sample_size 16 times the VAE's factor 8"
