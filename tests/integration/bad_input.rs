@@ -155,6 +155,16 @@ fn refiner_needs_an_sdxl_base() {
 }
 
 #[test]
+fn a_refiner_that_is_not_one_is_refused_and_leaves_no_image() {
+    let not_a_refiner = fixtures().join("tiny-sd15");
+    let message = generate_fails(
+        &fixtures().join("tiny-sdxl"),
+        &["--refiner", not_a_refiner.to_str().unwrap()],
+    );
+    assert!(message.contains("not an SDXL refiner"), "{message}");
+}
+
+#[test]
 fn strength_out_of_range_is_rejected() {
     let message = generate_fails(&fixtures().join("tiny-sd15"), &["--strength", "1.5"]);
     assert!(
