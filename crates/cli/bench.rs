@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use clap::Args;
 use sdrs_clip::{ClipTextConfig, ClipTextModel};
@@ -167,19 +167,20 @@ impl Source {
         serde_json::from_value(value).with_context(|| format!("cannot read {path}"))
     }
 
+    /// The weights of `component`, in the dtype and weight variant a generation would load.
     fn weights(
         &self,
         component: &'static str,
         seed: u64,
-        dtype: DType,
-        device: &Device,
+        options: &LoadOptions,
     ) -> Result<VarBuilder<'static>> {
+        let (dtype, device) = (options.dtype, &options.device);
         match self {
             Self::Builtin(_) => {
                 Ok(RandomWeights::for_component(seed, component).into_var_builder(dtype, device))
             }
             Self::Folder(root) => {
-                let files = find_weights(&root.join(component), None)?;
+                let files = find_weights(&root.join(component), options.variant.as_deref())?;
                 Ok(var_builder(component, &files, dtype, device)?)
             }
         }
@@ -196,20 +197,19 @@ struct Models {
 }
 
 impl Models {
-    fn build(source: &Source, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    fn build(source: &Source, seed: u64, options: &LoadOptions) -> Result<Self> {
         let mut encoders = Vec::new();
         for name in ["text_encoder", "text_encoder_2"] {
             if source.has(name) {
                 let config: ClipTextConfig = source.config(name)?;
-                let vb = source.weights(name, seed, dtype, device)?;
+                let vb = source.weights(name, seed, options)?;
                 encoders.push((ClipTextModel::new(vb, &config)?, config));
             }
         }
         let unet_config: UNet2DConditionConfig = source.config("unet")?;
-        let unet =
-            UNet2DConditionModel::new(source.weights("unet", seed, dtype, device)?, &unet_config)?;
+        let unet = UNet2DConditionModel::new(source.weights("unet", seed, options)?, &unet_config)?;
         let vae_config: AutoencoderKLConfig = source.config("vae")?;
-        let vae = AutoencoderKL::new(source.weights("vae", seed, dtype, device)?, &vae_config)?;
+        let vae = AutoencoderKL::new(source.weights("vae", seed, options)?, &vae_config)?;
         Ok(Self {
             encoders,
             unet,
@@ -308,20 +308,17 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let ids = Tensor::zeros((unet_batch, tokens), DType::U32, &device)?;
     let latents = Tensor::randn(0f32, 1.0, (unet_batch, 4, latent, latent), &device)?
         .to_dtype(activations)?;
+    // A model folder's weights are read as a generation reads them (fp16 files for half precision).
+    let options = LoadOptions::new(device.clone(), dtype, None);
     // The whole generation runs first, so that its peak memory is its own (the process's
     // high-water mark only grows; later parts report theirs on top of it).
     if parts.contains(&"generate") {
-        let options = LoadOptions {
-            device: device.clone(),
-            dtype,
-            variant: None,
-        };
         results.push(whole_generation(&source, &args, &options, size)?);
     }
     let needs_models = parts.iter().any(|p| ["text", "unet", "vae"].contains(p));
     if needs_models {
         eprintln!("building the models...");
-        let models = Models::build(&source, args.seed, dtype, &device)?;
+        let models = Models::build(&source, args.seed, &options)?;
         if parts.contains(&"text") {
             let flops: f64 = models
                 .encoders

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use clap::Args;
 use sdrs_kernels::attention::AttentionMode;
 use sdrs_pipeline::stable_diffusion::tiny_autoencoder_dtype;
@@ -242,16 +241,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let pending = PendingImage::reserve(&args.output)?;
     let device = sdrs_pipeline::parse_device(&args.device)?;
     let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device)?;
-    let options = LoadOptions {
-        dtype,
-        device,
-        // The variant asked for, else the fp16 files for half-precision compute: the same one is
-        // downloaded and read, so a cache holding both kinds loads what this run fetched.
-        variant: args
-            .variant
-            .clone()
-            .or_else(|| matches!(dtype, DType::F16 | DType::BF16).then(|| "fp16".to_string())),
-    };
+    // The same variant is downloaded and read (see `LoadOptions::new`).
+    let options = LoadOptions::new(device, dtype, args.variant.clone());
     let seed = resolve_seed(args.seed);
     eprintln!("seed {seed}");
 

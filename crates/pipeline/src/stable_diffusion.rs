@@ -136,6 +136,21 @@ pub struct LoadOptions {
     pub variant: Option<String>,
 }
 
+impl LoadOptions {
+    /// Options for computing in `dtype` on `device`, reading weight `variant` when given, else
+    /// the `fp16` files for half-precision compute (the plain files fill any gap): the rule
+    /// downloads and loads share, so a cache holding both kinds loads what a run fetched.
+    pub fn new(device: Device, dtype: DType, variant: Option<String>) -> Self {
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let variant = variant.or_else(|| half.then(|| "fp16".to_string()));
+        Self {
+            device,
+            dtype,
+            variant,
+        }
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
@@ -959,6 +974,18 @@ impl Weights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn half_precision_prefers_the_fp16_files_unless_a_variant_is_given() {
+        let variant = |dtype, given: Option<&str>| {
+            LoadOptions::new(Device::Cpu, dtype, given.map(str::to_string)).variant
+        };
+        assert_eq!(variant(DType::F32, None), None);
+        assert_eq!(variant(DType::BF16, None).as_deref(), Some("fp16"));
+        assert_eq!(variant(DType::F16, None).as_deref(), Some("fp16"));
+        assert_eq!(variant(DType::F32, Some("ema")).as_deref(), Some("ema"));
+        assert_eq!(variant(DType::BF16, Some("ema")).as_deref(), Some("ema"));
+    }
 
     #[test]
     fn strength_skips_the_first_steps_like_diffusers() {
