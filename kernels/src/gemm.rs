@@ -181,13 +181,7 @@ const NC: usize = 512;
 /// If the inner dimensions differ or `c` is too short: callers check shapes first (the candle
 /// operations in `nn.rs` return errors naming both shapes).
 pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
-    let (m, k, n) = (a.rows(), a.cols(), b.cols());
-    assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
-    assert!(
-        m == 0 || c.len() >= (m - 1) * ldc + n,
-        "gemm: output too short"
-    );
-    if m == 0 || n == 0 || k == 0 {
+    if is_empty_product(a, b, c, ldc) {
         return;
     }
     match level {
@@ -207,7 +201,19 @@ pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: 
     }
 }
 
-/// `c += a · b` with bf16 dot products (AVX512-BF16): the operands are rounded to bf16 while
+/// Checks the shapes of `c += a · b` (panicking as [`gemm`] documents) and tells whether there is
+/// nothing to compute.
+fn is_empty_product(a: &dyn Operand, b: &dyn Operand, c: &[f32], ldc: usize) -> bool {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
+    assert!(
+        m == 0 || c.len() >= (m - 1) * ldc + n,
+        "gemm: output too short"
+    );
+    m == 0 || n == 0 || k == 0
+}
+
+/// `c += a · b` with bf16 dot products (AVX512-BF16, or BFDOT on aarch64): the operands are rounded to bf16 while
 /// packing (exact when they are bf16 already), products accumulate in f32. Falls back to [`gemm`]
 /// on CPUs without the instructions.
 pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
@@ -231,13 +237,7 @@ fn run_bf16_checked<const MR: usize, const NR: usize>(
     ldc: usize,
     kernel: Kernel<u32, MR, NR>,
 ) {
-    let (m, k, n) = (a.rows(), a.cols(), b.cols());
-    assert_eq!(k, b.rows(), "gemm: inner dimensions differ");
-    assert!(
-        m == 0 || c.len() >= (m - 1) * ldc + n,
-        "gemm: output too short"
-    );
-    if m > 0 && n > 0 && k > 0 {
+    if !is_empty_product(a, b, c, ldc) {
         run::<Bf16Pairs, MR, NR>(a, b, c, ldc, kernel);
     }
 }

@@ -394,9 +394,7 @@ impl Conv2d {
     pub fn config(&self) -> &Conv2dConfig {
         self.inner.config()
     }
-}
 
-impl Conv2d {
     fn op(&self) -> Conv2dOp {
         Conv2dOp {
             bias: self.bias_f32.clone(),

@@ -72,7 +72,7 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
 }
 
 /// Resolves a dtype flag where `auto` picks the fast dtype of the device: bf16 on CPUs with native
-/// bf16 dot products (AVX512-BF16), f32 on other CPUs, f16 on CUDA and Metal.
+/// bf16 dot products (AVX512-BF16, or BF16 on aarch64), f32 on other CPUs, f16 on CUDA and Metal.
 pub fn resolve_dtype(name: &str, device: &Device) -> Result<DType> {
     if name.trim().eq_ignore_ascii_case("auto") {
         return Ok(match device {

@@ -104,24 +104,21 @@ impl TensorFiles {
         let mut file = file
             .lock()
             .map_err(|_| error(path, "a previous read failed"))?;
-        let read = match entry.dtype {
-            DType::U8 => read_values::<u8>(&mut file, entry),
-            DType::U32 => read_values::<u32>(&mut file, entry),
-            DType::I16 => read_values::<i16>(&mut file, entry),
-            DType::I32 => read_values::<i32>(&mut file, entry),
-            DType::I64 => read_values::<i64>(&mut file, entry),
-            DType::F16 => read_values::<half::f16>(&mut file, entry),
-            DType::BF16 => read_values::<half::bf16>(&mut file, entry),
-            DType::F32 => read_values::<f32>(&mut file, entry),
-            DType::F64 => read_values::<f64>(&mut file, entry),
-            other => {
-                return Err(error(
-                    path,
-                    format_args!("tensor {name}: no reader for {other:?}"),
-                ))
-            }
-        };
-        read.map_err(|e| error(path, format_args!("cannot read tensor {name}: {e}")))?
+        match entry.dtype {
+            DType::U8 => read_values::<u8>(&mut file, entry, path, name),
+            DType::U32 => read_values::<u32>(&mut file, entry, path, name),
+            DType::I16 => read_values::<i16>(&mut file, entry, path, name),
+            DType::I32 => read_values::<i32>(&mut file, entry, path, name),
+            DType::I64 => read_values::<i64>(&mut file, entry, path, name),
+            DType::F16 => read_values::<half::f16>(&mut file, entry, path, name),
+            DType::BF16 => read_values::<half::bf16>(&mut file, entry, path, name),
+            DType::F32 => read_values::<f32>(&mut file, entry, path, name),
+            DType::F64 => read_values::<f64>(&mut file, entry, path, name),
+            other => Err(error(
+                path,
+                format_args!("tensor {name}: no reader for {other:?}"),
+            )),
+        }
     }
 }
 
@@ -129,15 +126,14 @@ impl TensorFiles {
 fn read_values<T: candle_core::WithDType + bytemuck::Pod>(
     file: &mut File,
     entry: &Entry,
-) -> std::io::Result<candle_core::Result<Tensor>> {
+    path: &Path,
+    name: &str,
+) -> candle_core::Result<Tensor> {
     let mut values = vec![T::zeroed(); entry.len / std::mem::size_of::<T>()];
-    file.seek(SeekFrom::Start(entry.start))?;
-    file.read_exact(bytemuck::cast_slice_mut(&mut values))?;
-    Ok(Tensor::from_vec(
-        values,
-        entry.shape.as_slice(),
-        &Device::Cpu,
-    ))
+    file.seek(SeekFrom::Start(entry.start))
+        .and_then(|_| file.read_exact(bytemuck::cast_slice_mut(&mut values)))
+        .map_err(|e| error(path, format_args!("cannot read tensor {name}: {e}")))?;
+    Tensor::from_vec(values, entry.shape.as_slice(), &Device::Cpu)
 }
 
 /// Parses the header of an open safetensors file into entries (file index 0).
