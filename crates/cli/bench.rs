@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
 use clap::Args;
 use sdrs_clip::{ClipTextConfig, ClipTextModel};
 use sdrs_kernels::attention::AttentionMode;
+use sdrs_kernels::KernelOptions;
 use sdrs_pipeline::bench::{clip_flops, unet_flops, vae_decode_flops, RandomWeights};
 use sdrs_pipeline::stable_diffusion::{activation_dtype, tiny_autoencoder_dtype};
 use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
@@ -173,17 +173,18 @@ impl Source {
         component: &'static str,
         seed: u64,
         options: &LoadOptions,
-    ) -> Result<VarBuilder<'static>> {
+    ) -> Result<sdrs_kernels::VarBuilder<'static>> {
         let (dtype, device) = (options.dtype, &options.device);
-        match self {
+        let vb = match self {
             Self::Builtin(_) => {
-                Ok(RandomWeights::for_component(seed, component).into_var_builder(dtype, device))
+                RandomWeights::for_component(seed, component).into_var_builder(dtype, device)
             }
             Self::Folder(root) => {
                 let files = find_weights(&root.join(component), options.variant.as_deref())?;
-                Ok(var_builder(component, &files, dtype, device)?)
+                var_builder(component, &files, dtype, device)?
             }
-        }
+        };
+        Ok(sdrs_kernels::VarBuilder::new(vb, options.kernels))
     }
 }
 
@@ -261,11 +262,23 @@ impl Models {
 }
 
 pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
-    let threads = system::configure_threads(args.threads)?;
+    let kernel_options = system::kernel_options(args.attention)?;
+    // The parts run on the thread pool a pipeline loaded with these options would have.
+    let pool = LoadOptions::default()
+        .with_threads(args.threads)
+        .thread_pool()?;
+    let threads = pool.current_num_threads();
+    pool.install(|| measure(args, kernel_options, threads))
+}
+
+fn measure(
+    args: BenchArgs,
+    kernel_options: KernelOptions,
+    threads: usize,
+) -> Result<std::process::ExitCode> {
     let source = Source::parse(&args.model)?;
-    sdrs_kernels::attention::set_default_attention(args.attention);
     let device = sdrs_pipeline::parse_device(&args.device)?;
-    let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device)?;
+    let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device, &kernel_options)?;
     let parts = selected_parts(&args.parts)?;
     if args.batch == 0 || args.runs == 0 || args.steps == 0 {
         bail!("--batch, --runs and --steps must be at least 1");
@@ -283,8 +296,11 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     // Activations flow as the pipeline runs them: f32 on the CPU around half-precision weights.
     let activations = activation_dtype(dtype, &device);
     let probe = Tensor::zeros((1, 1, 1, 1), activations, &device)?;
-    let attention = sdrs_kernels::attention::resolve(args.attention, &probe);
-    let kernels = format!("{}, attention {attention}", system::kernel_description());
+    let attention = kernel_options.attention_for(&probe);
+    let kernels = format!(
+        "{}, attention {attention}",
+        system::kernel_description(&kernel_options)
+    );
     let precision = if activations == dtype {
         sdrs_pipeline::dtype_name(dtype).to_string()
     } else {
@@ -309,7 +325,9 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let latents = Tensor::randn(0f32, 1.0, (unet_batch, 4, latent, latent), &device)?
         .to_dtype(activations)?;
     // A model folder's weights are read as a generation reads them (fp16 files for half precision).
-    let options = LoadOptions::new(device.clone(), dtype, None);
+    let options = LoadOptions::new(device.clone(), dtype, None)
+        .with_kernels(kernel_options)
+        .with_threads(Some(threads));
     // The whole generation runs first, so that its peak memory is its own (the process's
     // high-water mark only grows; later parts report theirs on top of it).
     if parts.contains(&"generate") {
@@ -356,7 +374,10 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         // TAESD proper: no TAEF2 pooled branch.
         let weights = RandomWeights::new(args.seed).without(&["pool"]);
         let tiny = AutoencoderTiny::new(
-            weights.into_var_builder(tiny_autoencoder_dtype(dtype, &device), &device),
+            sdrs_kernels::VarBuilder::new(
+                weights.into_var_builder(tiny_autoencoder_dtype(dtype, &device), &device),
+                kernel_options,
+            ),
             &AutoencoderTinyConfig::default(),
         )?;
         let one = latents.narrow(0, 0, args.batch)?;

@@ -236,13 +236,14 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             args.refiner_start
         );
     }
-    crate::system::configure_threads(args.threads)?;
-    sdrs_kernels::attention::set_default_attention(args.attention);
+    let kernels = crate::system::kernel_options(args.attention)?;
     let pending = PendingImage::reserve(&args.output)?;
     let device = sdrs_pipeline::parse_device(&args.device)?;
-    let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device)?;
+    let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device, &kernels)?;
     // The same variant is downloaded and read (see `LoadOptions::new`).
-    let options = LoadOptions::new(device, dtype, args.variant.clone());
+    let options = LoadOptions::new(device, dtype, args.variant.clone())
+        .with_kernels(kernels)
+        .with_threads(args.threads);
     let seed = resolve_seed(args.seed);
     eprintln!("seed {seed}");
 
@@ -261,7 +262,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             );
         }
         let dtype = tiny_autoencoder_dtype(options.dtype, &options.device);
-        let tiny = AutoencoderTiny::from_dir(&vae, dtype, &options.device)
+        let tiny = AutoencoderTiny::from_dir(&vae, dtype, &options.device, options.kernels)
             .with_context(|| format!("cannot load the tiny autoencoder at {}", vae.display()))?;
         pipeline.set_tiny_autoencoder(tiny)?;
     }

@@ -25,6 +25,7 @@ pub fn run(args: ParityArgs) -> anyhow::Result<ExitCode> {
     let options = ParityOptions {
         device: sdrs_pipeline::parse_device(&args.device)?,
         dtype: sdrs_pipeline::parse_dtype(&args.dtype)?,
+        kernels: crate::system::kernel_options(Default::default())?,
     };
     let results = parity::run(&args.fixtures, &options, &mut |case| println!("{case}"))?;
     let failed = results

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
+use sdrs_kernels::KernelOptions;
 use sdrs_taesd::AutoencoderTiny;
 use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
 
@@ -45,7 +46,7 @@ enum Autoencoder {
 
 impl Autoencoder {
     /// `vae/` of a pipeline, a folder whose config is an `AutoencoderKL`, or a tiny autoencoder.
-    fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(path: &Path, dtype: DType, device: &Device, kernels: KernelOptions) -> Result<Self> {
         if !path.is_dir() {
             bail!("autoencoder {} is not a folder", path.display());
         }
@@ -62,7 +63,10 @@ impl Autoencoder {
         if is_kl {
             let config = AutoencoderKLConfig::from_file(&config_path)?;
             let files = sdrs_pipeline::weights::find_weights(&dir, None)?;
-            let vb = sdrs_pipeline::weights::var_builder("vae", &files, dtype, device)?;
+            let vb = sdrs_kernels::VarBuilder::new(
+                sdrs_pipeline::weights::var_builder("vae", &files, dtype, device)?,
+                kernels,
+            );
             return Ok(Self::Full(
                 Box::new(AutoencoderKL::new(vb, &config)?),
                 dtype,
@@ -70,7 +74,7 @@ impl Autoencoder {
         }
         let dtype = sdrs_pipeline::stable_diffusion::tiny_autoencoder_dtype(dtype, device);
         Ok(Self::Tiny(Box::new(AutoencoderTiny::from_dir(
-            &dir, dtype, device,
+            &dir, dtype, device, kernels,
         )?)))
     }
 
@@ -97,7 +101,8 @@ pub fn run(args: RoundtripArgs) -> Result<ExitCode> {
     }
     let device = sdrs_pipeline::parse_device(&args.device)?;
     let dtype = sdrs_pipeline::parse_dtype(&args.dtype)?;
-    let autoencoder = Autoencoder::load(&args.model, dtype, &device)
+    let kernels = crate::system::kernel_options(Default::default())?;
+    let autoencoder = Autoencoder::load(&args.model, dtype, &device, kernels)
         .with_context(|| format!("cannot load the autoencoder at {}", args.model.display()))?;
     let picture = read_init_image(&args.image)?;
     let (width, height) = (

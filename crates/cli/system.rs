@@ -1,32 +1,22 @@
-//! Process-level settings and readings shared by the commands: the CPU worker threads, the
+//! Settings and readings shared by the commands: the kernel options of the command line, the
 //! kernels in use, and the peak resident memory.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use sdrs_kernels::attention::AttentionMode;
+use sdrs_kernels::KernelOptions;
 
-/// Sets the number of CPU worker threads (default: the physical cores) before any kernel runs,
-/// for rayon's global pool (our kernels) and for candle's own matmul, which reads
-/// `RAYON_NUM_THREADS`. Returns the count in use.
-pub fn configure_threads(requested: Option<usize>) -> Result<usize> {
-    let threads = match requested {
-        Some(0) => bail!("--threads 0: give at least 1 (or leave it out for the physical cores)"),
-        Some(n) => n,
-        None => num_cpus::get_physical().max(1),
-    };
-    // Only this process reads it, before any worker thread exists.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    // A second call (tests run commands in one process) finds the pool built: not an error.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
-    Ok(threads)
+/// The kernel options of the command line: `--attention`, and the CPU level capped by
+/// `SDRS_CPU_FEATURES` when it is set.
+pub fn kernel_options(attention: AttentionMode) -> Result<KernelOptions> {
+    KernelOptions::from_env(attention).map_err(anyhow::Error::msg)
 }
 
 /// The CPU kernels chosen at run time, for the benchmark's header.
-pub fn kernel_description() -> String {
+pub fn kernel_description(options: &KernelOptions) -> String {
     format!(
         "{} kernels {}",
         std::env::consts::ARCH,
-        sdrs_kernels::cpu::level().name()
+        options.cpu_level().name()
     )
 }
 
@@ -50,9 +40,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zero_threads_is_refused() {
-        let error = configure_threads(Some(0)).unwrap_err().to_string();
-        assert!(error.contains("--threads 0"), "{error}");
+    fn a_bad_cpu_cap_names_the_accepted_levels() {
+        // Read through the same parser as SDRS_CPU_FEATURES.
+        let error = sdrs_kernels::dispatch::parse_cpu_cap("fast").unwrap_err();
+        assert!(
+            error.contains("SDRS_CPU_FEATURES") && error.contains("portable"),
+            "{error}"
+        );
     }
 
     #[cfg(target_os = "linux")]

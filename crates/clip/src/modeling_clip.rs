@@ -4,8 +4,9 @@
 //! optional projection.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::Embedding;
 use sdrs_kernels::nn::Linear;
+use sdrs_kernels::VarBuilder;
 
 use crate::activations::Activation;
 use crate::configuration_clip::ClipTextConfig;
@@ -49,12 +50,12 @@ impl ClipTextEmbeddings {
             token_embedding: candle_nn::embedding(
                 cfg.vocab_size,
                 cfg.hidden_size,
-                vb.pp("token_embedding"),
+                vb.pp("token_embedding").candle().clone(),
             )?,
             position_embedding: candle_nn::embedding(
                 cfg.max_position_embeddings,
                 cfg.hidden_size,
-                vb.pp("position_embedding"),
+                vb.pp("position_embedding").candle().clone(),
             )?,
         })
     }
@@ -64,13 +65,9 @@ impl ClipTextEmbeddings {
         let position_ids = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
         let tokens = self.token_embedding.forward(input_ids)?;
         let positions = self.position_embedding.forward(&position_ids)?;
-        // On the CPU the activations stay in f32 whatever the weights' dtype (sdrs' kernels take
-        // half-precision weights with f32 inputs); elsewhere they follow the weights.
-        let dtype = if tokens.device().is_cpu() {
-            DType::F32
-        } else {
-            tokens.dtype()
-        };
+        // The pipeline's activation dtype for these weights (f32 on the CPU, whose kernels take
+        // half-precision weights with f32 inputs).
+        let dtype = sdrs_kernels::dispatch::activation_dtype(tokens.dtype(), tokens.device());
         Ok(tokens
             .to_dtype(dtype)?
             .broadcast_add(&positions.to_dtype(dtype)?)?)
@@ -456,7 +453,11 @@ mod tests {
             ..Default::default()
         };
         let map = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from(candle_nn::VarBuilder::from_varmap(
+            &map,
+            DType::F32,
+            &Device::Cpu,
+        ));
         if with_projection {
             // Creates the tensor so that `contains_tensor` finds it.
             vb.get((4, 8), "text_projection.weight").unwrap();

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use sdrs_clip::{ClipTextConfig, ClipTextModel};
+use sdrs_kernels::VarBuilder;
 
 /// Max |diff| the reference supports for the text encoders in f32.
 const TOL_F32: f32 = 1e-4;
@@ -24,8 +24,10 @@ fn model(folder: &str, dtype: DType) -> ClipTextModel {
     let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
     let weights = dir.join("model.safetensors");
     // SAFETY: the fixture files are not modified while the test maps them.
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }.unwrap();
+    let vb = VarBuilder::from(
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }
+            .unwrap(),
+    );
     ClipTextModel::new(vb, &cfg).unwrap()
 }
 

@@ -96,15 +96,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let vb = VarBuilder::from_backend(Box::new(recording), dtype, Device::Cpu);
         match component {
             "unet" => drop(sdrs_unet::UNet2DConditionModel::new(
-                vb,
+                vb.into(),
                 &serde_json::from_value(config)?,
             )?),
             "vae" => drop(sdrs_vae::AutoencoderKL::new(
-                vb,
+                vb.into(),
                 &serde_json::from_value(config)?,
             )?),
             _ => drop(sdrs_clip::ClipTextModel::new(
-                vb,
+                vb.into(),
                 &serde_json::from_value(config)?,
             )?),
         }

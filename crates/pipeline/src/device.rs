@@ -2,6 +2,8 @@
 
 use candle_core::{DType, Device};
 
+use sdrs_kernels::KernelOptions;
+
 use crate::error::{Error, Result};
 
 /// Resolves `auto|cpu|cuda[:N]|metal`. `auto` takes CUDA, then Metal, then the CPU.
@@ -71,15 +73,12 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
-/// Resolves a dtype flag where `auto` picks the fast dtype of the device: bf16 on CPUs with native
-/// bf16 dot products (AVX512-BF16, or BF16 on aarch64), f32 on other CPUs, f16 on CUDA and Metal.
-pub fn resolve_dtype(name: &str, device: &Device) -> Result<DType> {
+/// Resolves a dtype flag where `auto` picks the fast dtype of the device for kernels computing
+/// with `kernels` (see [`KernelOptions::default_dtype`]: bf16 on CPUs with native bf16 dot
+/// products, f32 on other CPUs, f16 on CUDA and Metal).
+pub fn resolve_dtype(name: &str, device: &Device, kernels: &KernelOptions) -> Result<DType> {
     if name.trim().eq_ignore_ascii_case("auto") {
-        return Ok(match device {
-            Device::Cpu if sdrs_kernels::cpu::has_native_bf16() => DType::BF16,
-            Device::Cpu => DType::F32,
-            _ => DType::F16,
-        });
+        return Ok(kernels.default_dtype(device));
     }
     parse_dtype(name).map_err(|_| Error::InvalidParameter {
         name: "dtype",
@@ -133,14 +132,23 @@ mod tests {
 
     #[test]
     fn auto_dtype_is_bf16_only_with_native_bf16_on_the_cpu() {
-        let expected = if sdrs_kernels::cpu::has_native_bf16() {
+        let kernels = KernelOptions::default();
+        let expected = if kernels.cpu_level().has_bf16_dots() {
             DType::BF16
         } else {
             DType::F32
         };
-        assert_eq!(resolve_dtype("auto", &Device::Cpu).unwrap(), expected);
-        assert_eq!(resolve_dtype("f16", &Device::Cpu).unwrap(), DType::F16);
-        let message = resolve_dtype("f8", &Device::Cpu).unwrap_err().to_string();
+        assert_eq!(
+            resolve_dtype("auto", &Device::Cpu, &kernels).unwrap(),
+            expected
+        );
+        assert_eq!(
+            resolve_dtype("f16", &Device::Cpu, &kernels).unwrap(),
+            DType::F16
+        );
+        let message = resolve_dtype("f8", &Device::Cpu, &kernels)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("auto, f32"), "{message}");
     }
 }

@@ -22,6 +22,8 @@ use sdrs_taesd::AutoencoderTiny;
 pub struct ParityOptions {
     pub device: Device,
     pub dtype: DType,
+    /// Attention mode and CPU kernel level the models compute with.
+    pub kernels: sdrs_kernels::KernelOptions,
 }
 
 /// The verdict on one case.
@@ -282,12 +284,13 @@ impl Runner<'_> {
         let dir = self.fixtures.join(name);
         let device = self.options.device.clone();
         let dtype = tiny_autoencoder_dtype(self.options.dtype, &device);
-        let from_folder = AutoencoderTiny::from_dir(&dir, dtype, &device)?;
+        let from_folder = AutoencoderTiny::from_dir(&dir, dtype, &device, self.options.kernels)?;
         let from_bare = AutoencoderTiny::from_files(
             Some(&dir.join(format!("{name}_encoder.safetensors"))),
             Some(&dir.join(format!("{name}_decoder.safetensors"))),
             dtype,
             &device,
+            self.options.kernels,
         )?;
         let mut worst = 0f64;
         for model in [from_folder, from_bare] {
@@ -322,7 +325,7 @@ impl Runner<'_> {
         })?;
         let device = self.options.device.clone();
         let dtype = tiny_autoencoder_dtype(self.options.dtype, &device);
-        let model = AutoencoderTiny::from_dir(&dir, dtype, &device)?;
+        let model = AutoencoderTiny::from_dir(&dir, dtype, &device, self.options.kernels)?;
         let latents = get(&reference, &format!("{name}_latents"))?
             .to_device(&device)?
             .to_dtype(activation_dtype(dtype, &device))?;
@@ -361,6 +364,7 @@ impl Runner<'_> {
             self.options.dtype,
             &self.options.device,
         )?;
+        let vb = sdrs_kernels::VarBuilder::new(vb, self.options.kernels);
         Ok(sdrs_clip::ClipTextModel::new(vb, &config)?)
     }
 
@@ -425,7 +429,10 @@ impl Runner<'_> {
         let files = find_weights(&dir, None)?;
         let (dtype, device) = (self.options.dtype, self.options.device.clone());
         let unet = sdrs_unet::UNet2DConditionModel::new(
-            var_builder("unet", &files, dtype, &device)?,
+            sdrs_kernels::VarBuilder::new(
+                var_builder("unet", &files, dtype, &device)?,
+                self.options.kernels,
+            ),
             &config,
         )?;
         let input = |key: &str| -> Result<Tensor> {
@@ -456,8 +463,13 @@ impl Runner<'_> {
         let config = sdrs_vae::AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
         let files = find_weights(&dir, None)?;
         let (dtype, device) = (self.options.dtype, self.options.device.clone());
-        let vae =
-            sdrs_vae::AutoencoderKL::new(var_builder("vae", &files, dtype, &device)?, &config)?;
+        let vae = sdrs_vae::AutoencoderKL::new(
+            sdrs_kernels::VarBuilder::new(
+                var_builder("vae", &files, dtype, &device)?,
+                self.options.kernels,
+            ),
+            &config,
+        )?;
         let input = |key: &str| -> Result<Tensor> {
             Ok(get(&reference, key)?
                 .to_device(&device)?
@@ -584,11 +596,8 @@ impl Runner<'_> {
     fn pipeline(&mut self, folder: &str, single_file: bool) -> Result<&StableDiffusion> {
         let cache_key = format!("{folder}{}", if single_file { "@single-file" } else { "" });
         if !self.pipelines.contains_key(&cache_key) {
-            let options = LoadOptions {
-                device: self.options.device.clone(),
-                dtype: self.options.dtype,
-                variant: None,
-            };
+            let options = LoadOptions::new(self.options.device.clone(), self.options.dtype, None)
+                .with_kernels(self.options.kernels);
             let dir = self.fixtures.join(folder);
             let pipeline = if single_file {
                 StableDiffusion::load_single_file(&self.single_file(folder), &dir, &options)?

@@ -5,6 +5,7 @@
 //! generator is drawn from.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use sdrs_clip::ClipTextModel;
@@ -13,6 +14,7 @@ use sdrs_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdrs_vae::AutoencoderKL;
 
 use candle_nn::VarBuilder;
+use sdrs_kernels::KernelOptions;
 
 use crate::bench::RandomWeights;
 use crate::checkpoint::Checkpoint;
@@ -102,38 +104,20 @@ impl From<CheckpointFamily> for ModelFamily {
     }
 }
 
-/// The dtype activations flow in for weights stored in `weights`: f32 on the CPU, where the kernels
-/// take half-precision weights with f32 activations (only the products' inputs are rounded, as in
-/// PyTorch's bf16 autocast, so norms and residual sums keep their precision); the weights' dtype
-/// on GPUs.
-pub fn activation_dtype(weights: DType, device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F32
-    } else {
-        weights
-    }
-}
+pub use sdrs_kernels::dispatch::{activation_dtype, small_model_dtype as tiny_autoencoder_dtype};
 
-/// The dtype to load a tiny autoencoder (TAESD and kin) in when the model computes in `dtype`:
-/// f32 instead of bf16 on the CPU, where its 64-channel convolutions are too narrow for the bf16
-/// dot products to pay (0.64 s in f32 against 0.69 s in bf16 for a 512x512 TAESD decode on an
-/// AVX512-BF16 machine) and its 10 MB of f32 weights cost nothing; the result is then exact
-/// instead of rounded. Other dtypes and devices are kept.
-pub fn tiny_autoencoder_dtype(dtype: DType, device: &Device) -> DType {
-    if device.is_cpu() && dtype == DType::BF16 {
-        DType::F32
-    } else {
-        dtype
-    }
-}
-
-/// How a model is loaded: where it computes, in which dtype, and which weight variant to prefer.
+/// How a model is loaded: where it computes, in which dtype, which weight variant to prefer, and
+/// how its layers compute (kernel options and CPU threads, kept by this pipeline alone).
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
     /// A weight-file variant such as `fp16` (`model.fp16.safetensors`), tried before the plain files.
     pub variant: Option<String>,
+    /// Attention mode and CPU kernel level of every layer.
+    pub kernels: KernelOptions,
+    /// Worker threads of the pipeline's own thread pool; `None`: the physical cores.
+    pub threads: Option<usize>,
 }
 
 impl LoadOptions {
@@ -147,17 +131,52 @@ impl LoadOptions {
             device,
             dtype,
             variant,
+            kernels: KernelOptions::default(),
+            threads: None,
         }
+    }
+
+    /// The same options with these kernel options.
+    pub fn with_kernels(mut self, kernels: KernelOptions) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The same options with `threads` CPU worker threads (`None`: the physical cores).
+    pub fn with_threads(mut self, threads: Option<usize>) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// The pipeline's thread pool: `threads` workers, or one per physical core.
+    pub fn thread_pool(&self) -> Result<Arc<rayon::ThreadPool>> {
+        let threads = match self.threads {
+            Some(0) => {
+                return Err(Error::InvalidParameter {
+                    name: "threads",
+                    value: "0".to_string(),
+                    expected: "at least 1 (or none for the physical cores)".to_string(),
+                })
+            }
+            Some(n) => n,
+            None => num_cpus::get_physical().max(1),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("sdrs-worker-{i}"))
+            .build()
+            .map_err(|e| Error::InvalidParameter {
+                name: "threads",
+                value: threads.to_string(),
+                expected: format!("a count the system can start threads for ({e})"),
+            })?;
+        Ok(Arc::new(pool))
     }
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            variant: None,
-        }
+        Self::new(Device::Cpu, DType::F32, None)
     }
 }
 
@@ -278,6 +297,9 @@ pub struct StableDiffusion {
     scheduler_config: serde_json::Value,
     device: Device,
     dtype: DType,
+    kernels: KernelOptions,
+    /// This pipeline's CPU workers: every computation runs inside it.
+    pool: Arc<rayon::ThreadPool>,
 }
 
 impl StableDiffusion {
@@ -379,13 +401,16 @@ impl StableDiffusion {
         options: &LoadOptions,
     ) -> Result<Self> {
         let family = ModelFamily::detect_in(files)?;
+        let pool = options.thread_pool()?;
         let device = &options.device;
         let dtype = options.dtype;
         let variant = options.variant.as_deref();
-        let load =
-            |component: &'static str, dtype: DType| -> Result<(VarBuilder<'static>, PathBuf)> {
-                weights.component(files, component, variant, dtype, device)
-            };
+        let load = |component: &'static str,
+                    dtype: DType|
+         -> Result<(sdrs_kernels::VarBuilder<'static>, PathBuf)> {
+            let (vb, path) = weights.component(files, component, variant, dtype, device)?;
+            Ok((sdrs_kernels::VarBuilder::new(vb, options.kernels), path))
+        };
         let text_encoder = |tokenizer: &str, encoder: &'static str| -> Result<TextEncoder> {
             let tokenizer = files.tokenizer(tokenizer)?;
             let config = files.text_config(encoder)?;
@@ -448,7 +473,19 @@ impl StableDiffusion {
             scheduler_config,
             device: device.clone(),
             dtype,
+            kernels: options.kernels,
+            pool,
         })
+    }
+
+    /// The kernel options every layer of this pipeline computes with.
+    pub fn kernels(&self) -> KernelOptions {
+        self.kernels
+    }
+
+    /// Runs `work` on this pipeline's thread pool (the kernels' parallel loops use its workers).
+    fn in_pool<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(work)
     }
     /// The dtype the VAE's activations flow in.
     fn vae_activations(&self) -> DType {
@@ -493,10 +530,12 @@ impl StableDiffusion {
     pub fn generate(
         &self,
         request: &Request,
-        progress: &mut dyn FnMut(&StepProgress),
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
     ) -> Result<Tensor> {
-        let latents = self.denoise(request, progress)?;
-        self.decode(&latents)
+        self.in_pool(|| {
+            let latents = self.denoise(request, progress)?;
+            self.decode(&latents)
+        })
     }
 
     /// [`Self::generate`] for a single image, freeing each model after its last use: the text
@@ -506,12 +545,15 @@ impl StableDiffusion {
     pub fn generate_once(
         mut self,
         request: &Request,
-        progress: &mut dyn FnMut(&StepProgress),
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
     ) -> Result<Tensor> {
-        let latents = self.denoise_releasing(request, progress)?;
-        self.unet = None;
-        sdrs_kernels::memory::release_freed_memory();
-        self.decode(&latents)
+        let pool = self.pool.clone();
+        pool.install(move || {
+            let latents = self.denoise_releasing(request, progress)?;
+            self.unet = None;
+            sdrs_kernels::memory::release_freed_memory();
+            self.decode(&latents)
+        })
     }
 
     /// [`Self::denoise`] for a single image, freeing the text encoders once the prompts are
@@ -519,15 +561,16 @@ impl StableDiffusion {
     pub fn denoise_once(
         mut self,
         request: &Request,
-        progress: &mut dyn FnMut(&StepProgress),
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
     ) -> Result<Tensor> {
-        self.denoise_releasing(request, progress)
+        let pool = self.pool.clone();
+        pool.install(move || self.denoise_releasing(request, progress))
     }
 
     fn denoise_releasing(
         &mut self,
         request: &Request,
-        progress: &mut dyn FnMut(&StepProgress),
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
     ) -> Result<Tensor> {
         let conditioning = self.encode_prompts(request)?;
         self.text = None;
@@ -540,10 +583,12 @@ impl StableDiffusion {
     pub fn denoise(
         &self,
         request: &Request,
-        progress: &mut dyn FnMut(&StepProgress),
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
     ) -> Result<Tensor> {
-        let conditioning = self.encode_prompts(request)?;
-        self.denoise_with(request, &conditioning, progress)
+        self.in_pool(|| {
+            let conditioning = self.encode_prompts(request)?;
+            self.denoise_with(request, &conditioning, progress)
+        })
     }
 
     /// Checks the request and encodes its prompts (and SDXL's micro-conditioning).
@@ -581,7 +626,7 @@ impl StableDiffusion {
         &self,
         request: &Request,
         conditioning: &Conditioning,
-        progress: &mut dyn FnMut(&StepProgress),
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
     ) -> Result<Tensor> {
         let guided = request.guidance_scale > 1.0;
         let (height, width) = (request.height, request.width);
@@ -776,6 +821,11 @@ impl StableDiffusion {
     /// Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (f32), with the tiny autoencoder
     /// when one is set, else the model's VAE.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.in_pool(|| self.decode_here(latents))
+    }
+
+    /// [`Self::decode`] on the calling thread's pool.
+    fn decode_here(&self, latents: &Tensor) -> Result<Tensor> {
         if let Some(tiny) = &self.tiny_vae {
             // A tiny autoencoder is trained on the latents as the UNet sees them (diffusers'
             // AutoencoderTiny has scaling factor 1).

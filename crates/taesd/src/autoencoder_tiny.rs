@@ -2,7 +2,7 @@
 //! encoder and decoder with diffusers' conventions (images in [-1, 1] at the API).
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use sdrs_kernels::VarBuilder;
 
 use crate::config::AutoencoderTinyConfig;
 use crate::error::{Error, Half, Result};

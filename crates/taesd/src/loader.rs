@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use sdrs_kernels::{KernelOptions, VarBuilder};
 
 use crate::autoencoder_tiny::AutoencoderTiny;
 use crate::config::AutoencoderTinyConfig;
@@ -106,14 +106,24 @@ fn in_file(path: &Path) -> impl Fn(Error) -> Error + '_ {
 
 impl AutoencoderTiny {
     /// Loads whichever layout `dir` holds (see [`detect_layout`]).
-    pub fn from_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+    /// The layers compute with `options` (the pipeline's kernel options).
+    pub fn from_dir(
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+        options: KernelOptions,
+    ) -> Result<Self> {
         match detect_layout(dir.as_ref())? {
             Layout::Diffusers { config, weights } => {
-                Self::from_diffusers(&config, &weights, dtype, device)
+                Self::from_diffusers(&config, &weights, dtype, device, options)
             }
-            Layout::Bare { encoder, decoder } => {
-                Self::from_files(encoder.as_deref(), decoder.as_deref(), dtype, device)
-            }
+            Layout::Bare { encoder, decoder } => Self::from_files(
+                encoder.as_deref(),
+                decoder.as_deref(),
+                dtype,
+                device,
+                options,
+            ),
         }
     }
 
@@ -124,6 +134,7 @@ impl AutoencoderTiny {
         weights: &Path,
         dtype: DType,
         device: &Device,
+        options: KernelOptions,
     ) -> Result<Self> {
         let cfg = AutoencoderTinyConfig::from_file(config)?;
         let tensors = load_tensors(weights)?;
@@ -132,7 +143,10 @@ impl AutoencoderTiny {
             tensors.keys().any(|k| k.starts_with(&prefix))
         };
         let (encoder, decoder) = (has(Half::Encoder), has(Half::Decoder));
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let vb = VarBuilder::new(
+            candle_nn::VarBuilder::from_tensors(tensors, dtype, device),
+            options,
+        );
         Self::with_halves(vb, &cfg, encoder, decoder).map_err(in_file(weights))
     }
 
@@ -143,6 +157,7 @@ impl AutoencoderTiny {
         decoder: Option<&Path>,
         dtype: DType,
         device: &Device,
+        options: KernelOptions,
     ) -> Result<Self> {
         let mut tensors = HashMap::new();
         let mut structures = [None, None];
@@ -168,7 +183,10 @@ impl AutoencoderTiny {
             return Err(Error::NoHalves);
         }
         let cfg = config_from_structures(enc.as_ref(), dec.as_ref())?;
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let vb = VarBuilder::new(
+            candle_nn::VarBuilder::from_tensors(tensors, dtype, device),
+            options,
+        );
         let label = decoder.or(encoder).unwrap_or(Path::new(""));
         Self::with_halves(vb, &cfg, enc.is_some(), dec.is_some()).map_err(in_file(label))
     }

@@ -3,8 +3,9 @@
 //! `Block(use_midblock_gn=True)`).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::Conv2dConfig;
 use sdrs_kernels::nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, GroupNorm};
+use sdrs_kernels::VarBuilder;
 
 use crate::activations::Activation;
 use crate::error::{Error, Result};

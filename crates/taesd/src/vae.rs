@@ -2,8 +2,9 @@
 //! `AutoencoderTiny`, each an `nn.Sequential` stored under `layers.<index>`.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::Conv2dConfig;
 use sdrs_kernels::nn::{conv2d, conv2d_no_bias, Conv2d};
+use sdrs_kernels::VarBuilder;
 
 use crate::activations::{Activation, UpsampleMode};
 use crate::config::AutoencoderTinyConfig;

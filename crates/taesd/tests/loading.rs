@@ -34,7 +34,7 @@ fn bare_folder_is_detected_by_its_file_suffixes() {
 fn empty_and_ambiguous_folders_are_errors() {
     let empty = scratch("empty");
     assert!(matches!(
-        AutoencoderTiny::from_dir(&empty, DType::F32, &Device::Cpu),
+        AutoencoderTiny::from_dir(&empty, DType::F32, &Device::Cpu, Default::default()),
         Err(Error::NoWeights { .. })
     ));
     let two = scratch("two");
@@ -54,7 +54,8 @@ fn empty_and_ambiguous_folders_are_errors() {
     }
     // A folder holding one decoder alone loads for decoding.
     std::fs::remove_file(two.join("taef1_decoder.safetensors")).unwrap();
-    let model = AutoencoderTiny::from_dir(&two, DType::F32, &Device::Cpu).unwrap();
+    let model =
+        AutoencoderTiny::from_dir(&two, DType::F32, &Device::Cpu, Default::default()).unwrap();
     assert!(model.has_decoder() && !model.has_encoder());
     let _ = std::fs::remove_dir_all(&empty);
     let _ = std::fs::remove_dir_all(&two);
@@ -65,7 +66,8 @@ fn wrong_files_are_reported_with_their_keys() {
     let dev = Device::Cpu;
     // A diffusers-layout file is not a bare file.
     let diffusers = fixture("taesd/diffusion_pytorch_model.safetensors");
-    match AutoencoderTiny::from_files(Some(&diffusers), None, DType::F32, &dev) {
+    match AutoencoderTiny::from_files(Some(&diffusers), None, DType::F32, &dev, Default::default())
+    {
         Err(Error::BareKey {
             half: Half::Encoder,
             source: BareKeyError::NotALayerIndex,
@@ -76,7 +78,7 @@ fn wrong_files_are_reported_with_their_keys() {
     }
     // A decoder passed as the encoder does not have an encoder's structure.
     let decoder = fixture("taesd/taesd_decoder.safetensors");
-    match AutoencoderTiny::from_files(Some(&decoder), None, DType::F32, &dev) {
+    match AutoencoderTiny::from_files(Some(&decoder), None, DType::F32, &dev, Default::default()) {
         Err(Error::UnknownVariant {
             half: Half::Encoder,
             shapes,
@@ -90,6 +92,7 @@ fn wrong_files_are_reported_with_their_keys() {
         Some(&fixture("taef1/taef1_decoder.safetensors")),
         DType::F32,
         &dev,
+        Default::default(),
     ) {
         Err(Error::LatentChannelsMismatch {
             encoder: 4,
@@ -98,7 +101,7 @@ fn wrong_files_are_reported_with_their_keys() {
         other => panic!("unexpected {other:?}"),
     }
     assert!(matches!(
-        AutoencoderTiny::from_files(None, None, DType::F32, &dev),
+        AutoencoderTiny::from_files(None, None, DType::F32, &dev, Default::default()),
         Err(Error::NoHalves)
     ));
 }
@@ -114,7 +117,7 @@ fn diffusers_weights_that_disagree_with_the_config_name_the_file() {
         dir.join("diffusion_pytorch_model.safetensors"),
     )
     .unwrap();
-    match AutoencoderTiny::from_dir(&dir, DType::F32, &Device::Cpu) {
+    match AutoencoderTiny::from_dir(&dir, DType::F32, &Device::Cpu, Default::default()) {
         Err(Error::Weights { path, source }) => {
             assert!(path.ends_with("diffusion_pytorch_model.safetensors"));
             assert!(source.to_string().contains("shape mismatch"), "{source}");

@@ -55,7 +55,7 @@ fn taesd_diffusers_layout() {
         sdrs_taesd::detect_layout(&dir).unwrap(),
         Layout::Diffusers { .. }
     ));
-    let model = AutoencoderTiny::from_dir(&dir, DType::F32, &dev).unwrap();
+    let model = AutoencoderTiny::from_dir(&dir, DType::F32, &dev, Default::default()).unwrap();
     assert_eq!(model.variant(), TinyVariant::Taesd);
     check_autoencoder_tiny(
         "taesd (diffusers)",
@@ -72,6 +72,7 @@ fn taesd_bare_files() {
         Some(&fixture("taesd/taesd_decoder.safetensors")),
         DType::F32,
         &dev,
+        Default::default(),
     )
     .unwrap();
     assert_eq!(model.variant(), TinyVariant::Taesd);
@@ -86,7 +87,8 @@ fn taesd_bare_files() {
 #[test]
 fn taef1_diffusers_layout() {
     let dev = Device::Cpu;
-    let model = AutoencoderTiny::from_dir(fixture("taef1"), DType::F32, &dev).unwrap();
+    let model =
+        AutoencoderTiny::from_dir(fixture("taef1"), DType::F32, &dev, Default::default()).unwrap();
     assert_eq!(model.variant(), TinyVariant::Taef1);
     check_autoencoder_tiny(
         "taef1 (diffusers)",
@@ -103,6 +105,7 @@ fn taef1_bare_files() {
         Some(&fixture("taef1/taef1_decoder.safetensors")),
         DType::F32,
         &dev,
+        Default::default(),
     )
     .unwrap();
     assert_eq!(model.variant(), TinyVariant::Taef1);
@@ -121,6 +124,7 @@ fn decoder_only_decodes_and_refuses_to_encode() {
         Some(&fixture("taesd/taesd_decoder.safetensors")),
         DType::F32,
         &dev,
+        Default::default(),
     )
     .unwrap();
     assert!(!model.has_encoder() && model.has_decoder());
@@ -148,7 +152,8 @@ fn half_precision_runs_close_to_f32() {
     let dev = Device::Cpu;
     let refs = reference("reference/taesd.safetensors");
     // candle's CPU backend has no bf16 matmul, so only f16 is checked here; bf16 needs a GPU.
-    let model = AutoencoderTiny::from_dir(fixture("taesd"), DType::F16, &dev).unwrap();
+    let model =
+        AutoencoderTiny::from_dir(fixture("taesd"), DType::F16, &dev, Default::default()).unwrap();
     let decoded = model.decode(&refs["latents"]).unwrap();
     assert_eq!(decoded.dtype(), DType::F16);
     // Tolerance: half-precision compute on [-1, 1] images, 3e-2 (what GPU ports accept).
@@ -162,7 +167,7 @@ fn half_precision_runs_close_to_f32() {
 fn real_taef2_matches_reference_and_psnr() {
     let dev = Device::Cpu;
     let dir = fixture("real-taef2");
-    let model = AutoencoderTiny::from_dir(&dir, DType::F32, &dev).unwrap();
+    let model = AutoencoderTiny::from_dir(&dir, DType::F32, &dev, Default::default()).unwrap();
     assert_eq!(model.variant(), TinyVariant::Taef2);
     assert_eq!(model.config().latent_channels, 32);
     assert_eq!(model.pooled_blocks(), 6);

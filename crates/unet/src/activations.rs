@@ -4,8 +4,9 @@
 use std::str::FromStr;
 
 use candle_core::Tensor;
-use candle_nn::{Module, VarBuilder};
+use candle_nn::Module;
 use sdrs_kernels::nn::Linear;
+use sdrs_kernels::VarBuilder;
 
 use crate::error::{Error, Result};
 
@@ -80,7 +81,10 @@ impl Geglu {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(sdrs_kernels::nn::geglu(&self.proj.forward(xs)?)?)
+        Ok(sdrs_kernels::nn::geglu(
+            &self.proj.forward(xs)?,
+            &self.proj.options(),
+        )?)
     }
 }
 

@@ -3,18 +3,18 @@
 //! [`scaled_dot_product_attention`] that every attention in sdrs goes through.
 
 use candle_core::Tensor;
-use candle_nn::{Module, VarBuilder};
+use candle_nn::Module;
 use sdrs_kernels::nn::{GroupNorm, LayerNorm, Linear};
+use sdrs_kernels::{KernelOptions, VarBuilder};
 
 use crate::activations::Geglu;
 use crate::error::{Error, Result};
 
 /// `softmax(q k^T * scale) v` for `q` `[B, H, Nq, D]`, `k` and `v` `[B, H, Nk, D]`.
 ///
-/// Every attention of the UNet and the VAE calls this one function; it runs the process-wide
-/// mode of [`sdrs_kernels::attention::default_attention`] (`--attention`): flash attention on the
-/// CPU by default, which never holds the `Nq x Nk` scores, and candle's matmul and softmax
-/// elsewhere. Scores and softmax are computed in f32 for every dtype, as torch's fused kernels
+/// Every attention of the UNet and the VAE calls this one function; it runs the mode of the
+/// pipeline's kernel options (`--attention`): flash attention on the CPU by default, which never
+/// holds the `Nq x Nk` scores, and candle's matmul and softmax elsewhere. Scores and softmax are computed in f32 for every dtype, as torch's fused kernels
 /// effectively do: f16 scores of SD2.x overflow otherwise (what diffusers' `upcast_attention` /
 /// `upcast_softmax` guard against), so those options need no further handling.
 pub fn scaled_dot_product_attention(
@@ -22,9 +22,9 @@ pub fn scaled_dot_product_attention(
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    options: &KernelOptions,
 ) -> Result<Tensor> {
-    let mode = sdrs_kernels::attention::default_attention();
-    Ok(sdrs_kernels::attention::attention(q, k, v, scale, mode)?)
+    Ok(sdrs_kernels::attention::attention(q, k, v, scale, options)?)
 }
 
 /// The options of an [`Attention`] layer (diffusers' `Attention.__init__` arguments we use).
@@ -86,6 +86,7 @@ pub struct Attention {
     scale: f64,
     residual_connection: bool,
     rescale_output_factor: f64,
+    options: KernelOptions,
 }
 
 impl Attention {
@@ -128,6 +129,7 @@ impl Attention {
             scale: 1.0 / (cfg.dim_head as f64).sqrt(),
             residual_connection: cfg.residual_connection,
             rescale_output_factor: cfg.rescale_output_factor,
+            options: vb.options(),
         })
     }
 
@@ -169,7 +171,7 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(&tokens)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, &self.options)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.dim_head))?;
@@ -295,14 +297,15 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (1, 1, 3, 4), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (1, 1, 5, 4), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, 1, 5, 2), &dev).unwrap();
-        let got: Vec<Vec<f32>> = scaled_dot_product_attention(&q, &k, &v, 0.5)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let got: Vec<Vec<f32>> =
+            scaled_dot_product_attention(&q, &k, &v, 0.5, &KernelOptions::default())
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
         let rows = |t: &Tensor| -> Vec<Vec<f32>> {
             t.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
         };
@@ -321,10 +324,12 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (1, 1, n, 2), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (1, 1, n, 2), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, 1, n, 3), &dev).unwrap();
-        let chunked = scaled_dot_product_attention(&q, &k, &v, 0.7).unwrap();
+        let chunked =
+            scaled_dot_product_attention(&q, &k, &v, 0.7, &KernelOptions::default()).unwrap();
         let tail = 100;
         let q_tail = q.narrow(2, n - tail, tail).unwrap();
-        let direct = scaled_dot_product_attention(&q_tail, &k, &v, 0.7).unwrap();
+        let direct =
+            scaled_dot_product_attention(&q_tail, &k, &v, 0.7, &KernelOptions::default()).unwrap();
         let diff = (chunked.narrow(2, n - tail, tail).unwrap() - direct)
             .unwrap()
             .abs()
@@ -344,9 +349,12 @@ mod tests {
     fn sdpa_keeps_half_dtypes() {
         let dev = Device::Cpu;
         let q = Tensor::randn(0f32, 1.0, (2, 2, 3, 4), &dev).unwrap();
-        let f32_out = scaled_dot_product_attention(&q, &q, &q, 0.5).unwrap();
+        let f32_out =
+            scaled_dot_product_attention(&q, &q, &q, 0.5, &KernelOptions::default()).unwrap();
         let half = q.to_dtype(DType::BF16).unwrap();
-        let bf16_out = scaled_dot_product_attention(&half, &half, &half, 0.5).unwrap();
+        let bf16_out =
+            scaled_dot_product_attention(&half, &half, &half, 0.5, &KernelOptions::default())
+                .unwrap();
         assert_eq!(bf16_out.dtype(), DType::BF16);
         let diff = (bf16_out.to_dtype(DType::F32).unwrap() - f32_out)
             .unwrap()

@@ -3,8 +3,9 @@
 //! `TimestepEmbedding` (the MLP on top).
 
 use candle_core::{DType, Tensor, D};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::Module;
 use sdrs_kernels::nn::Linear;
+use sdrs_kernels::VarBuilder;
 
 use crate::activations::Activation;
 use crate::error::Result;

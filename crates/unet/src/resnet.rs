@@ -3,8 +3,9 @@
 //! the VAE (whose resnets have no time embedding).
 
 use candle_core::{Tensor, D};
-use candle_nn::{Conv2dConfig, Module, VarBuilder};
+use candle_nn::{Conv2dConfig, Module};
 use sdrs_kernels::nn::{GroupNorm, Linear};
+use sdrs_kernels::VarBuilder;
 
 use crate::activations::Activation;
 use crate::error::Result;
@@ -70,7 +71,7 @@ impl Conv2d {
         Ok(Self { inner })
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &sdrs_kernels::Weight {
         self.inner.weight()
     }
 

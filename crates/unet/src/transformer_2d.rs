@@ -3,8 +3,9 @@
 //! `proj_out`, plus the input.
 
 use candle_core::Tensor;
-use candle_nn::{Module, VarBuilder};
+use candle_nn::Module;
 use sdrs_kernels::nn::{GroupNorm, Linear};
+use sdrs_kernels::VarBuilder;
 
 use crate::attention::BasicTransformerBlock;
 use crate::error::Result;

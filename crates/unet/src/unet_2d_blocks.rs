@@ -3,7 +3,7 @@
 //! UNet, and `DownEncoderBlock2D`, `UpDecoderBlock2D`, `UNetMidBlock2D` for the VAE.
 
 use candle_core::{Tensor, D};
-use candle_nn::VarBuilder;
+use sdrs_kernels::VarBuilder;
 
 use crate::activations::Activation;
 use crate::attention::{Attention, AttentionConfig};

@@ -2,8 +2,8 @@
 //! UNet of SD1.x, SD2.x and SDXL (base and refiner).
 
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
 use sdrs_kernels::nn::GroupNorm;
+use sdrs_kernels::VarBuilder;
 
 use crate::activations::Activation;
 use crate::config::{block_type_name, UNet2DConditionConfig};
@@ -401,7 +401,7 @@ impl UNet2DConditionModel {
         batch: usize,
         dtype: DType,
     ) -> Result<Tensor> {
-        let device = self.conv_in.weight().device();
+        let device = added.text_embeds.device();
         let (text_dim, num_ids) = match (added.text_embeds.dims(), added.time_ids.dims()) {
             ([b1, d], [b2, k]) if *b1 == batch && *b2 == batch => (*d, *k),
             ([b1, _], _) if *b1 == batch => {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use sdrs_kernels::VarBuilder;
 use sdrs_unet::{AddedConditions, Error, UNet2DConditionConfig, UNet2DConditionModel};
 
 /// Max |diff| the reference supports for the UNet in f32.
@@ -27,7 +27,10 @@ fn var_builder(folder: &str, dtype: DType) -> VarBuilder<'static> {
         .join(folder)
         .join("unet/diffusion_pytorch_model.safetensors");
     // SAFETY: the fixture files are not modified while the test maps them.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }.unwrap()
+    VarBuilder::from(
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }
+            .unwrap(),
+    )
 }
 
 fn config(folder: &str) -> UNet2DConditionConfig {

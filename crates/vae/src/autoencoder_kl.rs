@@ -2,7 +2,7 @@
 //! `DiagonalGaussianDistribution` of `models/autoencoders/vae.py`.
 
 use candle_core::Tensor;
-use candle_nn::VarBuilder;
+use sdrs_kernels::VarBuilder;
 use sdrs_unet::resnet::Conv2d;
 
 use crate::config::AutoencoderKLConfig;

@@ -2,8 +2,8 @@
 //! autoencoder of "High-Resolution Image Synthesis with Latent Diffusion Models").
 
 use candle_core::Tensor;
-use candle_nn::VarBuilder;
 use sdrs_kernels::nn::GroupNorm;
+use sdrs_kernels::VarBuilder;
 use sdrs_unet::resnet::Conv2d;
 use sdrs_unet::unet_2d_blocks::{
     BlockConfig, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D,

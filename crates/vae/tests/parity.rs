@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use sdrs_kernels::VarBuilder;
 use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig, Error};
 
 /// Max |diff| the reference supports for the VAE in f32.
@@ -30,7 +30,10 @@ fn var_builder(folder: &str, dtype: DType) -> VarBuilder<'static> {
         .join(folder)
         .join("vae/diffusion_pytorch_model.safetensors");
     // SAFETY: the fixture files are not modified while the test maps them.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }.unwrap()
+    VarBuilder::from(
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }
+            .unwrap(),
+    )
 }
 
 fn config(folder: &str) -> AutoencoderKLConfig {

@@ -1,15 +1,22 @@
-//! `Linear` and `Conv2d` layers that read the same checkpoint keys as candle-nn's (`weight`,
-//! `bias`) and run on our kernels on the CPU (f32, bf16, f16 with f32 accumulation, the bias
-//! fused in as the GEMM's starting value); on other devices they call candle's own operations.
+//! `Linear`, `Conv2d`, `GroupNorm`, `LayerNorm` and GEGLU, reading the same checkpoint keys as
+//! candle-nn's (`weight`, `bias`). Each call asks the layer's [`KernelOptions`] where it runs
+//! ([`Route`]): our CPU kernels (f32, bf16, f16 with f32 accumulation, the bias fused in as the
+//! GEMM's starting value, quantized weights decoded while packing), or candle's own operations.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor,
+};
+use candle_nn::Conv2dConfig;
 use half::{bf16, f16};
 
 use crate::conv::{conv2d as conv2d_kernel, ConvGeometry};
-use crate::cpu;
-use crate::gemm::{gemm, gemm_bf16, Element, Strided};
+use crate::cpu::Level;
+use crate::dispatch::{KernelOptions, Route};
+use crate::gemm::{gemm, gemm_bf16, Element, Operand, Strided};
+use crate::math::{gelu_erf, silu};
+use crate::var_builder::VarBuilder;
+use crate::weight::{QuantizedMatrix, QuantizedRows, Weight};
 
 /// The contiguous elements a layout covers, or an error naming the operation.
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
@@ -82,42 +89,49 @@ macro_rules! with_slices {
     }};
 }
 
-/// Whether our CPU kernels take this tensor: on the CPU, in f32, bf16 or f16 (others go to
-/// candle's own operations).
-pub(crate) fn on_cpu_kernels(xs: &Tensor) -> bool {
-    xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::BF16 | DType::F16)
-}
-
-/// Whether our CPU kernels take this input and weight.
-fn on_our_kernels(xs: &Tensor, weight: &Tensor) -> bool {
-    on_cpu_kernels(xs) && matches!(weight.dtype(), DType::F32 | DType::BF16 | DType::F16)
-}
-
-/// candle's own layer for other devices, in the weight's dtype, the result in the input's.
-fn on_candle(
-    xs: &Tensor,
-    weight: &Tensor,
-    f: impl Fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    if xs.dtype() == weight.dtype() {
+/// candle's layer `f` in the weight's dtype `weight`, the result in the input's.
+fn on_candle(xs: &Tensor, weight: DType, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if xs.dtype() == weight {
         f(xs)
     } else {
-        f(&xs.to_dtype(weight.dtype())?)?.to_dtype(xs.dtype())
+        f(&xs.to_dtype(weight)?)?.to_dtype(xs.dtype())
     }
 }
 
-/// Whether the weight is bf16, which selects the bf16 dot-product kernels (the activations are
-/// rounded to bf16 as they are packed, as PyTorch's bf16 autocast does).
-fn is_bf16<W: 'static>() -> bool {
-    std::any::TypeId::of::<W>() == std::any::TypeId::of::<bf16>()
+/// `c += a · b` with the kernels of `level`, in bf16 dot products when `bf16_dots`.
+fn product(
+    level: Level,
+    bf16_dots: bool,
+    a: &dyn Operand,
+    b: &dyn Operand,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if bf16_dots {
+        gemm_bf16(level, a, b, c, ldc);
+    } else {
+        gemm(level, a, b, c, ldc);
+    }
+}
+
+/// The output of a product started from `bias` (one value per output feature) for `m` rows.
+fn started_from(bias: Option<&[f32]>, m: usize, n: usize) -> Vec<f32> {
+    match bias {
+        Some(bias) => bias.repeat(m),
+        None => vec![0f32; m * n],
+    }
 }
 
 /// `x [.., K] · wᵀ` for `w [N, K]`, the output starting from `bias [N]` when there is one.
-struct LinearOp {
-    bias: Option<Vec<f32>>,
+struct LinearOp<'a> {
+    bias: Option<&'a [f32]>,
+    level: Level,
+    bf16_dots: bool,
+    /// The weight when it is quantized (then the op has one operand, the input).
+    quantized: Option<&'a dyn QuantizedMatrix>,
 }
 
-impl LinearOp {
+impl LinearOp<'_> {
     fn run<X: Element, W: Element>(
         &self,
         x: &[X],
@@ -126,22 +140,65 @@ impl LinearOp {
         k: usize,
         n: usize,
     ) -> Vec<f32> {
-        let mut c = match &self.bias {
-            Some(bias) => bias.repeat(m),
-            None => vec![0f32; m * n],
-        };
-        let level = cpu::level();
+        let mut c = started_from(self.bias, m, n);
         let (a, b) = (Strided::row_major(x, m, k), Strided::row_major(w, n, k).t());
-        if is_bf16::<W>() {
-            gemm_bf16(level, &a, &b, &mut c, n);
-        } else {
-            gemm(level, &a, &b, &mut c, n);
+        product(self.level, self.bf16_dots, &a, &b, &mut c, n);
+        c
+    }
+
+    /// The product with a quantized weight as the GEMM's A operand (its rows are decoded in
+    /// long runs while A is packed): `cᵀ = w · xᵀ`, then transposed into place.
+    fn run_quantized<X: Element>(
+        &self,
+        w: &dyn QuantizedMatrix,
+        x: &[X],
+        m: usize,
+        k: usize,
+    ) -> Vec<f32> {
+        let n = w.dims().0;
+        let mut c_t = vec![0f32; n * m];
+        if let Some(bias) = self.bias {
+            for (row, &value) in c_t.chunks_mut(m.max(1)).zip(bias) {
+                row.fill(value);
+            }
+        }
+        let b = Strided::row_major(x, m, k).t();
+        product(
+            self.level,
+            self.bf16_dots,
+            &QuantizedRows(w),
+            &b,
+            &mut c_t,
+            m,
+        );
+        let mut c = vec![0f32; m * n];
+        for (j, row) in c_t.chunks(m.max(1)).enumerate() {
+            for (i, v) in row.iter().enumerate() {
+                c[i * n + j] = *v;
+            }
         }
         c
     }
+
+    /// The matrix sizes of input `l1` times a `[n, k]` weight, and the output shape.
+    fn sizes(l1: &Layout, (n, k): (usize, usize)) -> Result<(usize, Shape)> {
+        let dims = l1.dims();
+        let Some((&k_x, batch)) = dims.split_last() else {
+            candle_core::bail!("sdrs-linear: a scalar input has no features");
+        };
+        if k_x != k {
+            candle_core::bail!(
+                "sdrs-linear: input {:?} does not match weight [{n}, {k}] (last dims differ)",
+                l1.shape()
+            );
+        }
+        let mut out_dims = batch.to_vec();
+        out_dims.push(n);
+        Ok((batch.iter().product(), Shape::from(out_dims)))
+    }
 }
 
-impl CustomOp2 for LinearOp {
+impl CustomOp2 for LinearOp<'_> {
     fn name(&self) -> &'static str {
         "sdrs-linear"
     }
@@ -153,24 +210,29 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = l1.dims();
         let (n, k) = l2.shape().dims2()?;
-        let Some((&k_x, batch)) = dims.split_last() else {
-            candle_core::bail!("sdrs-linear: a scalar input has no features");
-        };
-        if k_x != k {
-            candle_core::bail!(
-                "sdrs-linear: input {:?} does not match weight {:?} (last dims differ)",
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let m: usize = batch.iter().product();
-        let mut out_dims = batch.to_vec();
-        out_dims.push(n);
+        let (m, shape) = Self::sizes(l1, (n, k))?;
         let out = with_slices!("sdrs-linear", (s1, l1), (s2, l2), |x, w| self
             .run(x, w, m, k, n));
-        Ok((storage_from_f32(out, s1.dtype())?, Shape::from(out_dims)))
+        Ok((storage_from_f32(out, s1.dtype())?, shape))
+    }
+}
+
+/// The linear layer with a quantized weight: one operand, the input.
+impl CustomOp1 for LinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdrs-linear-quantized"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(w) = self.quantized else {
+            candle_core::bail!("sdrs-linear-quantized: no quantized weight");
+        };
+        let (n, k) = w.dims();
+        let (m, shape) = Self::sizes(l1, (n, k))?;
+        let out = with_slice!("sdrs-linear-quantized", (s1, l1), |x| self
+            .run_quantized(w, x, m, k));
+        Ok((storage_from_f32(out, s1.dtype())?, shape))
     }
 }
 
@@ -183,38 +245,71 @@ fn bias_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
 /// A linear layer, `y = x · Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    weight: Weight,
+    bias: Option<Tensor>,
     /// The bias in f32, for the CPU kernels' epilogue.
     bias_f32: Option<Vec<f32>>,
+    options: KernelOptions,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let bias_f32 = bias_values(bias.as_ref())?;
+    /// A layer of `weight` (`[out, in]`, dense or quantized) with the default kernel options.
+    pub fn new(weight: impl Into<Weight>, bias: Option<Tensor>) -> Result<Self> {
+        let weight = weight.into();
+        if weight.shape().rank() != 2 {
+            candle_core::bail!(
+                "linear: the weight must be [out, in], got {:?}",
+                weight.shape()
+            );
+        }
         Ok(Self {
-            inner: candle_nn::Linear::new(weight, bias),
-            bias_f32,
+            bias_f32: bias_values(bias.as_ref())?,
+            weight,
+            bias,
+            options: KernelOptions::default(),
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// The same layer computing with `options`.
+    pub fn with_options(mut self, options: KernelOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn weight(&self) -> &Weight {
+        &self.weight
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        self.bias.as_ref()
+    }
+
+    pub fn options(&self) -> KernelOptions {
+        self.options
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if !on_our_kernels(xs, self.weight()) {
-            return on_candle(xs, self.weight(), |xs| self.inner.forward(xs));
-        }
-        let op = LinearOp {
-            bias: self.bias_f32.clone(),
+        let Route::Cpu { level, bf16_dots } = self.options.route_product(xs, self.weight.dtype())
+        else {
+            let weight = self.weight.dense(xs.device())?;
+            let layer = candle_nn::Linear::new(weight, self.bias.clone());
+            return on_candle(xs, self.weight.dtype(), |xs| layer.forward(xs));
         };
-        xs.contiguous()?.apply_op2_no_bwd(self.weight(), &op)
+        let mut op = LinearOp {
+            bias: self.bias_f32.as_deref(),
+            level,
+            bf16_dots,
+            quantized: None,
+        };
+        match &self.weight {
+            Weight::Dense(weight) => xs.contiguous()?.apply_op2_no_bwd(weight, &op),
+            Weight::Quantized { matrix, .. } => {
+                op.quantized = Some(matrix.as_ref());
+                xs.contiguous()?.apply_op1_no_bwd(&op)
+            }
+        }
     }
 }
 
@@ -223,30 +318,35 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     linear_b(in_dim, out_dim, true, vb)
 }
 
-/// A linear layer with or without bias.
+/// A linear layer with or without bias, computing with `vb`'s kernel options.
 pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let weight = vb.get_weight((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    Linear::new(weight, bias)
+    Ok(Linear::new(weight, bias)?.with_options(vb.options()))
 }
 
-/// A convolution on `[N, C, H, W]` by our kernels, the output starting from the bias.
-struct Conv2dOp {
-    bias: Option<Vec<f32>>,
+/// A convolution on `[N, C, H, W]` by our kernels, the output starting from the bias. The ops it
+/// implements: `x ⊛ w` ([`CustomOp2`]) and `x ⊛ w + residual` ([`CustomOp3`]) for a dense
+/// weight; [`QuantizedConv2dOp`] does the same two with the weight inside the op.
+struct Conv2dOp<'a> {
+    bias: Option<&'a [f32]>,
     config: Conv2dConfig,
+    level: Level,
+    bf16_dots: bool,
 }
 
-impl Conv2dOp {
-    /// The convolution of `x` by `w`, plus the bias, plus `residual` (the output's shape, f32)
-    /// when given, added into the output in place: a resnet's skip sum costs no extra tensor.
-    fn run<X: Element, W: Element>(
+impl Conv2dOp<'_> {
+    /// The convolution of `x` by `w` (`O x C*kh*kw`), plus the bias, plus `residual` (the
+    /// output's shape, f32) when given, added into the output in place: a resnet's skip sum
+    /// costs no extra tensor.
+    fn run<X: Element>(
         &self,
         x: &[X],
-        w: &[W],
+        w: &dyn Operand,
         images: usize,
         g: ConvGeometry,
         residual: Option<&[f32]>,
@@ -256,12 +356,12 @@ impl Conv2dOp {
         };
         let plane = out_h * out_w;
         let mut out = vec![0f32; images * g.out_channels * plane];
-        if let Some(bias) = &self.bias {
+        if let Some(bias) = self.bias {
             for (chunk, &value) in out.chunks_mut(plane).zip(bias.iter().cycle()) {
                 chunk.fill(value);
             }
         }
-        conv2d_kernel(cpu::level(), g, images, x, w, &mut out, is_bf16::<W>());
+        conv2d_kernel(self.level, g, images, x, w, &mut out, self.bf16_dots);
         if let Some(residual) = residual {
             // Added last, in place: the same sums, in the same order, as `conv + residual`.
             out.iter_mut().zip(residual).for_each(|(o, r)| *o += r);
@@ -269,30 +369,39 @@ impl Conv2dOp {
         out
     }
 
-    /// [`Self::run`] on the storages of the input and the weight, the result in the input's dtype.
+    /// [`Self::run`] with a dense weight storage, the result in the input's dtype.
     fn convolve(
         &self,
         (s1, l1): (&CpuStorage, &Layout),
         (s2, l2): (&CpuStorage, &Layout),
-        g: ConvGeometry,
-        shape: Shape,
         residual: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
+        let (g, shape) = self.geometry(l1, l2.shape().dims4()?)?;
         let images = shape.dims()[0];
-        let out = with_slices!("sdrs-conv2d", (s1, l1), (s2, l2), |x, w| self
-            .run(x, w, images, g, residual));
+        let k = g.channels * g.kernel_h * g.kernel_w;
+        let out = with_slices!("sdrs-conv2d", (s1, l1), (s2, l2), |x, w| self.run(
+            x,
+            &Strided::row_major(w, g.out_channels, k),
+            images,
+            g,
+            residual
+        ));
         Ok((storage_from_f32(out, s1.dtype())?, shape))
     }
 
-    /// The geometry of input `l1` convolved by weight `l2`, and the output shape.
-    fn geometry(&self, l1: &Layout, l2: &Layout) -> Result<(ConvGeometry, Shape)> {
+    /// The geometry of input `l1` convolved by a weight of `weight` dims, and the output shape.
+    fn geometry(
+        &self,
+        l1: &Layout,
+        weight: (usize, usize, usize, usize),
+    ) -> Result<(ConvGeometry, Shape)> {
         let (images, channels, height, width) = l1.shape().dims4()?;
-        let (out_channels, c_w, kernel_h, kernel_w) = l2.shape().dims4()?;
+        let (out_channels, c_w, kernel_h, kernel_w) = weight;
         if c_w != channels {
             candle_core::bail!(
                 "sdrs-conv2d: input {:?} has {channels} channels, weight {:?} expects {c_w}",
                 l1.shape(),
-                l2.shape()
+                [out_channels, c_w, kernel_h, kernel_w]
             );
         }
         let g = ConvGeometry {
@@ -317,7 +426,26 @@ impl Conv2dOp {
     }
 }
 
-impl CustomOp2 for Conv2dOp {
+/// The residual operand: f32 of the output's shape.
+fn residual_slice<'a>(
+    s3: &'a CpuStorage,
+    l3: &Layout,
+    shape: &Shape,
+    op: &str,
+) -> Result<&'a [f32]> {
+    if l3.shape() != shape {
+        candle_core::bail!(
+            "{op}: residual {:?} is not the output's shape {shape:?}",
+            l3.shape()
+        );
+    }
+    let CpuStorage::F32(residual) = s3 else {
+        candle_core::bail!("{op}: the residual must be f32, got {:?}", s3.dtype());
+    };
+    contiguous(residual, l3, op)
+}
+
+impl CustomOp2 for Conv2dOp<'_> {
     fn name(&self) -> &'static str {
         "sdrs-conv2d"
     }
@@ -329,13 +457,12 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, shape) = self.geometry(l1, l2)?;
-        self.convolve((s1, l1), (s2, l2), g, shape, None)
+        self.convolve((s1, l1), (s2, l2), None)
     }
 }
 
 /// The convolution with a residual added (third operand: f32, the output's shape).
-impl CustomOp3 for Conv2dOp {
+impl CustomOp3 for Conv2dOp<'_> {
     fn name(&self) -> &'static str {
         "sdrs-conv2d-add"
     }
@@ -349,82 +476,190 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, shape) = self.geometry(l1, l2)?;
-        if l3.shape() != &shape {
-            candle_core::bail!(
-                "sdrs-conv2d-add: residual {:?} is not the output's shape {shape:?}",
-                l3.shape()
-            );
-        }
-        let CpuStorage::F32(residual) = s3 else {
-            candle_core::bail!(
-                "sdrs-conv2d-add: the residual must be f32, got {:?}",
-                s3.dtype()
-            );
+        let (_, shape) = self.geometry(l1, l2.shape().dims4()?)?;
+        let residual = residual_slice(s3, l3, &shape, "sdrs-conv2d-add")?;
+        self.convolve((s1, l1), (s2, l2), Some(residual))
+    }
+}
+
+/// [`Conv2dOp`] with a quantized weight, decoded while the GEMM packs it: `x ⊛ w`
+/// ([`CustomOp1`]) and `x ⊛ w + residual` ([`CustomOp2`]).
+struct QuantizedConv2dOp<'a> {
+    conv: Conv2dOp<'a>,
+    weight: &'a dyn QuantizedMatrix,
+    /// The layer shape of the weight, `[O, C, kh, kw]`.
+    dims: (usize, usize, usize, usize),
+}
+
+impl QuantizedConv2dOp<'_> {
+    fn convolve(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, shape) = self.conv.geometry(l1, self.dims)?;
+        let residual = match residual {
+            Some((s3, l3)) => Some(residual_slice(s3, l3, &shape, "sdrs-conv2d-add")?),
+            None => None,
         };
-        let residual = contiguous(residual, l3, "sdrs-conv2d-add")?;
-        self.convolve((s1, l1), (s2, l2), g, shape, Some(residual))
+        let images = shape.dims()[0];
+        let w = QuantizedRows(self.weight);
+        let out = with_slice!("sdrs-conv2d", (s1, l1), |x| self
+            .conv
+            .run(x, &w, images, g, residual));
+        Ok((storage_from_f32(out, s1.dtype())?, shape))
+    }
+}
+
+impl CustomOp1 for QuantizedConv2dOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdrs-conv2d-quantized"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.convolve((s1, l1), None)
+    }
+}
+
+impl CustomOp2 for QuantizedConv2dOp<'_> {
+    fn name(&self) -> &'static str {
+        "sdrs-conv2d-quantized-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.convolve((s1, l1), Some((s2, l2)))
     }
 }
 
 /// A 2-D convolution layer.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+    weight: Weight,
+    bias: Option<Tensor>,
     bias_f32: Option<Vec<f32>>,
+    config: Conv2dConfig,
+    options: KernelOptions,
 }
 
 impl Conv2d {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Result<Self> {
-        let bias_f32 = bias_values(bias.as_ref())?;
+    /// A layer of `weight` (`[O, C / groups, kh, kw]`, dense or quantized) with the default
+    /// kernel options.
+    pub fn new(
+        weight: impl Into<Weight>,
+        bias: Option<Tensor>,
+        config: Conv2dConfig,
+    ) -> Result<Self> {
+        let weight = weight.into();
+        if weight.shape().rank() != 4 {
+            candle_core::bail!(
+                "conv2d: the weight must be [O, C, kh, kw], got {:?}",
+                weight.shape()
+            );
+        }
         Ok(Self {
-            inner: candle_nn::Conv2d::new(weight, bias, config),
-            bias_f32,
+            bias_f32: bias_values(bias.as_ref())?,
+            weight,
+            bias,
+            config,
+            options: KernelOptions::default(),
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// The same layer computing with `options`.
+    pub fn with_options(mut self, options: KernelOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn weight(&self) -> &Weight {
+        &self.weight
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        self.bias.as_ref()
     }
 
     pub fn config(&self) -> &Conv2dConfig {
-        self.inner.config()
+        &self.config
     }
 
-    fn op(&self) -> Conv2dOp {
+    /// Where a call on `xs` runs.
+    fn route(&self, xs: &Tensor) -> Route {
+        self.options
+            .route_conv(xs, self.weight.dtype(), self.config.groups)
+    }
+
+    fn op(&self, level: Level, bf16_dots: bool) -> Conv2dOp<'_> {
         Conv2dOp {
-            bias: self.bias_f32.clone(),
-            config: *self.config(),
+            bias: self.bias_f32.as_deref(),
+            config: self.config,
+            level,
+            bf16_dots,
         }
+    }
+
+    fn quantized_op<'a>(
+        &'a self,
+        matrix: &'a dyn QuantizedMatrix,
+        conv: Conv2dOp<'a>,
+    ) -> Result<QuantizedConv2dOp<'a>> {
+        Ok(QuantizedConv2dOp {
+            conv,
+            weight: matrix,
+            dims: self.weight.shape().dims4()?,
+        })
+    }
+
+    /// candle's convolution (other devices, grouped convolutions).
+    fn on_candle(&self, xs: &Tensor) -> Result<Tensor> {
+        let weight = self.weight.dense(xs.device())?;
+        let layer = candle_nn::Conv2d::new(weight, self.bias.clone(), self.config);
+        on_candle(xs, self.weight.dtype(), |xs| layer.forward(xs))
     }
 
     /// `self.forward(xs) + residual` with no tensor for the sum: the residual (an f32 tensor of
     /// the output's shape, as a resnet's skip connection) is added into the convolution's output
     /// as it is finished, bit for bit the plain sum; other dtypes and devices take the plain sum.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let fused = on_our_kernels(xs, self.weight())
-            && self.config().groups == 1
-            && xs.dtype() == DType::F32
-            && residual.dtype() == DType::F32
-            && residual.device().is_cpu();
-        if !fused {
+        let Route::Cpu { level, bf16_dots } = self.route(xs) else {
+            return self.forward(xs)? + residual;
+        };
+        if xs.dtype() != DType::F32
+            || residual.dtype() != DType::F32
+            || !residual.device().same_device(xs.device())
+        {
             return self.forward(xs)? + residual;
         }
-        xs.contiguous()?
-            .apply_op3_no_bwd(self.weight(), &residual.contiguous()?, &self.op())
+        let (xs, residual) = (xs.contiguous()?, residual.contiguous()?);
+        let op = self.op(level, bf16_dots);
+        match &self.weight {
+            Weight::Dense(weight) => xs.apply_op3_no_bwd(weight, &residual, &op),
+            Weight::Quantized { matrix, .. } => {
+                xs.apply_op2_no_bwd(&residual, &self.quantized_op(matrix.as_ref(), op)?)
+            }
+        }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if !on_our_kernels(xs, self.weight()) || self.config().groups != 1 {
-            return on_candle(xs, self.weight(), |xs| self.inner.forward(xs));
+        let Route::Cpu { level, bf16_dots } = self.route(xs) else {
+            return self.on_candle(xs);
+        };
+        let xs = xs.contiguous()?;
+        let op = self.op(level, bf16_dots);
+        match &self.weight {
+            Weight::Dense(weight) => xs.apply_op2_no_bwd(weight, &op),
+            Weight::Quantized { matrix, .. } => {
+                xs.apply_op1_no_bwd(&self.quantized_op(matrix.as_ref(), op)?)
+            }
         }
-        xs.contiguous()?.apply_op2_no_bwd(self.weight(), &self.op())
     }
 }
 
@@ -435,9 +670,9 @@ fn conv_weight(
     kernel_size: usize,
     config: &Conv2dConfig,
     vb: &VarBuilder,
-) -> Result<Tensor> {
+) -> Result<Weight> {
     let groups = config.groups.max(1);
-    vb.get(
+    vb.get_weight(
         (out_channels, in_channels / groups, kernel_size, kernel_size),
         "weight",
     )
@@ -453,7 +688,7 @@ pub fn conv2d(
 ) -> Result<Conv2d> {
     let weight = conv_weight(in_channels, out_channels, kernel_size, &config, &vb)?;
     let bias = vb.get(out_channels, "bias")?;
-    Conv2d::new(weight, Some(bias), config)
+    Ok(Conv2d::new(weight, Some(bias), config)?.with_options(vb.options()))
 }
 
 /// A convolution without bias.
@@ -465,7 +700,7 @@ pub fn conv2d_no_bias(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let weight = conv_weight(in_channels, out_channels, kernel_size, &config, &vb)?;
-    Conv2d::new(weight, None, config)
+    Ok(Conv2d::new(weight, None, config)?.with_options(vb.options()))
 }
 
 /// A linear layer without bias (candle-nn's `linear_no_bias`).
@@ -481,6 +716,7 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    options: KernelOptions,
 }
 
 impl GroupNorm {
@@ -494,7 +730,14 @@ impl GroupNorm {
             bias: bias.to_dtype(DType::F32)?,
             groups,
             eps,
+            options: KernelOptions::default(),
         })
+    }
+
+    /// The same layer computing with `options`.
+    pub fn with_options(mut self, options: KernelOptions) -> Self {
+        self.options = options;
+        self
     }
 }
 
@@ -514,7 +757,7 @@ impl GroupNorm {
                 self.weight.elem_count()
             );
         }
-        if on_cpu_kernels(xs) {
+        if let Route::Cpu { .. } = self.options.route(xs) {
             let op = GroupNormOp {
                 weight: self.weight.to_vec1::<f32>()?,
                 bias: self.bias.to_vec1::<f32>()?,
@@ -601,19 +844,7 @@ impl GroupNormOp {
     }
 }
 
-/// `y * sigmoid(y)`, with the exponential of a non-positive argument only (no overflow).
-#[inline(always)]
-fn silu(y: f32) -> f32 {
-    let e = crate::attention::exp_neg(-y.abs());
-    let sigmoid = if y >= 0.0 {
-        1.0 / (1.0 + e)
-    } else {
-        e / (1.0 + e)
-    };
-    y * sigmoid
-}
-
-impl candle_core::CustomOp1 for GroupNormOp {
+impl CustomOp1 for GroupNormOp {
     fn name(&self) -> &'static str {
         "sdrs-group-norm"
     }
@@ -633,7 +864,7 @@ impl candle_core::CustomOp1 for GroupNormOp {
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
     let weight = vb.get(channels, "weight")?;
     let bias = vb.get(channels, "bias")?;
-    GroupNorm::new(weight, bias, groups, eps)
+    Ok(GroupNorm::new(weight, bias, groups, eps)?.with_options(vb.options()))
 }
 
 /// `nn.LayerNorm` over the last dimension, computed in f32 like [`GroupNorm`].
@@ -672,7 +903,7 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 /// GEGLU's gating (Shazeer 2020): `[..., 2n]` -> `[..., n]`, `value * gelu(gate)` with `value`
 /// the first half of the last dimension and `gate` the second, GELU in torch's exact erf form.
 /// One pass over the data on the CPU (no split copies, a vectorisable erf); candle's ops elsewhere.
-pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+pub fn geglu(projected: &Tensor, options: &KernelOptions) -> Result<Tensor> {
     let last = projected.dim(candle_core::D::Minus1)?;
     if last % 2 != 0 {
         candle_core::bail!(
@@ -681,7 +912,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         );
     }
     let half = last / 2;
-    if on_cpu_kernels(projected) {
+    if let Route::Cpu { .. } = options.route(projected) {
         return projected.contiguous()?.apply_op1_no_bwd(&GegluOp);
     }
     let value = projected.narrow(candle_core::D::Minus1, 0, half)?;
@@ -708,26 +939,7 @@ impl GegluOp {
     }
 }
 
-/// `x · Φ(x) = x/2 · (1 + erf(x/√2))`.
-#[inline(always)]
-fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// `erf(x)` to within 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free so that loops over it
-/// vectorise (the library `erf` is a scalar call).
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * crate::attention::exp_neg(-z * z);
-    y.copysign(x)
-}
-
-impl candle_core::CustomOp1 for GegluOp {
+impl CustomOp1 for GegluOp {
     fn name(&self) -> &'static str {
         "sdrs-geglu"
     }

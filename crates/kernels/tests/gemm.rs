@@ -80,7 +80,7 @@ fn gemm_accumulates_into_c_and_reads_row_major_b() {
     }
     let mut c = vec![1f32; m * n];
     gemm(
-        sdrs_kernels::cpu::level(),
+        sdrs_kernels::cpu::detected(),
         &Strided::row_major(&a, m, k),
         &Strided::row_major(&b, k, n),
         &mut c,

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Conv2dConfig;
 use sdrs_kernels::nn::{geglu, Conv2d, Linear};
+use sdrs_kernels::KernelOptions;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // candle's CPU randn is not seeded: build the values from a small LCG instead.
@@ -203,6 +204,7 @@ fn mismatched_shapes_are_errors_not_panics() {
 #[test]
 fn conv_kernel_matches_candle_on_every_simd_level() {
     use sdrs_kernels::conv::{conv2d, ConvGeometry};
+    use sdrs_kernels::gemm::Strided;
     let (cin, cout, h, w) = (5, 7, 9, 11);
     let x = randn(&[1, cin, h, w], 13);
     let weight = randn(&[cout, cin, 3, 3], 14);
@@ -224,7 +226,8 @@ fn conv_kernel_matches_candle_on_every_simd_level() {
     for level in sdrs_kernels::cpu::Level::available() {
         for bf16_dot in [false, true] {
             let mut out = vec![0f32; cout * out_h * out_w];
-            conv2d(level, g, 1, &xs, &ws, &mut out, bf16_dot);
+            let w = Strided::row_major(&ws, cout, cin * 9);
+            conv2d(level, g, 1, &xs, &w, &mut out, bf16_dot);
             let got = Tensor::from_vec(out, (1, cout, out_h, out_w), &Device::Cpu).unwrap();
             let diff = max_relative_diff(&got, &reference);
             // bf16_dot rounds the operands to bf16 where the CPU has the instructions.
@@ -282,7 +285,7 @@ fn geglu_matches_value_times_candle_gelu_erf() {
             let value = wide.narrow(candle_core::D::Minus1, 0, half).unwrap();
             let gate = wide.narrow(candle_core::D::Minus1, half, half).unwrap();
             let want = (value * gate.gelu_erf().unwrap()).unwrap();
-            let got = geglu(&x).unwrap();
+            let got = geglu(&x, &KernelOptions::default()).unwrap();
             assert_eq!(got.dtype(), dtype);
             let diff = max_relative_diff(&got, &want);
             // f32: the erf approximation (1.5e-7) and rounding; half precision: the output's rounding.
@@ -291,5 +294,8 @@ fn geglu_matches_value_times_candle_gelu_erf() {
         }
     }
     let odd = randn(&[2, 3], 4);
-    assert!(geglu(&odd).unwrap_err().to_string().contains("even"));
+    assert!(geglu(&odd, &KernelOptions::default())
+        .unwrap_err()
+        .to_string()
+        .contains("even"));
 }

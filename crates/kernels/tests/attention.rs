@@ -4,6 +4,15 @@
 use candle_core::{DType, Device, Tensor};
 use sdrs_kernels::attention::{attention, flash_at, naive, AttentionMode};
 use sdrs_kernels::cpu::Level;
+use sdrs_kernels::KernelOptions;
+
+/// Options running attention in `mode`.
+fn with(attention: AttentionMode) -> KernelOptions {
+    KernelOptions {
+        attention,
+        ..Default::default()
+    }
+}
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let count: usize = shape.iter().product();
@@ -59,7 +68,7 @@ fn flash_and_sliced_match_naive_in_f32() {
             AttentionMode::Sliced(Some(2)),
             AttentionMode::Auto,
         ] {
-            let got = attention(&q, &k, &v, scale, mode).unwrap();
+            let got = attention(&q, &k, &v, scale, &with(mode)).unwrap();
             assert_eq!(got.dims(), reference.dims());
             // Values are convex combinations of v (|v| <= 3): f32 rounding of a few ulps.
             let diff = max_diff(&got, &reference);
@@ -91,7 +100,7 @@ fn flash_reads_non_contiguous_views() {
     let v = randn(&[2, 70, 3, 16], 6).transpose(1, 2).unwrap();
     assert!(!q.is_contiguous());
     let reference = naive(&q, &k, &v, 0.25).unwrap();
-    let got = attention(&q, &k, &v, 0.25, AttentionMode::Flash).unwrap();
+    let got = attention(&q, &k, &v, 0.25, &with(AttentionMode::Flash)).unwrap();
     assert!(max_diff(&got, &reference) < 2e-5);
 }
 
@@ -106,7 +115,7 @@ fn half_precision_inputs_match_the_f32_result_on_the_rounded_values() {
         );
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let reference = naive(&f32(&q), &f32(&k), &f32(&v), 0.2).unwrap();
-        let got = attention(&q, &k, &v, 0.2, AttentionMode::Flash).unwrap();
+        let got = attention(&q, &k, &v, 0.2, &with(AttentionMode::Flash)).unwrap();
         assert_eq!(got.dtype(), dtype);
         // Only the output rounding differs (bf16: 2^-8 of |v| <= 3).
         let diff = max_diff(&got, &reference);
@@ -118,6 +127,6 @@ fn half_precision_inputs_match_the_f32_result_on_the_rounded_values() {
 fn mismatched_shapes_are_errors() {
     let q = randn(&[1, 2, 4, 8], 1);
     let k = randn(&[1, 2, 5, 7], 2);
-    let error = attention(&q, &k, &k, 1.0, AttentionMode::Flash).unwrap_err();
+    let error = attention(&q, &k, &k, 1.0, &with(AttentionMode::Flash)).unwrap_err();
     assert!(error.to_string().contains("do not fit"), "{error}");
 }

@@ -9,7 +9,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -17,6 +16,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::cpu::{self, Level};
+use crate::dispatch::KernelOptions;
 use crate::gemm::Element;
 
 /// How attention is computed.
@@ -70,37 +70,15 @@ impl fmt::Display for AttentionMode {
     }
 }
 
-static DEFAULT_MODE: Mutex<AttentionMode> = Mutex::new(AttentionMode::Auto);
-
-/// Sets the mode [`default_attention`] returns (the CLI's `--attention`), for the whole process.
-pub fn set_default_attention(mode: AttentionMode) {
-    *DEFAULT_MODE.lock().unwrap_or_else(|e| e.into_inner()) = mode;
-}
-
-/// The process-wide attention mode (`auto` unless set).
-pub fn default_attention() -> AttentionMode {
-    *DEFAULT_MODE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The mode `auto` resolves to for these inputs.
-pub fn resolve(mode: AttentionMode, q: &Tensor) -> AttentionMode {
-    let ours = crate::nn::on_cpu_kernels(q);
-    match mode {
-        AttentionMode::Auto if ours => AttentionMode::Flash,
-        AttentionMode::Auto => AttentionMode::Naive,
-        AttentionMode::Flash if !ours => AttentionMode::Naive,
-        other => other,
-    }
-}
-
 /// `softmax(q kᵀ · scale) v` for `q [B, H, Lq, D]`, `k [B, H, Lk, D]`, `v [B, H, Lk, Dv]`, in the
-/// dtype of `q`. Scores and softmax are always computed in f32.
+/// dtype of `q`, by the algorithm and kernels `options` choose for these inputs. Scores and softmax
+/// are always computed in f32.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    mode: AttentionMode,
+    options: &KernelOptions,
 ) -> Result<Tensor> {
     let (b, h, _, d) = q.dims4()?;
     let (bk, hk, lk, dk) = k.dims4()?;
@@ -113,8 +91,8 @@ pub fn attention(
             v.shape()
         );
     }
-    match resolve(mode, q) {
-        AttentionMode::Flash => flash_at(cpu::level(), q, k, v, scale),
+    match options.attention_for(q) {
+        AttentionMode::Flash => flash_at(options.cpu_level(), q, k, v, scale),
         AttentionMode::Sliced(slice) => sliced(q, k, v, scale, slice.unwrap_or(1)),
         _ => naive(q, k, v, scale),
     }
@@ -184,7 +162,7 @@ struct FlashAttention {
 /// Flash attention on the CPU with the kernels of `level` (at most the CPU's own: tests run every
 /// level this machine has against the same reference).
 pub fn flash_at(level: Level, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let level = level.min(cpu::level());
+    let level = level.min(cpu::detected());
     q.apply_op3_no_bwd(k, v, &FlashAttention { scale, level })
 }
 
@@ -270,29 +248,6 @@ fn pack_head<T: Element, const MR: usize>(
     }
 }
 
-/// `e^x` for `x <= 0` to about 2e-7 relative: `2^n · p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`
-/// and a degree-6 Taylor polynomial. Written so the compiler vectorises it with no library call:
-/// `n` is rounded to nearest by adding and subtracting 1.5 · 2^23 (`floor` is a call to libm
-/// on x86-64 targets without SSE4.1, which is every function not compiled for AVX), and `2^n` is
-/// built from the low bits of that sum, where `n` sits as an integer (a saturating `as i32` and
-/// `f32::max`'s NaN rule both compile to scalar code).
-#[inline(always)]
-pub(crate) fn exp_neg(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0;
-    // Also maps NaN to the clamp.
-    let x = if x > -87.0 { x } else { -87.0 };
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // The low 9 bits of `shifted` hold `n` in two's complement; `n + 127` in 1..=127 becomes
-    // the exponent field and everything above it is shifted out.
-    p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
-}
-
 /// The larger of two scores without `f32::max`'s NaN handling (which stays scalar).
 #[inline(always)]
 fn larger(a: f32, b: f32) -> f32 {
@@ -340,12 +295,12 @@ fn flash_rows<const MR: usize, const NR: usize>(
         }
         let mut correction = [0f32; NR];
         for ((c, old), new) in correction.iter_mut().zip(&max).zip(&new_max) {
-            *c = exp_neg(old - new);
+            *c = crate::math::exp_neg(old - new);
         }
         let mut block_sum = [0f32; NR];
         for row in block.iter_mut() {
             for ((s, m), total) in row.iter_mut().zip(&new_max).zip(block_sum.iter_mut()) {
-                *s = exp_neg(*s - m);
+                *s = crate::math::exp_neg(*s - m);
                 *total += *s;
             }
         }
@@ -391,19 +346,18 @@ impl FlashAttention {
             Level::Avx512 | Level::Avx512Bf16 => {
                 self.run_tiled::<T, 8, 32>(q, k, v, dims, |r| unsafe {
                     // SAFETY: the level was detected on this CPU.
-                    x86::rows_avx512(r)
+                    x86_64::rows_avx512(r)
                 })
             }
             #[cfg(target_arch = "x86_64")]
-            Level::Simd256 => self.run_tiled::<T, 6, 16>(q, k, v, dims, |r| unsafe {
+            Level::Avx2 => self.run_tiled::<T, 6, 16>(q, k, v, dims, |r| unsafe {
                 // SAFETY: the level was detected on this CPU.
-                x86::rows_avx2(r)
+                x86_64::rows_avx2(r)
             }),
             #[cfg(target_arch = "aarch64")]
-            Level::Simd256 | Level::NeonBf16 | Level::Avx512 | Level::Avx512Bf16 => self
-                .run_tiled::<T, 6, 16>(q, k, v, dims, |r| {
-                    flash_rows::<6, 16>(r.q, r.kv, r.out, r.rows, r.dims, crate::gemm::tile_fma)
-                }),
+            Level::Neon | Level::NeonBf16 => self.run_tiled::<T, 6, 16>(q, k, v, dims, |r| {
+                flash_rows::<6, 16>(r.q, r.kv, r.out, r.rows, r.dims, crate::gemm::tile_fma)
+            }),
             _ => self.run_tiled::<T, 4, 8>(q, k, v, dims, |r| {
                 flash_rows::<4, 8>(r.q, r.kv, r.out, r.rows, r.dims, crate::gemm::tile_plain)
             }),
@@ -466,28 +420,7 @@ struct Rows<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::*;
-    use crate::gemm::tile_fma;
-
-    /// # Safety
-    /// The CPU must have AVX-512F and FMA.
-    #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn rows_avx512(r: Rows) {
-        flash_rows::<8, 32>(r.q, r.kv, r.out, r.rows, r.dims, |kc, a, b| {
-            crate::gemm::tile_avx512(kc, a, b)
-        })
-    }
-
-    /// # Safety
-    /// The CPU must have AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows_avx2(r: Rows) {
-        flash_rows::<6, 16>(r.q, r.kv, r.out, r.rows, r.dims, |kc, a, b| {
-            tile_fma::<6, 16>(kc, a, b)
-        })
-    }
-}
+mod x86_64;
 
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
@@ -557,19 +490,8 @@ mod tests {
     }
 
     #[test]
-    fn fast_exp_is_accurate_over_the_softmax_range() {
-        let mut worst = 0f64;
-        for i in 0..=20000 {
-            let x = -87.0 * i as f32 / 20000.0;
-            let got = exp_neg(x) as f64;
-            let want = (x as f64).exp();
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 1e-6, "{worst}");
-        assert_eq!(exp_neg(0.0), 1.0);
-        assert!(exp_neg(f32::NAN) < 1e-37, "NaN is clamped like -inf");
+    fn larger_ignores_nan_rules() {
         assert_eq!(larger(1.0, 2.0), 2.0);
         assert_eq!(larger(-3.0, -4.0), -3.0);
-        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
     }
 }

@@ -187,14 +187,14 @@ pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: 
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Bf16 | Level::Avx512 => {
-            run::<Values, 8, 32>(a, b, c, ldc, x86::kernel_avx512 as Kernel<f32, 8, 32>)
+            run::<Values, 8, 32>(a, b, c, ldc, x86_64::kernel_avx512 as Kernel<f32, 8, 32>)
         }
         #[cfg(target_arch = "x86_64")]
-        Level::Simd256 => {
-            run::<Values, 6, 16>(a, b, c, ldc, x86::kernel_avx2 as Kernel<f32, 6, 16>)
+        Level::Avx2 => {
+            run::<Values, 6, 16>(a, b, c, ldc, x86_64::kernel_avx2 as Kernel<f32, 6, 16>)
         }
         #[cfg(target_arch = "aarch64")]
-        Level::Simd256 | Level::NeonBf16 | Level::Avx512 | Level::Avx512Bf16 => {
+        Level::Neon | Level::NeonBf16 => {
             run::<Values, 6, 16>(a, b, c, ldc, kernel_fma::<6, 16> as Kernel<f32, 6, 16>)
         }
         _ => run::<Values, 4, 8>(a, b, c, ldc, kernel_plain::<4, 8> as Kernel<f32, 4, 8>),
@@ -218,12 +218,18 @@ fn is_empty_product(a: &dyn Operand, b: &dyn Operand, c: &[f32], ldc: usize) -> 
 /// on CPUs without the instructions.
 pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512Bf16 && x86::bf16_kernel_verified() {
-        return run_bf16_checked::<8, 32>(a, b, c, ldc, x86::kernel_bf16);
+    if level == Level::Avx512Bf16 && x86_64::bf16_kernel_verified() {
+        return run_bf16_checked::<8, 32>(a, b, c, ldc, x86_64::kernel_bf16);
     }
     #[cfg(target_arch = "aarch64")]
-    if level == Level::NeonBf16 && arm::bf16_kernel_verified() {
-        return run_bf16_checked::<{ arm::MR }, { arm::NR }>(a, b, c, ldc, arm::kernel_bf16);
+    if level == Level::NeonBf16 && aarch64::bf16_kernel_verified() {
+        return run_bf16_checked::<{ aarch64::MR }, { aarch64::NR }>(
+            a,
+            b,
+            c,
+            ldc,
+            aarch64::kernel_bf16,
+        );
     }
     gemm(level, a, b, c, ldc)
 }
@@ -650,189 +656,13 @@ unsafe fn kernel_plain<const MR: usize, const NR: usize>(
     store(&tile_plain::<MR, NR>(kc, a, b), c, ldc, mr, nr)
 }
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) use x86::tile_avx512;
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::*;
-    use std::arch::x86_64::*;
-
-    /// # Safety
-    /// The CPU must have AVX-512F and FMA; see [`store`] for `c`.
-    #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn kernel_avx512(
-        kc: usize,
-        a: &[f32],
-        b: &[f32],
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-    ) {
-        store(&tile_avx512(kc, a, b), c, ldc, mr, nr)
-    }
-
-    /// The 8 x 32 register tile in 16 zmm accumulators, written out with intrinsics: LLVM
-    /// vectorises [`tile_fma`] with 256-bit vectors even where AVX-512 is enabled (it prefers
-    /// them on most CPUs), and an 8 x 32 tile of ymm registers spills, which measured 8 GFLOP/s
-    /// instead of the hundreds this tile reaches.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    pub(crate) unsafe fn tile_avx512(kc: usize, a: &[f32], b: &[f32]) -> [[f32; 32]; 8] {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-        for (ap, bp) in a.chunks_exact(8).zip(b.chunks_exact(32)).take(kc) {
-            let b0 = _mm512_loadu_ps(bp.as_ptr());
-            let b1 = _mm512_loadu_ps(bp.as_ptr().add(16));
-            for (row, &value) in acc.iter_mut().zip(ap) {
-                let av = _mm512_set1_ps(value);
-                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
-            }
-        }
-        let mut tile = [[0f32; 32]; 8];
-        for (out, row) in tile.iter_mut().zip(&acc) {
-            _mm512_storeu_ps(out.as_mut_ptr(), row[0]);
-            _mm512_storeu_ps(out.as_mut_ptr().add(16), row[1]);
-        }
-        tile
-    }
-
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; see [`store`] for `c`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel_avx2(
-        kc: usize,
-        a: &[f32],
-        b: &[f32],
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-    ) {
-        store(&tile_fma::<6, 16>(kc, a, b), c, ldc, mr, nr)
-    }
-
-    const MR: usize = 8;
-    const NR: usize = 32;
-
-    /// Whether the AVX512-BF16 path gives the f32 kernels' result on this CPU (checked once).
-    pub fn bf16_kernel_verified() -> bool {
-        static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<8, 32>(kernel_bf16))
-    }
-
-    /// `c[8 x 32] += a · b` over `kp` K pairs with `vdpbf16ps`: 16 accumulators, two B vectors
-    /// per pair, and each A pair broadcast to all lanes.
-    ///
-    /// # Safety
-    /// The CPU must have AVX512-BF16; see [`store`] for `c`.
-    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    pub unsafe fn kernel_bf16(
-        kp: usize,
-        a: &[u32],
-        b: &[u32],
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kp) {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.as_ptr().cast()));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.as_ptr().add(16).cast()));
-            for i in 0..MR {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(ap[i] as i32));
-                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
-            }
-        }
-        let mut tile = [[0f32; NR]; MR];
-        for i in 0..MR {
-            _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i][0]);
-            _mm512_storeu_ps(tile[i].as_mut_ptr().add(16), acc[i][1]);
-        }
-        store(&tile, c, ldc, mr, nr)
-    }
-}
-
-/// The aarch64 BF16 kernel (FEAT_BF16). `BFDOT` has the pair semantics of `vdpbf16ps`: each f32
-/// lane adds the products of two neighbouring bf16, so it reads the same packed pairs.
 #[cfg(target_arch = "aarch64")]
-mod arm {
-    use super::*;
-    use std::arch::aarch64::*;
-    use std::arch::asm;
+mod aarch64;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
 
-    /// 8 rows x 12 columns: 24 accumulators, 2 A and 3 B registers of the 32.
-    pub const MR: usize = 8;
-    pub const NR: usize = 12;
-
-    /// Whether the NEON BF16 path gives the f32 kernels' result on this CPU (checked once).
-    pub fn bf16_kernel_verified() -> bool {
-        static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<MR, NR>(kernel_bf16))
-    }
-
-    /// `acc.4s += b.8h · a.2h[LANE]` (BFDOT by element): four columns, one row's K pair.
-    /// Written as assembly: the BF16 intrinsics are not stable Rust.
-    macro_rules! bfdot {
-        ($acc:expr, $b:expr, $a:expr, $lane:literal) => {
-            asm!(
-                concat!("bfdot {acc:v}.4s, {b:v}.8h, {a:v}.2h[", $lane, "]"),
-                acc = inout(vreg) $acc,
-                b = in(vreg) $b,
-                a = in(vreg) $a,
-                options(pure, nomem, nostack, preserves_flags)
-            )
-        };
-    }
-
-    /// `c[8 x 12] += a · b` over `kp` K pairs with `BFDOT`.
-    ///
-    /// # Safety
-    /// The CPU must have FEAT_BF16; see [`store`] for `c`.
-    #[target_feature(enable = "neon,bf16")]
-    pub unsafe fn kernel_bf16(
-        kp: usize,
-        a: &[u32],
-        b: &[u32],
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-    ) {
-        let mut acc = [[vdupq_n_f32(0.0); 3]; MR];
-        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kp) {
-            let (a0, a1) = (vld1q_u32(ap.as_ptr()), vld1q_u32(ap.as_ptr().add(4)));
-            let bv = [
-                vld1q_u32(bp.as_ptr()),
-                vld1q_u32(bp.as_ptr().add(4)),
-                vld1q_u32(bp.as_ptr().add(8)),
-            ];
-            for (j, b) in bv.into_iter().enumerate() {
-                bfdot!(acc[0][j], b, a0, "0");
-                bfdot!(acc[1][j], b, a0, "1");
-                bfdot!(acc[2][j], b, a0, "2");
-                bfdot!(acc[3][j], b, a0, "3");
-                bfdot!(acc[4][j], b, a1, "0");
-                bfdot!(acc[5][j], b, a1, "1");
-                bfdot!(acc[6][j], b, a1, "2");
-                bfdot!(acc[7][j], b, a1, "3");
-            }
-        }
-        let mut tile = [[0f32; NR]; MR];
-        for (row, sums) in tile.iter_mut().zip(&acc) {
-            for (j, sum) in sums.iter().enumerate() {
-                vst1q_f32(row.as_mut_ptr().add(4 * j), *sum);
-            }
-        }
-        store(&tile, c, ldc, mr, nr)
-    }
-}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86_64::tile_avx512;
 
 #[cfg(test)]
 mod tests {
@@ -849,14 +679,14 @@ mod tests {
         let b = vec![1.0f32; k * n];
         let (a, b) = (Strided::row_major(&a, m, k), Strided::row_major(&b, k, n));
         for level in Level::available() {
-            let native = matches!(level, Level::Avx512Bf16 | Level::NeonBf16);
+            let native = level.has_bf16_dots();
             #[cfg(target_arch = "x86_64")]
             if native {
-                assert!(x86::bf16_kernel_verified(), "{level:?}");
+                assert!(x86_64::bf16_kernel_verified(), "{level:?}");
             }
             #[cfg(target_arch = "aarch64")]
             if native {
-                assert!(arm::bf16_kernel_verified(), "{level:?}");
+                assert!(aarch64::bf16_kernel_verified(), "{level:?}");
             }
             let mut c = vec![0f32; m * n];
             gemm_bf16(level, &a, &b, &mut c, n);

@@ -17,7 +17,8 @@ fn seconds(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
-    println!("kernels: {}", sdrs_kernels::cpu::level().name());
+    let options = sdrs_kernels::KernelOptions::from_env(AttentionMode::Auto).unwrap_or_default();
+    println!("kernels: {}", options.cpu_level().name());
     println!("| shape (B, H, Lq, Lk, D) | dtype | naive | sliced | flash | flash GFLOP/s |");
     println!("|---|---|---|---|---|---|");
     for (lq, lk) in [(4096, 4096), (4096, 77), (1024, 1024)] {
@@ -26,7 +27,23 @@ fn main() -> candle_core::Result<()> {
             let q = Tensor::randn(0f32, 1.0, (b, h, lq, d), &Device::Cpu)?.to_dtype(dtype)?;
             let k = Tensor::randn(0f32, 1.0, (b, h, lk, d), &Device::Cpu)?.to_dtype(dtype)?;
             let v = Tensor::randn(0f32, 1.0, (b, h, lk, d), &Device::Cpu)?.to_dtype(dtype)?;
-            let time = |mode| seconds(|| drop(attention(&q, &k, &v, 0.15, mode).unwrap()));
+            let time = |mode| {
+                seconds(|| {
+                    drop(
+                        attention(
+                            &q,
+                            &k,
+                            &v,
+                            0.15,
+                            &sdrs_kernels::KernelOptions {
+                                attention: mode,
+                                ..options
+                            },
+                        )
+                        .unwrap(),
+                    )
+                })
+            };
             let naive = time(AttentionMode::Naive);
             let sliced = time(AttentionMode::Sliced(Some(4)));
             let flash = time(AttentionMode::Flash);

@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
-use sdrs_kernels::cpu;
 use sdrs_kernels::gemm::{gemm, gemm_bf16, Strided};
 
 fn seconds(mut f: impl FnMut()) -> f64 {
@@ -19,7 +18,9 @@ fn seconds(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
-    let level = cpu::level();
+    let level = sdrs_kernels::KernelOptions::from_env(Default::default())
+        .unwrap_or_default()
+        .cpu_level();
     println!("kernels: {}", level.name());
     println!("| M x K x N | candle f32 | sdrs f32 | sdrs bf16 |");
     println!("|---|---|---|---|");

@@ -3,7 +3,9 @@
 //! layer) is never built, and the output lands in NCHW order with no transpose.
 
 use crate::cpu::Level;
-use crate::gemm::{gemm, gemm_bf16, Element, Operand, Strided};
+#[cfg(doc)]
+use crate::gemm::Strided;
+use crate::gemm::{gemm, gemm_bf16, Element, Operand};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,15 +103,16 @@ impl<T: Element> Operand for Patches<'_, T> {
     }
 }
 
-/// Convolves each of the `images` of `input` (`[N, C, H, W]`, contiguous) with `weight`
-/// (`[O, C, kh, kw]`, contiguous), adding into `output` (`[N, O, Ho, Wo]`, f32). `bf16_dot`
-/// selects the bf16 dot-product kernels (for bf16 operands).
-pub fn conv2d<T: Element, W: Element>(
+/// Convolves each of the `images` of `input` (`[N, C, H, W]`, contiguous) with `weight` (the
+/// `O x C*kh*kw` matrix of an `[O, C, kh, kw]` kernel: a [`Strided`] view of dense values, or a
+/// quantized matrix decoded while it is packed), adding into `output` (`[N, O, Ho, Wo]`, f32).
+/// `bf16_dot` selects the bf16 dot-product kernels.
+pub fn conv2d<T: Element>(
     level: Level,
     g: ConvGeometry,
     images: usize,
     input: &[T],
-    weight: &[W],
+    weight: &dyn Operand,
     output: &mut [f32],
     bf16_dot: bool,
 ) {
@@ -119,8 +122,6 @@ pub fn conv2d<T: Element, W: Element>(
     };
     let image_in = g.channels * g.height * g.width;
     let image_out = out_channels * out_h * out_w;
-    let k = g.channels * g.kernel_h * g.kernel_w;
-    let a = Strided::row_major(weight, out_channels, k);
     for n in 0..images {
         let patches = Patches {
             input: &input[n * image_in..(n + 1) * image_in],
@@ -130,9 +131,9 @@ pub fn conv2d<T: Element, W: Element>(
         };
         let c = &mut output[n * image_out..(n + 1) * image_out];
         if bf16_dot {
-            gemm_bf16(level, &a, &patches, c, out_h * out_w);
+            gemm_bf16(level, weight, &patches, c, out_h * out_w);
         } else {
-            gemm(level, &a, &patches, c, out_h * out_w);
+            gemm(level, weight, &patches, c, out_h * out_w);
         }
     }
 }
