@@ -4,7 +4,10 @@
 //! `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`) and the name
 //! conversion of stable-diffusion.cpp `model.cpp`. Only names and shapes are handled here: the result is a plan
 //! saying where each diffusers tensor comes from, which a loader then carries out on the real tensors. Every
-//! block count comes from the component's diffusers config, never from the published model sizes.
+//! block count comes from the component's diffusers config, never from the published model sizes, and that
+//! config is parsed as the model crate's own (`sdrs_unet::UNet2DConditionConfig`, `sdrs_vae::AutoencoderKLConfig`,
+//! `sdrs_clip::ClipTextConfig`) and checked as the model checks it, so a plan exists exactly for the configs the
+//! models accept.
 //!
 //! This file holds what all components share (errors, [`CheckpointFamily`] and its detection, [`Source`], the
 //! plan builder, [`component_plan`]); the key translations live in `unet.rs`, `vae.rs` and `text_encoders.rs`.
@@ -36,7 +39,7 @@ pub enum SingleFileError {
         available: &'static [&'static str],
     },
 
-    /// The component's diffusers config JSON does not parse into the fields we read.
+    /// The component's diffusers config JSON does not parse into its model crate's config struct.
     #[error("cannot read the {component} config: {source}")]
     Config {
         component: String,
@@ -44,16 +47,27 @@ pub enum SingleFileError {
         source: serde_json::Error,
     },
 
-    /// The config parses but describes something inconsistent (list lengths that disagree, ...).
-    #[error("invalid {component} config: {reason}")]
-    InvalidConfig { component: String, reason: String },
+    /// The UNet config is one `sdrs_unet` refuses (the error building the model would give; boxed, as the
+    /// model crates' errors are much larger than this enum's other variants).
+    #[error("the unet config is not one the UNet accepts: {source}")]
+    UnetConfig {
+        #[source]
+        source: Box<sdrs_unet::Error>,
+    },
 
-    /// The config asks for an architecture that original-layout checkpoints do not hold.
-    #[error("unsupported {component} config: `{field}` = {value}")]
-    UnsupportedConfig {
+    /// The VAE config is one `sdrs_vae` refuses (the error building the model would give).
+    #[error("the vae config is not one the VAE accepts: {source}")]
+    VaeConfig {
+        #[source]
+        source: Box<sdrs_vae::Error>,
+    },
+
+    /// A text encoder's config is one `sdrs_clip` refuses (the error building it would give).
+    #[error("the {component} config is not one the CLIP text encoder accepts: {source}")]
+    TextEncoderConfig {
         component: String,
-        field: &'static str,
-        value: String,
+        #[source]
+        source: Box<sdrs_clip::Error>,
     },
 
     /// A checkpoint key whose position does not exist in the config (wrong config for this checkpoint).
@@ -376,13 +390,6 @@ fn parse_config<T: for<'de> Deserialize<'de>>(
         component: component.to_string(),
         source,
     })
-}
-
-fn invalid_config(component: &str, reason: String) -> SingleFileError {
-    SingleFileError::InvalidConfig {
-        component: component.to_string(),
-        reason,
-    }
 }
 
 /// `head.tail` with the remaining key segments, or `None` when nothing (no parameter name) follows.

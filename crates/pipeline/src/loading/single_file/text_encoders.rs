@@ -1,6 +1,10 @@
 //! Text encoders: transformers-layout CLIP (SD1.x, SDXL's first encoder) and OpenCLIP (SD2, SDXL's second
 //! encoder) -> transformers `CLIPTextModel` / `CLIPTextModelWithProjection`.
+//!
+//! The layer count comes from [`ClipTextConfig`], the config `sdrs_clip` builds the model from; a config it
+//! refuses is refused here with its error.
 
+use sdrs_clip::ClipTextConfig;
 use serde::Deserialize;
 
 use super::{
@@ -15,55 +19,55 @@ pub(super) enum TextEncoder {
     OpenClip(&'static str),
 }
 
-/// The fields of transformers' `CLIPTextConfig` that shape the key layout (defaults as transformers').
-#[derive(Debug, Clone, Deserialize)]
-struct ClipConfig {
-    #[serde(default = "ClipConfig::default_num_hidden_layers")]
-    num_hidden_layers: usize,
-    #[serde(default)]
-    architectures: Option<Vec<String>>,
+/// Whether the diffusers model has a `text_projection` (`CLIPTextModelWithProjection`).
+///
+/// transformers records the model class in the config's `architectures`, a key of every
+/// `PretrainedConfig` rather than of `CLIPTextConfig` (so [`ClipTextConfig`] does not read it, and the
+/// CLIP model itself goes by whether `text_projection.weight` is there). A config without it follows
+/// the SDXL convention that only `text_encoder_2` is projected.
+fn has_projection(component: &str, config: &serde_json::Value) -> Result<bool> {
+    let architectures = match config.get("architectures") {
+        Some(value) => {
+            Option::<Vec<String>>::deserialize(value).map_err(|source| SingleFileError::Config {
+                component: component.to_string(),
+                source,
+            })?
+        }
+        None => None,
+    };
+    Ok(match architectures {
+        Some(archs) => archs.iter().any(|a| a == "CLIPTextModelWithProjection"),
+        None => component == "text_encoder_2",
+    })
 }
 
-impl ClipConfig {
-    fn default_num_hidden_layers() -> usize {
-        12
-    }
-
-    /// Whether the diffusers model has a `text_projection`. transformers records the class in `architectures`;
-    /// a config without it follows the SDXL convention that only `text_encoder_2` is projected.
-    fn has_projection(&self, component: &str) -> bool {
-        match &self.architectures {
-            Some(archs) => archs.iter().any(|a| a == "CLIPTextModelWithProjection"),
-            None => component == "text_encoder_2",
+/// Every tensor transformers' `CLIPTextModel` (with `text_projection` when `projection`) holds for
+/// this config.
+fn required_keys(cfg: &ClipTextConfig, projection: bool) -> Vec<String> {
+    let mut keys = vec![
+        "text_model.embeddings.token_embedding.weight".to_string(),
+        "text_model.embeddings.position_embedding.weight".to_string(),
+    ];
+    for i in 0..cfg.num_hidden_layers {
+        let layer = format!("text_model.encoder.layers.{i}");
+        for module in [
+            "layer_norm1",
+            "layer_norm2",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "mlp.fc1",
+            "mlp.fc2",
+        ] {
+            keys.extend(with_bias(&format!("{layer}.{module}")));
         }
     }
-
-    fn required_keys(&self, component: &str) -> Vec<String> {
-        let mut keys = vec![
-            "text_model.embeddings.token_embedding.weight".to_string(),
-            "text_model.embeddings.position_embedding.weight".to_string(),
-        ];
-        for i in 0..self.num_hidden_layers {
-            let layer = format!("text_model.encoder.layers.{i}");
-            for module in [
-                "layer_norm1",
-                "layer_norm2",
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.out_proj",
-                "mlp.fc1",
-                "mlp.fc2",
-            ] {
-                keys.extend(with_bias(&format!("{layer}.{module}")));
-            }
-        }
-        keys.extend(with_bias("text_model.final_layer_norm"));
-        if self.has_projection(component) {
-            keys.push("text_projection.weight".to_string());
-        }
-        keys
+    keys.extend(with_bias("text_model.final_layer_norm"));
+    if projection {
+        keys.push("text_projection.weight".to_string());
     }
+    keys
 }
 
 /// Encoder layer index of a transformers-layout key (`text_model.encoder.layers.{i}.…`).
@@ -75,7 +79,13 @@ fn clip_layer_index(key: &str) -> Option<usize> {
 /// One checkpoint tensor's contribution to a text-encoder plan: diffusers keys with their sources.
 type TextTargets = Vec<(String, Source)>;
 
-fn clip_key(cfg: &ClipConfig, component: &str, key: &str, rest: &str) -> Result<TextTargets> {
+fn clip_key(
+    cfg: &ClipTextConfig,
+    projection: bool,
+    component: &str,
+    key: &str,
+    rest: &str,
+) -> Result<TextTargets> {
     let renamed = if rest.starts_with("text_model.") || rest.starts_with("text_projection.") {
         rest.to_string()
     } else if ["embeddings.", "encoder.", "final_layer_norm."]
@@ -91,7 +101,7 @@ fn clip_key(cfg: &ClipConfig, component: &str, key: &str, rest: &str) -> Result<
         });
     };
     let ignored = renamed.ends_with("position_ids")
-        || (renamed.starts_with("text_projection.") && !cfg.has_projection(component))
+        || (renamed.starts_with("text_projection.") && !projection)
         || clip_layer_index(&renamed).is_some_and(|i| i >= cfg.num_hidden_layers);
     if ignored {
         return Ok(Vec::new());
@@ -99,7 +109,13 @@ fn clip_key(cfg: &ClipConfig, component: &str, key: &str, rest: &str) -> Result<
     Ok(vec![(renamed, Source::Rename(key.to_string()))])
 }
 
-fn open_clip_key(cfg: &ClipConfig, component: &str, key: &str, rest: &str) -> Result<TextTargets> {
+fn open_clip_key(
+    cfg: &ClipTextConfig,
+    projection: bool,
+    component: &str,
+    key: &str,
+    rest: &str,
+) -> Result<TextTargets> {
     let unmapped = || SingleFileError::UnmappedKey {
         component: component.to_string(),
         key: key.to_string(),
@@ -116,7 +132,7 @@ fn open_clip_key(cfg: &ClipConfig, component: &str, key: &str, rest: &str) -> Re
             "text_model.embeddings.position_embedding.weight".to_string(),
         )),
         ["ln_final", p @ ..] => rename(join("text_model.final_layer_norm", p)),
-        ["text_projection"] if cfg.has_projection(component) => Ok(vec![(
+        ["text_projection"] if projection => Ok(vec![(
             "text_projection.weight".to_string(),
             Source::Transpose(key.to_string()),
         )]),
@@ -172,7 +188,13 @@ pub(super) fn text_encoder_plan(
     config: &serde_json::Value,
     checkpoint_keys: &[(String, Vec<usize>)],
 ) -> Result<Vec<(String, Source)>> {
-    let cfg: ClipConfig = parse_config(component, config)?;
+    let cfg: ClipTextConfig = parse_config(component, config)?;
+    cfg.validate()
+        .map_err(|source| SingleFileError::TextEncoderConfig {
+            component: component.to_string(),
+            source: Box::new(source),
+        })?;
+    let projection = has_projection(component, config)?;
     let prefix = match encoder {
         TextEncoder::Clip(p) | TextEncoder::OpenClip(p) => p,
     };
@@ -182,14 +204,14 @@ pub(super) fn text_encoder_plan(
             continue;
         };
         let targets = match encoder {
-            TextEncoder::Clip(_) => clip_key(&cfg, component, key, rest)?,
-            TextEncoder::OpenClip(_) => open_clip_key(&cfg, component, key, rest)?,
+            TextEncoder::Clip(_) => clip_key(&cfg, projection, component, key, rest)?,
+            TextEncoder::OpenClip(_) => open_clip_key(&cfg, projection, component, key, rest)?,
         };
         for (target, source) in targets {
             plan.insert(target, source)?;
         }
     }
-    plan.finish(&cfg.required_keys(component), prefix)
+    plan.finish(&required_keys(&cfg, projection), prefix)
 }
 
 #[cfg(test)]
@@ -208,11 +230,48 @@ mod tests {
 
     /// transformers-layout keys of a CLIP text model, under `prefix`.
     fn clip_checkpoint(prefix: &str, layers: usize) -> Vec<(String, Vec<usize>)> {
-        let cfg: ClipConfig = serde_json::from_value(clip_config(layers, "CLIPTextModel")).unwrap();
-        cfg.required_keys("text_encoder")
+        let cfg: ClipTextConfig =
+            serde_json::from_value(clip_config(layers, "CLIPTextModel")).unwrap();
+        required_keys(&cfg, false)
             .into_iter()
             .map(|k| (format!("{prefix}{k}"), vec![2]))
             .collect()
+    }
+
+    #[test]
+    fn projection_follows_architectures_else_the_component() {
+        let with = clip_config(1, "CLIPTextModelWithProjection");
+        let without = clip_config(1, "CLIPTextModel");
+        let unnamed = json!({"num_hidden_layers": 1});
+        for component in ["text_encoder", "text_encoder_2"] {
+            assert!(has_projection(component, &with).unwrap());
+            assert!(!has_projection(component, &without).unwrap());
+        }
+        assert!(!has_projection("text_encoder", &unnamed).unwrap());
+        assert!(has_projection("text_encoder_2", &unnamed).unwrap());
+        assert!(matches!(
+            has_projection("text_encoder", &json!({"architectures": "CLIPTextModel"})),
+            Err(SingleFileError::Config { .. })
+        ));
+    }
+
+    #[test]
+    fn text_encoder_configs_clip_refuses_are_refused() {
+        let ckpt = clip_checkpoint(SD15_CLIP_PREFIX, 1);
+        for refused in [
+            json!({"num_hidden_layers": 1, "hidden_act": "mish"}),
+            json!({"num_hidden_layers": 1, "hidden_size": 30, "num_attention_heads": 4}),
+        ] {
+            let clip: ClipTextConfig = serde_json::from_value(refused.clone()).unwrap();
+            let expected = clip.validate().unwrap_err().to_string();
+            match component_plan(CheckpointFamily::Sd15, "text_encoder", &refused, &ckpt) {
+                Err(SingleFileError::TextEncoderConfig { component, source }) => {
+                    assert_eq!(component, "text_encoder");
+                    assert_eq!(source.to_string(), expected, "{refused}");
+                }
+                other => panic!("{refused}: expected the CLIP error, got {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -350,8 +409,8 @@ mod tests {
             get("text_model.final_layer_norm.weight"),
             Source::Rename(format!("{p}ln_final.weight"))
         );
-        let required: ClipConfig = serde_json::from_value(cfg).unwrap();
-        let mut expected = required.required_keys("text_encoder_2");
+        let required: ClipTextConfig = serde_json::from_value(cfg).unwrap();
+        let mut expected = required_keys(&required, true);
         expected.sort();
         let planned: Vec<_> = plan.iter().map(|(k, _)| k.clone()).collect();
         assert_eq!(planned, expected);

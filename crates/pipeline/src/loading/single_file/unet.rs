@@ -1,92 +1,15 @@
 //! UNet: `model.diffusion_model.*` (openaimodel.py `UNetModel`) -> diffusers `UNet2DConditionModel`.
+//!
+//! Every count (blocks, resnets, transformer depths, which blocks have attention) comes from
+//! [`UNet2DConditionConfig`] and its methods, the same ones `sdrs_unet` builds the model from, so a
+//! plan exists exactly for the configs the UNet accepts and holds the tensors it reads.
 
-use serde::Deserialize;
+use sdrs_unet::UNet2DConditionConfig;
 
 use super::{
-    invalid_config, join, parse_config, parse_index, projection_source, with_bias, PlanBuilder,
-    Result, SingleFileError, Source, UNET_PREFIX,
+    join, parse_config, parse_index, projection_source, with_bias, PlanBuilder, Result,
+    SingleFileError, Source, UNET_PREFIX,
 };
-
-/// `layers_per_block`: one count for every block, or one per block.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum PerBlock {
-    One(usize),
-    Each(Vec<usize>),
-}
-
-/// `transformer_layers_per_block`: one count, one per block, or one per attention of each block.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum TransformerLayers {
-    One(usize),
-    Each(Vec<usize>),
-    EachLayer(Vec<Vec<usize>>),
-}
-
-/// The fields of diffusers' `UNet2DConditionModel` config that shape the key layout (defaults as diffusers').
-#[derive(Debug, Clone, Deserialize)]
-struct UnetConfig {
-    #[serde(default = "UnetConfig::default_block_out_channels")]
-    block_out_channels: Vec<usize>,
-    #[serde(default = "UnetConfig::default_down_block_types")]
-    down_block_types: Vec<String>,
-    #[serde(default = "UnetConfig::default_up_block_types")]
-    up_block_types: Vec<String>,
-    #[serde(default = "UnetConfig::default_mid_block_type")]
-    mid_block_type: Option<String>,
-    #[serde(default = "UnetConfig::default_layers_per_block")]
-    layers_per_block: PerBlock,
-    #[serde(default = "UnetConfig::default_transformer_layers_per_block")]
-    transformer_layers_per_block: TransformerLayers,
-    #[serde(default)]
-    reverse_transformer_layers_per_block: Option<Vec<Vec<usize>>>,
-    #[serde(default)]
-    use_linear_projection: Option<bool>,
-    #[serde(default)]
-    addition_embed_type: Option<String>,
-    #[serde(default)]
-    class_embed_type: Option<String>,
-    #[serde(default)]
-    num_class_embeds: Option<usize>,
-}
-
-impl UnetConfig {
-    fn default_block_out_channels() -> Vec<usize> {
-        vec![320, 640, 1280, 1280]
-    }
-    fn default_down_block_types() -> Vec<String> {
-        [
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ]
-        .map(String::from)
-        .to_vec()
-    }
-    fn default_up_block_types() -> Vec<String> {
-        [
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ]
-        .map(String::from)
-        .to_vec()
-    }
-    fn default_mid_block_type() -> Option<String> {
-        Some(MID_CROSS_ATTN.to_string())
-    }
-    fn default_layers_per_block() -> PerBlock {
-        PerBlock::One(2)
-    }
-    fn default_transformer_layers_per_block() -> TransformerLayers {
-        TransformerLayers::One(1)
-    }
-}
-
-const MID_CROSS_ATTN: &str = "UNetMidBlock2DCrossAttn";
 
 /// One down block of the UNet.
 #[derive(Debug, Clone)]
@@ -126,154 +49,50 @@ struct UnetLayout {
     inputs: Vec<InputSlot>,
     outputs: Vec<OutputSlot>,
     linear_projection: bool,
-    label_embedding: LabelEmbedding,
-}
-
-/// What the LDM `label_emb` becomes in diffusers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LabelEmbedding {
-    None,
     /// SDXL `addition_embed_type: "text_time"`: `label_emb.0.{0,2}` -> `add_embedding.linear_{1,2}`.
-    AddEmbedding,
-    /// `class_embed_type: "timestep" | "projection"`: `label_emb.0.{0,2}` -> `class_embedding.linear_{1,2}`.
-    ClassProjection,
-    /// `num_class_embeds` without a class embed type: `label_emb.weight` -> `class_embedding.weight`.
-    ClassTable,
+    add_embedding: bool,
 }
 
 const COMPONENT_UNET: &str = "unet";
 
 impl UnetLayout {
-    fn from_config(cfg: &UnetConfig) -> Result<Self> {
-        let component = COMPONENT_UNET;
-        let n = cfg.block_out_channels.len();
-        if n == 0 {
-            return Err(invalid_config(
-                component,
-                "`block_out_channels` is empty".to_string(),
-            ));
-        }
-        for (field, len) in [
-            ("down_block_types", cfg.down_block_types.len()),
-            ("up_block_types", cfg.up_block_types.len()),
-        ] {
-            if len != n {
-                return Err(invalid_config(
-                    component,
-                    format!("`{field}` has {len} entries, `block_out_channels` has {n}"),
-                ));
-            }
-        }
-        let layers: Vec<usize> = match &cfg.layers_per_block {
-            PerBlock::One(l) => vec![*l; n],
-            PerBlock::Each(v) if v.len() == n => v.clone(),
-            PerBlock::Each(v) => {
-                return Err(invalid_config(
-                    component,
-                    format!("`layers_per_block` has {} entries for {n} blocks", v.len()),
-                ))
-            }
+    /// The layout of the UNet `sdrs_unet` builds from `cfg`; a config it refuses is refused here
+    /// with the UNet's own error.
+    fn from_config(cfg: &UNet2DConditionConfig) -> Result<Self> {
+        let unet_error = |source| SingleFileError::UnetConfig {
+            source: Box::new(source),
         };
+        cfg.check_supported().map_err(unet_error)?;
+        let n = cfg.num_blocks();
 
-        // Transformer depth of down block `b`'s attention `j`.
-        let down_depth = |b: usize, j: usize| -> Result<usize> {
-            match &cfg.transformer_layers_per_block {
-                TransformerLayers::One(d) => Some(*d),
-                TransformerLayers::Each(v) => v.get(b).copied(),
-                TransformerLayers::EachLayer(v) => v.get(b).and_then(|l| l.get(j)).copied(),
-            }
-            .ok_or_else(|| {
-                invalid_config(
-                    component,
-                    format!("`transformer_layers_per_block` has no entry for down block {b}, attention {j}"),
-                )
-            })
-        };
-        // diffusers reverses the per-block depths for the up path unless it is given explicitly.
-        let up_depth = |b: usize, j: usize| -> Result<usize> {
-            let found = match (&cfg.reverse_transformer_layers_per_block, &cfg.transformer_layers_per_block) {
-                (Some(rev), _) => rev.get(b).and_then(|l| l.get(j)).copied(),
-                (None, TransformerLayers::One(d)) => Some(*d),
-                (None, TransformerLayers::Each(v)) => n.checked_sub(b + 1).and_then(|i| v.get(i)).copied(),
-                (None, TransformerLayers::EachLayer(_)) => {
-                    return Err(invalid_config(
-                        component,
-                        "per-layer `transformer_layers_per_block` needs `reverse_transformer_layers_per_block`"
-                            .to_string(),
-                    ))
-                }
-            };
-            found.ok_or_else(|| {
-                invalid_config(
-                    component,
-                    format!("no transformer depth for up block {b}, attention {j}"),
-                )
-            })
-        };
-
-        let mut down = Vec::with_capacity(n);
-        for (b, kind) in cfg.down_block_types.iter().enumerate() {
-            let down_layers = layers.get(b).copied().unwrap_or_default();
-            let down_attention = match kind.as_str() {
-                "CrossAttnDownBlock2D" => Some(
-                    (0..down_layers)
-                        .map(|j| down_depth(b, j))
-                        .collect::<Result<_>>()?,
-                ),
-                "DownBlock2D" => None,
-                other => {
-                    return Err(SingleFileError::UnsupportedConfig {
-                        component: component.to_string(),
-                        field: "down_block_types",
-                        value: other.to_string(),
-                    })
-                }
-            };
-            down.push(UnetLevel {
+        let down_layers = cfg
+            .layers_per_block
+            .expand("layers_per_block", n)
+            .map_err(unet_error)?;
+        let down_depths = cfg.down_transformer_layers().map_err(unet_error)?;
+        let down: Vec<UnetLevel> = down_layers
+            .into_iter()
+            .zip(down_depths)
+            .zip(cfg.down_blocks_have_cross_attention())
+            .map(|((down_layers, depths), attention)| UnetLevel {
                 down_layers,
-                down_attention,
-            });
-        }
-        let mut up = Vec::with_capacity(n);
-        for (b, kind) in cfg.up_block_types.iter().enumerate() {
-            let up_layers = n
-                .checked_sub(b + 1)
-                .and_then(|i| layers.get(i))
-                .map_or(0, |l| l.saturating_add(1));
-            let attention = match kind.as_str() {
-                "CrossAttnUpBlock2D" => Some(
-                    (0..up_layers)
-                        .map(|j| up_depth(b, j))
-                        .collect::<Result<_>>()?,
-                ),
-                "UpBlock2D" => None,
-                other => {
-                    return Err(SingleFileError::UnsupportedConfig {
-                        component: component.to_string(),
-                        field: "up_block_types",
-                        value: other.to_string(),
-                    })
-                }
-            };
-            up.push((up_layers, attention));
-        }
+                down_attention: attention.then_some(depths),
+            })
+            .collect();
 
-        let mid_attention = match cfg.mid_block_type.as_deref() {
-            Some(MID_CROSS_ATTN) => Some(match &cfg.transformer_layers_per_block {
-                TransformerLayers::One(d) => *d,
-                TransformerLayers::Each(v) => v.last().copied().unwrap_or(1),
-                TransformerLayers::EachLayer(v) => {
-                    v.last().and_then(|l| l.first()).copied().unwrap_or(1)
-                }
-            }),
+        let up_layers = cfg.up_layers_per_block().map_err(unet_error)?;
+        let up_depths = cfg.up_transformer_layers().map_err(unet_error)?;
+        let up: Vec<(usize, Option<Vec<usize>>)> = up_layers
+            .into_iter()
+            .zip(up_depths)
+            .zip(cfg.up_blocks_have_cross_attention())
+            .map(|((layers, depths), attention)| (layers, attention.then_some(depths)))
+            .collect();
+
+        // `check_supported` leaves `UNetMidBlock2DCrossAttn` as the only mid block there can be.
+        let mid_attention = match cfg.mid_block_type {
+            Some(_) => Some(cfg.mid_transformer_layers().map_err(unet_error)?),
             None => None,
-            Some(other) => {
-                return Err(SingleFileError::UnsupportedConfig {
-                    component: component.to_string(),
-                    field: "mid_block_type",
-                    value: other.to_string(),
-                })
-            }
         };
 
         // openaimodel.py numbers the input blocks conv_in, then per level its layers and (except the deepest)
@@ -295,31 +114,6 @@ impl UnetLayout {
             }));
         }
 
-        let label_embedding = match (
-            cfg.addition_embed_type.as_deref(),
-            cfg.class_embed_type.as_deref(),
-            cfg.num_class_embeds,
-        ) {
-            (Some("text_time"), _, _) => LabelEmbedding::AddEmbedding,
-            (Some(other), _, _) => {
-                return Err(SingleFileError::UnsupportedConfig {
-                    component: component.to_string(),
-                    field: "addition_embed_type",
-                    value: other.to_string(),
-                })
-            }
-            (None, Some("timestep" | "projection"), _) => LabelEmbedding::ClassProjection,
-            (None, Some(other), _) => {
-                return Err(SingleFileError::UnsupportedConfig {
-                    component: component.to_string(),
-                    field: "class_embed_type",
-                    value: other.to_string(),
-                })
-            }
-            (None, None, Some(_)) => LabelEmbedding::ClassTable,
-            (None, None, None) => LabelEmbedding::None,
-        };
-
         Ok(Self {
             block_out_channels: cfg.block_out_channels.clone(),
             down,
@@ -327,8 +121,9 @@ impl UnetLayout {
             mid_attention,
             inputs,
             outputs,
-            linear_projection: cfg.use_linear_projection.unwrap_or(false),
-            label_embedding,
+            linear_projection: cfg.use_linear_projection,
+            // `check_supported` accepts no other addition embedding and no class embedding.
+            add_embedding: cfg.addition_embed_type.as_deref() == Some("text_time"),
         })
     }
 
@@ -347,17 +142,9 @@ impl UnetLayout {
         ] {
             keys.extend(with_bias(module));
         }
-        match self.label_embedding {
-            LabelEmbedding::None => {}
-            LabelEmbedding::AddEmbedding => {
-                keys.extend(with_bias("add_embedding.linear_1"));
-                keys.extend(with_bias("add_embedding.linear_2"));
-            }
-            LabelEmbedding::ClassProjection => {
-                keys.extend(with_bias("class_embedding.linear_1"));
-                keys.extend(with_bias("class_embedding.linear_2"));
-            }
-            LabelEmbedding::ClassTable => keys.push("class_embedding.weight".to_string()),
+        if self.add_embedding {
+            keys.extend(with_bias("add_embedding.linear_1"));
+            keys.extend(with_bias("add_embedding.linear_2"));
         }
 
         for (b, level) in self.down.iter().enumerate() {
@@ -508,17 +295,13 @@ fn unet_key(layout: &UnetLayout, key: &str, rest: &str) -> Result<UnetTarget> {
         ["time_embed", "0", p @ ..] => plain(join("time_embedding.linear_1", p)),
         ["time_embed", "2", p @ ..] => plain(join("time_embedding.linear_2", p)),
         ["label_emb", "0", i @ ("0" | "2"), p @ ..] => {
-            let linear = if *i == "0" { "linear_1" } else { "linear_2" };
-            match layout.label_embedding {
-                LabelEmbedding::AddEmbedding => plain(join(&format!("add_embedding.{linear}"), p)),
-                LabelEmbedding::ClassProjection => plain(join(&format!("class_embedding.{linear}"), p)),
-                _ => Err(mismatch(
-                    "the config has no `addition_embed_type: text_time` nor projected class embedding".to_string(),
-                )),
+            if !layout.add_embedding {
+                return Err(mismatch(
+                    "the config has no `addition_embed_type: text_time`".to_string(),
+                ));
             }
-        }
-        ["label_emb", p @ ..] if layout.label_embedding == LabelEmbedding::ClassTable => {
-            plain(join("class_embedding", p))
+            let linear = if *i == "0" { "linear_1" } else { "linear_2" };
+            plain(join(&format!("add_embedding.{linear}"), p))
         }
         ["input_blocks", i, sub, p @ ..] => {
             let i = index(i)?;
@@ -613,7 +396,7 @@ pub(super) fn unet_plan(
     config: &serde_json::Value,
     checkpoint_keys: &[(String, Vec<usize>)],
 ) -> Result<Vec<(String, Source)>> {
-    let cfg: UnetConfig = parse_config(COMPONENT_UNET, config)?;
+    let cfg: UNet2DConditionConfig = parse_config(COMPONENT_UNET, config)?;
     let layout = UnetLayout::from_config(&cfg)?;
     let mut plan = PlanBuilder::new(COMPONENT_UNET, checkpoint_keys);
     for (key, shape) in checkpoint_keys {
@@ -650,7 +433,7 @@ mod tests {
     }
 
     fn unet_layout(cfg: serde_json::Value) -> UnetLayout {
-        let cfg: UnetConfig = serde_json::from_value(cfg).unwrap();
+        let cfg: UNet2DConditionConfig = serde_json::from_value(cfg).unwrap();
         UnetLayout::from_config(&cfg).unwrap()
     }
 
@@ -828,10 +611,112 @@ mod tests {
         assert!(unet_name(&l, "middle_block.1.transformer_blocks.1.norm3.bias").is_ok());
     }
 
+    /// The former private copy of the UNet config took a mid-block depth of 1 where
+    /// `transformer_layers_per_block` has no entry for the deepest block; the UNet refuses such a
+    /// config (`UNet2DConditionConfig::mid_transformer_layers`), and so must the plan.
+    #[test]
+    fn single_file_mid_block_depth_follows_the_unet_config() {
+        let one_block = |depths: serde_json::Value| {
+            json!({
+                "block_out_channels": [32],
+                "down_block_types": ["DownBlock2D"],
+                "up_block_types": ["UpBlock2D"],
+                "transformer_layers_per_block": depths,
+            })
+        };
+        let lacking = one_block(json!([]));
+        let unet: UNet2DConditionConfig = serde_json::from_value(lacking.clone()).unwrap();
+        assert!(unet.mid_transformer_layers().is_err());
+        let err = UnetLayout::from_config(&unet).unwrap_err();
+        assert!(matches!(&err, SingleFileError::UnetConfig { .. }), "{err}");
+        assert!(component_plan(CheckpointFamily::Sd15, "unet", &lacking, &[]).is_err());
+
+        // Given, the depth is the config's, in every form the key takes.
+        let mut nested = sd15_like_unet_config();
+        nested["transformer_layers_per_block"] = json!([[1, 1], [2, 2], [4, 4]]);
+        nested["reverse_transformer_layers_per_block"] = json!([[4, 4, 4], [2, 2, 2], [1, 1, 1]]);
+        let mut no_mid = sd15_like_unet_config();
+        no_mid["mid_block_type"] = serde_json::Value::Null;
+        for (cfg, expected) in [
+            (one_block(json!([3])), Some(3)),
+            (one_block(json!(2)), Some(2)),
+            (nested, Some(4)),
+            (sd15_like_unet_config(), Some(1)),
+            (no_mid, None),
+        ] {
+            let unet: UNet2DConditionConfig = serde_json::from_value(cfg.clone()).unwrap();
+            let canonical = unet
+                .mid_block_type
+                .as_ref()
+                .map(|_| unet.mid_transformer_layers().unwrap());
+            assert_eq!(canonical, expected, "{cfg}");
+            assert_eq!(unet_layout(cfg.clone()).mid_attention, expected, "{cfg}");
+        }
+        // The plan reads the mid transformer blocks the depth asks for, and no more.
+        let l = unet_layout(one_block(json!([3])));
+        assert!(unet_name(&l, "middle_block.1.transformer_blocks.2.norm1.weight").is_ok());
+        assert!(matches!(
+            unet_name(&l, "middle_block.1.transformer_blocks.3.norm1.weight"),
+            Err(SingleFileError::ConfigMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn unet_block_types_are_read_as_the_unet_reads_them() {
+        // diffusers (and sdrs_unet) accept the `UNetRes` prefix on block names.
+        let mut cfg = sd15_like_unet_config();
+        cfg["down_block_types"] = json!([
+            "UNetResCrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D"
+        ]);
+        cfg["up_block_types"] = json!([
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "UNetResCrossAttnUpBlock2D"
+        ]);
+        let l = unet_layout(cfg);
+        assert_eq!(
+            unet_name(&l, "input_blocks.1.1.proj_in.weight").unwrap(),
+            "down_blocks.0.attentions.0.proj_in.weight"
+        );
+        assert_eq!(
+            unet_name(&l, "output_blocks.8.1.proj_out.bias").unwrap(),
+            "up_blocks.2.attentions.2.proj_out.bias"
+        );
+    }
+
+    #[test]
+    fn unet_configs_the_unet_refuses_are_refused() {
+        // Class embeddings are not built by sdrs_unet, so a plan for them would load nothing.
+        for extra in [
+            json!({"class_embed_type": "timestep"}),
+            json!({"num_class_embeds": 10}),
+            json!({"addition_embed_type": "text_time"}),
+            json!({"act_fn": "tanh"}),
+        ] {
+            let mut cfg = sd15_like_unet_config();
+            for (k, v) in extra.as_object().unwrap() {
+                cfg[k] = v.clone();
+            }
+            let unet: UNet2DConditionConfig = serde_json::from_value(cfg.clone()).unwrap();
+            let expected = unet.check_supported().unwrap_err().to_string();
+            match component_plan(CheckpointFamily::Sd15, "unet", &cfg, &[]) {
+                Err(SingleFileError::UnetConfig { source }) => {
+                    assert_eq!(source.to_string(), expected, "{cfg}")
+                }
+                other => panic!("{cfg}: expected the UNet's error, got {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn unet_label_embedding_follows_config() {
         let mut cfg = sd15_like_unet_config();
         cfg["addition_embed_type"] = json!("text_time");
+        // The sizes the UNet needs for `text_time` (checked by `check_supported`).
+        cfg["addition_time_embed_dim"] = json!(8);
+        cfg["projection_class_embeddings_input_dim"] = json!(56);
         let l = unet_layout(cfg);
         assert_eq!(
             unet_name(&l, "label_emb.0.0.weight").unwrap(),

@@ -1,165 +1,95 @@
 //! VAE: `first_stage_model.*` (ldm `AutoencoderKL`, model.py `Encoder`/`Decoder`) -> diffusers `AutoencoderKL`.
+//!
+//! The layout comes from [`AutoencoderKLConfig`], the config `sdrs_vae` builds the model from; a config it
+//! refuses is refused here with its error.
 
-use serde::Deserialize;
+use sdrs_vae::AutoencoderKLConfig;
 
 use super::{
-    invalid_config, join, parse_config, parse_index, projection_source, with_bias, PlanBuilder,
-    Result, SingleFileError, Source, VAE_PREFIX,
+    join, parse_config, parse_index, projection_source, with_bias, PlanBuilder, Result,
+    SingleFileError, Source, VAE_PREFIX,
 };
 
 const COMPONENT_VAE: &str = "vae";
 
-/// The fields of diffusers' `AutoencoderKL` config that shape the key layout (defaults as diffusers').
-#[derive(Debug, Clone, Deserialize)]
-struct VaeConfig {
-    #[serde(default = "VaeConfig::default_block_out_channels")]
-    block_out_channels: Vec<usize>,
-    #[serde(default = "VaeConfig::default_down_block_types")]
-    down_block_types: Vec<String>,
-    #[serde(default = "VaeConfig::default_up_block_types")]
-    up_block_types: Vec<String>,
-    #[serde(default = "VaeConfig::default_layers_per_block")]
-    layers_per_block: usize,
-    #[serde(default = "VaeConfig::default_true")]
-    mid_block_add_attention: bool,
-    #[serde(default = "VaeConfig::default_true")]
-    use_quant_conv: bool,
-    #[serde(default = "VaeConfig::default_true")]
-    use_post_quant_conv: bool,
-}
-
-impl VaeConfig {
-    fn default_block_out_channels() -> Vec<usize> {
-        vec![64]
-    }
-    fn default_down_block_types() -> Vec<String> {
-        vec!["DownEncoderBlock2D".to_string()]
-    }
-    fn default_up_block_types() -> Vec<String> {
-        vec!["UpDecoderBlock2D".to_string()]
-    }
-    fn default_layers_per_block() -> usize {
-        1
-    }
-    fn default_true() -> bool {
-        true
-    }
-
-    fn validate(&self) -> Result<()> {
-        let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(invalid_config(
-                COMPONENT_VAE,
-                "`block_out_channels` is empty".to_string(),
-            ));
-        }
-        for (field, types, expected) in [
-            (
-                "down_block_types",
-                &self.down_block_types,
-                "DownEncoderBlock2D",
-            ),
-            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
-        ] {
-            if types.len() != n {
-                return Err(invalid_config(
-                    COMPONENT_VAE,
-                    format!(
-                        "`{field}` has {} entries, `block_out_channels` has {n}",
-                        types.len()
-                    ),
-                ));
-            }
-            if let Some(other) = types.iter().find(|t| t.as_str() != expected) {
-                return Err(SingleFileError::UnsupportedConfig {
-                    component: COMPONENT_VAE.to_string(),
-                    field,
-                    value: other.clone(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Every tensor diffusers' `AutoencoderKL` holds for this config.
-    fn required_keys(&self) -> Vec<String> {
-        let n = self.block_out_channels.len();
-        let channels = |i: usize| self.block_out_channels.get(i).copied().unwrap_or_default();
-        let deepest = channels(n.saturating_sub(1));
-        let mut keys = Vec::new();
-        let mid = |keys: &mut Vec<String>, side: &str| {
-            vae_resnet_keys(
-                keys,
-                &format!("{side}.mid_block.resnets.0"),
-                deepest,
-                deepest,
-            );
-            vae_resnet_keys(
-                keys,
-                &format!("{side}.mid_block.resnets.1"),
-                deepest,
-                deepest,
-            );
-            if self.mid_block_add_attention {
-                for module in ["group_norm", "to_q", "to_k", "to_v", "to_out.0"] {
-                    keys.extend(with_bias(&format!(
-                        "{side}.mid_block.attentions.0.{module}"
-                    )));
-                }
-            }
-            for module in ["conv_in", "conv_norm_out", "conv_out"] {
-                keys.extend(with_bias(&format!("{side}.{module}")));
-            }
-        };
-
-        mid(&mut keys, "encoder");
-        let mut inp = channels(0);
-        for b in 0..n {
-            let out = channels(b);
-            for j in 0..self.layers_per_block {
-                vae_resnet_keys(
-                    &mut keys,
-                    &format!("encoder.down_blocks.{b}.resnets.{j}"),
-                    inp,
-                    out,
-                );
-                inp = out;
-            }
-            if b + 1 < n {
+/// Every tensor diffusers' `AutoencoderKL` holds for this config.
+fn required_keys(cfg: &AutoencoderKLConfig) -> Vec<String> {
+    let n = cfg.block_out_channels.len();
+    let channels = |i: usize| cfg.block_out_channels.get(i).copied().unwrap_or_default();
+    let deepest = channels(n.saturating_sub(1));
+    let mut keys = Vec::new();
+    let mid = |keys: &mut Vec<String>, side: &str| {
+        vae_resnet_keys(
+            keys,
+            &format!("{side}.mid_block.resnets.0"),
+            deepest,
+            deepest,
+        );
+        vae_resnet_keys(
+            keys,
+            &format!("{side}.mid_block.resnets.1"),
+            deepest,
+            deepest,
+        );
+        if cfg.mid_block_add_attention {
+            for module in ["group_norm", "to_q", "to_k", "to_v", "to_out.0"] {
                 keys.extend(with_bias(&format!(
-                    "encoder.down_blocks.{b}.downsamplers.0.conv"
+                    "{side}.mid_block.attentions.0.{module}"
                 )));
             }
         }
+        for module in ["conv_in", "conv_norm_out", "conv_out"] {
+            keys.extend(with_bias(&format!("{side}.{module}")));
+        }
+    };
 
-        mid(&mut keys, "decoder");
-        let mut inp = deepest;
-        for b in 0..n {
-            let out = channels(n - 1 - b);
-            for j in 0..=self.layers_per_block {
-                vae_resnet_keys(
-                    &mut keys,
-                    &format!("decoder.up_blocks.{b}.resnets.{j}"),
-                    inp,
-                    out,
-                );
-                inp = out;
-            }
-            if b + 1 < n {
-                keys.extend(with_bias(&format!(
-                    "decoder.up_blocks.{b}.upsamplers.0.conv"
-                )));
-            }
+    mid(&mut keys, "encoder");
+    let mut inp = channels(0);
+    for b in 0..n {
+        let out = channels(b);
+        for j in 0..cfg.layers_per_block {
+            vae_resnet_keys(
+                &mut keys,
+                &format!("encoder.down_blocks.{b}.resnets.{j}"),
+                inp,
+                out,
+            );
+            inp = out;
         }
-
-        if self.use_quant_conv {
-            keys.extend(with_bias("quant_conv"));
+        if b + 1 < n {
+            keys.extend(with_bias(&format!(
+                "encoder.down_blocks.{b}.downsamplers.0.conv"
+            )));
         }
-        if self.use_post_quant_conv {
-            keys.extend(with_bias("post_quant_conv"));
-        }
-        keys
     }
+
+    mid(&mut keys, "decoder");
+    let mut inp = deepest;
+    for b in 0..n {
+        let out = channels(n - 1 - b);
+        for j in 0..=cfg.layers_per_block {
+            vae_resnet_keys(
+                &mut keys,
+                &format!("decoder.up_blocks.{b}.resnets.{j}"),
+                inp,
+                out,
+            );
+            inp = out;
+        }
+        if b + 1 < n {
+            keys.extend(with_bias(&format!(
+                "decoder.up_blocks.{b}.upsamplers.0.conv"
+            )));
+        }
+    }
+
+    if cfg.use_quant_conv {
+        keys.extend(with_bias("quant_conv"));
+    }
+    if cfg.use_post_quant_conv {
+        keys.extend(with_bias("post_quant_conv"));
+    }
+    keys
 }
 
 fn vae_resnet_keys(keys: &mut Vec<String>, prefix: &str, in_channels: usize, out_channels: usize) {
@@ -186,7 +116,7 @@ fn vae_resnet_rename(prefix: &str, path: &[&str]) -> Option<String> {
 /// attention projection weight (1x1 conv in LDM, linear in diffusers).
 type VaeTarget = Option<(String, bool)>;
 
-fn vae_key(cfg: &VaeConfig, key: &str, rest: &str) -> Result<VaeTarget> {
+fn vae_key(cfg: &AutoencoderKLConfig, key: &str, rest: &str) -> Result<VaeTarget> {
     let unmapped = || SingleFileError::UnmappedKey {
         component: COMPONENT_VAE.to_string(),
         key: key.to_string(),
@@ -291,8 +221,11 @@ pub(super) fn vae_plan(
     config: &serde_json::Value,
     checkpoint_keys: &[(String, Vec<usize>)],
 ) -> Result<Vec<(String, Source)>> {
-    let cfg: VaeConfig = parse_config(COMPONENT_VAE, config)?;
-    cfg.validate()?;
+    let cfg: AutoencoderKLConfig = parse_config(COMPONENT_VAE, config)?;
+    cfg.check_supported()
+        .map_err(|source| SingleFileError::VaeConfig {
+            source: Box::new(source),
+        })?;
     let mut plan = PlanBuilder::new(COMPONENT_VAE, checkpoint_keys);
     for (key, shape) in checkpoint_keys {
         let Some(rest) = key.strip_prefix(VAE_PREFIX) else {
@@ -309,7 +242,7 @@ pub(super) fn vae_plan(
         };
         plan.insert(target, source)?;
     }
-    plan.finish(&cfg.required_keys(), VAE_PREFIX)
+    plan.finish(&required_keys(&cfg), VAE_PREFIX)
 }
 
 #[cfg(test)]
@@ -319,7 +252,7 @@ mod tests {
 
     use crate::loading::single_file::{component_plan, CheckpointFamily};
 
-    fn vae_config() -> VaeConfig {
+    fn vae_config() -> AutoencoderKLConfig {
         serde_json::from_value(json!({
             "block_out_channels": [32, 32, 64, 64],
             "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
@@ -329,7 +262,7 @@ mod tests {
         .unwrap()
     }
 
-    fn vae_name(cfg: &VaeConfig, rest: &str) -> Result<VaeTarget> {
+    fn vae_name(cfg: &AutoencoderKLConfig, rest: &str) -> Result<VaeTarget> {
         vae_key(cfg, &format!("{VAE_PREFIX}{rest}"), rest)
     }
 
@@ -436,11 +369,39 @@ mod tests {
     }
 
     #[test]
+    fn vae_configs_the_vae_refuses_are_refused() {
+        for refused in [
+            json!({"block_out_channels": []}),
+            json!({"block_out_channels": [4, 8], "layers_per_block": 1}),
+            json!({"down_block_types": ["DownEncoderBlock2DWithAttn"]}),
+            json!({"act_fn": "tanh"}),
+        ] {
+            let vae: AutoencoderKLConfig = serde_json::from_value(refused.clone()).unwrap();
+            let expected = vae.check_supported().unwrap_err().to_string();
+            match component_plan(CheckpointFamily::Sd15, "vae", &refused, &[]) {
+                Err(SingleFileError::VaeConfig { source }) => {
+                    assert_eq!(source.to_string(), expected, "{refused}")
+                }
+                other => panic!("{refused}: expected the VAE's error, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            component_plan(
+                CheckpointFamily::Sd15,
+                "vae",
+                &json!({"layers_per_block": -1}),
+                &[]
+            ),
+            Err(SingleFileError::Config { .. })
+        ));
+    }
+
+    #[test]
     fn vae_attention_weights_are_reshaped_to_linear() {
         let mut ckpt = Vec::new();
         let cfg = json!({"block_out_channels": [4], "layers_per_block": 1});
-        let vae: VaeConfig = serde_json::from_value(cfg.clone()).unwrap();
-        for k in vae.required_keys() {
+        let vae: AutoencoderKLConfig = serde_json::from_value(cfg.clone()).unwrap();
+        for k in required_keys(&vae) {
             let ldm = k
                 .replace("mid_block.attentions.0.to_q", "mid.attn_1.q")
                 .replace("mid_block.attentions.0.to_k", "mid.attn_1.k")
