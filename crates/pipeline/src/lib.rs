@@ -3,18 +3,16 @@
 //! outputs.
 
 pub mod bench;
-pub mod builtin;
-pub mod checkpoint;
 mod conditioning;
 pub mod device;
 pub mod error;
-pub mod model_files;
+pub mod loading;
 pub mod parity;
 pub mod preview;
-pub mod single_file;
 pub mod stable_diffusion;
-pub mod tensor_files;
-pub mod weights;
+
+// The loading modules kept at their former paths (`sdrs_pipeline::single_file`, ...).
+pub use loading::{builtin, checkpoint, model_files, single_file, tensor_files, weights};
 
 pub use builtin::BuiltinModel;
 pub use conditioning::MicroConditioning;

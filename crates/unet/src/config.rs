@@ -453,6 +453,37 @@ impl UNet2DConditionConfig {
             .collect()
     }
 
+    /// Whether each down block (in down order) has cross-attention transformers: a
+    /// `CrossAttnDownBlock2D`, with or without diffusers' `UNetRes` prefix. Meant for configs that
+    /// passed [`Self::check_supported`], where every other name is a `DownBlock2D`.
+    pub fn down_blocks_have_cross_attention(&self) -> Vec<bool> {
+        self.down_block_types
+            .iter()
+            .map(|name| block_type_name(name) == "CrossAttnDownBlock2D")
+            .collect()
+    }
+
+    /// Whether each up block (in up order) has cross-attention transformers: a
+    /// `CrossAttnUpBlock2D`, with or without the `UNetRes` prefix (see
+    /// [`Self::down_blocks_have_cross_attention`]).
+    pub fn up_blocks_have_cross_attention(&self) -> Vec<bool> {
+        self.up_block_types
+            .iter()
+            .map(|name| block_type_name(name) == "CrossAttnUpBlock2D")
+            .collect()
+    }
+
+    /// The number of resnet layers of each up block (in up order): diffusers gives up block `i`
+    /// `reversed(layers_per_block)[i] + 1` layers, the extra one taking the skip connection of the
+    /// down block's input.
+    pub fn up_layers_per_block(&self) -> Result<Vec<usize>> {
+        let mut layers = self
+            .layers_per_block
+            .expand("layers_per_block", self.num_blocks())?;
+        layers.reverse();
+        Ok(layers.into_iter().map(|l| l.saturating_add(1)).collect())
+    }
+
     /// The mid block's transformer depth: diffusers passes `transformer_layers_per_block[-1]` to a
     /// one-layer mid block, which takes its first entry.
     pub fn mid_transformer_layers(&self) -> Result<usize> {
@@ -513,6 +544,39 @@ mod tests {
             vec![vec![10, 10, 10], vec![2, 2, 2], vec![1, 1, 1]]
         );
         assert_eq!(cfg.mid_transformer_layers().unwrap(), 10);
+    }
+
+    #[test]
+    fn block_kinds_and_up_layers_follow_diffusers() {
+        let cfg = parse(
+            r#"{"block_out_channels": [32, 64, 64],
+                "down_block_types": ["UNetResCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UNetResCrossAttnUpBlock2D"],
+                "layers_per_block": [1, 2, 3]}"#,
+        );
+        cfg.check_supported().unwrap();
+        assert_eq!(
+            cfg.down_blocks_have_cross_attention(),
+            vec![true, true, false]
+        );
+        assert_eq!(
+            cfg.up_blocks_have_cross_attention(),
+            vec![false, true, true]
+        );
+        assert_eq!(cfg.up_layers_per_block().unwrap(), vec![4, 3, 2]);
+        assert_eq!(
+            cfg.up_transformer_layers()
+                .unwrap()
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            cfg.up_layers_per_block().unwrap()
+        );
+        let cfg = parse(r#"{"layers_per_block": [1, 2]}"#);
+        assert!(matches!(
+            cfg.up_layers_per_block(),
+            Err(Error::InvalidConfig { .. })
+        ));
     }
 
     #[test]

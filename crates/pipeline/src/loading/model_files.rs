@@ -9,10 +9,10 @@ use sdrs_unet::UNet2DConditionConfig;
 use sdrs_vae::AutoencoderKLConfig;
 use serde::de::DeserializeOwned;
 
-use crate::builtin::BuiltinModel;
 use crate::error::{Error, Result};
-use crate::single_file::CheckpointFamily;
-use crate::weights::read_json;
+use crate::loading::builtin::BuiltinModel;
+use crate::loading::single_file::CheckpointFamily;
+use crate::loading::weights::read_json;
 
 /// The source of a model's non-weight files, addressed by their path in the diffusers layout
 /// (`unet/config.json`, `tokenizer/vocab.json`, ...).

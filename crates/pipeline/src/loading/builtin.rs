@@ -21,7 +21,7 @@ type Files = &'static [(&'static str, &'static str)];
 
 macro_rules! config_files {
     ($dir:literal: $($file:literal),+ $(,)?) => {
-        &[$(($file, include_str!(concat!("../configs/", $dir, "/", $file)))),+]
+        &[$(($file, include_str!(concat!("../../configs/", $dir, "/", $file)))),+]
     };
 }
 

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::tensor_files::TensorFiles;
+use crate::loading::tensor_files::TensorFiles;
 
 /// The file stems diffusers (`diffusion_pytorch_model`) and transformers (`model`) save weights under.
 const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
@@ -79,7 +79,7 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Opens `files` as one `VarBuilder` whose tensors come out in `dtype` on `device` (read one by
-/// one when the model asks for them; see [`crate::tensor_files`]).
+/// one when the model asks for them; see [`crate::loading::tensor_files`]).
 pub fn var_builder(
     component: &'static str,
     files: &[PathBuf],

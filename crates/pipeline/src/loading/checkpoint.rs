@@ -1,6 +1,6 @@
 //! Loading component weights from a single original-layout checkpoint: the key plan from
-//! [`crate::single_file`] carried out on tensors read from the file, giving each component a
-//! `VarBuilder` in the diffusers key space.
+//! [`crate::loading::single_file`] carried out on tensors read from the file, giving each
+//! component a `VarBuilder` in the diffusers key space.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::single_file::{component_plan, detect_family, CheckpointFamily, Source};
-use crate::tensor_files::TensorFiles;
+use crate::loading::single_file::{component_plan, detect_family, CheckpointFamily, Source};
+use crate::loading::tensor_files::TensorFiles;
 
 /// An open single-file checkpoint.
 pub struct Checkpoint {

@@ -1,0 +1,16 @@
+//! Loading a model's files: where its configs and tokenizers come from (a diffusers folder or the
+//! built-in configs of a published model), reading `.safetensors` weights tensor by tensor, and
+//! single original-layout checkpoints translated into the diffusers key space.
+//!
+//! - [`model_files`]: the configs, tokenizers and scheduler settings of a model, from a folder or
+//!   from [`builtin`].
+//! - [`weights`] and [`tensor_files`]: a component's weight files opened as a `VarBuilder`.
+//! - [`single_file`] and [`checkpoint`]: the key plan of a single-file checkpoint and its
+//!   execution on the file's tensors.
+
+pub mod builtin;
+pub mod checkpoint;
+pub mod model_files;
+pub mod single_file;
+pub mod tensor_files;
+pub mod weights;
