@@ -11,6 +11,7 @@ pub mod error;
 pub mod model_files;
 pub mod parity;
 pub mod preview;
+pub mod random_weights;
 pub mod single_file;
 pub mod stable_diffusion;
 pub mod tensor_files;
