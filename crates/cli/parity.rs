@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use sdrs_pipeline::parity::{self, Outcome, ParityOptions};
+use sdrs_tooling::parity::{self, Outcome, ParityOptions};
 
 #[derive(Debug, Args)]
 pub struct ParityArgs {

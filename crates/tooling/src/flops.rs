@@ -1,16 +1,14 @@
-//! What `sdrs bench` needs from the library: real-size models built in the process from seeded
-//! random weights (no download), and the floating-point work of each model counted from its
-//! configuration, so that a measured time becomes GFLOP/s.
+//! The floating-point work of each model counted from its configuration, so that a time measured by
+//! `sdrs bench` becomes GFLOP/s.
 //!
 //! FLOPs count the multiply-adds of convolutions, linear layers and attention products as two
 //! operations each (the convention of PyTorch's FLOP counter and of GEMM benchmarks); norms,
 //! activations and element-wise adds are left out, as they are below 1% of a UNet step.
 
 use sdrs_clip::ClipTextConfig;
+use sdrs_pipeline::Result;
 use sdrs_unet::UNet2DConditionConfig;
 use sdrs_vae::AutoencoderKLConfig;
-
-use crate::error::Result;
 
 /// `2 * H * W * in * out * k * k` for a convolution producing an `H x W` map.
 fn conv(h: usize, w: usize, cin: usize, cout: usize, k: usize) -> f64 {
@@ -185,7 +183,7 @@ pub fn clip_flops(cfg: &ClipTextConfig, batch: usize, tokens: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::BuiltinModel;
+    use sdrs_pipeline::BuiltinModel;
 
     fn unet(model: BuiltinModel) -> UNet2DConditionConfig {
         serde_json::from_str(model.file("unet/config.json").unwrap()).unwrap()

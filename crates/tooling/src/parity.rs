@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
-use crate::stable_diffusion::{activation_dtype, tiny_autoencoder_dtype};
-use crate::stable_diffusion::{InitImage, LoadOptions, Request, StableDiffusion};
-use crate::weights::{find_weights, read_json, var_builder};
+use sdrs_pipeline::stable_diffusion::{activation_dtype, tiny_autoencoder_dtype};
+use sdrs_pipeline::stable_diffusion::{InitImage, LoadOptions, Request, StableDiffusion};
+use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
+use sdrs_pipeline::{Error, Result};
 use sdrs_taesd::AutoencoderTiny;
 
 /// Where and in which dtype to run the checks.
