@@ -6,8 +6,7 @@
 //! activations and element-wise adds are left out, as they are below 1% of a UNet step.
 
 use sdrs_clip::ClipTextConfig;
-use sdrs_pipeline::Result;
-use sdrs_unet::UNet2DConditionConfig;
+use sdrs_unet::{Result, UNet2DConditionConfig};
 use sdrs_vae::AutoencoderKLConfig;
 
 /// `2 * H * W * in * out * k * k` for a convolution producing an `H x W` map.
@@ -51,7 +50,8 @@ fn transformer(h: usize, w: usize, c: usize, depth: usize, context: (usize, usiz
 }
 
 /// FLOPs of one UNet forward pass over `batch` latents of `height x width` (latent pixels),
-/// conditioned on `context_len` text tokens.
+/// conditioned on `context_len` text tokens; a config whose per-block lists do not fit its block
+/// count is an error.
 pub fn unet_flops(
     cfg: &UNet2DConditionConfig,
     batch: usize,

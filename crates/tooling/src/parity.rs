@@ -5,6 +5,11 @@
 //! so a fixtures folder built with other prompts, seeds or shapes is checked the same way; a case the
 //! project cannot run yet is reported as skipped with the reason, never dropped.
 
+// The runner returns sdrs-pipeline's `Error` (128 bytes, clippy's threshold) as it did inside that
+// crate, where clippy does not flag it for the crate's own enum; a parity run is not a hot path,
+// and boxing the error would change every signature for nothing.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
