@@ -12,11 +12,12 @@ use clap::Args;
 use sdrs_clip::{ClipTextConfig, ClipTextModel};
 use sdrs_kernels::attention::AttentionMode;
 use sdrs_kernels::KernelOptions;
-use sdrs_pipeline::bench::{clip_flops, unet_flops, vae_decode_flops, RandomWeights};
+use sdrs_pipeline::random_weights::RandomWeights;
 use sdrs_pipeline::stable_diffusion::{activation_dtype, tiny_autoencoder_dtype};
 use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
 use sdrs_pipeline::{BuiltinModel, LoadOptions, ModelFiles, Request, StableDiffusion};
 use sdrs_taesd::{AutoencoderTiny, AutoencoderTinyConfig};
+use sdrs_tooling::flops::{clip_flops, unet_flops, vae_decode_flops};
 use sdrs_unet::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
 use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use sdrs_pipeline::parity::{self, Outcome, ParityOptions};
+use sdrs_tooling::parity::{self, Outcome, ParityOptions};
 
 #[derive(Debug, Args)]
 pub struct ParityArgs {
@@ -16,7 +16,8 @@ pub struct ParityArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
 
-    /// Compute dtype: f32, f16 or bf16 (half precision is held to looser tolerances).
+    /// Compute dtype: f32, f16 or bf16; each is held to its own column of the tolerance table
+    /// (`sdrs_tooling::tolerances`), half precision to looser bounds.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
@@ -53,6 +54,7 @@ pub fn run(args: ParityArgs) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
     use clap::Parser;
+    use sdrs_tooling::tolerances::{self, CaseKind};
 
     #[derive(Parser)]
     struct Wrapper {
@@ -71,5 +73,19 @@ mod tests {
             .args;
         assert_eq!(args.fixtures, PathBuf::from("/f"));
         assert_eq!(args.dtype, "bf16");
+    }
+
+    #[test]
+    fn every_dtype_the_flag_takes_has_a_bound_for_every_case_kind() {
+        for name in ["f32", "f16", "bf16"] {
+            let dtype = sdrs_pipeline::parse_dtype(name).unwrap();
+            for kind in CaseKind::ALL {
+                let bound = tolerances::tolerance(kind, dtype);
+                assert!(
+                    bound.is_some_and(f64::is_finite),
+                    "{name} {kind:?}: {bound:?}"
+                );
+            }
+        }
     }
 }

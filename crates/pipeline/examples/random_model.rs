@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use sdrs_pipeline::bench::RandomWeights;
+use sdrs_pipeline::random_weights::RandomWeights;
 use sdrs_pipeline::BuiltinModel;
 
 /// Random weights that remember every tensor a model constructor asked for.

@@ -1,14 +1,13 @@
-//! Stable Diffusion pipelines for sdrs: loading diffusers model folders, text-to-image and
-//! image-to-image with classifier-free guidance, and the parity checks against diffusers' reference
-//! outputs.
+//! Stable Diffusion pipelines for sdrs: loading diffusers model folders and single checkpoints, and
+//! text-to-image and image-to-image with classifier-free guidance (the parity runner against
+//! diffusers' reference outputs is in `sdrs-tooling`).
 
-pub mod bench;
 mod conditioning;
 pub mod device;
 pub mod error;
 pub mod loading;
-pub mod parity;
 pub mod preview;
+pub mod random_weights;
 pub mod stable_diffusion;
 
 // The loading modules kept at their former paths (`sdrs_pipeline::single_file`, ...).

@@ -16,11 +16,11 @@ use sdrs_vae::AutoencoderKL;
 use candle_nn::VarBuilder;
 use sdrs_kernels::KernelOptions;
 
-use crate::bench::RandomWeights;
 use crate::checkpoint::Checkpoint;
 use crate::conditioning::{Conditioning, MicroConditioning, Prompts, TextEncoder, TextEncoders};
 use crate::error::{Error, Result};
 use crate::model_files::{builtin_for_checkpoint, ModelFiles};
+use crate::random_weights::RandomWeights;
 use crate::single_file::CheckpointFamily;
 use crate::weights::{find_weights, var_builder};
 use sdrs_taesd::AutoencoderTiny;

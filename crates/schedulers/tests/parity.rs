@@ -1,17 +1,24 @@
 //! Numeric parity with diffusers: every case of `reference/schedulers.json` whose class is
-//! implemented, and every tensor of `rng.safetensors`.
+//! implemented, and every tensor of `rng.safetensors`, with the scheduler and generator bounds of
+//! the tolerance table (`sdrs_tooling::tolerances`).
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use sdrs_schedulers::{is_supported_class, parity, NoiseSource, TorchGenerator};
+use sdrs_tooling::tolerances::{tolerance, CaseKind};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
 
-/// Scheduler tolerance (max |diff|, f32 CPU) that the reference supports.
-const SCHEDULER_TOL: f64 = 1e-5;
-/// Random-generator tolerance.
-const RNG_TOL: f64 = 1e-6;
+/// The table's scheduler bound (schedulers compute in f32 whatever the models' dtype).
+fn scheduler_tol() -> f64 {
+    tolerance(CaseKind::Scheduler, DType::F32).unwrap()
+}
+
+/// The table's random-generator bound (noise is drawn in f32).
+fn rng_tol() -> f64 {
+    tolerance(CaseKind::Rng, DType::F32).unwrap()
+}
 
 fn load(path: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(format!("{FIXTURES}/{path}"), &Device::Cpu).unwrap()
@@ -36,9 +43,10 @@ fn scheduler_cases_match_diffusers() {
                     "{key}: error after first step {:.3e}, final {:.3e} (max |diff| {:.3e} at max |x| {:.1}), timesteps max |diff| {:.1e}",
                     report.after_first_step, report.last, report.last_abs, report.scale, report.timesteps
                 );
-                // Tolerance 1e-5 (fixture README), as max |a - b| / max(1, |b|): absolute for
-                // O(1) values, relative for the larger finals, whose float32 noise grows with them.
-                if report.max().is_nan() || report.max() > SCHEDULER_TOL {
+                // Tolerance: the table's scheduler bound, 1e-5 (fixture README), as
+                // max |a - b| / max(1, |b|): absolute for O(1) values, relative for the larger
+                // finals, whose float32 noise grows with them.
+                if report.max().is_nan() || report.max() > scheduler_tol() {
                     failures.push(format!("{key}: error {:.3e}", report.max()));
                 }
             }
@@ -73,9 +81,10 @@ fn rng_matches_torch() {
             .randn(&shape.clone().into(), DType::F32, &Device::Cpu)
             .unwrap();
         let diff = parity::max_abs_diff(&drawn, expected).unwrap();
-        println!("{key}: max |diff| {diff:.3e} (tol {RNG_TOL:e})");
-        // Tolerance: 1e-6 max abs diff.
-        if diff.is_nan() || diff > RNG_TOL {
+        let tol = rng_tol();
+        println!("{key}: max |diff| {diff:.3e} (tol {tol:e})");
+        // Tolerance: the table's generator bound, 1e-6 max abs diff.
+        if diff.is_nan() || diff > tol {
             failures.push(format!("{key}: max |diff| {diff:.3e}"));
         }
     }
@@ -106,8 +115,8 @@ fn consecutive_draws_continue_the_stream() {
         let both = Tensor::cat(&[first, second], 0).unwrap();
         let diff = parity::max_abs_diff(&both, expected).unwrap();
         println!("{key} as two draws: max |diff| {diff:.3e}");
-        // Tolerance: 1e-6 max abs diff (bit-exact in practice).
-        assert!(diff <= RNG_TOL, "{key}: max |diff| {diff:.3e}");
+        // Tolerance: the table's generator bound, 1e-6 max abs diff (bit-exact in practice).
+        assert!(diff <= rng_tol(), "{key}: max |diff| {diff:.3e}");
         checked += 1;
     }
     assert!(checked > 0, "no [2, ...] tensor in rng.safetensors");

@@ -1,18 +1,20 @@
 //! UNet parity against diffusers: `reference/unet_sd15.safetensors` and
-//! `reference/unet_sdxl.safetensors` (f32 on CPU, tolerance 1e-3 max |diff|), a bf16 smoke run,
-//! the SDXL refiner's shapes, and the errors for bad configs and mismatched weights.
+//! `reference/unet_sdxl.safetensors` (f32 on CPU, and bf16 and f16 smoke runs, with the UNet bounds
+//! of the tolerance table `sdrs_tooling::tolerances`), the SDXL refiner's shapes, and the errors for
+//! bad configs and mismatched weights.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdrs_kernels::VarBuilder;
+use sdrs_tooling::tolerances::{tolerance, CaseKind};
 use sdrs_unet::{AddedConditions, Error, UNet2DConditionConfig, UNet2DConditionModel};
 
-/// Max |diff| the reference supports for the UNet in f32.
-const TOL_F32: f32 = 1e-3;
-/// A loose bound for bf16 (8-bit mantissa) and f16 on the same O(1) outputs.
-const TOL_HALF: f32 = 5e-2;
+/// The table's max |diff| for the UNet computed in `dtype` (1e-3 in f32, 5e-2 in f16 and bf16).
+fn bound(dtype: DType) -> f32 {
+    tolerance(CaseKind::Unet, dtype).unwrap() as f32
+}
 
 fn fixtures() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).to_path_buf()
@@ -82,8 +84,9 @@ fn sd15_matches_diffusers() {
     let (out, expected) = run("tiny-sd15", "unet_sd15.safetensors", DType::F32);
     let diff = max_abs_diff(&out, &expected);
     eprintln!("sd15 unet: max |diff| {diff:e}");
-    // Tolerance: 1e-3 max |diff| (f32, CPU), as the fixtures README states for the UNet.
-    assert!(diff < TOL_F32, "sd15 unet: max |diff| {diff} >= {TOL_F32}");
+    // Tolerance: the table's f32 UNet bound, 1e-3 max |diff| (the fixtures README's).
+    let tol = bound(DType::F32);
+    assert!(diff < tol, "sd15 unet: max |diff| {diff} >= {tol}");
 }
 
 #[test]
@@ -91,8 +94,9 @@ fn sdxl_matches_diffusers() {
     let (out, expected) = run("tiny-sdxl", "unet_sdxl.safetensors", DType::F32);
     let diff = max_abs_diff(&out, &expected);
     eprintln!("sdxl unet: max |diff| {diff:e}");
-    // Tolerance: 1e-3 max |diff| (f32, CPU).
-    assert!(diff < TOL_F32, "sdxl unet: max |diff| {diff} >= {TOL_F32}");
+    // Tolerance: the table's f32 UNet bound, 1e-3 max |diff|.
+    let tol = bound(DType::F32);
+    assert!(diff < tol, "sdxl unet: max |diff| {diff} >= {tol}");
 }
 
 #[test]
@@ -100,11 +104,9 @@ fn sd15_in_bf16_stays_close() {
     let (out, expected) = run("tiny-sd15", "unet_sd15.safetensors", DType::BF16);
     let diff = max_abs_diff(&out, &expected);
     eprintln!("sd15 unet in bf16: max |diff| {diff:e}");
-    // Tolerance: 5e-2 max |diff|, a loose bound for bf16 weights and activations.
-    assert!(
-        diff < TOL_HALF,
-        "sd15 unet in bf16: max |diff| {diff} >= {TOL_HALF}"
-    );
+    // Tolerance: the table's bf16 UNet bound, 5e-2 max |diff| (bf16 weights and activations).
+    let tol = bound(DType::BF16);
+    assert!(diff < tol, "sd15 unet in bf16: max |diff| {diff} >= {tol}");
 }
 
 #[test]
@@ -112,11 +114,9 @@ fn sdxl_in_f16_stays_close() {
     let (out, expected) = run("tiny-sdxl", "unet_sdxl.safetensors", DType::F16);
     let diff = max_abs_diff(&out, &expected);
     eprintln!("sdxl unet in f16: max |diff| {diff:e}");
-    // Tolerance: 5e-2 max |diff|, a loose bound for f16 weights and activations.
-    assert!(
-        diff < TOL_HALF,
-        "sdxl unet in f16: max |diff| {diff} >= {TOL_HALF}"
-    );
+    // Tolerance: the table's f16 UNet bound, 5e-2 max |diff| (f16 weights and activations).
+    let tol = bound(DType::F16);
+    assert!(diff < tol, "sdxl unet in f16: max |diff| {diff} >= {tol}");
 }
 
 #[test]

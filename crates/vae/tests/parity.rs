@@ -1,21 +1,21 @@
 //! VAE parity against diffusers: `reference/vae_sd15.safetensors` and
 //! `reference/vae_sdxl.safetensors` (`latents` -> `decoded`, `image` -> `encoded_mean`,
-//! `encoded_logvar`; f32 on CPU, tolerance 1e-3 max |diff|), plus a half-precision smoke run.
+//! `encoded_logvar`; f32 on CPU), plus half-precision smoke runs, with the VAE bounds of the
+//! tolerance table (`sdrs_tooling::tolerances`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdrs_kernels::VarBuilder;
+use sdrs_tooling::tolerances::{tolerance, CaseKind};
 use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig, Error};
 
-/// Max |diff| the reference supports for the VAE in f32.
-const TOL_F32: f32 = 1e-3;
-/// A loose bound for f16 (11-bit significand) on the same O(1) outputs.
-const TOL_F16: f32 = 5e-2;
-/// bf16 keeps 3 bits fewer than f16, and the VAE runs some 30 convolutions in a row: decoded
-/// pixels in [-1, 1] come out about 8x further off than in f16 (9e-2 measured vs 1.1e-2).
-const TOL_BF16: f32 = 1.5e-1;
+/// The table's max |diff| for the VAE computed in `dtype` (1e-3 in f32, 5e-2 in f16, 1.5e-1 in
+/// bf16, whose decodes come out about 8x further off than in f16: 9e-2 measured vs 1.1e-2).
+fn bound(dtype: DType) -> f32 {
+    tolerance(CaseKind::Vae, dtype).unwrap() as f32
+}
 
 fn fixtures() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).to_path_buf()
@@ -91,41 +91,41 @@ fn check(what: &str, diffs: [f32; 3], tolerance: f32) {
 
 #[test]
 fn sd15_vae_matches_diffusers() {
-    // Tolerance: 1e-3 max |diff| (f32, CPU), as the fixtures README states for the VAE.
+    // Tolerance: the table's f32 VAE bound, 1e-3 max |diff| (the fixtures README's).
     check(
         "sd15 vae",
         diffs("tiny-sd15", "vae_sd15.safetensors", DType::F32),
-        TOL_F32,
+        bound(DType::F32),
     );
 }
 
 #[test]
 fn sdxl_vae_matches_diffusers() {
-    // Tolerance: 1e-3 max |diff| (f32, CPU).
+    // Tolerance: the table's f32 VAE bound, 1e-3 max |diff|.
     check(
         "sdxl vae",
         diffs("tiny-sdxl", "vae_sdxl.safetensors", DType::F32),
-        TOL_F32,
+        bound(DType::F32),
     );
 }
 
 #[test]
 fn sd15_vae_in_bf16_stays_close() {
-    // Tolerance: 1.5e-1 max |diff|, a loose bound for bf16 weights and activations.
+    // Tolerance: the table's bf16 VAE bound, 1.5e-1 max |diff| (bf16 weights and activations).
     check(
         "sd15 vae bf16",
         diffs("tiny-sd15", "vae_sd15.safetensors", DType::BF16),
-        TOL_BF16,
+        bound(DType::BF16),
     );
 }
 
 #[test]
 fn sdxl_vae_in_f16_stays_close() {
-    // Tolerance: 5e-2 max |diff|, a loose bound for f16 weights and activations.
+    // Tolerance: the table's f16 VAE bound, 5e-2 max |diff| (f16 weights and activations).
     check(
         "sdxl vae f16",
         diffs("tiny-sdxl", "vae_sdxl.safetensors", DType::F16),
-        TOL_F16,
+        bound(DType::F16),
     );
 }
 
