@@ -11,10 +11,11 @@ use sdrs_kernels::VarBuilder;
 use sdrs_tooling::tolerances::{tolerance, CaseKind};
 use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig, Error};
 
-/// The table's max |diff| for the VAE computed in `dtype` (1e-3 in f32, 5e-2 in f16, 1.5e-1 in
-/// bf16, whose decodes come out about 8x further off than in f16: 9e-2 measured vs 1.1e-2).
+/// The table's max |diff| for the VAE computed in `dtype` with activations in `dtype` too (1e-3
+/// in f32, 5e-2 in f16, 1.5e-1 in bf16, whose decodes come out about 8x further off than in f16:
+/// 9e-2 measured vs 1.1e-2).
 fn bound(dtype: DType) -> f32 {
-    tolerance(CaseKind::Vae, dtype).unwrap() as f32
+    tolerance(CaseKind::VaeHalfActivations, dtype).unwrap() as f32
 }
 
 fn fixtures() -> PathBuf {
