@@ -4,12 +4,12 @@
 
 use candle_core::Tensor;
 use candle_nn::Module;
+use sdrs_blocks::Conv2d;
 use sdrs_kernels::nn::{GroupNorm, Linear};
 use sdrs_kernels::VarBuilder;
 
 use crate::attention::BasicTransformerBlock;
 use crate::error::Result;
-use crate::resnet::Conv2d;
 
 /// The options of a [`Transformer2DModel`].
 #[derive(Debug, Clone)]

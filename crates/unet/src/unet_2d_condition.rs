@@ -2,14 +2,14 @@
 //! UNet of SD1.x, SD2.x and SDXL (base and refiner).
 
 use candle_core::{DType, Tensor};
+use sdrs_blocks::resnet::{conv2d_same, norm_act, Conv2d};
+use sdrs_blocks::Activation;
 use sdrs_kernels::nn::GroupNorm;
 use sdrs_kernels::VarBuilder;
 
-use crate::activations::Activation;
 use crate::config::{block_type_name, UNet2DConditionConfig};
 use crate::embeddings::{TimestepEmbedding, Timesteps};
 use crate::error::{Error, Result};
-use crate::resnet::{conv2d_same, Conv2d};
 use crate::unet_2d_blocks::{
     spatial_size, BlockConfig, CrossAttnConfig, CrossAttnDownBlock2D, CrossAttnUpBlock2D,
     DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D,
@@ -91,6 +91,7 @@ impl UNet2DConditionModel {
             name.as_deref()
                 .map(|name| Activation::from_config(key, name))
                 .transpose()
+                .map_err(Error::from)
         };
 
         let conv_in = conv2d_same(
@@ -389,8 +390,8 @@ impl UNet2DConditionModel {
             };
         }
 
-        let xs = crate::resnet::norm_act(&self.conv_norm_out, self.conv_act, &xs)?;
-        self.conv_out.forward(&xs)
+        let xs = norm_act(&self.conv_norm_out, self.conv_act, &xs)?;
+        Ok(self.conv_out.forward(&xs)?)
     }
 
     /// `add_embedding(concat(text_embeds, flatten(add_time_proj(time_ids))))`.

@@ -2,13 +2,12 @@
 //! autoencoder of "High-Resolution Image Synthesis with Latent Diffusion Models").
 
 use candle_core::Tensor;
-use sdrs_kernels::nn::GroupNorm;
-use sdrs_kernels::VarBuilder;
-use sdrs_unet::resnet::Conv2d;
-use sdrs_unet::unet_2d_blocks::{
+use sdrs_blocks::unet_2d_blocks::{
     BlockConfig, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D,
 };
-use sdrs_unet::Activation;
+use sdrs_blocks::{Activation, Conv2d};
+use sdrs_kernels::nn::GroupNorm;
+use sdrs_kernels::VarBuilder;
 
 use crate::config::AutoencoderKLConfig;
 use crate::error::Result;

@@ -1,12 +1,9 @@
-//! Activations of diffusers' `models/activations.py`: the `act_fn` names (`get_activation`) and
-//! the GEGLU projection of the transformer feed-forward.
+//! The `act_fn` activations of diffusers' `models/activations.py` (`get_activation`), shared by
+//! the UNet and the VAE.
 
 use std::str::FromStr;
 
 use candle_core::Tensor;
-use candle_nn::Module;
-use sdrs_kernels::nn::Linear;
-use sdrs_kernels::VarBuilder;
 
 use crate::error::{Error, Result};
 
@@ -64,27 +61,6 @@ impl FromStr for Activation {
                 accepted: Self::ACCEPTED.to_string(),
             }),
         }
-    }
-}
-
-/// GEGLU (Shazeer 2020, "GLU Variants Improve Transformer"): one projection to twice the inner
-/// size, split into a value half and a gate half, `value * gelu(gate)`.
-#[derive(Debug, Clone)]
-pub struct Geglu {
-    proj: Linear,
-}
-
-impl Geglu {
-    pub fn new(vb: VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
-        let proj = sdrs_kernels::nn::linear(dim_in, dim_out * 2, vb.pp("proj"))?;
-        Ok(Self { proj })
-    }
-
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(sdrs_kernels::nn::geglu(
-            &self.proj.forward(xs)?,
-            &self.proj.options(),
-        )?)
     }
 }
 
