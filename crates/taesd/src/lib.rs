@@ -1,7 +1,6 @@
 //! Tiny autoencoders of the TAESD family (TAESD, TAESDXL, TAESD3, TAEF1, TAEF2) as diffusers'
 //! `AutoencoderTiny`, loadable from the diffusers layout or madebyollin's original files.
 
-pub mod activations;
 pub mod autoencoder_tiny;
 pub mod config;
 pub mod convert;
@@ -17,3 +16,5 @@ pub use convert::bare_to_diffusers_key;
 pub use error::{BareKeyError, Error, Half, Result};
 pub use loader::{detect_layout, Layout};
 pub use metrics::{compare_images, ImageMetrics};
+pub use sdrs_blocks::Activation;
+pub use vae::UpsampleMode;
