@@ -145,6 +145,8 @@ impl Attention {
     /// `xs`: `[B, N, query_dim]` or `[B, query_dim, H, W]`; `encoder_hidden_states`:
     /// `[B, M, cross_attention_dim]` for cross-attention, `None` to attend to `xs` itself.
     pub fn forward(&self, xs: &Tensor, encoder_hidden_states: Option<&Tensor>) -> Result<Tensor> {
+        let _span =
+            tracing::trace_span!("attention", cross = encoder_hidden_states.is_some()).entered();
         let spatial = match xs.rank() {
             4 => Some(xs.dims4()?),
             _ => None,

@@ -3,6 +3,9 @@
 //! [`scaled_dot_product_attention`], and the VAE's encoder/decoder stages of
 //! `unet_2d_blocks.py`. The UNet, the VAE and the tiny autoencoders build on them; what only one
 //! model uses stays in that model's crate.
+//!
+//! Each [`Attention`] call opens a trace-level `attention` span (field `cross`); the models open
+//! the spans around the blocks, where the block's index is known.
 
 pub mod activations;
 pub mod attention;

@@ -334,14 +334,17 @@ impl ClipTextModel {
     }
 
     /// `hidden_states[0..=num_layers]`: the embeddings, then the output of each of the first
-    /// `num_layers` layers.
+    /// `num_layers` layers. Every entry point runs the layers through here, so the encoder's
+    /// span is opened here.
     fn run(&self, input_ids: &Tensor, num_layers: usize) -> Result<Vec<Tensor>> {
+        let _span = tracing::info_span!("clip.text_encoder", layers = num_layers).entered();
         let seq_len = input_ids.dim(1)?;
         let mask = causal_mask(seq_len, input_ids.device())?;
         let mut xs = self.embeddings.forward(input_ids)?;
         let mut states = Vec::with_capacity(num_layers + 1);
         states.push(xs.clone());
-        for layer in self.layers.iter().take(num_layers) {
+        for (i, layer) in self.layers.iter().take(num_layers).enumerate() {
+            let _span = tracing::trace_span!("clip.layer", index = i).entered();
             xs = layer.forward(&xs, &mask)?;
             states.push(xs.clone());
         }

@@ -1,5 +1,8 @@
 //! Tiny autoencoders of the TAESD family (TAESD, TAESDXL, TAESD3, TAEF1, TAEF2) as diffusers'
 //! `AutoencoderTiny`, loadable from the diffusers layout or madebyollin's original files.
+//!
+//! Tracing spans (no subscriber is installed here): `taesd.encode` and `taesd.decode`, at info
+//! level.
 
 pub mod autoencoder_tiny;
 pub mod config;

@@ -1,6 +1,11 @@
 //! diffusers' `UNet2DConditionModel` for sdrs (SD1.x, SD2.x, SDXL base and refiner). The building
 //! blocks it shares with the VAE (activations, resnets, resamplers, the attention layer) are in
 //! `sdrs-blocks`; the transformers, the cross-attention stages and the embeddings are here.
+//!
+//! Tracing spans (no subscriber is installed here): `unet` per forward pass, with
+//! `unet.time_embedding`, `unet.down_block` / `unet.up_block` (field `index`) and
+//! `unet.mid_block` inside, at info level; `unet.transformer_block` (field `index`, its depth in
+//! its `Transformer2DModel`) and `attention` (field `cross`) at trace level.
 
 pub mod attention;
 pub mod config;

@@ -97,7 +97,8 @@ impl Transformer2DModel {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Projection::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,
         };
-        for block in &self.transformer_blocks {
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            let _span = tracing::trace_span!("unet.transformer_block", index = i).entered();
             tokens = block.forward(&tokens, encoder_hidden_states)?;
         }
         let to_map = |t: &Tensor| -> Result<Tensor> {

@@ -275,6 +275,7 @@ impl UNet2DConditionModel {
     /// (or one timestep for the whole batch; any float dtype, fractional values allowed),
     /// conditioned on `encoder_hidden_states` `[B, 77, cross_attention_dim]` and, for SDXL,
     /// `added`. Any height and width work; computation is in `sample`'s dtype.
+    #[tracing::instrument(level = "info", name = "unet", skip_all)]
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -342,23 +343,28 @@ impl UNet2DConditionModel {
         };
 
         // Time embedding, plus SDXL's text/time embedding.
-        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(dtype)?;
-        let mut emb = self.time_embedding.forward(&t_emb)?;
-        if let Some(add) = &self.add_embedding {
-            let added = added.ok_or_else(|| Error::MissingAddedCondition {
-                addition_embed_type: "text_time".to_string(),
-                missing: "text_embeds and time_ids",
-            })?;
-            emb = (emb + self.text_time_embedding(add, added, batch, dtype)?)?;
-        }
-        if let Some(act) = &self.time_embed_act {
-            emb = act.forward(&emb)?;
-        }
+        let emb = {
+            let _span = tracing::info_span!("unet.time_embedding").entered();
+            let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(dtype)?;
+            let mut emb = self.time_embedding.forward(&t_emb)?;
+            if let Some(add) = &self.add_embedding {
+                let added = added.ok_or_else(|| Error::MissingAddedCondition {
+                    addition_embed_type: "text_time".to_string(),
+                    missing: "text_embeds and time_ids",
+                })?;
+                emb = (emb + self.text_time_embedding(add, added, batch, dtype)?)?;
+            }
+            if let Some(act) = &self.time_embed_act {
+                emb = act.forward(&emb)?;
+            }
+            emb
+        };
         let emb = Some(&emb);
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
-        for block in &self.down_blocks {
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            let _span = tracing::info_span!("unet.down_block", index = i).entered();
             let (out, states) = match block {
                 DownBlock::Plain(block) => block.forward(&xs, emb)?,
                 DownBlock::CrossAttn(block) => block.forward(&xs, emb, &encoder_hidden_states)?,
@@ -368,11 +374,13 @@ impl UNet2DConditionModel {
         }
 
         if let Some(mid) = &self.mid_block {
+            let _span = tracing::info_span!("unet.mid_block").entered();
             xs = mid.forward(&xs, emb, &encoder_hidden_states)?;
         }
 
         let last = self.up_blocks.len().saturating_sub(1);
         for (i, block) in self.up_blocks.iter().enumerate() {
+            let _span = tracing::info_span!("unet.up_block", index = i).entered();
             // The size of the skip connection the next block starts with.
             let upsample_size = if i != last && forward_upsample_size {
                 let next = skips.len().checked_sub(block.num_layers() + 1);
