@@ -1,5 +1,8 @@
 //! CLIP for sdrs: the CLIP BPE tokenizer and the CLIP text encoder (transformers'
 //! `CLIPTokenizer` and `CLIPTextModel` / `CLIPTextModelWithProjection`).
+//!
+//! Tracing spans (no subscriber is installed here): `clip.text_encoder` (field `layers`, the
+//! number run) at info level, one `clip.layer` (field `index`) per encoder layer at trace level.
 
 pub mod activations;
 pub mod configuration_clip;

@@ -5,37 +5,12 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
-use sdrs_kernels::nn::Linear;
+use sdrs_kernels::nn::{LayerNorm, Linear};
 use sdrs_kernels::VarBuilder;
 
 use crate::activations::Activation;
 use crate::configuration_clip::ClipTextConfig;
 use crate::error::{Error, Result};
-
-/// `nn.LayerNorm`, always computed in f32 (torch's half-precision kernels accumulate in f32 too).
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?.to_dtype(DType::F32)?,
-            bias: vb.get(size, "bias")?.to_dtype(DType::F32)?,
-            eps,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?.contiguous()?;
-        let ys = candle_nn::ops::layer_norm(&xs, &self.weight, &self.bias, self.eps as f32)?;
-        Ok(ys.to_dtype(dtype)?)
-    }
-}
 
 /// `CLIPTextEmbeddings`: `token_embedding(input_ids) + position_embedding(0..seq_len)`.
 #[derive(Debug, Clone)]
@@ -162,9 +137,9 @@ impl ClipEncoderLayer {
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {
             self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
-            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), h, eps)?,
+            layer_norm1: sdrs_kernels::nn::layer_norm(h, eps, vb.pp("layer_norm1"))?,
             mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
-            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), h, eps)?,
+            layer_norm2: sdrs_kernels::nn::layer_norm(h, eps, vb.pp("layer_norm2"))?,
         })
     }
 
@@ -229,10 +204,10 @@ impl ClipTextModel {
         Ok(Self {
             embeddings: ClipTextEmbeddings::new(text_model.pp("embeddings"), cfg)?,
             layers,
-            final_layer_norm: LayerNorm::new(
-                text_model.pp("final_layer_norm"),
+            final_layer_norm: sdrs_kernels::nn::layer_norm(
                 cfg.hidden_size,
                 cfg.layer_norm_eps,
+                text_model.pp("final_layer_norm"),
             )?,
             text_projection,
             config: cfg.clone(),
@@ -328,7 +303,7 @@ impl ClipTextModel {
 
     /// The model's `final_layer_norm`, for callers that pick a hidden state themselves.
     pub fn final_layer_norm(&self, xs: &Tensor) -> Result<Tensor> {
-        self.final_layer_norm.forward(xs)
+        Ok(self.final_layer_norm.forward(xs)?)
     }
 
     /// Checks `input_ids` and returns them as u32, with a host copy of the rows.
@@ -359,14 +334,17 @@ impl ClipTextModel {
     }
 
     /// `hidden_states[0..=num_layers]`: the embeddings, then the output of each of the first
-    /// `num_layers` layers.
+    /// `num_layers` layers. Every entry point runs the layers through here, so the encoder's
+    /// span is opened here.
     fn run(&self, input_ids: &Tensor, num_layers: usize) -> Result<Vec<Tensor>> {
+        let _span = tracing::info_span!("clip.text_encoder", layers = num_layers).entered();
         let seq_len = input_ids.dim(1)?;
         let mask = causal_mask(seq_len, input_ids.device())?;
         let mut xs = self.embeddings.forward(input_ids)?;
         let mut states = Vec::with_capacity(num_layers + 1);
         states.push(xs.clone());
-        for layer in self.layers.iter().take(num_layers) {
+        for (i, layer) in self.layers.iter().take(num_layers).enumerate() {
+            let _span = tracing::trace_span!("clip.layer", index = i).entered();
             xs = layer.forward(&xs, &mask)?;
             states.push(xs.clone());
         }

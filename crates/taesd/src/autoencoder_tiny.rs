@@ -152,24 +152,28 @@ impl AutoencoderTiny {
 
     /// Image in [-1, 1] (NCHW) -> raw latents, as diffusers' `AutoencoderTiny.encode(x).latents`.
     /// The input is cast to the model's dtype.
+    #[tracing::instrument(level = "info", name = "taesd.encode", skip_all)]
     pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
         self.check_input(image, "image to encode", self.config.in_channels)?;
         self.encoder()?.forward(image)
     }
 
     /// Raw latents -> image in [-1, 1] (not clamped), as diffusers' `AutoencoderTiny.decode(z).sample`.
+    #[tracing::instrument(level = "info", name = "taesd.decode", skip_all)]
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_input(latents, "latents to decode", self.config.latent_channels)?;
         self.decoder()?.forward(latents)
     }
 
     /// The original TAESD convention: image in [0, 1] -> latents.
+    #[tracing::instrument(level = "info", name = "taesd.encode", skip_all)]
     pub fn encode_unit(&self, image: &Tensor) -> Result<Tensor> {
         self.check_input(image, "image to encode", self.config.in_channels)?;
         self.encoder()?.forward_unit(image)
     }
 
     /// The original TAESD convention: latents -> image in [0, 1] (not clamped).
+    #[tracing::instrument(level = "info", name = "taesd.decode", skip_all)]
     pub fn decode_unit(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_input(latents, "latents to decode", self.config.latent_channels)?;
         self.decoder()?.forward_unit(latents)

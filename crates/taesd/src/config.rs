@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
+use sdrs_blocks::Activation;
 use serde::{Deserialize, Serialize};
 
-use crate::activations::{Activation, UpsampleMode};
 use crate::error::{Error, Result};
+use crate::vae::UpsampleMode;
 
 /// Configuration of a tiny autoencoder. Unknown JSON keys (such as `_class_name` or the
 /// `block_out_channels` alias diffusers writes) are ignored.
@@ -144,8 +145,12 @@ impl AutoencoderTinyConfig {
         Ok(())
     }
 
+    /// The parsed `act_fn` (any case, as diffusers' `get_activation` lower-cases it).
     pub fn activation(&self) -> Result<Activation> {
-        Activation::from_name(&self.act_fn)
+        Activation::from_config("act_fn", &self.act_fn).map_err(|_| Error::UnsupportedActivation {
+            act_fn: self.act_fn.clone(),
+            accepted: Activation::ACCEPTED,
+        })
     }
 
     pub fn upsample_mode(&self) -> Result<UpsampleMode> {
@@ -208,9 +213,30 @@ mod tests {
             act_fn: "tanh".to_string(),
             ..Default::default()
         };
-        assert!(matches!(
-            cfg.validate(),
-            Err(Error::UnsupportedActivation { .. })
-        ));
+        let err = cfg.validate().unwrap_err();
+        assert!(matches!(err, Error::UnsupportedActivation { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("\"tanh\"") && message.contains("relu"),
+            "{message}"
+        );
+        let cfg = AutoencoderTinyConfig {
+            upsample_fn: "bicubic".to_string(),
+            ..Default::default()
+        };
+        let message = cfg.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("bicubic") && message.contains("nearest"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn act_fn_is_read_in_any_case_like_get_activation() {
+        let cfg = AutoencoderTinyConfig {
+            act_fn: "ReLU".to_string(),
+            ..Default::default()
+        };
+        assert_eq!(cfg.activation().unwrap(), Activation::Relu);
     }
 }

@@ -58,11 +58,17 @@ pub enum Error {
         reason: String,
     },
 
-    #[error("unsupported act_fn {act_fn:?} (diffusers knows swish, silu, mish, gelu, relu)")]
-    UnsupportedActivation { act_fn: String },
+    #[error("unsupported act_fn {act_fn:?}; supported: {accepted}")]
+    UnsupportedActivation {
+        act_fn: String,
+        accepted: &'static str,
+    },
 
-    #[error("unsupported upsample_fn {upsample_fn:?} (supported: nearest, bilinear)")]
-    UnsupportedUpsample { upsample_fn: String },
+    #[error("unsupported upsample_fn {upsample_fn:?}; supported: {accepted}")]
+    UnsupportedUpsample {
+        upsample_fn: String,
+        accepted: &'static str,
+    },
 
     #[error("cannot load the weights {path}: {source}")]
     Weights {

@@ -4,10 +4,10 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::Conv2dConfig;
+use sdrs_blocks::Activation;
 use sdrs_kernels::nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, GroupNorm};
 use sdrs_kernels::VarBuilder;
 
-use crate::activations::Activation;
 use crate::error::{Error, Result};
 
 /// TAESD's `Block` hard-codes `nn.GroupNorm(4, n_gn)` in the pooled branch, with torch's default eps.

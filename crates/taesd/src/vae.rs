@@ -1,15 +1,50 @@
 //! `EncoderTiny` and `DecoderTiny` (diffusers `models/autoencoders/vae.py`): the two halves of
 //! `AutoencoderTiny`, each an `nn.Sequential` stored under `layers.<index>`.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Module, Result as CandleResult, Tensor};
 use candle_nn::Conv2dConfig;
+use sdrs_blocks::Activation;
 use sdrs_kernels::nn::{conv2d, conv2d_no_bias, Conv2d};
 use sdrs_kernels::VarBuilder;
 
-use crate::activations::{Activation, UpsampleMode};
 use crate::config::AutoencoderTinyConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::unet_2d_blocks::AutoencoderTinyBlock;
+
+/// An `upsample_fn` value: the mode of the `nn.Upsample` between `DecoderTiny`'s stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpsampleMode {
+    Nearest,
+    /// `nn.Upsample(mode="bilinear")`, whose `align_corners` defaults to false.
+    Bilinear,
+}
+
+impl UpsampleMode {
+    /// The `upsample_fn` names accepted, for error messages.
+    pub const ACCEPTED: &'static str = "nearest, bilinear";
+
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "nearest" => Ok(Self::Nearest),
+            "bilinear" => Ok(Self::Bilinear),
+            _ => Err(Error::UnsupportedUpsample {
+                upsample_fn: name.to_string(),
+                accepted: Self::ACCEPTED,
+            }),
+        }
+    }
+
+    /// `nn.Upsample(scale_factor=factor, mode=self)` on an NCHW tensor.
+    pub fn forward(&self, xs: &Tensor, factor: usize) -> CandleResult<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        match self {
+            Self::Nearest => xs.upsample_nearest2d(h * factor, w * factor),
+            Self::Bilinear => {
+                xs.upsample_bilinear2d_with_scale(factor as f64, factor as f64, false)
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Layer {
@@ -184,5 +219,35 @@ impl DecoderTiny {
     /// Number of blocks that carry TAEF2's pooled group-norm branch.
     pub fn pooled_blocks(&self) -> usize {
         count_pooled(&self.layers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn upsample_names_are_torch_modes() {
+        assert_eq!(
+            UpsampleMode::from_name("bilinear").unwrap(),
+            UpsampleMode::Bilinear
+        );
+        assert!(UpsampleMode::from_name("bicubic").is_err());
+    }
+
+    #[test]
+    fn nearest_upsample_repeats_pixels() {
+        let xs = Tensor::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu).unwrap();
+        let ys = UpsampleMode::Nearest.forward(&xs, 2).unwrap();
+        let rows = ys
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(rows[0], vec![1., 1., 2., 2.]);
+        assert_eq!(rows[3], vec![3., 3., 4., 4.]);
     }
 }

@@ -272,9 +272,15 @@ mod tests {
         assert_eq!(tolerance(CaseKind::Vae, DType::F32), Some(1e-3));
         assert_eq!(tolerance(CaseKind::Vae, DType::F16), Some(5e-2));
         assert_eq!(tolerance(CaseKind::Vae, DType::BF16), Some(5e-2));
-        assert_eq!(tolerance(CaseKind::VaeHalfActivations, DType::BF16), Some(1.5e-1));
+        assert_eq!(
+            tolerance(CaseKind::VaeHalfActivations, DType::BF16),
+            Some(1.5e-1)
+        );
         assert_eq!(tolerance(CaseKind::Vae, DType::F64), Some(1e-3));
-        assert_eq!(tolerance(CaseKind::VaeHalfActivations, DType::U8), Some(1.5e-1));
+        assert_eq!(
+            tolerance(CaseKind::VaeHalfActivations, DType::U8),
+            Some(1.5e-1)
+        );
         assert_eq!(tolerance(CaseKind::Tokenizer, DType::BF16), Some(0.0));
     }
 }

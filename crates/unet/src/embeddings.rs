@@ -4,10 +4,10 @@
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::Module;
+use sdrs_blocks::Activation;
 use sdrs_kernels::nn::Linear;
 use sdrs_kernels::VarBuilder;
 
-use crate::activations::Activation;
 use crate::error::Result;
 
 /// Sinusoidal features of scalar values (timesteps, or SDXL's size/crop ids).
@@ -89,7 +89,7 @@ impl TimestepEmbedding {
         let xs = self.act.forward(&self.linear_1.forward(xs)?)?;
         let xs = self.linear_2.forward(&xs)?;
         match &self.post_act {
-            Some(act) => act.forward(&xs),
+            Some(act) => Ok(act.forward(&xs)?),
             None => Ok(xs),
         }
     }

@@ -62,3 +62,31 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A shared block's error becomes the UNet's variant of the same name, so that callers match
+/// one enum whichever crate built the block.
+impl From<sdrs_blocks::Error> for Error {
+    fn from(err: sdrs_blocks::Error) -> Self {
+        match err {
+            sdrs_blocks::Error::Unsupported {
+                key,
+                value,
+                accepted,
+            } => Self::Unsupported {
+                key,
+                value,
+                accepted,
+            },
+            sdrs_blocks::Error::InvalidConfig {
+                key,
+                value,
+                expected,
+            } => Self::InvalidConfig {
+                key,
+                value,
+                expected,
+            },
+            sdrs_blocks::Error::Candle(err) => Self::Candle(err),
+        }
+    }
+}

@@ -4,12 +4,12 @@
 
 use candle_core::Tensor;
 use candle_nn::Module;
+use sdrs_blocks::Conv2d;
 use sdrs_kernels::nn::{GroupNorm, Linear};
 use sdrs_kernels::VarBuilder;
 
 use crate::attention::BasicTransformerBlock;
 use crate::error::Result;
-use crate::resnet::Conv2d;
 
 /// The options of a [`Transformer2DModel`].
 #[derive(Debug, Clone)]
@@ -97,7 +97,8 @@ impl Transformer2DModel {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Projection::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,
         };
-        for block in &self.transformer_blocks {
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            let _span = tracing::trace_span!("unet.transformer_block", index = i).entered();
             tokens = block.forward(&tokens, encoder_hidden_states)?;
         }
         let to_map = |t: &Tensor| -> Result<Tensor> {

@@ -1,53 +1,16 @@
-//! The UNet and VAE stages of diffusers' `models/unets/unet_2d_blocks.py`: `DownBlock2D`,
-//! `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D`, `CrossAttnUpBlock2D` for the
-//! UNet, and `DownEncoderBlock2D`, `UpDecoderBlock2D`, `UNetMidBlock2D` for the VAE.
+//! The UNet's stages of diffusers' `models/unets/unet_2d_blocks.py`: `DownBlock2D`,
+//! `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D`, `CrossAttnUpBlock2D`. The
+//! VAE's stages of that file, and the [`BlockConfig`] all of them are sized by, are in
+//! [`sdrs_blocks::unet_2d_blocks`].
 
 use candle_core::{Tensor, D};
+use sdrs_blocks::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use sdrs_kernels::VarBuilder;
 
-use crate::activations::Activation;
-use crate::attention::{Attention, AttentionConfig};
+pub use sdrs_blocks::unet_2d_blocks::BlockConfig;
+
 use crate::error::{Error, Result};
-use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use crate::transformer_2d::{Transformer2DModel, Transformer2DModelConfig};
-
-/// What every block shares: its resnets' sizes and options.
-#[derive(Debug, Clone)]
-pub struct BlockConfig {
-    /// Number of resnets (and transformers, for cross-attention blocks).
-    pub num_layers: usize,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    /// Size of the time embedding; `None` for the VAE.
-    pub temb_channels: Option<usize>,
-    pub resnet_eps: f64,
-    pub resnet_groups: usize,
-    pub act: Activation,
-    /// The resnets' (and the VAE mid-block attention's) output scale.
-    pub output_scale_factor: f64,
-}
-
-impl BlockConfig {
-    fn resnet(
-        &self,
-        vb: VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-    ) -> Result<ResnetBlock2D> {
-        let cfg = ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            temb_channels: self.temb_channels,
-            groups: self.resnet_groups,
-            groups_out: None,
-            eps: self.resnet_eps,
-            output_scale_factor: self.output_scale_factor,
-            use_in_shortcut: None,
-            conv_shortcut: false,
-            act: self.act,
-        };
-        ResnetBlock2D::new(vb, in_channels, &cfg)
-    }
-}
 
 /// The transformers of a cross-attention block.
 #[derive(Debug, Clone)]
@@ -129,16 +92,7 @@ impl DownBlock2D {
         cfg: &BlockConfig,
         downsample_padding: Option<usize>,
     ) -> Result<Self> {
-        let resnets = (0..cfg.num_layers)
-            .map(|j| {
-                let in_channels = if j == 0 {
-                    cfg.in_channels
-                } else {
-                    cfg.out_channels
-                };
-                cfg.resnet(item(&vb, "resnets", j), in_channels, cfg.out_channels)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = cfg.resnets(&vb)?;
         let downsampler = match downsample_padding {
             Some(padding) => Some(Downsample2D::new(
                 item(&vb, "downsamplers", 0),
@@ -287,7 +241,7 @@ impl UpBlock2D {
                     out
                 };
                 let resnet_in = if j == 0 { prev_output_channel } else { out };
-                cfg.resnet(item(&vb, "resnets", j), resnet_in + skip, out)
+                Ok(cfg.resnet(item(&vb, "resnets", j), resnet_in + skip, out)?)
             })
             .collect::<Result<Vec<_>>>()?;
         let upsampler = if add_upsample {
@@ -316,7 +270,7 @@ impl UpBlock2D {
             xs = resnet.forward(&concat_skip(&xs, skips)?, temb)?;
         }
         match &self.upsampler {
-            Some(up) => up.forward(&xs, upsample_size),
+            Some(up) => Ok(up.forward(&xs, upsample_size)?),
             None => Ok(xs),
         }
     }
@@ -374,130 +328,9 @@ impl CrossAttnUpBlock2D {
             xs = attn.forward(&xs, Some(encoder_hidden_states))?;
         }
         match &self.upsampler {
-            Some(up) => up.forward(&xs, upsample_size),
+            Some(up) => Ok(up.forward(&xs, upsample_size)?),
             None => Ok(xs),
         }
-    }
-}
-
-/// The VAE encoder's stage: resnets without time embedding, then a downsampler.
-#[derive(Debug, Clone)]
-pub struct DownEncoderBlock2D {
-    inner: DownBlock2D,
-}
-
-impl DownEncoderBlock2D {
-    /// `downsample_padding`: `Some(padding)` adds the downsampler; the VAE uses padding 0
-    /// (which pads right and bottom, see [`Downsample2D`]).
-    pub fn new(
-        vb: VarBuilder,
-        cfg: &BlockConfig,
-        downsample_padding: Option<usize>,
-    ) -> Result<Self> {
-        Ok(Self {
-            inner: DownBlock2D::new(vb, cfg, downsample_padding)?,
-        })
-    }
-
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(xs, None)?.0)
-    }
-}
-
-/// The VAE decoder's stage: resnets without skip connections, then an upsampler.
-#[derive(Debug, Clone)]
-pub struct UpDecoderBlock2D {
-    resnets: Vec<ResnetBlock2D>,
-    upsampler: Option<Upsample2D>,
-}
-
-impl UpDecoderBlock2D {
-    pub fn new(vb: VarBuilder, cfg: &BlockConfig, add_upsample: bool) -> Result<Self> {
-        let resnets = (0..cfg.num_layers)
-            .map(|j| {
-                let in_channels = if j == 0 {
-                    cfg.in_channels
-                } else {
-                    cfg.out_channels
-                };
-                cfg.resnet(item(&vb, "resnets", j), in_channels, cfg.out_channels)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let upsampler = if add_upsample {
-            let out = cfg.out_channels;
-            Some(Upsample2D::new(item(&vb, "upsamplers", 0), out, out)?)
-        } else {
-            None
-        };
-        Ok(Self { resnets, upsampler })
-    }
-
-    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut xs = xs.clone();
-        for resnet in &self.resnets {
-            xs = resnet.forward(&xs, temb)?;
-        }
-        match &self.upsampler {
-            Some(up) => up.forward(&xs, None),
-            None => Ok(xs),
-        }
-    }
-}
-
-/// The VAE's bottleneck: a resnet, then (optional self-attention, resnet) pairs. The attention
-/// is diffusers' `Attention` with a `group_norm`, q/k/v biases and a residual connection.
-#[derive(Debug, Clone)]
-pub struct UNetMidBlock2D {
-    first: ResnetBlock2D,
-    layers: Vec<(Option<Attention>, ResnetBlock2D)>,
-}
-
-impl UNetMidBlock2D {
-    /// `attention_head_dim`: channels per head (the VAE passes its channel count: one head).
-    pub fn new(
-        vb: VarBuilder,
-        cfg: &BlockConfig,
-        attention_head_dim: usize,
-        add_attention: bool,
-    ) -> Result<Self> {
-        let channels = cfg.in_channels;
-        let first = cfg.resnet(item(&vb, "resnets", 0), channels, channels)?;
-        let heads = channels.checked_div(attention_head_dim).unwrap_or(0);
-        let layers = (0..cfg.num_layers)
-            .map(|i| {
-                let attn = if add_attention {
-                    let attn_cfg = AttentionConfig {
-                        query_dim: channels,
-                        cross_attention_dim: None,
-                        heads,
-                        dim_head: attention_head_dim,
-                        bias: true,
-                        out_bias: true,
-                        norm_num_groups: Some(cfg.resnet_groups),
-                        eps: cfg.resnet_eps,
-                        residual_connection: true,
-                        rescale_output_factor: cfg.output_scale_factor,
-                    };
-                    Some(Attention::new(item(&vb, "attentions", i), &attn_cfg)?)
-                } else {
-                    None
-                };
-                let resnet = cfg.resnet(item(&vb, "resnets", i + 1), channels, channels)?;
-                Ok((attn, resnet))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { first, layers })
-    }
-
-    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut xs = self.first.forward(xs, temb)?;
-        for (attn, resnet) in &self.layers {
-            if let Some(attn) = attn {
-                xs = attn.forward(&xs, None)?;
-            }
-            xs = resnet.forward(&xs, temb)?;
-        }
-        Ok(xs)
     }
 }
 

@@ -2,14 +2,14 @@
 //! UNet of SD1.x, SD2.x and SDXL (base and refiner).
 
 use candle_core::{DType, Tensor};
+use sdrs_blocks::resnet::{conv2d_same, norm_act, Conv2d};
+use sdrs_blocks::Activation;
 use sdrs_kernels::nn::GroupNorm;
 use sdrs_kernels::VarBuilder;
 
-use crate::activations::Activation;
 use crate::config::{block_type_name, UNet2DConditionConfig};
 use crate::embeddings::{TimestepEmbedding, Timesteps};
 use crate::error::{Error, Result};
-use crate::resnet::{conv2d_same, Conv2d};
 use crate::unet_2d_blocks::{
     spatial_size, BlockConfig, CrossAttnConfig, CrossAttnDownBlock2D, CrossAttnUpBlock2D,
     DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D,
@@ -91,6 +91,7 @@ impl UNet2DConditionModel {
             name.as_deref()
                 .map(|name| Activation::from_config(key, name))
                 .transpose()
+                .map_err(Error::from)
         };
 
         let conv_in = conv2d_same(
@@ -274,6 +275,7 @@ impl UNet2DConditionModel {
     /// (or one timestep for the whole batch; any float dtype, fractional values allowed),
     /// conditioned on `encoder_hidden_states` `[B, 77, cross_attention_dim]` and, for SDXL,
     /// `added`. Any height and width work; computation is in `sample`'s dtype.
+    #[tracing::instrument(level = "info", name = "unet", skip_all)]
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -341,23 +343,28 @@ impl UNet2DConditionModel {
         };
 
         // Time embedding, plus SDXL's text/time embedding.
-        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(dtype)?;
-        let mut emb = self.time_embedding.forward(&t_emb)?;
-        if let Some(add) = &self.add_embedding {
-            let added = added.ok_or_else(|| Error::MissingAddedCondition {
-                addition_embed_type: "text_time".to_string(),
-                missing: "text_embeds and time_ids",
-            })?;
-            emb = (emb + self.text_time_embedding(add, added, batch, dtype)?)?;
-        }
-        if let Some(act) = &self.time_embed_act {
-            emb = act.forward(&emb)?;
-        }
+        let emb = {
+            let _span = tracing::info_span!("unet.time_embedding").entered();
+            let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(dtype)?;
+            let mut emb = self.time_embedding.forward(&t_emb)?;
+            if let Some(add) = &self.add_embedding {
+                let added = added.ok_or_else(|| Error::MissingAddedCondition {
+                    addition_embed_type: "text_time".to_string(),
+                    missing: "text_embeds and time_ids",
+                })?;
+                emb = (emb + self.text_time_embedding(add, added, batch, dtype)?)?;
+            }
+            if let Some(act) = &self.time_embed_act {
+                emb = act.forward(&emb)?;
+            }
+            emb
+        };
         let emb = Some(&emb);
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
-        for block in &self.down_blocks {
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            let _span = tracing::info_span!("unet.down_block", index = i).entered();
             let (out, states) = match block {
                 DownBlock::Plain(block) => block.forward(&xs, emb)?,
                 DownBlock::CrossAttn(block) => block.forward(&xs, emb, &encoder_hidden_states)?,
@@ -367,11 +374,13 @@ impl UNet2DConditionModel {
         }
 
         if let Some(mid) = &self.mid_block {
+            let _span = tracing::info_span!("unet.mid_block").entered();
             xs = mid.forward(&xs, emb, &encoder_hidden_states)?;
         }
 
         let last = self.up_blocks.len().saturating_sub(1);
         for (i, block) in self.up_blocks.iter().enumerate() {
+            let _span = tracing::info_span!("unet.up_block", index = i).entered();
             // The size of the skip connection the next block starts with.
             let upsample_size = if i != last && forward_upsample_size {
                 let next = skips.len().checked_sub(block.num_layers() + 1);
@@ -389,8 +398,8 @@ impl UNet2DConditionModel {
             };
         }
 
-        let xs = crate::resnet::norm_act(&self.conv_norm_out, self.conv_act, &xs)?;
-        self.conv_out.forward(&xs)
+        let xs = norm_act(&self.conv_norm_out, self.conv_act, &xs)?;
+        Ok(self.conv_out.forward(&xs)?)
     }
 
     /// `add_embedding(concat(text_embeds, flatten(add_time_proj(time_ids))))`.

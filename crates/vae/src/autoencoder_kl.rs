@@ -2,8 +2,8 @@
 //! `DiagonalGaussianDistribution` of `models/autoencoders/vae.py`.
 
 use candle_core::Tensor;
+use sdrs_blocks::Conv2d;
 use sdrs_kernels::VarBuilder;
-use sdrs_unet::resnet::Conv2d;
 
 use crate::config::AutoencoderKLConfig;
 use crate::error::{Error, Result};

@@ -4,7 +4,7 @@
 use std::fmt::Debug;
 use std::path::Path;
 
-use sdrs_unet::Activation;
+use sdrs_blocks::Activation;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -150,7 +150,7 @@ impl AutoencoderKLConfig {
     /// The parsed `act_fn`.
     pub fn activation(&self) -> Result<Activation> {
         Activation::from_config("act_fn", &self.act_fn).map_err(|err| match err {
-            sdrs_unet::Error::Unsupported {
+            sdrs_blocks::Error::Unsupported {
                 key,
                 value,
                 accepted,

@@ -45,10 +45,6 @@ pub enum Error {
         expected: String,
     },
 
-    /// An error from the building blocks shared with the UNet (resnets, attention).
-    #[error(transparent)]
-    Unet(#[from] sdrs_unet::Error),
-
     /// A tensor operation failed; for weights this names the tensor that is missing or has the
     /// wrong shape.
     #[error(transparent)]
@@ -56,3 +52,31 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A shared block's error (resnets, attention, `act_fn`) becomes the VAE's variant of the same
+/// name, so that callers match one enum.
+impl From<sdrs_blocks::Error> for Error {
+    fn from(err: sdrs_blocks::Error) -> Self {
+        match err {
+            sdrs_blocks::Error::Unsupported {
+                key,
+                value,
+                accepted,
+            } => Self::Unsupported {
+                key,
+                value,
+                accepted,
+            },
+            sdrs_blocks::Error::InvalidConfig {
+                key,
+                value,
+                expected,
+            } => Self::InvalidConfig {
+                key,
+                value,
+                expected,
+            },
+            sdrs_blocks::Error::Candle(err) => Self::Candle(err),
+        }
+    }
+}

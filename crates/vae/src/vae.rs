@@ -2,13 +2,12 @@
 //! autoencoder of "High-Resolution Image Synthesis with Latent Diffusion Models").
 
 use candle_core::Tensor;
-use sdrs_kernels::nn::GroupNorm;
-use sdrs_kernels::VarBuilder;
-use sdrs_unet::resnet::Conv2d;
-use sdrs_unet::unet_2d_blocks::{
+use sdrs_blocks::unet_2d_blocks::{
     BlockConfig, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D,
 };
-use sdrs_unet::Activation;
+use sdrs_blocks::{Activation, Conv2d};
+use sdrs_kernels::nn::GroupNorm;
+use sdrs_kernels::VarBuilder;
 
 use crate::config::AutoencoderKLConfig;
 use crate::error::Result;
@@ -99,12 +98,17 @@ impl Encoder {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "vae.encoder", skip_all)]
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut xs = self.conv_in.forward(xs)?;
-        for block in &self.down_blocks {
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            let _span = tracing::info_span!("vae.down_block", index = i).entered();
             xs = block.forward(&xs)?;
         }
-        let xs = self.mid_block.forward(&xs, None)?;
+        let xs = {
+            let _span = tracing::info_span!("vae.mid_block").entered();
+            self.mid_block.forward(&xs, None)?
+        };
         // diffusers quirk: the final activation is `nn.SiLU()` whatever `act_fn` says.
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         Ok(self.conv_out.forward(&xs)?)
@@ -164,10 +168,15 @@ impl Decoder {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "vae.decoder", skip_all)]
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.conv_in.forward(xs)?;
-        let mut xs = self.mid_block.forward(&xs, None)?;
-        for block in &self.up_blocks {
+        let mut xs = {
+            let _span = tracing::info_span!("vae.mid_block").entered();
+            self.mid_block.forward(&xs, None)?
+        };
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let _span = tracing::info_span!("vae.up_block", index = i).entered();
             xs = block.forward(&xs, None)?;
         }
         // diffusers quirk: the final activation is `nn.SiLU()` whatever `act_fn` says.
