@@ -99,15 +99,6 @@ impl KernelOptions {
             DType::F32
         }
     }
-
-    /// The name of what runs on `device`, for the benchmark's header.
-    pub fn describe(&self, device: &Device) -> String {
-        if on_cpu(device) {
-            format!("sdrs CPU kernels ({})", self.cpu_level().name())
-        } else {
-            format!("candle ({device:?})")
-        }
-    }
 }
 
 /// `SDRS_CPU_FEATURES`' value as a level cap.

@@ -131,14 +131,6 @@ impl Weight {
         }
     }
 
-    /// The dense tensor when the weight is stored dense.
-    pub fn as_dense(&self) -> Option<&Tensor> {
-        match self {
-            Self::Dense(t) => Some(t),
-            Self::Quantized { .. } => None,
-        }
-    }
-
     /// Bytes the weight holds in memory.
     pub fn storage_bytes(&self) -> usize {
         match self {
