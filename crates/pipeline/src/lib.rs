@@ -5,22 +5,21 @@
 pub mod bench;
 pub mod builtin;
 pub mod checkpoint;
-mod conditioning;
 pub mod device;
 pub mod error;
 pub mod model_files;
 pub mod parity;
-pub mod preview;
+pub mod pipeline;
 pub mod single_file;
-pub mod stable_diffusion;
 pub mod tensor_files;
 pub mod weights;
 
 pub use builtin::BuiltinModel;
-pub use conditioning::MicroConditioning;
 pub use device::{dtype_name, parse_device, parse_dtype, resolve_dtype};
 pub use error::{Error, Result};
 pub use model_files::ModelFiles;
-pub use stable_diffusion::{
-    InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress,
-};
+/// The pipeline module under its earlier name (`sdrs_pipeline::stable_diffusion::...`).
+pub use pipeline as stable_diffusion;
+pub use pipeline::preview;
+pub use pipeline::MicroConditioning;
+pub use pipeline::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress};

@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Tensor};
 
+use super::ModelFamily;
 use crate::error::{Error, Result};
-use crate::stable_diffusion::ModelFamily;
 
 /// `[C][3]` weights and a `[3]` bias mapping each latent pixel to RGB in about `[-1, 1]`.
 pub struct LatentRgbFactors {

@@ -4,6 +4,9 @@
 //! `pipeline_stable_diffusion_xl_img2img.py` step for step, including the order in which the
 //! generator is drawn from.
 
+mod conditioning;
+pub mod preview;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,11 +21,12 @@ use sdrs_kernels::KernelOptions;
 
 use crate::bench::RandomWeights;
 use crate::checkpoint::Checkpoint;
-use crate::conditioning::{Conditioning, MicroConditioning, Prompts, TextEncoder, TextEncoders};
 use crate::error::{Error, Result};
 use crate::model_files::{builtin_for_checkpoint, ModelFiles};
 use crate::single_file::CheckpointFamily;
 use crate::weights::{find_weights, var_builder};
+pub use conditioning::MicroConditioning;
+use conditioning::{Conditioning, Prompts, TextEncoder, TextEncoders};
 use sdrs_taesd::AutoencoderTiny;
 
 /// Which kind of Stable Diffusion model a folder holds, detected from its own files.
@@ -814,8 +818,8 @@ impl StableDiffusion {
         if self.tiny_vae.is_some() {
             return self.decode(latents);
         }
-        let factors = crate::preview::latent_rgb_factors(self.family, latents.dim(1)?)?;
-        crate::preview::linear_preview(latents, &factors)
+        let factors = preview::latent_rgb_factors(self.family, latents.dim(1)?)?;
+        preview::linear_preview(latents, &factors)
     }
 
     /// Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (f32), with the tiny autoencoder
