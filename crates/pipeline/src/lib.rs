@@ -14,12 +14,19 @@ pub mod single_file;
 pub mod tensor_files;
 pub mod weights;
 
+/// The pipeline module under its earlier name (`sdrs_pipeline::stable_diffusion::...`).
+pub use pipeline as stable_diffusion;
+pub use pipeline::{components, preview, refiner};
+
 pub use builtin::BuiltinModel;
 pub use device::{dtype_name, parse_device, parse_dtype, resolve_dtype};
 pub use error::{Error, Result};
 pub use model_files::ModelFiles;
-/// The pipeline module under its earlier name (`sdrs_pipeline::stable_diffusion::...`).
-pub use pipeline as stable_diffusion;
-pub use pipeline::preview;
-pub use pipeline::MicroConditioning;
-pub use pipeline::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress};
+pub use pipeline::components::{
+    AddedConditions, Denoiser, LatentDecoder, LatentEncoder, PromptEncoder, TextEmbeddings,
+    TextLayer,
+};
+pub use pipeline::{
+    Conditioning, InitImage, LoadOptions, MicroConditioning, ModelFamily, NativeSize, Refiner,
+    Request, StableDiffusion, StepProgress,
+};
