@@ -658,7 +658,10 @@ impl StableDiffusion {
         self.in_pool(|| decoder.decode(latents))
     }
 
-    fn check_request(&self, request: &Request) -> Result<()> {
+    /// Checks `request` against this model without running anything: the size a positive
+    /// multiple of the VAE's factor, at least one step, a finite guidance scale, the strength in
+    /// `(0, 1]` and the denoising fractions strictly between 0 and 1. Every generation does.
+    pub fn check_request(&self, request: &Request) -> Result<()> {
         let factor = self.vae_scale_factor();
         for (name, value) in [("width", request.width), ("height", request.height)] {
             if value == 0 || value % factor != 0 {
