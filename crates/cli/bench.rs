@@ -7,19 +7,18 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use clap::Args;
-use sdrs_clip::{ClipTextConfig, ClipTextModel};
 use sdrs_kernels::attention::AttentionMode;
-use sdrs_kernels::KernelOptions;
+use sdrs_pipeline::components::TinyAutoencoder;
+use sdrs_pipeline::pipeline::{activation_dtype, tiny_autoencoder_dtype};
 use sdrs_pipeline::random_weights::RandomWeights;
-use sdrs_pipeline::stable_diffusion::{activation_dtype, tiny_autoencoder_dtype};
-use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
-use sdrs_pipeline::{BuiltinModel, LoadOptions, ModelFiles, Request, StableDiffusion};
+use sdrs_pipeline::{
+    BuiltinModel, DeviceChoice, DtypeChoice, LatentDecoder, LoadOptions, ModelFiles, NativeSize,
+    Request, StableDiffusion,
+};
 use sdrs_taesd::{AutoencoderTiny, AutoencoderTinyConfig};
 use sdrs_tooling::flops::{clip_flops, unet_flops, vae_decode_flops};
-use sdrs_unet::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
-use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
 
 use crate::system;
 
@@ -43,16 +42,16 @@ pub struct BenchArgs {
 
     /// Compute dtype: auto (bf16 on CPUs with native bf16 dot products, else f32; f16 on GPUs),
     /// f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, default_value = "auto", value_parser = crate::generate::parse_dtype)]
+    pub dtype: DtypeChoice,
 
     /// Attention kernel: auto, naive, sliced, sliced:N or flash.
     #[arg(long, default_value = "auto", value_parser = crate::generate::parse_attention)]
     pub attention: AttentionMode,
 
     /// Device: cpu, cuda[:N], metal or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, default_value = "cpu", value_parser = crate::generate::parse_device)]
+    pub device: DeviceChoice,
 
     /// Worker threads for the CPU kernels (default: the number of physical cores).
     #[arg(long)]
@@ -77,6 +76,11 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file (`-` for standard output instead of the table).
     #[arg(long)]
     pub json: Option<PathBuf>,
+
+    /// Write a Chrome trace of the parts (text encoding, each step, the decodes...) to this JSON
+    /// file, for chrome://tracing or Perfetto (default: the file `SDRS_TRACE` names, else none).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
 }
 
 /// One measured part.
@@ -121,6 +125,14 @@ impl Measurement {
     }
 }
 
+/// CLIP's context length, which every prompt is padded to.
+const TOKENS: usize = 77;
+
+/// The prompts every part encodes; with a negative prompt both branches are encoded for every
+/// family (an SDXL base zeroes a missing one instead).
+const PROMPT: &str = "a photograph of an astronaut riding a horse";
+const NEGATIVE_PROMPT: &str = "blurry, low quality";
+
 /// Where the configs and weights come from.
 enum Source {
     Builtin(BuiltinModel),
@@ -149,151 +161,58 @@ impl Source {
         }
     }
 
-    fn has(&self, component: &str) -> bool {
-        let path = format!("{component}/config.json");
+    fn files(&self) -> ModelFiles {
         match self {
-            Self::Builtin(model) => model.file(&path).is_some(),
-            Self::Folder(root) => root.join(path).is_file(),
+            Self::Builtin(model) => ModelFiles::Builtin(*model),
+            Self::Folder(root) => ModelFiles::Folder(root.clone()),
         }
     }
 
-    fn config<T: serde::de::DeserializeOwned>(&self, component: &str) -> Result<T> {
-        let path = format!("{component}/config.json");
-        let value = match self {
-            Self::Builtin(model) => model
-                .json(&path)
-                .with_context(|| format!("{} has no built-in {path}", model.name()))?,
-            Self::Folder(root) => read_json(&root.join(&path))?,
-        };
-        serde_json::from_value(value).with_context(|| format!("cannot read {path}"))
-    }
-
-    /// The weights of `component`, in the dtype and weight variant a generation would load.
-    fn weights(
-        &self,
-        component: &'static str,
-        seed: u64,
-        options: &LoadOptions,
-    ) -> Result<sdrs_kernels::VarBuilder<'static>> {
-        let (dtype, device) = (options.dtype, &options.device);
-        let vb = match self {
-            Self::Builtin(_) => {
-                RandomWeights::for_component(seed, component).into_var_builder(dtype, device)
-            }
-            Self::Folder(root) => {
-                let files = find_weights(&root.join(component), options.variant.as_deref())?;
-                var_builder(component, &files, dtype, device)?
-            }
-        };
-        Ok(sdrs_kernels::VarBuilder::new(vb, options.kernels))
-    }
-}
-
-/// The models of one pipeline, built once and timed part by part.
-struct Models {
-    encoders: Vec<(ClipTextModel, ClipTextConfig)>,
-    unet: UNet2DConditionModel,
-    unet_config: UNet2DConditionConfig,
-    vae: AutoencoderKL,
-    vae_config: AutoencoderKLConfig,
-}
-
-impl Models {
-    fn build(source: &Source, seed: u64, options: &LoadOptions) -> Result<Self> {
-        let mut encoders = Vec::new();
-        for name in ["text_encoder", "text_encoder_2"] {
-            if source.has(name) {
-                let config: ClipTextConfig = source.config(name)?;
-                let vb = source.weights(name, seed, options)?;
-                encoders.push((ClipTextModel::new(vb, &config)?, config));
-            }
-        }
-        let unet_config: UNet2DConditionConfig = source.config("unet")?;
-        let unet = UNet2DConditionModel::new(source.weights("unet", seed, options)?, &unet_config)?;
-        let vae_config: AutoencoderKLConfig = source.config("vae")?;
-        let vae = AutoencoderKL::new(source.weights("vae", seed, options)?, &vae_config)?;
-        Ok(Self {
-            encoders,
-            unet,
-            unet_config,
-            vae,
-            vae_config,
+    /// The pipeline a generation loads: for a built-in architecture, its shapes with seeded
+    /// random weights; for a folder, its own weights (in the variant a generation reads).
+    fn pipeline(&self, seed: u64, options: &LoadOptions) -> Result<StableDiffusion> {
+        Ok(match self {
+            Self::Builtin(_) => StableDiffusion::random(&self.files(), seed, options)?,
+            Self::Folder(root) => StableDiffusion::load(root, options)?,
         })
     }
+}
 
-    fn sdxl(&self) -> bool {
-        self.unet_config.addition_embed_type.as_deref() == Some("text_time")
-    }
-
-    /// The text conditioning for `batch` prompts as the pipelines build it: the last hidden state
-    /// for SD1.x, the concatenated penultimate layers and the pooled projection for SDXL.
-    fn encode(&self, ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let mut states = Vec::new();
-        let mut pooled = None;
-        for (model, _) in &self.encoders {
-            let output = model.forward(ids)?;
-            if self.sdxl() {
-                states.push(output.hidden_states[output.hidden_states.len() - 2].clone());
-                pooled = output.text_embeds.or(Some(output.pooled));
-            } else {
-                states.push(output.last_hidden_state);
-            }
-        }
-        Ok((Tensor::cat(&states, 2)?, pooled))
-    }
-
-    /// SDXL's added conditions: the pooled embedding and the size/crop (or aesthetic) time ids,
-    /// sized from the UNet config.
-    fn added(&self, pooled: Option<&Tensor>, batch: usize) -> Result<Option<AddedConditions>> {
-        let Some(pooled) = pooled else {
-            return Ok(None);
-        };
-        let projection = self
-            .unet_config
-            .projection_class_embeddings_input_dim
-            .unwrap_or(0);
-        let time_dim = self.unet_config.addition_time_embed_dim.unwrap_or(1).max(1);
-        let ids = projection.saturating_sub(pooled.dim(1)?) / time_dim;
-        let time_ids = Tensor::ones((batch, ids), pooled.dtype(), pooled.device())?;
-        Ok(Some(AddedConditions {
-            text_embeds: pooled.clone(),
-            time_ids,
-        }))
-    }
+/// One image's request as `sdrs generate` makes it: the model's defaults, `size`, `steps`.
+fn bench_request(pipeline: &StableDiffusion, size: usize, steps: usize, seed: u64) -> Request {
+    let mut request = Request::new(pipeline, PROMPT, pipeline.scheduler_config().clone());
+    request.negative_prompt = Some(NEGATIVE_PROMPT.to_string());
+    request.width = size;
+    request.height = size;
+    request.steps = steps;
+    request.seed = Some(seed);
+    request
 }
 
 pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
+    let _trace = crate::trace::start(args.trace.as_deref())?;
     let kernel_options = system::kernel_options(args.attention)?;
-    // The parts run on the thread pool a pipeline loaded with these options would have.
-    let pool = LoadOptions::default()
-        .with_threads(args.threads)
-        .thread_pool()?;
-    let threads = pool.current_num_threads();
-    pool.install(|| measure(args, kernel_options, threads))
-}
-
-fn measure(
-    args: BenchArgs,
-    kernel_options: KernelOptions,
-    threads: usize,
-) -> Result<std::process::ExitCode> {
     let source = Source::parse(&args.model)?;
-    let device = sdrs_pipeline::parse_device(&args.device)?;
-    let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device, &kernel_options)?;
+    let device = args.device.open()?;
+    let dtype = args.dtype.resolve(&device, &kernel_options);
     let parts = selected_parts(&args.parts)?;
     if args.batch == 0 || args.runs == 0 || args.steps == 0 {
         bail!("--batch, --runs and --steps must be at least 1");
     }
-    let unet_config: UNet2DConditionConfig = source.config("unet")?;
-    let vae_config: AutoencoderKLConfig = source.config("vae")?;
-    let scale = 1 << vae_config.block_out_channels.len().saturating_sub(1);
-    let size = args
-        .size
-        .unwrap_or(unet_config.sample_size.unwrap_or(64) * scale);
+    let files = source.files();
+    let native = NativeSize::of(&files)?;
+    let scale = native.vae_scale_factor;
+    let size = args.size.unwrap_or(native.pixels);
     if size == 0 || size % scale != 0 {
         bail!("--size {size} must be a positive multiple of {scale}");
     }
-    let latent = size / scale;
+    // Every part computes on the thread pool a pipeline loaded with these options has; a model
+    // folder's weights are read as a generation reads them (fp16 files for half precision).
+    let options = LoadOptions::new(device.clone(), dtype, None)
+        .with_kernels(kernel_options)
+        .with_threads(args.threads);
+    let pool = options.thread_pool()?;
+    let threads = pool.current_num_threads();
     // Activations flow as the pipeline runs them: f32 on the CPU around half-precision weights.
     let activations = activation_dtype(dtype, &device);
     let probe = Tensor::zeros((1, 1, 1, 1), activations, &device)?;
@@ -320,72 +239,18 @@ fn measure(
     eprintln!("sdrs bench: {header}");
 
     let mut results = Vec::new();
-    let unet_batch = 2 * args.batch;
-    let tokens = 77;
-    let ids = Tensor::zeros((unet_batch, tokens), DType::U32, &device)?;
-    let latents = Tensor::randn(0f32, 1.0, (unet_batch, 4, latent, latent), &device)?
-        .to_dtype(activations)?;
-    // A model folder's weights are read as a generation reads them (fp16 files for half precision).
-    let options = LoadOptions::new(device.clone(), dtype, None)
-        .with_kernels(kernel_options)
-        .with_threads(Some(threads));
     // The whole generation runs first, so that its peak memory is its own (the process's
     // high-water mark only grows; later parts report theirs on top of it).
     if parts.contains(&"generate") {
         results.push(whole_generation(&source, &args, &options, size)?);
     }
-    let needs_models = parts.iter().any(|p| ["text", "unet", "vae"].contains(p));
-    if needs_models {
+    if parts.iter().any(|p| ["text", "unet", "vae"].contains(p)) {
         eprintln!("building the models...");
-        let models = Models::build(&source, args.seed, &options)?;
-        if parts.contains(&"text") {
-            let flops: f64 = models
-                .encoders
-                .iter()
-                .map(|(_, cfg)| clip_flops(cfg, unet_batch, tokens))
-                .sum();
-            let seconds = time_runs(args.runs, || models.encode(&ids).map(|_| ()))?;
-            results.push(measured("text encoder", seconds, Some(flops)));
-        }
-        if parts.contains(&"unet") {
-            let (context, pooled) = models.encode(&ids)?;
-            let context = context.to_dtype(activations)?;
-            let added = models.added(pooled.as_ref(), unet_batch)?;
-            let timestep = Tensor::new(&[500f32], &device)?;
-            let flops = unet_flops(&models.unet_config, unet_batch, latent, latent, tokens)?;
-            let seconds = time_runs(args.runs, || {
-                models
-                    .unet
-                    .forward(&latents, &timestep, &context, added.as_ref())?;
-                Ok(())
-            })?;
-            results.push(measured("UNet step", seconds, Some(flops)));
-        }
-        if parts.contains(&"vae") {
-            let one = latents.narrow(0, 0, args.batch)?;
-            let flops = vae_decode_flops(&models.vae_config, args.batch, latent, latent);
-            let seconds = time_runs(args.runs, || {
-                models.vae.decode(&one)?;
-                Ok(())
-            })?;
-            results.push(measured("VAE decode", seconds, Some(flops)));
-        }
+        let pipeline = source.pipeline(args.seed, &options)?;
+        results.extend(component_parts(&pipeline, &files, &args, &parts, size)?);
     }
     if parts.contains(&"taesd") {
-        // TAESD proper: no TAEF2 pooled branch.
-        let weights = RandomWeights::new(args.seed).without(&["pool"]);
-        let tiny = AutoencoderTiny::new(
-            sdrs_kernels::VarBuilder::new(
-                weights.into_var_builder(tiny_autoencoder_dtype(dtype, &device), &device),
-                kernel_options,
-            ),
-            &AutoencoderTinyConfig::default(),
-        )?;
-        let one = latents.narrow(0, 0, args.batch)?;
-        let seconds = time_runs(args.runs, || {
-            tiny.decode(&one)?;
-            Ok(())
-        })?;
+        let seconds = pool.install(|| taesd_decode(&args, &options, size / scale))?;
         results.push(measured("TAESD decode", seconds, None));
     }
 
@@ -395,7 +260,7 @@ fn measure(
         "batch": args.batch,
         "dtype": sdrs_pipeline::dtype_name(dtype),
         "activation_dtype": sdrs_pipeline::dtype_name(activations),
-        "device": args.device,
+        "device": args.device.to_string(),
         "threads": threads,
         "kernels": kernels,
         "results": results.iter().map(Measurement::json).collect::<Vec<_>>(),
@@ -415,6 +280,105 @@ fn measure(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// The text encoder, one UNet step and the VAE decode of `pipeline`, as a generation calls them
+/// (each on the pipeline's thread pool), for the `parts` asked for.
+fn component_parts(
+    pipeline: &StableDiffusion,
+    files: &ModelFiles,
+    args: &BenchArgs,
+    parts: &[&str],
+    size: usize,
+) -> Result<Vec<Measurement>> {
+    let mut results = Vec::new();
+    let latent = size / pipeline.vae_scale_factor();
+    let unet_batch = 2 * args.batch;
+    let request = bench_request(pipeline, size, args.steps, args.seed);
+    if parts.contains(&"text") {
+        let mut flops = 0.0;
+        for encoder in ["text_encoder", "text_encoder_2"] {
+            if files.has_file(&format!("{encoder}/config.json")) {
+                flops += clip_flops(&files.text_config(encoder)?, unet_batch, TOKENS);
+            }
+        }
+        // Each image's prompts (negative and positive) encoded as a generation does.
+        let seconds = pipeline.in_pool(|| {
+            time_runs(args.runs, || {
+                for _ in 0..args.batch {
+                    pipeline.encode_prompts(&request)?;
+                }
+                Ok(())
+            })
+        })?;
+        results.push(measured("text encoder", seconds, Some(flops)));
+    }
+    if parts.contains(&"unet") {
+        let conditioning = pipeline.encode_prompts(&request)?.repeat(args.batch)?;
+        let denoiser = pipeline.denoiser()?;
+        let shape = (unet_batch, denoiser.in_channels(), latent, latent);
+        let sample =
+            Tensor::randn(0f32, 1.0, shape, denoiser.device())?.to_dtype(denoiser.dtype())?;
+        let timestep = Tensor::full(500f32, unet_batch, denoiser.device())?;
+        let flops = unet_flops(&files.unet_config()?, unet_batch, latent, latent, TOKENS)?;
+        let seconds = pipeline.in_pool(|| {
+            time_runs(args.runs, || {
+                denoiser.forward(
+                    &sample,
+                    &timestep,
+                    &conditioning.embeddings,
+                    conditioning.added.as_ref(),
+                )?;
+                Ok(())
+            })
+        })?;
+        results.push(measured("UNet step", seconds, Some(flops)));
+    }
+    if parts.contains(&"vae") {
+        let flops = vae_decode_flops(&files.vae_config()?, args.batch, latent, latent);
+        let channels = pipeline.vae_decoder().latent_channels();
+        let latents = random_latents(args.batch, channels, latent, pipeline.device())?;
+        let seconds = time_runs(args.runs, || {
+            pipeline.decode(&latents)?;
+            Ok(())
+        })?;
+        results.push(measured("VAE decode", seconds, Some(flops)));
+    }
+    Ok(results)
+}
+
+/// Times a TAESD decode of `args.batch` latents of `latent` x `latent`, as `--vae` makes a
+/// generation decode, with seeded random weights (TAESD proper: no TAEF2 pooled branch).
+fn taesd_decode(args: &BenchArgs, options: &LoadOptions, latent: usize) -> Result<Vec<f64>> {
+    let (dtype, device) = (options.dtype, &options.device);
+    let weights = RandomWeights::new(args.seed).without(&["pool"]);
+    let tiny = TinyAutoencoder::new(AutoencoderTiny::new(
+        sdrs_kernels::VarBuilder::new(
+            weights.into_var_builder(tiny_autoencoder_dtype(dtype, device), device),
+            options.kernels,
+        ),
+        &AutoencoderTinyConfig::default(),
+    )?);
+    let latents = random_latents(args.batch, tiny.latent_channels(), latent, device)?;
+    time_runs(args.runs, || {
+        tiny.decode(&latents)?;
+        Ok(())
+    })
+}
+
+/// Standard normal latents `[batch, channels, latent, latent]` in f32.
+fn random_latents(
+    batch: usize,
+    channels: usize,
+    latent: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    Ok(Tensor::randn(
+        0f32,
+        1.0,
+        (batch, channels, latent, latent),
+        device,
+    )?)
+}
+
 /// The whole text-to-image path as `sdrs generate` runs it, in a fresh state: load the model
 /// (built from random weights for a built-in architecture), encode the prompts, run `steps`
 /// guided steps with the model's scheduler and decode one image, each model freed after its last
@@ -427,23 +391,10 @@ fn whole_generation(
 ) -> Result<Measurement> {
     system::reset_peak_rss();
     let start = Instant::now();
-    let pipeline = match source {
-        Source::Builtin(model) => {
-            StableDiffusion::random(&ModelFiles::Builtin(*model), args.seed, options)?
-        }
-        Source::Folder(root) => StableDiffusion::load(root, options)?,
-    };
+    let pipeline = source.pipeline(args.seed, options)?;
     let loading = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let mut request = Request::new(
-        &pipeline,
-        "a photograph of an astronaut riding a horse",
-        pipeline.scheduler_config().clone(),
-    );
-    request.width = size;
-    request.height = size;
-    request.steps = args.steps;
-    request.seed = Some(args.seed);
+    let request = bench_request(&pipeline, size, args.steps, args.seed);
     pipeline.generate_once(&request, &mut |_| {})?;
     let seconds = start.elapsed().as_secs_f64();
     eprintln!(

@@ -2,12 +2,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use sdrs_kernels::attention::AttentionMode;
+use sdrs_kernels::KernelOptions;
 use sdrs_pipeline::stable_diffusion::tiny_autoencoder_dtype;
-use sdrs_pipeline::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion};
+use sdrs_pipeline::{
+    DeviceChoice, DtypeChoice, InitImage, LoadOptions, Refiner, Request, StableDiffusion,
+    StepProgress,
+};
 use sdrs_schedulers::{Sampler, SigmaSchedule};
 use sdrs_taesd::AutoencoderTiny;
 
@@ -109,12 +115,12 @@ pub struct GenerateArgs {
     pub seed: i64,
 
     /// Sampler, by stable-diffusion.cpp name (`euler`, `dpm++2m`, `ddim`, ...) or AUTOMATIC1111 label (`DPM++ 2M Karras`).
-    #[arg(long = "sampling-method", default_value = "dpm++2m")]
-    pub sampling_method: String,
+    #[arg(long = "sampling-method", default_value = "dpm++2m", value_parser = parse_sampler)]
+    pub sampling_method: SamplerName,
 
     /// Sigma schedule: discrete, karras or exponential (default: karras for DPM++ 2M, else the sampler's own).
-    #[arg(long)]
-    pub scheduler: Option<String>,
+    #[arg(long, value_parser = parse_schedule)]
+    pub scheduler: Option<SigmaSchedule>,
 
     /// Use CLIP's N-th layer from the end (1 = last, 2 = penultimate, as in AUTOMATIC1111).
     #[arg(long = "clip-skip")]
@@ -140,13 +146,13 @@ pub struct GenerateArgs {
     pub output: PathBuf,
 
     /// Device: auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
 
     /// Compute dtype: auto (bf16 on CPUs with native bf16 dot products, f32 on other CPUs, f16 on
     /// GPUs), f32, f16 or bf16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    pub dtype: DtypeChoice,
 
     /// Attention kernel: auto, naive, sliced, sliced:N (N batch x head slices at a time) or flash.
     #[arg(long, default_value = "auto", value_parser = parse_attention)]
@@ -155,21 +161,59 @@ pub struct GenerateArgs {
     /// Worker threads for the CPU kernels (default: the number of physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
+
+    /// Write a Chrome trace of the run (text encoding, each step, the decode...) to this JSON
+    /// file, for chrome://tracing or Perfetto (default: the file `SDRS_TRACE` names, else none).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
 }
 
-/// The sampler and schedule the flags ask for: an explicit `--scheduler` wins over a schedule implied
-/// by the sampler label (`DPM++ 2M Karras`), which wins over the default (Karras for DPM++ 2M).
-pub fn resolve_sampler(method: &str, scheduler: Option<&str>) -> Result<(Sampler, SigmaSchedule)> {
-    let (sampler, implied) = Sampler::from_name(method)?;
-    let schedule = match scheduler {
-        Some(name) => SigmaSchedule::from_name(name)?,
-        None => implied.unwrap_or(if sampler == Sampler::Dpmpp2m {
-            SigmaSchedule::Karras
-        } else {
-            SigmaSchedule::Discrete
-        }),
-    };
-    Ok((sampler, schedule))
+/// A sampler as `--sampling-method` names it, with the schedule its label implies
+/// (`DPM++ 2M Karras`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamplerName {
+    pub sampler: Sampler,
+    pub implied_schedule: Option<SigmaSchedule>,
+}
+
+impl SamplerName {
+    /// The schedule to sample with: an explicit `--scheduler` wins over the one the label implies,
+    /// which wins over the default (Karras for DPM++ 2M, else the sampler's own).
+    pub fn schedule(&self, explicit: Option<SigmaSchedule>) -> SigmaSchedule {
+        explicit
+            .or(self.implied_schedule)
+            .unwrap_or(if self.sampler == Sampler::Dpmpp2m {
+                SigmaSchedule::Karras
+            } else {
+                SigmaSchedule::Discrete
+            })
+    }
+}
+
+/// clap's parser for `--sampling-method`: an unknown name lists the accepted ones.
+pub fn parse_sampler(name: &str) -> Result<SamplerName, String> {
+    let (sampler, implied_schedule) = Sampler::from_name(name).map_err(|e| e.to_string())?;
+    Ok(SamplerName {
+        sampler,
+        implied_schedule,
+    })
+}
+
+/// clap's parser for `--scheduler`.
+pub fn parse_schedule(name: &str) -> Result<SigmaSchedule, String> {
+    SigmaSchedule::from_name(name).map_err(|e| e.to_string())
+}
+
+/// clap's parser for `--device`: the name only; the device is opened once the flags are read.
+pub fn parse_device(name: &str) -> Result<DeviceChoice, String> {
+    name.parse()
+        .map_err(|e: sdrs_pipeline::Error| e.to_string())
+}
+
+/// clap's parser for `--dtype`.
+pub fn parse_dtype(name: &str) -> Result<DtypeChoice, String> {
+    name.parse()
+        .map_err(|e: sdrs_pipeline::Error| e.to_string())
 }
 
 /// `1024x768` -> (1024, 768) as (width, height).
@@ -198,11 +242,9 @@ fn parse_coords(text: &str) -> std::result::Result<(usize, usize), String> {
     Ok((number(a)?, number(b)?))
 }
 
-/// `-1` (or any negative value) asks for a random seed.
-fn resolve_seed(seed: i64) -> u64 {
-    if seed >= 0 {
-        return seed as u64;
-    }
+/// A seed for `-1`, drawn from the clock. AUTOMATIC1111 draws seeds below 2^32; staying in that
+/// range keeps them easy to type.
+fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(
@@ -211,71 +253,157 @@ fn resolve_seed(seed: i64) -> u64 {
             .map(|d| d.as_nanos())
             .unwrap_or_default(),
     );
-    // AUTOMATIC1111 draws seeds below 2^32; staying in that range keeps them easy to type.
     hasher.finish() & 0xFFFF_FFFF
 }
 
-pub fn run(args: GenerateArgs) -> Result<ExitCode> {
-    let (sampler, schedule) = resolve_sampler(&args.sampling_method, args.scheduler.as_deref())?;
-    if args.steps == 0 {
-        bail!("--steps must be at least 1, got 0");
-    }
-    for (flag, value) in [("--width", args.width), ("--height", args.height)] {
-        if let Some(v) = value {
-            if v == 0 || v % 8 != 0 {
-                bail!("{flag} must be a positive multiple of 8, got {v}");
-            }
-        }
-    }
-    if !(args.strength > 0.0 && args.strength <= 1.0) {
-        bail!("--strength must be in (0, 1], got {}", args.strength);
-    }
-    if !(args.refiner_start > 0.0 && args.refiner_start < 1.0) {
-        bail!(
-            "--refiner-start must be strictly between 0 and 1, got {}",
-            args.refiner_start
-        );
-    }
-    let kernels = crate::system::kernel_options(args.attention)?;
-    let pending = PendingImage::reserve(&args.output)?;
-    let device = sdrs_pipeline::parse_device(&args.device)?;
-    let dtype = sdrs_pipeline::resolve_dtype(&args.dtype, &device, &kernels)?;
-    // The same variant is downloaded and read (see `LoadOptions::new`).
-    let options = LoadOptions::new(device, dtype, args.variant.clone())
-        .with_kernels(kernels)
-        .with_threads(args.threads);
-    let seed = resolve_seed(args.seed);
-    eprintln!("seed {seed}");
+/// What the flags ask for, resolved; the model's own defaults (size, guidance scale) come once it
+/// is loaded. Values the library checks (the size, the steps, the strength) are passed on as given.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub device: Device,
+    pub dtype: DType,
+    pub sampler: Sampler,
+    pub schedule: SigmaSchedule,
+    pub seed: u64,
+    /// `-W`, `-H`; `None`: the init image's size, else the model's.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub kernels: KernelOptions,
+    pub threads: Option<usize>,
+}
 
-    if let Some(preview) = &args.preview {
-        // Fail before any work if the preview cannot be written either.
-        drop(PendingImage::reserve(preview)?);
+impl Settings {
+    /// `kernels` are the command line's kernel options (`--attention`, `SDRS_CPU_FEATURES`);
+    /// `random_seed` is the seed a negative `--seed` stands for.
+    pub fn resolve(args: &GenerateArgs, kernels: KernelOptions, random_seed: u64) -> Result<Self> {
+        let device = args.device.open()?;
+        Ok(Self {
+            dtype: args.dtype.resolve(&device, &kernels),
+            device,
+            sampler: args.sampling_method.sampler,
+            schedule: args.sampling_method.schedule(args.scheduler),
+            seed: u64::try_from(args.seed).unwrap_or(random_seed),
+            width: args.width,
+            height: args.height,
+            kernels,
+            threads: args.threads,
+        })
     }
+
+    /// How the models are loaded; the same weight variant is downloaded and read (see
+    /// [`LoadOptions::new`]).
+    pub fn load_options(&self, variant: Option<String>) -> LoadOptions {
+        LoadOptions::new(self.device.clone(), self.dtype, variant)
+            .with_kernels(self.kernels)
+            .with_threads(self.threads)
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    let _trace = crate::trace::start(args.trace.as_deref())?;
+    let kernels = crate::system::kernel_options(args.attention)?;
+    let settings = Settings::resolve(&args, kernels, random_seed())?;
+    let pending = reserve_outputs(&args)?;
+    eprintln!("seed {}", settings.seed);
+    let options = settings.load_options(args.variant.clone());
+    // Checked (and downloaded) before the base model loads; loaded only once it is freed.
+    let refiner = match &args.refiner {
+        Some(reference) => Some(plan_refiner(reference, &args, &settings, &options)?),
+        None => None,
+    };
     let mut pipeline = load_model(&args.model, args.config.as_deref(), &options)?;
-    if let Some(vae_ref) = &args.vae {
-        let vae = crate::hub::local_model(vae_ref, options.variant.as_deref())
-            .with_context(|| format!("--vae {vae_ref}"))?;
-        if !vae.is_dir() {
-            bail!(
-                "--vae {}: not a folder (give a tiny autoencoder such as taesd, taesdxl or a local copy of madebyollin/taesd)",
-                vae.display()
-            );
-        }
-        let dtype = tiny_autoencoder_dtype(options.dtype, &options.device);
-        let tiny = AutoencoderTiny::from_dir(&vae, dtype, &options.device, options.kernels)
-            .with_context(|| format!("cannot load the tiny autoencoder at {}", vae.display()))?;
-        pipeline.set_tiny_autoencoder(tiny)?;
+    if let (Some(refiner), Some(reference)) = (&refiner, &args.refiner) {
+        refiner
+            .check_base(&pipeline)
+            .with_context(|| format!("--refiner {reference}"))?;
+    }
+    if let Some(reference) = &args.vae {
+        attach_tiny_autoencoder(&mut pipeline, reference, &options)?;
     }
     let init = match &args.init_img {
         Some(path) => Some(read_init_image(path)?),
         None => None,
     };
-    let (width, height) = output_size(&pipeline, &args, init.as_ref())?;
-    let mut request = Request::new(
-        &pipeline,
-        &args.prompt,
-        sampler.config(pipeline.scheduler_config(), schedule)?,
+    let request = build_request(&pipeline, &args, &settings, init)?;
+
+    let started = Instant::now();
+    let (image, steps) = sample(pipeline, &request, refiner.as_ref(), &args)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "generated in {elapsed:.1}s: {steps} denoising steps ({} including text encoding and decoding)",
+        crate::progress::speed_text(steps as f64 / elapsed.max(1e-9))
     );
+    let path = pending.write(&image, &parameters(&args, &settings, &request))?;
+    eprintln!("saved {}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reserves the output (and checks the preview path can be written), so that neither fails after
+/// the work is done.
+fn reserve_outputs(args: &GenerateArgs) -> Result<PendingImage> {
+    let pending = PendingImage::reserve(&args.output)?;
+    if let Some(preview) = &args.preview {
+        drop(PendingImage::reserve(preview)?);
+    }
+    Ok(pending)
+}
+
+/// The `--refiner` model resolved (downloaded for a repo id) and checked to be a refiner, with
+/// `--refiner-start` as its switch; it samples as the base does.
+fn plan_refiner(
+    reference: &str,
+    args: &GenerateArgs,
+    settings: &Settings,
+    options: &LoadOptions,
+) -> Result<Refiner> {
+    let path = crate::hub::local_model(reference, options.variant.as_deref())
+        .with_context(|| format!("--refiner {reference}"))?;
+    let refiner = Refiner::new(&path, args.refiner_start, options)
+        .map_err(|e| with_flag_or(e, || format!("--refiner {reference}")))?;
+    Ok(refiner.with_sampler(settings.sampler, settings.schedule))
+}
+
+/// Decodes with the tiny autoencoder `--vae` names (downloaded for a repo id).
+fn attach_tiny_autoencoder(
+    pipeline: &mut StableDiffusion,
+    reference: &str,
+    options: &LoadOptions,
+) -> Result<()> {
+    let vae = crate::hub::local_model(reference, options.variant.as_deref())
+        .with_context(|| format!("--vae {reference}"))?;
+    if !vae.is_dir() {
+        bail!(
+            "--vae {}: not a folder (give a tiny autoencoder such as taesd, taesdxl or a local copy of madebyollin/taesd)",
+            vae.display()
+        );
+    }
+    let dtype = tiny_autoencoder_dtype(options.dtype, &options.device);
+    let tiny = AutoencoderTiny::from_dir(&vae, dtype, &options.device, options.kernels)
+        .with_context(|| format!("cannot load the tiny autoencoder at {}", vae.display()))?;
+    pipeline
+        .set_tiny_autoencoder(tiny)
+        .with_context(|| format!("--vae {reference}"))
+}
+
+/// The library request for the flags, checked by the library before the init image is
+/// prepared.
+fn build_request(
+    pipeline: &StableDiffusion,
+    args: &GenerateArgs,
+    settings: &Settings,
+    init: Option<InitPicture>,
+) -> Result<Request> {
+    let init_size = init.as_ref().map(|image| (image.width, image.height));
+    let (width, height) = output_size(
+        pipeline.default_size(),
+        pipeline.vae_scale_factor(),
+        (settings.width, settings.height),
+        init_size,
+    )?;
+    let scheduler = settings
+        .sampler
+        .config(pipeline.scheduler_config(), settings.schedule)?;
+    let mut request = Request::new(pipeline, &args.prompt, scheduler);
     request.prompt_2 = args.prompt_2.clone();
     request.negative_prompt = args.negative_prompt.clone();
     request.negative_prompt_2 = args.negative_prompt_2.clone();
@@ -286,28 +414,43 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         request.guidance_scale = scale;
     }
     request.clip_skip = args.clip_skip;
-    request.seed = Some(seed);
+    request.seed = Some(settings.seed);
     request.original_size = args.original_size.map(|(w, h)| (h, w));
     request.target_size = args.target_size.map(|(w, h)| (h, w));
     request.crops_coords_top_left = args.crop_coords;
     request.aesthetic_score = args.aesthetic_score;
     request.negative_aesthetic_score = args.negative_aesthetic_score;
-    let mut extra = Vec::new();
+    // Checked even without an init image, so that a bad value is never silently ignored.
+    request.strength = args.strength;
+    pipeline.check_request(&request).map_err(with_flag)?;
     if let Some(image) = init {
+        if init_size != Some((width, height)) {
+            eprintln!(
+                "resizing the init image from {}x{} to {width}x{height}",
+                image.width, image.height
+            );
+        }
         let image = image.resized(width, height)?;
         request.init_image = InitImage::Pixels(image.to_tensor(pipeline.device())?);
-        request.strength = args.strength;
-        extra.push(("Denoising strength".to_string(), args.strength.to_string()));
     }
+    Ok(request)
+}
 
+/// Runs the generation (base then refiner when there is one) with a progress bar, writing the
+/// preview as it goes; returns the image and the number of denoising steps run.
+fn sample(
+    pipeline: StableDiffusion,
+    request: &Request,
+    refiner: Option<&Refiner>,
+    args: &GenerateArgs,
+) -> Result<(Tensor, usize)> {
     let bar = step_bar(0);
-    let started = std::time::Instant::now();
-    let mut steps_done = 0usize;
+    let mut steps = 0usize;
     let mut preview_failed = false;
-    let mut on_step = |p: &sdrs_pipeline::StepProgress| {
+    let mut on_step = |p: &StepProgress| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
-        steps_done += 1;
+        steps += 1;
         if let Some(path) = &args.preview {
             let due = p.step as u64 % args.preview_every == 0 || p.step == p.total;
             if due && !preview_failed {
@@ -323,70 +466,77 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             }
         }
     };
-    let image = match &args.refiner {
-        None => pipeline.generate_once(&request, &mut on_step)?,
-        Some(refiner_ref) => {
-            if pipeline.family() != ModelFamily::SdxlBase {
-                bail!(
-                    "--refiner needs an SDXL base model, but {} is {}",
-                    args.model,
-                    pipeline.family().name()
-                );
-            }
-            // Checked (and downloaded) before the base model runs, loaded after it is freed, so
-            // that only one of the two models is in memory at a time.
-            let refiner_path = crate::hub::local_model(refiner_ref, options.variant.as_deref())
-                .with_context(|| format!("--refiner {refiner_ref}"))?;
-            let family = ModelFamily::detect_model(&refiner_path)
-                .with_context(|| format!("--refiner {refiner_ref}"))?;
-            if family != ModelFamily::SdxlRefiner {
-                bail!(
-                    "--refiner {} is {}, not an SDXL refiner",
-                    refiner_ref,
-                    family.name()
-                );
-            }
-            request.denoising_end = Some(args.refiner_start);
-            let latents = pipeline.denoise_once(&request, &mut on_step)?;
-            let refiner = open_model(&refiner_path, None, &options)?;
-            let mut refine = request.clone();
-            refine.scheduler = sampler.config(refiner.scheduler_config(), schedule)?;
-            refine.init_image = InitImage::Latents(latents);
-            refine.latents = None;
-            refine.denoising_end = None;
-            refine.denoising_start = Some(args.refiner_start);
-            extra.push(("Refiner".to_string(), model_name(refiner_ref)));
-            extra.push((
-                "Refiner switch at".to_string(),
-                args.refiner_start.to_string(),
-            ));
-            refiner.generate_once(&refine, &mut on_step)?
-        }
-    };
+    let image = match refiner {
+        None => pipeline.generate_once(request, &mut on_step),
+        Some(refiner) => refiner.generate_once(pipeline, request, &mut on_step),
+    }
+    .map_err(with_flag)?;
     bar.finish_and_clear();
-    let elapsed = started.elapsed().as_secs_f64();
-    eprintln!(
-        "generated in {elapsed:.1}s: {steps_done} denoising steps ({} including text encoding and decoding)",
-        crate::progress::speed_text(steps_done as f64 / elapsed.max(1e-9))
-    );
+    Ok((image, steps))
+}
 
-    let parameters = Parameters {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt.unwrap_or_default(),
+/// The PNG's `parameters`, as AUTOMATIC1111 records them.
+fn parameters(args: &GenerateArgs, settings: &Settings, request: &Request) -> Parameters {
+    let mut extra = Vec::new();
+    if args.init_img.is_some() {
+        extra.push(("Denoising strength".to_string(), args.strength.to_string()));
+    }
+    if let Some(refiner) = &args.refiner {
+        extra.push(("Refiner".to_string(), model_name(refiner)));
+        extra.push((
+            "Refiner switch at".to_string(),
+            args.refiner_start.to_string(),
+        ));
+    }
+    Parameters {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
         steps: args.steps,
-        sampler: sampler.a1111_label().to_string(),
-        schedule_type: schedule.a1111_label().map(str::to_string),
+        sampler: settings.sampler.a1111_label().to_string(),
+        schedule_type: settings.schedule.a1111_label().map(str::to_string),
         cfg_scale: request.guidance_scale,
-        seed,
-        width,
-        height,
+        seed: settings.seed,
+        width: request.width,
+        height: request.height,
         model: model_name(&args.model),
         clip_skip: args.clip_skip,
         extra,
+    }
+}
+
+/// The flag that sets a library request parameter, to name it in messages.
+fn flag_for(parameter: &str) -> Option<&'static str> {
+    Some(match parameter {
+        "width" => "--width",
+        "height" => "--height",
+        "steps" => "--steps",
+        "strength" => "--strength",
+        "guidance scale" => "--cfg-scale",
+        "clip skip" => "--clip-skip",
+        "refiner switch" | "denoising start" | "denoising end" => "--refiner-start",
+        "threads" => "--threads",
+        _ => return None,
+    })
+}
+
+/// A library error, prefixed with the flag behind the parameter it names, when there is one.
+fn with_flag(error: sdrs_pipeline::Error) -> anyhow::Error {
+    with_flag_or(error, String::new)
+}
+
+/// [`with_flag`], else with the `context` given (when not empty).
+fn with_flag_or(error: sdrs_pipeline::Error, context: impl FnOnce() -> String) -> anyhow::Error {
+    let flag = match &error {
+        sdrs_pipeline::Error::InvalidParameter { name, .. } => flag_for(name),
+        _ => None,
     };
-    let path = pending.write(&image, &parameters)?;
-    eprintln!("saved {}", path.display());
-    Ok(ExitCode::SUCCESS)
+    match flag {
+        Some(flag) => anyhow::Error::new(error).context(flag),
+        None => match context() {
+            context if context.is_empty() => error.into(),
+            context => anyhow::Error::new(error).context(context),
+        },
+    }
 }
 
 /// A model reference (see `--model`) loaded: a diffusers folder (downloaded from Hugging Face
@@ -398,61 +548,27 @@ fn load_model(
     options: &LoadOptions,
 ) -> Result<StableDiffusion> {
     let model = crate::hub::local_model(reference, options.variant.as_deref())?;
-    open_model(&model, config, options)
+    StableDiffusion::open(&model, config, options)
+        .map_err(with_flag)
+        .with_context(|| format!("cannot load the model at {}", model.display()))
 }
 
-/// [`load_model`] for a model already on disk.
-fn open_model(
-    model: &Path,
-    config: Option<&Path>,
-    options: &LoadOptions,
-) -> Result<StableDiffusion> {
-    let loaded = if model.is_file() {
-        match config {
-            Some(config) => StableDiffusion::load_single_file(model, config, options),
-            None => StableDiffusion::load_single_file_builtin(model, options),
-        }
-    } else if model.is_dir() {
-        StableDiffusion::load(model, options)
-    } else {
-        bail!(
-            "model {} is neither a diffusers folder (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) nor a .safetensors file",
-            model.display()
-        );
-    };
-    loaded.with_context(|| format!("cannot load the model at {}", model.display()))
-}
-
-/// The output size: the flags, else the init image's size (rounded down to a multiple of 8, as
-/// diffusers does), else the model's native size.
+/// The output size `(width, height)`: the flags, else the init image's size rounded down to a
+/// multiple of the VAE's `factor` (as diffusers does), else the model's `native` size.
 fn output_size(
-    pipeline: &StableDiffusion,
-    args: &GenerateArgs,
-    init: Option<&InitPicture>,
+    native: usize,
+    factor: usize,
+    flags: (Option<usize>, Option<usize>),
+    init: Option<(usize, usize)>,
 ) -> Result<(usize, usize)> {
-    let native = pipeline.default_size();
-    let factor = pipeline.vae_scale_factor();
     let (default_w, default_h) = match init {
-        Some(image) => (
-            image.width - image.width % factor,
-            image.height - image.height % factor,
-        ),
+        Some((w, h)) => (w - w % factor, h - h % factor),
         None => (native, native),
     };
-    let size = (
-        args.width.unwrap_or(default_w),
-        args.height.unwrap_or(default_h),
-    );
-    if size.0 == 0 || size.1 == 0 {
+    let size = (flags.0.unwrap_or(default_w), flags.1.unwrap_or(default_h));
+    let too_small = (flags.0.is_none() && default_w == 0) || (flags.1.is_none() && default_h == 0);
+    if init.is_some() && too_small {
         bail!("the init image is smaller than {factor}x{factor} pixels");
-    }
-    if let Some(image) = init {
-        if (image.width, image.height) != size {
-            eprintln!(
-                "resizing the init image from {}x{} to {}x{}",
-                image.width, image.height, size.0, size.1
-            );
-        }
     }
     Ok(size)
 }
@@ -478,7 +594,7 @@ fn model_name(reference: &str) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-/// clap's parser for `--attention`.
+/// clap's parser for `--attention`: an unknown mode lists the accepted ones.
 pub fn parse_attention(value: &str) -> Result<AttentionMode, String> {
     value.parse()
 }
@@ -500,6 +616,16 @@ mod tests {
         Wrapper::try_parse_from(argv).unwrap().args
     }
 
+    fn parse_error(extra: &[&str]) -> String {
+        let mut argv = vec!["x", "-m", "model", "-p", "a cat"];
+        argv.extend_from_slice(extra);
+        Wrapper::try_parse_from(argv).err().unwrap().to_string()
+    }
+
+    fn settings(extra: &[&str]) -> Settings {
+        Settings::resolve(&parse(extra), KernelOptions::default(), 1234).unwrap()
+    }
+
     #[test]
     fn defaults_follow_the_sd15_defaults() {
         let args = parse(&[]);
@@ -508,10 +634,71 @@ mod tests {
         assert_eq!(args.seed, -1);
         assert_eq!(args.width, None);
         assert_eq!(args.negative_prompt, None);
-        let (sampler, schedule) =
-            resolve_sampler(&args.sampling_method, args.scheduler.as_deref()).unwrap();
-        assert_eq!(sampler, Sampler::Dpmpp2m);
-        assert_eq!(schedule, SigmaSchedule::Karras);
+        assert_eq!(args.trace, None);
+        let settings = settings(&["--device", "cpu"]);
+        assert_eq!(settings.sampler, Sampler::Dpmpp2m);
+        assert_eq!(settings.schedule, SigmaSchedule::Karras);
+    }
+
+    #[test]
+    fn settings_resolve_the_flags() {
+        let settings = settings(&[
+            "--device",
+            "cpu",
+            "--dtype",
+            "f16",
+            "--sampling-method",
+            "euler",
+            "-s",
+            "42",
+            "-W",
+            "768",
+            "--threads",
+            "3",
+            "--attention",
+            "naive",
+        ]);
+        assert!(settings.device.is_cpu());
+        assert_eq!(settings.dtype, DType::F16);
+        assert_eq!(
+            (settings.sampler, settings.schedule),
+            (Sampler::Euler, SigmaSchedule::Discrete)
+        );
+        assert_eq!(settings.seed, 42);
+        assert_eq!((settings.width, settings.height), (Some(768), None));
+        let options = settings.load_options(None);
+        assert_eq!(options.threads, Some(3));
+        assert_eq!(
+            options.variant.as_deref(),
+            Some("fp16"),
+            "half precision reads fp16 files"
+        );
+    }
+
+    #[test]
+    fn auto_dtype_is_the_kernels_choice_and_negative_seeds_are_random() {
+        let settings = settings(&["--device", "cpu", "-s", "-1"]);
+        let kernels = KernelOptions::default();
+        assert_eq!(settings.dtype, kernels.default_dtype(&Device::Cpu));
+        assert_eq!(settings.seed, 1234, "the random seed given");
+    }
+
+    #[test]
+    fn bad_devices_dtypes_and_samplers_are_refused_by_the_parser_with_the_choices() {
+        let error = parse_error(&["--device", "tpu"]);
+        assert!(error.contains("tpu") && error.contains("cuda:N"), "{error}");
+        let error = parse_error(&["--dtype", "int8"]);
+        assert!(error.contains("int8") && error.contains("bf16"), "{error}");
+        let error = parse_error(&["--sampling-method", "warp-drive"]);
+        assert!(
+            error.contains("warp-drive") && error.contains("euler"),
+            "{error}"
+        );
+        let error = parse_error(&["--scheduler", "sideways"]);
+        assert!(
+            error.contains("sideways") && error.contains("karras"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -530,7 +717,8 @@ mod tests {
     fn attention_and_dtype_default_to_auto_and_bad_modes_are_refused() {
         let args = parse(&[]);
         assert_eq!(args.attention, AttentionMode::Auto);
-        assert_eq!(args.dtype, "auto");
+        assert_eq!(args.dtype, DtypeChoice::Auto);
+        assert_eq!(args.device, DeviceChoice::Auto);
         let args = parse(&["--attention", "sliced:2"]);
         assert_eq!(args.attention, AttentionMode::Sliced(Some(2)));
         let argv = ["x", "-m", "m", "-p", "p", "--attention", "fastest"];
@@ -548,19 +736,84 @@ mod tests {
 
     #[test]
     fn explicit_scheduler_overrides_the_label_and_default() {
-        let (s, k) = resolve_sampler("euler", None).unwrap();
-        assert_eq!((s, k), (Sampler::Euler, SigmaSchedule::Discrete));
-        let (_, k) = resolve_sampler("DPM++ 2M Karras", None).unwrap();
-        assert_eq!(k, SigmaSchedule::Karras);
-        let (_, k) = resolve_sampler("dpm++2m", Some("discrete")).unwrap();
-        assert_eq!(k, SigmaSchedule::Discrete);
-        assert!(resolve_sampler("euler", Some("sideways")).is_err());
+        let euler = parse_sampler("euler").unwrap();
+        assert_eq!(euler.sampler, Sampler::Euler);
+        assert_eq!(euler.schedule(None), SigmaSchedule::Discrete);
+        let karras = parse_sampler("DPM++ 2M Karras").unwrap();
+        assert_eq!(karras.schedule(None), SigmaSchedule::Karras);
+        let dpm = parse_sampler("dpm++2m").unwrap();
+        assert_eq!(
+            dpm.schedule(Some(SigmaSchedule::Discrete)),
+            SigmaSchedule::Discrete
+        );
+        assert_eq!(
+            karras.schedule(Some(SigmaSchedule::Exponential)),
+            SigmaSchedule::Exponential
+        );
     }
 
     #[test]
     fn unknown_sampler_lists_the_accepted_names() {
-        let err = resolve_sampler("warp-drive", None).unwrap_err().to_string();
+        let err = parse_sampler("warp-drive").unwrap_err();
         assert!(err.contains("warp-drive") && err.contains("euler"), "{err}");
+    }
+
+    #[test]
+    fn the_output_size_is_the_flags_then_the_init_image_then_the_model() {
+        assert_eq!(output_size(512, 8, (None, None), None).unwrap(), (512, 512));
+        assert_eq!(
+            output_size(512, 8, (Some(768), None), None).unwrap(),
+            (768, 512)
+        );
+        // The init image, rounded down to the VAE's factor.
+        assert_eq!(
+            output_size(512, 8, (None, None), Some((70, 50))).unwrap(),
+            (64, 48)
+        );
+        assert_eq!(
+            output_size(512, 8, (None, Some(32)), Some((70, 50))).unwrap(),
+            (64, 32)
+        );
+        let error = output_size(512, 8, (None, None), Some((7, 50))).unwrap_err();
+        assert!(error.to_string().contains("8x8"), "{error}");
+        // An explicit size wins even over a tiny image; the library checks it.
+        assert_eq!(
+            output_size(512, 8, (Some(0), Some(16)), Some((7, 5))).unwrap(),
+            (0, 16)
+        );
+    }
+
+    #[test]
+    fn library_parameter_errors_name_their_flag() {
+        let invalid = |name| sdrs_pipeline::Error::InvalidParameter {
+            name,
+            value: "100".to_string(),
+            expected: "a positive multiple of 8".to_string(),
+        };
+        let message = crate::describe(&with_flag(invalid("width")));
+        assert_eq!(
+            message,
+            "--width: invalid width 100: a positive multiple of 8"
+        );
+        assert!(crate::describe(&with_flag(invalid("guidance scale"))).starts_with("--cfg-scale: "));
+        assert!(
+            crate::describe(&with_flag(invalid("refiner switch"))).starts_with("--refiner-start: ")
+        );
+        // Others keep their own message, or take the context given.
+        assert_eq!(
+            crate::describe(&with_flag(invalid("seed"))),
+            "invalid seed 100: a positive multiple of 8"
+        );
+        let wrong = sdrs_pipeline::Error::WrongFamily {
+            role: "the refiner",
+            path: "r".into(),
+            found: "SDXL",
+            expected: "an SDXL refiner",
+        };
+        assert_eq!(
+            crate::describe(&with_flag_or(wrong, || "--refiner r".to_string())),
+            "--refiner r: the refiner r is SDXL, not an SDXL refiner"
+        );
     }
 
     #[test]
@@ -608,10 +861,8 @@ mod tests {
     }
 
     #[test]
-    fn negative_seed_is_random_and_below_2_pow_32() {
-        assert_eq!(resolve_seed(7), 7);
-        let a = resolve_seed(-1);
-        assert!(a <= u32::MAX as u64);
+    fn random_seeds_are_below_2_pow_32() {
+        assert!(random_seed() <= u32::MAX as u64);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod parity;
 mod progress;
 mod roundtrip;
 mod system;
+mod trace;
 
 use std::process::ExitCode;
 

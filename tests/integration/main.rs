@@ -6,4 +6,5 @@ mod generate;
 mod hub;
 mod parity;
 mod roundtrip;
+mod trace;
 mod util;

@@ -73,6 +73,16 @@ pub enum Error {
         supported: String,
     },
 
+    /// A model of the wrong family for its role: a refiner that is not one, or a base model a
+    /// refiner cannot finish.
+    #[error("{role} {path} is {found}, not {expected}")]
+    WrongFamily {
+        role: &'static str,
+        path: PathBuf,
+        found: &'static str,
+        expected: &'static str,
+    },
+
     /// A generation parameter out of range.
     #[error("invalid {name} {value}: {expected}")]
     InvalidParameter {

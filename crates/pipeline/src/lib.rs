@@ -2,22 +2,28 @@
 //! text-to-image and image-to-image with classifier-free guidance (the parity runner against
 //! diffusers' reference outputs is in `sdrs-tooling`).
 
-mod conditioning;
 pub mod device;
 pub mod error;
 pub mod loading;
-pub mod preview;
+pub mod pipeline;
 pub mod random_weights;
-pub mod stable_diffusion;
 
 // The loading modules kept at their former paths (`sdrs_pipeline::single_file`, ...).
 pub use loading::{builtin, checkpoint, model_files, single_file, tensor_files, weights};
 
+/// The pipeline module under its earlier name (`sdrs_pipeline::stable_diffusion::...`).
+pub use pipeline as stable_diffusion;
+pub use pipeline::{components, preview, refiner};
+
 pub use builtin::BuiltinModel;
-pub use conditioning::MicroConditioning;
-pub use device::{dtype_name, parse_device, parse_dtype, resolve_dtype};
+pub use device::{dtype_name, parse_device, parse_dtype, resolve_dtype, DeviceChoice, DtypeChoice};
 pub use error::{Error, Result};
 pub use model_files::ModelFiles;
-pub use stable_diffusion::{
-    InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress,
+pub use pipeline::components::{
+    AddedConditions, Denoiser, LatentDecoder, LatentEncoder, PromptEncoder, TextEmbeddings,
+    TextLayer,
+};
+pub use pipeline::{
+    Conditioning, InitImage, LoadOptions, MicroConditioning, ModelFamily, NativeSize, Refiner,
+    Request, StableDiffusion, StepProgress,
 };

@@ -1,82 +1,22 @@
-//! Prompt conditioning for each model family, as diffusers' pipelines build it: SD1.x/2.x take the
-//! CLIP text encoder's last (or clip-skipped) hidden state; SDXL concatenates both encoders'
-//! penultimate states and adds the second encoder's pooled projection and the micro-conditioning
-//! time ids (`pipeline_stable_diffusion_xl.py`, `..._img2img.py`).
+//! Prompt conditioning for each model family, as diffusers' pipelines build it from the text
+//! encoders (any [`PromptEncoder`]): SD1.x/2.x take the last (or clip-skipped) hidden state; SDXL
+//! concatenates both encoders' penultimate states and adds the second encoder's pooled projection
+//! and the micro-conditioning time ids (`pipeline_stable_diffusion_xl.py`, `..._img2img.py`).
 
 use candle_core::{DType, Device, Tensor};
-use sdrs_clip::{ClipTextModel, ClipTokenizer};
-use sdrs_unet::AddedConditions;
 
 use crate::error::{Error, Result};
 
-/// One CLIP text encoder with its tokenizer.
-pub(crate) struct TextEncoder {
-    pub tokenizer: ClipTokenizer,
-    pub model: ClipTextModel,
-}
-
-impl TextEncoder {
-    fn ids(&self, prompt: &str, device: &Device) -> Result<Tensor> {
-        let ids = self.tokenizer.encode(prompt)?;
-        let len = ids.len();
-        Ok(Tensor::from_vec(ids, (1, len), device)?)
-    }
-
-    /// SD1.x: `last_hidden_state`, or with clip skip `k >= 2` the normalized hidden state `k` from the end.
-    fn sd_embeddings(
-        &self,
-        prompt: &str,
-        clip_skip: Option<usize>,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let ids = self.ids(prompt, device)?;
-        Ok(match clip_skip {
-            None | Some(0) | Some(1) => self.model.forward(&ids)?.last_hidden_state,
-            Some(skip) => self.model.forward_clip_skip(&ids, skip)?,
-        })
-    }
-
-    /// SDXL: the raw hidden state `clip_skip` from the end (default 2, the penultimate layer), and
-    /// the projected pooled output when `pooled` is asked for (which needs every layer).
-    fn sdxl_embeddings(
-        &self,
-        prompt: &str,
-        clip_skip: usize,
-        pooled: bool,
-        device: &Device,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let ids = self.ids(prompt, device)?;
-        let layers = self.model.num_hidden_layers();
-        let index = (layers + 1)
-            .checked_sub(clip_skip)
-            .ok_or_else(|| Error::InvalidParameter {
-                name: "clip skip",
-                value: clip_skip.to_string(),
-                expected: format!("at most {} for this text encoder", layers + 1),
-            })?;
-        if !pooled {
-            return Ok((self.model.hidden_state(&ids, index)?, None));
-        }
-        let out = self.model.forward(&ids)?;
-        let state = out.hidden_states[index].clone();
-        let embeds = out.text_embeds.ok_or_else(|| Error::MissingFile {
-            path: "text_encoder_2/model.safetensors".into(),
-            what:
-                "text_projection.weight (SDXL's second text encoder is CLIPTextModelWithProjection)"
-                    .to_string(),
-        })?;
-        Ok((state, Some(embeds)))
-    }
-}
+use super::components::{AddedConditions, PromptEncoder, TextLayer};
 
 /// The model family's text side.
 pub(crate) enum TextEncoders {
     /// SD1.x/2.x: one encoder.
-    Sd(Box<TextEncoder>),
+    Sd(Box<dyn PromptEncoder>),
     /// SDXL: the base model's two encoders (CLIP-L-like, then OpenCLIP-bigG-like with a projection),
     /// or the refiner's second one alone.
     Sdxl {
-        encoders: Vec<TextEncoder>,
+        encoders: Vec<Box<dyn PromptEncoder>>,
         force_zeros_for_empty_prompt: bool,
         /// The refiner's aesthetic-score time ids instead of the target size.
         requires_aesthetics_score: bool,
@@ -105,13 +45,38 @@ pub struct MicroConditioning {
     pub negative_aesthetic_score: f64,
 }
 
-/// What the UNet is conditioned on for a whole batch (negative rows first).
-pub(crate) struct Conditioning {
+/// What the denoiser is conditioned on for a whole batch (the negative row first when guided).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// The prompt embeddings, `[B, tokens, D]`.
     pub embeddings: Tensor,
+    /// SDXL's pooled embedding and time ids.
     pub added: Option<AddedConditions>,
 }
 
+impl Conditioning {
+    /// The rows `times` times over (`[a, b]` -> `[a, b, a, b, ...]`), for a batch of images.
+    pub fn repeat(&self, times: usize) -> Result<Self> {
+        let rows = |t: &Tensor| -> Result<Tensor> {
+            let mut shape = vec![1; t.rank()];
+            shape[0] = times;
+            Ok(t.repeat(shape)?)
+        };
+        Ok(Self {
+            embeddings: rows(&self.embeddings)?,
+            added: match &self.added {
+                Some(added) => Some(AddedConditions {
+                    text_embeds: rows(&added.text_embeds)?,
+                    time_ids: rows(&added.time_ids)?,
+                }),
+                None => None,
+            },
+        })
+    }
+}
+
 impl TextEncoders {
+    /// The conditioning of one image's prompts, in `dtype` on `device` (the denoiser's).
     pub fn encode(
         &self,
         prompts: &Prompts,
@@ -119,17 +84,23 @@ impl TextEncoders {
         dtype: DType,
         device: &Device,
     ) -> Result<Conditioning> {
+        let _span = tracing::info_span!("encode_prompts", guided = prompts.guided).entered();
         match self {
             TextEncoders::Sd(encoder) => {
+                let layer = TextLayer::Normalized {
+                    clip_skip: prompts.clip_skip.unwrap_or(1),
+                };
+                let embed = |prompt: &str| -> Result<Tensor> {
+                    Ok(encoder.encode(prompt, layer, false)?.hidden_state)
+                };
                 let mut rows = Vec::new();
                 if prompts.guided {
                     // diffusers encodes a missing negative prompt as the empty string.
-                    let negative = prompts.negative.unwrap_or("");
-                    rows.push(encoder.sd_embeddings(negative, prompts.clip_skip, device)?);
+                    rows.push(embed(prompts.negative.unwrap_or(""))?);
                 }
-                rows.push(encoder.sd_embeddings(prompts.prompt, prompts.clip_skip, device)?);
+                rows.push(embed(prompts.prompt)?);
                 Ok(Conditioning {
-                    embeddings: Tensor::cat(&rows, 0)?.to_dtype(dtype)?,
+                    embeddings: Tensor::cat(&rows, 0)?.to_device(device)?.to_dtype(dtype)?,
                     added: None,
                 })
             }
@@ -143,7 +114,6 @@ impl TextEncoders {
                     encoders,
                     [prompts.prompt, prompts.prompt_2.unwrap_or(prompts.prompt)],
                     skip,
-                    device,
                 )?;
                 let (positive_ids, negative_ids) = if *requires_aesthetics_score {
                     refiner_time_ids(micro)
@@ -161,7 +131,7 @@ impl TextEncoders {
                         let negative_2 = prompts.negative_2.unwrap_or(negative);
                         // diffusers conditions the negative branch on the penultimate layer
                         // whatever the clip skip.
-                        sdxl_encode(encoders, [negative, negative_2], 2, device)?
+                        sdxl_encode(encoders, [negative, negative_2], 2)?
                     };
                 finish(
                     Tensor::cat(&[neg_embeds, embeds], 0)?,
@@ -179,18 +149,17 @@ impl TextEncoders {
 /// the last encoder's pooled projection. Prompts pair with encoders in order, so the refiner (one
 /// encoder) uses the first prompt, as diffusers' `zip(prompts, tokenizers, text_encoders)` does.
 fn sdxl_encode(
-    encoders: &[TextEncoder],
+    encoders: &[Box<dyn PromptEncoder>],
     prompts: [&str; 2],
     clip_skip: usize,
-    device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let mut states = Vec::new();
     let mut pooled = None;
     for (index, (encoder, prompt)) in encoders.iter().zip(prompts).enumerate() {
         let last = index + 1 == encoders.len();
-        let (state, embeds) = encoder.sdxl_embeddings(prompt, clip_skip, last, device)?;
-        states.push(state);
-        pooled = embeds;
+        let encoded = encoder.encode(prompt, TextLayer::Raw { clip_skip }, last)?;
+        states.push(encoded.hidden_state);
+        pooled = encoded.pooled;
     }
     let pooled = pooled.ok_or_else(|| Error::MissingFile {
         path: "text_encoder_2".into(),
@@ -240,9 +209,9 @@ fn finish(
     let per_row = time_ids.len() / batch.max(1);
     let time_ids = Tensor::from_vec(time_ids, (batch, per_row), device)?;
     Ok(Conditioning {
-        embeddings: embeddings.to_dtype(dtype)?,
+        embeddings: embeddings.to_device(device)?.to_dtype(dtype)?,
         added: Some(AddedConditions {
-            text_embeds: pooled.to_dtype(dtype)?,
+            text_embeds: pooled.to_device(device)?.to_dtype(dtype)?,
             time_ids: time_ids.to_dtype(dtype)?,
         }),
     })
@@ -268,6 +237,32 @@ mod tests {
             base_time_ids(&micro()),
             vec![1024.0, 768.0, 0.0, 16.0, 896.0, 640.0]
         );
+    }
+
+    #[test]
+    fn repeated_conditioning_tiles_the_rows_in_order() {
+        let device = Device::Cpu;
+        let rows = |values: Vec<f32>, shape: &[usize]| Tensor::from_vec(values, shape, &device);
+        let conditioning = Conditioning {
+            embeddings: rows(vec![0., 1., 2., 3.], &[2, 1, 2]).unwrap(),
+            added: Some(AddedConditions {
+                text_embeds: rows(vec![5., 6.], &[2, 1]).unwrap(),
+                time_ids: rows(vec![7., 8.], &[2, 1]).unwrap(),
+            }),
+        };
+        let repeated = conditioning.repeat(2).unwrap();
+        assert_eq!(repeated.embeddings.dims(), [4, 1, 2]);
+        let values: Vec<f32> = repeated
+            .embeddings
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(values, [0., 1., 2., 3., 0., 1., 2., 3.]);
+        let added = repeated.added.unwrap();
+        let pooled: Vec<f32> = added.text_embeds.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(pooled, [5., 6., 5., 6.]);
+        assert_eq!(added.time_ids.dims(), [4, 1]);
     }
 
     #[test]

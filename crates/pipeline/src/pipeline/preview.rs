@@ -4,7 +4,15 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::stable_diffusion::ModelFamily;
+
+/// The latent space a VAE encodes into; each has its own fitted preview factors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatentSpace {
+    /// The SD1.x/2.x VAE.
+    Sd,
+    /// The SDXL VAE (base and refiner).
+    Sdxl,
+}
 
 /// `[C][3]` weights and a `[3]` bias mapping each latent pixel to RGB in about `[-1, 1]`.
 pub struct LatentRgbFactors {
@@ -13,7 +21,7 @@ pub struct LatentRgbFactors {
 }
 
 /// The published least-squares fits for the SD1.x/2.x and SDXL VAEs (4 latent channels).
-pub fn latent_rgb_factors(family: ModelFamily, channels: usize) -> Result<LatentRgbFactors> {
+pub fn latent_rgb_factors(space: LatentSpace, channels: usize) -> Result<LatentRgbFactors> {
     if channels != 4 {
         return Err(Error::InvalidParameter {
             name: "preview",
@@ -23,8 +31,8 @@ pub fn latent_rgb_factors(family: ModelFamily, channels: usize) -> Result<Latent
                     .to_string(),
         });
     }
-    Ok(match family {
-        ModelFamily::Sd => LatentRgbFactors {
+    Ok(match space {
+        LatentSpace::Sd => LatentRgbFactors {
             weights: vec![
                 [0.3512, 0.2297, 0.3227],
                 [0.3250, 0.4974, 0.2350],
@@ -33,7 +41,7 @@ pub fn latent_rgb_factors(family: ModelFamily, channels: usize) -> Result<Latent
             ],
             bias: [0.0, 0.0, 0.0],
         },
-        ModelFamily::SdxlBase | ModelFamily::SdxlRefiner => LatentRgbFactors {
+        LatentSpace::Sdxl => LatentRgbFactors {
             weights: vec![
                 [0.3651, 0.4232, 0.4341],
                 [-0.2533, -0.0042, 0.1068],
@@ -67,7 +75,7 @@ mod tests {
 
     #[test]
     fn projection_is_per_pixel_and_in_unit_range() {
-        let factors = latent_rgb_factors(ModelFamily::Sd, 4).unwrap();
+        let factors = latent_rgb_factors(LatentSpace::Sd, 4).unwrap();
         // One pixel with latent (1, 0, 0, 0) maps to the first row of the weights.
         let latents =
             Tensor::from_vec(vec![1f32, 0.0, 0.0, 0.0], (1, 4, 1, 1), &Device::Cpu).unwrap();
@@ -91,7 +99,7 @@ mod tests {
 
     #[test]
     fn other_channel_counts_need_a_tiny_autoencoder() {
-        let message = latent_rgb_factors(ModelFamily::Sd, 16)
+        let message = latent_rgb_factors(LatentSpace::Sd, 16)
             .err()
             .unwrap()
             .to_string();

@@ -1,0 +1,592 @@
+//! The components a pipeline runs against, as traits: a prompt encoder (one text encoder with its
+//! tokenizer), a denoiser (the UNet), a latent decoder and a latent encoder (the autoencoders); and
+//! their candle implementations over `sdrs-clip`, `sdrs-unet`, `sdrs-vae` and `sdrs-taesd`, built
+//! from a model's files. Another backend (Core ML, ...) implements the same traits; only tensors
+//! cross them.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sdrs_clip::{ClipTextModel, ClipTokenizer};
+use sdrs_kernels::dispatch::activation_dtype;
+use sdrs_schedulers::NoiseSource;
+use sdrs_taesd::AutoencoderTiny;
+use sdrs_unet::UNet2DConditionModel;
+use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::model_files::ModelFiles;
+use crate::random_weights::RandomWeights;
+use crate::weights::{find_weights, var_builder};
+
+use super::conditioning::TextEncoders;
+use super::family::ModelFamily;
+use super::LoadOptions;
+
+/// Which hidden state of a text encoder a pipeline conditions on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextLayer {
+    /// The output `clip_skip` layers from the end (1 or 0: the last, `last_hidden_state`), after
+    /// the final layer norm: SD1.x/2.x with AUTOMATIC1111's clip skip.
+    Normalized { clip_skip: usize },
+    /// The raw output `clip_skip` layers from the end, not normalized: SDXL (2: the penultimate).
+    Raw { clip_skip: usize },
+}
+
+/// One prompt encoded by one text encoder.
+#[derive(Debug, Clone)]
+pub struct TextEmbeddings {
+    /// The hidden state asked for, `[1, tokens, hidden]`.
+    pub hidden_state: Tensor,
+    /// The projected pooled embedding `[1, projection_dim]`, when asked for.
+    pub pooled: Option<Tensor>,
+}
+
+/// One text encoder with its tokenizer: a prompt in, its embeddings out. The family's rules (which
+/// encoders, which layer, negative prompts, SDXL's concatenation) are the pipeline's, not the
+/// encoder's.
+pub trait PromptEncoder: Send + Sync {
+    /// Tokenizes `prompt` (padded or truncated to the encoder's context) and encodes it: the
+    /// hidden state `layer` names and, with `pooled`, the projected pooled embedding (an error
+    /// when the encoder has no projection).
+    fn encode(&self, prompt: &str, layer: TextLayer, pooled: bool) -> Result<TextEmbeddings>;
+}
+
+/// SDXL's extra conditions (diffusers' `added_cond_kwargs`).
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    /// The pooled, projected text embedding of the last text encoder, `[B, D]`.
+    pub text_embeds: Tensor,
+    /// Original size, crop offset and target size (the refiner: aesthetic score), `[B, n]`.
+    pub time_ids: Tensor,
+}
+
+/// The noise-prediction network: the UNet, or anything that predicts what it predicts.
+pub trait Denoiser: Send + Sync {
+    /// The model output (noise, or v) for `latents` `[B, C, h, w]` at `timestep` `[B]`,
+    /// conditioned on `context` `[B, tokens, D]` and, for SDXL, `added`. Inputs come in
+    /// [`Self::dtype`]; the output may be in any float dtype.
+    fn forward(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor>;
+
+    /// The latent channels `C` the model takes.
+    fn in_channels(&self) -> usize;
+
+    /// The dtype its inputs and conditioning are given in.
+    fn dtype(&self) -> DType;
+
+    /// Where its inputs live.
+    fn device(&self) -> &Device;
+}
+
+/// Latents to pixels: the VAE's decoder, or a tiny autoencoder's.
+pub trait LatentDecoder: Send + Sync {
+    /// UNet latents `[B, C, h, w]` (scaled as the scheduler keeps them) to images
+    /// `[B, 3, h * f, w * f]` in `[0, 1]`, f32.
+    fn decode(&self, latents: &Tensor) -> Result<Tensor>;
+
+    /// The latent channels `C` it decodes.
+    fn latent_channels(&self) -> usize;
+
+    /// The pixels `f` one latent covers along each side.
+    fn scale_factor(&self) -> usize;
+
+    /// What it is, for messages (`AutoencoderKL`, `TAESD`, ...).
+    fn name(&self) -> String;
+}
+
+/// Pixels to latents: the VAE's encoder, or a tiny autoencoder's.
+pub trait LatentEncoder: Send + Sync {
+    /// Images `[B, 3, H, W]` in `[0, 1]` to UNet latents (scaled as the scheduler keeps them),
+    /// f32. An encoder that samples its latent distribution (the VAE) draws that noise from
+    /// `noise`, at the point of the generator's sequence where diffusers draws it.
+    fn encode(&self, image: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
+}
+
+/// A CLIP text encoder (`sdrs-clip`) with its tokenizer.
+pub struct ClipPromptEncoder {
+    /// The model folder's component name (`text_encoder_2`), for messages.
+    component: &'static str,
+    tokenizer: ClipTokenizer,
+    model: ClipTextModel,
+    device: Device,
+}
+
+impl ClipPromptEncoder {
+    pub fn new(
+        component: &'static str,
+        tokenizer: ClipTokenizer,
+        model: ClipTextModel,
+        device: &Device,
+    ) -> Self {
+        Self {
+            component,
+            tokenizer,
+            model,
+            device: device.clone(),
+        }
+    }
+
+    fn ids(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(prompt)?;
+        let len = ids.len();
+        Ok(Tensor::from_vec(ids, (1, len), &self.device)?)
+    }
+
+    /// The index into `hidden_states` (0: the embeddings, `i`: layer `i`) of the state
+    /// `clip_skip` layers from the end.
+    fn index_from_end(&self, clip_skip: usize) -> Result<usize> {
+        let layers = self.model.num_hidden_layers();
+        match (layers + 1).checked_sub(clip_skip) {
+            Some(index) if clip_skip >= 1 => Ok(index),
+            _ => Err(Error::InvalidParameter {
+                name: "clip skip",
+                value: clip_skip.to_string(),
+                expected: format!("from 1 to {} for this text encoder", layers + 1),
+            }),
+        }
+    }
+}
+
+impl PromptEncoder for ClipPromptEncoder {
+    fn encode(&self, prompt: &str, layer: TextLayer, pooled: bool) -> Result<TextEmbeddings> {
+        let ids = self.ids(prompt)?;
+        if !pooled {
+            // Only the layers up to the one used are run.
+            let hidden_state = match layer {
+                TextLayer::Normalized { clip_skip } if clip_skip <= 1 => {
+                    self.model.forward(&ids)?.last_hidden_state
+                }
+                TextLayer::Normalized { clip_skip } => {
+                    self.model.forward_clip_skip(&ids, clip_skip)?
+                }
+                TextLayer::Raw { clip_skip } => self
+                    .model
+                    .hidden_state(&ids, self.index_from_end(clip_skip)?)?,
+            };
+            return Ok(TextEmbeddings {
+                hidden_state,
+                pooled: None,
+            });
+        }
+        // The pooled projection needs every layer: run them all once and pick the state.
+        let out = self.model.forward(&ids)?;
+        let hidden_state = match layer {
+            TextLayer::Normalized { clip_skip } if clip_skip <= 1 => out.last_hidden_state,
+            TextLayer::Normalized { clip_skip } => self
+                .model
+                .final_layer_norm(&out.hidden_states[self.index_from_end(clip_skip)?])?,
+            TextLayer::Raw { clip_skip } => {
+                out.hidden_states[self.index_from_end(clip_skip)?].clone()
+            }
+        };
+        let embeds = out.text_embeds.ok_or_else(|| Error::MissingFile {
+            path: format!("{}/model.safetensors", self.component).into(),
+            what:
+                "text_projection.weight (SDXL's second text encoder is CLIPTextModelWithProjection)"
+                    .to_string(),
+        })?;
+        Ok(TextEmbeddings {
+            hidden_state,
+            pooled: Some(embeds),
+        })
+    }
+}
+
+/// diffusers' `UNet2DConditionModel` (`sdrs-unet`), fed activations in the dtype the kernels
+/// compute in on its device.
+pub struct UNetDenoiser {
+    model: UNet2DConditionModel,
+    activations: DType,
+    device: Device,
+}
+
+impl UNetDenoiser {
+    /// `weights` is the dtype the model's weights were loaded in.
+    pub fn new(model: UNet2DConditionModel, weights: DType, device: &Device) -> Self {
+        Self {
+            model,
+            activations: activation_dtype(weights, device),
+            device: device.clone(),
+        }
+    }
+}
+
+impl Denoiser for UNetDenoiser {
+    fn forward(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
+        // Tensors are reference counted: the copy shares the conditioning's storage.
+        let added = added.map(|added| sdrs_unet::AddedConditions {
+            text_embeds: added.text_embeds.clone(),
+            time_ids: added.time_ids.clone(),
+        });
+        Ok(self
+            .model
+            .forward(latents, timestep, context, added.as_ref())?)
+    }
+
+    fn in_channels(&self) -> usize {
+        self.model.config().in_channels
+    }
+
+    fn dtype(&self) -> DType {
+        self.activations
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// diffusers' `AutoencoderKL` (`sdrs-vae`) with the model's latent scaling (`scaling_factor`,
+/// `shift_factor` or `latents_mean`/`latents_std`), as encoder and decoder of UNet latents.
+/// Clones share the weights.
+#[derive(Clone)]
+pub struct KlAutoencoder {
+    model: AutoencoderKL,
+    activations: DType,
+    device: Device,
+}
+
+impl KlAutoencoder {
+    /// `weights` is the dtype the model's weights were loaded in.
+    pub fn new(model: AutoencoderKL, weights: DType, device: &Device) -> Self {
+        Self {
+            model,
+            activations: activation_dtype(weights, device),
+            device: device.clone(),
+        }
+    }
+
+    /// The VAE's per-channel `latents_mean` and `latents_std` as `[1, C, 1, 1]`, when it has them.
+    fn latents_stats(&self, like: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let config = self.model.config();
+        match (&config.latents_mean, &config.latents_std) {
+            (Some(mean), Some(std)) => {
+                let channels = mean.len();
+                let as_tensor = |v: &Vec<f64>| -> Result<Tensor> {
+                    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                    Ok(Tensor::from_vec(v, (1, channels, 1, 1), like.device())?)
+                };
+                Ok(Some((as_tensor(mean)?, as_tensor(std)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// VAE latents -> UNet latents (`(z - shift) * scale`, or with `latents_mean`/`latents_std`).
+    fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        let config = self.model.config();
+        let z = match self.latents_stats(z)? {
+            Some((mean, std)) => z.broadcast_sub(&mean)?.broadcast_div(&std)?,
+            None => match config.shift_factor {
+                Some(shift) => (z - shift)?,
+                None => z.clone(),
+            },
+        };
+        Ok((z * config.scaling_factor)?)
+    }
+
+    /// UNet latents -> VAE latents, the inverse of [`Self::scale_latents`].
+    fn unscale_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let config = self.model.config();
+        let z = (latents / config.scaling_factor)?;
+        Ok(match self.latents_stats(&z)? {
+            Some((mean, std)) => z.broadcast_mul(&std)?.broadcast_add(&mean)?,
+            None => match config.shift_factor {
+                Some(shift) => (z + shift)?,
+                None => z,
+            },
+        })
+    }
+}
+
+impl LatentDecoder for KlAutoencoder {
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let _span = tracing::info_span!("vae_decode").entered();
+        let latents = latents.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let z = self.unscale_latents(&latents)?;
+        let image = self.model.decode(&z.to_dtype(self.activations)?)?;
+        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    fn latent_channels(&self) -> usize {
+        self.model.config().latent_channels
+    }
+
+    fn scale_factor(&self) -> usize {
+        vae_scale_factor(self.model.config())
+    }
+
+    fn name(&self) -> String {
+        "AutoencoderKL".to_string()
+    }
+}
+
+impl LatentEncoder for KlAutoencoder {
+    fn encode(&self, image: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        let _span = tracing::info_span!("vae_encode").entered();
+        let image = image.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let dist = self
+            .model
+            .encode(&((image * 2.0)? - 1.0)?.to_dtype(self.activations)?)?;
+        let sample_noise = noise.randn(dist.mean.shape(), DType::F32, &self.device)?;
+        let encoded = dist.sample_with(&sample_noise.to_dtype(self.activations)?)?;
+        self.scale_latents(&encoded.to_dtype(DType::F32)?)
+    }
+}
+
+/// How many pixels one latent of this VAE covers along each side: one halving per down block
+/// after the first (diffusers' `2 ** (len(vae.config.block_out_channels) - 1)`).
+pub fn vae_scale_factor(config: &AutoencoderKLConfig) -> usize {
+    1 << config.block_out_channels.len().saturating_sub(1)
+}
+
+/// A tiny autoencoder (TAESD and kin, `sdrs-taesd`): a fast decoder of UNet latents, and an
+/// encoder when its encoder half is loaded. It is trained on the latents as the UNet sees them
+/// (diffusers' `AutoencoderTiny` has scaling factor 1) and encodes deterministically.
+pub struct TinyAutoencoder {
+    model: AutoencoderTiny,
+    activations: DType,
+}
+
+impl TinyAutoencoder {
+    pub fn new(model: AutoencoderTiny) -> Self {
+        let activations = activation_dtype(model.dtype(), model.device());
+        Self { model, activations }
+    }
+
+    pub fn has_encoder(&self) -> bool {
+        self.model.has_encoder()
+    }
+}
+
+impl LatentDecoder for TinyAutoencoder {
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let _span = tracing::info_span!("tiny_decode").entered();
+        let z = latents
+            .to_device(self.model.device())?
+            .to_dtype(self.activations)?;
+        let image = self
+            .model
+            .decode(&(z / self.model.config().scaling_factor)?)?;
+        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    fn latent_channels(&self) -> usize {
+        self.model.config().latent_channels
+    }
+
+    fn scale_factor(&self) -> usize {
+        self.model.config().decoder_upsampling_factor()
+    }
+
+    fn name(&self) -> String {
+        self.model.variant().to_string()
+    }
+}
+
+impl LatentEncoder for TinyAutoencoder {
+    fn encode(&self, image: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        let _span = tracing::info_span!("tiny_encode").entered();
+        let image = image
+            .to_device(self.model.device())?
+            .to_dtype(self.activations)?;
+        let latents = self.model.encode(&((image * 2.0)? - 1.0)?)?;
+        Ok((latents.to_dtype(DType::F32)? * self.model.config().scaling_factor)?)
+    }
+}
+
+/// Where the component weights come from.
+pub(crate) enum Weights {
+    /// Each component's own files in this diffusers folder.
+    Folder(PathBuf),
+    /// One original-layout checkpoint for every component.
+    Checkpoint(Checkpoint),
+    /// Seeded random weights of the configured shapes (benchmarks).
+    Random(u64),
+}
+
+impl Weights {
+    /// The weights of `component` as a `VarBuilder`, and the file they come from (for messages).
+    /// The component's config comes from `files` (a single checkpoint has none of its own).
+    fn component(
+        &self,
+        files: &ModelFiles,
+        component: &'static str,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, PathBuf)> {
+        match self {
+            Weights::Folder(root) => {
+                let dir = root.join(component);
+                let files = find_weights(&dir, variant)?;
+                let vb = var_builder(component, &files, dtype, device)?;
+                Ok((vb, files.first().cloned().unwrap_or(dir)))
+            }
+            Weights::Checkpoint(checkpoint) => {
+                let config = files.json(&format!("{component}/config.json"))?;
+                let vb = checkpoint.var_builder(component, &config, dtype, device)?;
+                Ok((vb, checkpoint.path().to_path_buf()))
+            }
+            Weights::Random(seed) => Ok((
+                RandomWeights::for_component(*seed, component).into_var_builder(dtype, device),
+                PathBuf::from("<random weights>"),
+            )),
+        }
+    }
+}
+
+/// The candle components of one model, built from its configs and weights.
+pub(crate) struct CandleComponents {
+    pub text: TextEncoders,
+    pub unet: UNetDenoiser,
+    pub vae: KlAutoencoder,
+}
+
+impl CandleComponents {
+    /// Builds the text encoders `family` has, the UNet and the VAE, in `options`' dtype (the VAE
+    /// in f32 where diffusers upcasts it).
+    pub fn load(
+        files: &ModelFiles,
+        family: ModelFamily,
+        weights: &Weights,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let device = &options.device;
+        let dtype = options.dtype;
+        let variant = options.variant.as_deref();
+        let load = |component: &'static str,
+                    dtype: DType|
+         -> Result<(sdrs_kernels::VarBuilder<'static>, PathBuf)> {
+            let _span = tracing::info_span!("load_weights", component).entered();
+            let (vb, path) = weights.component(files, component, variant, dtype, device)?;
+            Ok((sdrs_kernels::VarBuilder::new(vb, options.kernels), path))
+        };
+        let text_encoder =
+            |tokenizer: &str, encoder: &'static str| -> Result<Box<dyn PromptEncoder>> {
+                let tokenizer = files.tokenizer(tokenizer)?;
+                let config = files.text_config(encoder)?;
+                let (vb, path) = load(encoder, dtype)?;
+                let model = ClipTextModel::new(vb, &config)
+                    .map_err(|e| with_weights_context(encoder, path, e))?;
+                Ok(Box::new(ClipPromptEncoder::new(
+                    encoder, tokenizer, model, device,
+                )))
+            };
+        let text = match family {
+            ModelFamily::Sd => TextEncoders::Sd(text_encoder("tokenizer", "text_encoder")?),
+            ModelFamily::SdxlBase | ModelFamily::SdxlRefiner => {
+                let index = files
+                    .optional_json("model_index.json")?
+                    .unwrap_or(serde_json::Value::Null);
+                let mut encoders = Vec::new();
+                if family == ModelFamily::SdxlBase {
+                    encoders.push(text_encoder("tokenizer", "text_encoder")?);
+                }
+                encoders.push(text_encoder("tokenizer_2", "text_encoder_2")?);
+                TextEncoders::Sdxl {
+                    encoders,
+                    // diffusers' defaults: base true, refiner false.
+                    force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"]
+                        .as_bool()
+                        .unwrap_or(family == ModelFamily::SdxlBase),
+                    requires_aesthetics_score: family == ModelFamily::SdxlRefiner,
+                }
+            }
+        };
+
+        let unet_config = files.unet_config()?;
+        let (vb, path) = load("unet", dtype)?;
+        let unet = UNet2DConditionModel::new(vb, &unet_config)
+            .map_err(|e| with_weights_context("unet", path, e))?;
+
+        let vae_config = files.vae_config()?;
+        // diffusers runs the VAE in f32 when the model is f16 and the VAE says it overflows in f16.
+        let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let (vb, path) = load("vae", vae_dtype)?;
+        let vae = AutoencoderKL::new(vb, &vae_config)
+            .map_err(|e| with_weights_context("vae", path, e))?;
+
+        Ok(Self {
+            text,
+            unet: UNetDenoiser::new(unet, dtype, device),
+            vae: KlAutoencoder::new(vae, vae_dtype, device),
+        })
+    }
+}
+
+/// Gives a component's construction error the weight file it came from (a missing tensor or a
+/// tensor of the wrong shape for the config).
+fn with_weights_context<E: Into<Error>>(component: &'static str, path: PathBuf, error: E) -> Error {
+    match error.into() {
+        Error::Candle(source) => Error::Weights {
+            component,
+            path,
+            source,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdrs_schedulers::NoNoise;
+    use sdrs_taesd::AutoencoderTinyConfig;
+
+    fn tiny() -> TinyAutoencoder {
+        let weights = RandomWeights::new(3).without(&["pool"]);
+        let vb = sdrs_kernels::VarBuilder::new(
+            weights.into_var_builder(DType::F32, &Device::Cpu),
+            Default::default(),
+        );
+        TinyAutoencoder::new(AutoencoderTiny::new(vb, &AutoencoderTinyConfig::default()).unwrap())
+    }
+
+    #[test]
+    fn the_tiny_autoencoder_decodes_to_unit_range_pixels_at_its_scale() {
+        let tiny = tiny();
+        assert_eq!((tiny.latent_channels(), tiny.scale_factor()), (4, 8));
+        assert!(tiny.name().starts_with("TAESD"), "{}", tiny.name());
+        let latents = Tensor::randn(0f32, 1.0, (1, 4, 2, 3), &Device::Cpu).unwrap();
+        let image = tiny.decode(&latents).unwrap();
+        assert_eq!(image.dims(), [1, 3, 16, 24]);
+        let (lo, hi) = (
+            image.min_all().unwrap().to_scalar::<f32>().unwrap(),
+            image.max_all().unwrap().to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi),
+            "{lo} {hi}"
+        );
+    }
+
+    #[test]
+    fn the_tiny_encoder_is_deterministic_and_draws_no_noise() {
+        let tiny = tiny();
+        assert!(tiny.has_encoder());
+        let image = Tensor::full(0.5f32, (1, 3, 16, 16), &Device::Cpu).unwrap();
+        // NoNoise errors if drawn from: the tiny encoder must not ask.
+        let latents = tiny.encode(&image, &mut NoNoise).unwrap();
+        assert_eq!(latents.dims(), [1, 4, 2, 2]);
+        assert_eq!(latents.dtype(), DType::F32);
+    }
+}

@@ -1,0 +1,746 @@
+//! Stable Diffusion pipelines (SD1.x/2.x, SDXL base, SDXL refiner): text-to-image and
+//! image-to-image, following diffusers' `pipeline_stable_diffusion.py`,
+//! `pipeline_stable_diffusion_img2img.py`, `pipeline_stable_diffusion_xl.py` and
+//! `pipeline_stable_diffusion_xl_img2img.py` step for step, including the order in which the
+//! generator is drawn from. A pipeline runs against its [`components`] (prompt encoders, denoiser,
+//! latent decoder and encoder); loading builds the candle ones from a model's files.
+
+pub mod components;
+mod conditioning;
+mod denoise;
+mod family;
+pub mod preview;
+pub mod refiner;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use sdrs_kernels::KernelOptions;
+use sdrs_schedulers::{NoNoise, NoiseSource, TorchGenerator};
+use sdrs_taesd::AutoencoderTiny;
+use sdrs_unet::UNet2DConditionConfig;
+use sdrs_vae::AutoencoderKLConfig;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::model_files::{builtin_for_checkpoint, ModelFiles};
+
+use components::{
+    vae_scale_factor, CandleComponents, Denoiser, LatentDecoder, LatentEncoder, TinyAutoencoder,
+    Weights,
+};
+use conditioning::{Prompts, TextEncoders};
+
+pub use conditioning::{Conditioning, MicroConditioning};
+pub use family::ModelFamily;
+pub use refiner::Refiner;
+
+pub use sdrs_kernels::dispatch::{activation_dtype, small_model_dtype as tiny_autoencoder_dtype};
+
+/// How a model is loaded: where it computes, in which dtype, which weight variant to prefer, and
+/// how its layers compute (kernel options and CPU threads, kept by this pipeline alone).
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// A weight-file variant such as `fp16` (`model.fp16.safetensors`), tried before the plain files.
+    pub variant: Option<String>,
+    /// Attention mode and CPU kernel level of every layer.
+    pub kernels: KernelOptions,
+    /// Worker threads of the pipeline's own thread pool; `None`: the physical cores.
+    pub threads: Option<usize>,
+}
+
+impl LoadOptions {
+    /// Options for computing in `dtype` on `device`, reading weight `variant` when given, else
+    /// the `fp16` files for half-precision compute (the plain files fill any gap): the rule
+    /// downloads and loads share, so a cache holding both kinds loads what a run fetched.
+    pub fn new(device: Device, dtype: DType, variant: Option<String>) -> Self {
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let variant = variant.or_else(|| half.then(|| "fp16".to_string()));
+        Self {
+            device,
+            dtype,
+            variant,
+            kernels: KernelOptions::default(),
+            threads: None,
+        }
+    }
+
+    /// The same options with these kernel options.
+    pub fn with_kernels(mut self, kernels: KernelOptions) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The same options with `threads` CPU worker threads (`None`: the physical cores).
+    pub fn with_threads(mut self, threads: Option<usize>) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// The pipeline's thread pool: `threads` workers, or one per physical core.
+    pub fn thread_pool(&self) -> Result<Arc<rayon::ThreadPool>> {
+        let threads = match self.threads {
+            Some(0) => {
+                return Err(Error::InvalidParameter {
+                    name: "threads",
+                    value: "0".to_string(),
+                    expected: "at least 1 (or none for the physical cores)".to_string(),
+                })
+            }
+            Some(n) => n,
+            None => num_cpus::get_physical().max(1),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("sdrs-worker-{i}"))
+            .build()
+            .map_err(|e| Error::InvalidParameter {
+                name: "threads",
+                value: threads.to_string(),
+                expected: format!("a count the system can start threads for ({e})"),
+            })?;
+        Ok(Arc::new(pool))
+    }
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self::new(Device::Cpu, DType::F32, None)
+    }
+}
+
+/// Where the denoising starts from.
+#[derive(Debug, Clone, Default)]
+pub enum InitImage {
+    /// Pure noise (text-to-image).
+    #[default]
+    None,
+    /// Image-to-image: `[1, 3, H, W]` in `[0, 1]`, encoded by the VAE and noised to `strength`.
+    Pixels(Tensor),
+    /// Latents another pipeline returned (SDXL base -> refiner), already scaled for the UNet.
+    Latents(Tensor),
+}
+
+/// One generation request. [`Request::new`] fills in diffusers' defaults for a model.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    /// SDXL's second prompt (for `text_encoder_2`); the first prompt when absent.
+    pub prompt_2: Option<String>,
+    /// `None` is not the same as `""` for SDXL models with `force_zeros_for_empty_prompt`.
+    pub negative_prompt: Option<String>,
+    pub negative_prompt_2: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; at 1.0 or below the unconditional pass is skipped.
+    pub guidance_scale: f64,
+    /// The full diffusers scheduler config (with `_class_name`) to sample with.
+    pub scheduler: serde_json::Value,
+    /// AUTOMATIC1111 meaning: 1 uses CLIP's last layer, 2 the penultimate, ... (SDXL defaults to 2).
+    pub clip_skip: Option<usize>,
+    /// Seed of the torch-compatible generator for the initial latents, the VAE encoding and each
+    /// step's noise, drawn in diffusers' order.
+    pub seed: Option<u64>,
+    /// Explicit initial noise `[1, C, H/8, W/8]` (before `init_noise_sigma` scaling) for text-to-image.
+    pub latents: Option<Tensor>,
+    pub init_image: InitImage,
+    /// Image-to-image: how much of the schedule to run, in `(0, 1]`.
+    pub strength: f64,
+    /// Start part-way through the schedule (a fraction, as diffusers' `denoising_start`).
+    pub denoising_start: Option<f64>,
+    /// Stop part-way through the schedule (a fraction, as diffusers' `denoising_end`).
+    pub denoising_end: Option<f64>,
+    /// SDXL micro-conditioning; `None` fields default to the output size and `(0, 0)`.
+    pub original_size: Option<(usize, usize)>,
+    pub crops_coords_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
+}
+
+impl Request {
+    /// A request with diffusers' defaults for `pipeline`: its native size, 25 steps... see the fields.
+    pub fn new(pipeline: &StableDiffusion, prompt: &str, scheduler: serde_json::Value) -> Self {
+        let size = pipeline.default_size();
+        Self {
+            prompt: prompt.to_string(),
+            prompt_2: None,
+            negative_prompt: None,
+            negative_prompt_2: None,
+            width: size,
+            height: size,
+            steps: 25,
+            guidance_scale: pipeline.family().default_guidance_scale(),
+            scheduler,
+            clip_skip: None,
+            seed: None,
+            latents: None,
+            init_image: InitImage::None,
+            strength: 0.3,
+            denoising_start: None,
+            denoising_end: None,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
+}
+
+/// What the progress callback sees after each denoising step.
+pub struct StepProgress<'a> {
+    /// 1-based index of the model evaluation just finished.
+    pub step: usize,
+    /// Number of model evaluations in this generation.
+    pub total: usize,
+    pub timestep: f64,
+    /// The latents after this step (scaled as the scheduler keeps them).
+    pub latents: &'a Tensor,
+    pipeline: &'a StableDiffusion,
+}
+
+impl StepProgress<'_> {
+    /// A preview of the current latents, `[1, 3, H, W]` in `[0, 1]`: decoded by the tiny
+    /// autoencoder when the pipeline has one, otherwise by a cheap linear projection.
+    /// Computed only when asked for.
+    pub fn preview(&self) -> Result<Tensor> {
+        self.pipeline.preview(self.latents)
+    }
+}
+
+/// The size a model was trained at and its VAE's scale factor, from its configs alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NativeSize {
+    /// diffusers' default width and height, in pixels.
+    pub pixels: usize,
+    /// How many pixels one latent covers along each side (8 for every published VAE).
+    pub vae_scale_factor: usize,
+}
+
+impl NativeSize {
+    /// The size of the model whose configs `files` holds (no weights are read).
+    pub fn of(files: &ModelFiles) -> Result<Self> {
+        Ok(Self::from_configs(
+            &files.unet_config()?,
+            &files.vae_config()?,
+        ))
+    }
+
+    pub fn from_configs(unet: &UNet2DConditionConfig, vae: &AutoencoderKLConfig) -> Self {
+        let vae_scale_factor = vae_scale_factor(vae);
+        Self {
+            // diffusers falls back to 64 latents (SD1.5) when the config has no sample size.
+            pixels: unet.sample_size.unwrap_or(64) * vae_scale_factor,
+            vae_scale_factor,
+        }
+    }
+}
+
+/// A loaded Stable Diffusion model of any supported family.
+pub struct StableDiffusion {
+    root: PathBuf,
+    family: ModelFamily,
+    /// `None` only inside a one-shot run ([`Self::generate_once`]) once the prompts are encoded.
+    text: Option<TextEncoders>,
+    /// `None` only inside a one-shot run once the denoising is done.
+    denoiser: Option<Box<dyn Denoiser>>,
+    /// The denoiser's latent channels (kept when a one-shot run frees it).
+    latent_channels: usize,
+    native: NativeSize,
+    /// The model's own VAE, both halves (the encoder for image-to-image).
+    vae_decoder: Box<dyn LatentDecoder>,
+    vae_encoder: Box<dyn LatentEncoder>,
+    /// Decodes instead of the VAE when set (a tiny autoencoder: fast final decode and previews).
+    fast_decoder: Option<Box<dyn LatentDecoder>>,
+    scheduler_config: serde_json::Value,
+    device: Device,
+    dtype: DType,
+    kernels: KernelOptions,
+    /// This pipeline's CPU workers: every computation runs inside it.
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl StableDiffusion {
+    /// Loads every component from a diffusers folder (`model_index.json`, `tokenizer*/`,
+    /// `text_encoder*/`, `unet/`, `vae/`, `scheduler/`).
+    pub fn load(root: &Path, options: &LoadOptions) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::MissingFile {
+                path: root.to_path_buf(),
+                what: "a model folder in the diffusers layout".to_string(),
+            });
+        }
+        Self::load_with(
+            root,
+            &ModelFiles::Folder(root.to_path_buf()),
+            &Weights::Folder(root.to_path_buf()),
+            options,
+        )
+    }
+
+    /// Loads a single original-layout checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
+    /// ...), with the configs, tokenizers and scheduler of `config_dir` (a diffusers folder of the
+    /// same family, whose weights are not read).
+    pub fn load_single_file(
+        checkpoint: &Path,
+        config_dir: &Path,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let checkpoint = Checkpoint::open(checkpoint)?;
+        let expected = ModelFamily::detect(config_dir)?;
+        let found = ModelFamily::from(checkpoint.family());
+        if found != expected {
+            return Err(Error::InvalidParameter {
+                name: "config folder",
+                value: config_dir.display().to_string(),
+                expected: format!(
+                    "the configs of a {} model, as {} holds one (this folder is {})",
+                    found.name(),
+                    checkpoint.path().display(),
+                    expected.name()
+                ),
+            });
+        }
+        if !config_dir.is_dir() {
+            return Err(Error::MissingFile {
+                path: config_dir.to_path_buf(),
+                what: "a model folder in the diffusers layout".to_string(),
+            });
+        }
+        Self::load_with(
+            config_dir,
+            &ModelFiles::Folder(config_dir.to_path_buf()),
+            &Weights::Checkpoint(checkpoint),
+            options,
+        )
+    }
+
+    /// Loads a single original-layout checkpoint of SD1.5, SDXL base or SDXL refiner with the
+    /// built-in configs of the published model of its family (detected from its keys) and the
+    /// built-in CLIP vocabulary: no config folder, no network. A checkpoint whose shapes differ
+    /// from the published model's, or an SD2.x one, needs [`Self::load_single_file`].
+    pub fn load_single_file_builtin(checkpoint: &Path, options: &LoadOptions) -> Result<Self> {
+        let checkpoint = Checkpoint::open(checkpoint)?;
+        let path = checkpoint.path().to_path_buf();
+        let model =
+            builtin_for_checkpoint(checkpoint.family()).ok_or_else(|| Error::NoBuiltinConfig {
+                path: path.clone(),
+                family: "SD2.x",
+            })?;
+        Self::load_with(
+            &path,
+            &ModelFiles::Builtin(model),
+            &Weights::Checkpoint(checkpoint),
+            options,
+        )
+        .map_err(|source| match source {
+            Error::SingleFile { .. } | Error::Weights { .. } => Error::NotPublishedShapes {
+                path,
+                model: model.name(),
+                source: Box::new(source),
+            },
+            other => other,
+        })
+    }
+
+    /// Loads whatever `model` is: a diffusers folder ([`Self::load`]), or a single checkpoint
+    /// with the configs of `config` (a diffusers folder of the same family,
+    /// [`Self::load_single_file`]), else the built-in ones ([`Self::load_single_file_builtin`]).
+    pub fn open(model: &Path, config: Option<&Path>, options: &LoadOptions) -> Result<Self> {
+        if model.is_file() {
+            match config {
+                Some(config) => Self::load_single_file(model, config, options),
+                None => Self::load_single_file_builtin(model, options),
+            }
+        } else if model.is_dir() {
+            Self::load(model, options)
+        } else {
+            Err(Error::MissingFile {
+                path: model.to_path_buf(),
+                what: "a diffusers model folder (with model_index.json, unet/, vae/, \
+                       text_encoder/, tokenizer/, scheduler/) or a .safetensors checkpoint"
+                    .to_string(),
+            })
+        }
+    }
+
+    /// A model with the configs of `files` (e.g. [`ModelFiles::Builtin`] for the published
+    /// architectures) and seeded random weights built in the process: what `sdrs bench` measures,
+    /// the real shapes and pipeline with no weight files.
+    pub fn random(files: &ModelFiles, seed: u64, options: &LoadOptions) -> Result<Self> {
+        let root = files.location("").join("<random weights>");
+        Self::load_with(&root, files, &Weights::Random(seed), options)
+    }
+
+    /// `root` is what [`Self::root`] reports: the folder, or the single checkpoint file.
+    fn load_with(
+        root: &Path,
+        files: &ModelFiles,
+        weights: &Weights,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let _span = tracing::info_span!("load_model").entered();
+        let family = ModelFamily::detect_in(files)?;
+        let pool = options.thread_pool()?;
+        let native = NativeSize::of(files)?;
+        let CandleComponents { text, unet, vae } =
+            CandleComponents::load(files, family, weights, options)?;
+        let scheduler_config = files.json("scheduler/scheduler_config.json")?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            family,
+            text: Some(text),
+            latent_channels: unet.in_channels(),
+            denoiser: Some(Box::new(unet)),
+            native,
+            vae_decoder: Box::new(vae.clone()),
+            vae_encoder: Box::new(vae),
+            fast_decoder: None,
+            scheduler_config,
+            device: options.device.clone(),
+            dtype: options.dtype,
+            kernels: options.kernels,
+            pool,
+        })
+    }
+
+    /// The kernel options every layer of this pipeline computes with.
+    pub fn kernels(&self) -> KernelOptions {
+        self.kernels
+    }
+
+    /// Runs `work` on this pipeline's thread pool (the kernels' parallel loops use its workers).
+    /// The pipeline's own methods do; a caller driving the components itself
+    /// ([`Self::denoiser`], ...) wraps its calls in this to compute with the same threads.
+    pub fn in_pool<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(work)
+    }
+
+    /// The number of worker threads of this pipeline's pool.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// The folder the model was loaded from (the checkpoint file for a single file loaded with the
+    /// built-in configs).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// The model's own `scheduler/scheduler_config.json`.
+    pub fn scheduler_config(&self) -> &serde_json::Value {
+        &self.scheduler_config
+    }
+
+    /// How many pixels one latent covers along each side (8 for every published VAE).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.native.vae_scale_factor
+    }
+
+    /// The size the UNet was trained at, in pixels: diffusers' default width and height.
+    pub fn default_size(&self) -> usize {
+        self.native.pixels
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The denoiser (the UNet); an error once a one-shot run has freed it.
+    pub fn denoiser(&self) -> Result<&dyn Denoiser> {
+        self.denoiser
+            .as_deref()
+            .ok_or(Error::Released { component: "UNet" })
+    }
+
+    /// The model's own VAE decoder (whatever [`Self::set_latent_decoder`] set decodes instead).
+    pub fn vae_decoder(&self) -> &dyn LatentDecoder {
+        self.vae_decoder.as_ref()
+    }
+
+    /// The model's VAE encoder, which image-to-image starts from.
+    pub fn vae_encoder(&self) -> &dyn LatentEncoder {
+        self.vae_encoder.as_ref()
+    }
+
+    /// Runs a whole generation and returns images `[1, 3, H, W]` in `[0, 1]` (f32).
+    pub fn generate(
+        &self,
+        request: &Request,
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
+    ) -> Result<Tensor> {
+        self.in_pool(|| {
+            let latents = self.denoise(request, progress)?;
+            self.decode(&latents)
+        })
+    }
+
+    /// [`Self::generate`] for a single image, freeing each model after its last use: the text
+    /// encoders once the prompts are encoded, the UNet before the VAE decodes. The peak memory
+    /// is then that of the models still needed plus one stage's activations, not of every model
+    /// (stable-diffusion.cpp's command line does the same). The image is the same.
+    pub fn generate_once(
+        mut self,
+        request: &Request,
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
+    ) -> Result<Tensor> {
+        let pool = self.pool.clone();
+        pool.install(move || {
+            let latents = self.denoise_releasing(request, progress)?;
+            self.denoiser = None;
+            sdrs_kernels::memory::release_freed_memory();
+            self.decode(&latents)
+        })
+    }
+
+    /// [`Self::denoise`] for a single image, freeing the text encoders once the prompts are
+    /// encoded and everything else when it returns (for a refiner that continues from the latents).
+    pub fn denoise_once(
+        mut self,
+        request: &Request,
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
+    ) -> Result<Tensor> {
+        let pool = self.pool.clone();
+        pool.install(move || self.denoise_releasing(request, progress))
+    }
+
+    fn denoise_releasing(
+        &mut self,
+        request: &Request,
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
+    ) -> Result<Tensor> {
+        let conditioning = self.encode_prompts(request)?;
+        self.text = None;
+        sdrs_kernels::memory::release_freed_memory();
+        self.denoise_with(request, &conditioning, progress)
+    }
+
+    /// The denoising loop; returns the final latents as the scheduler keeps them (what diffusers
+    /// returns with `output_type="latent"`, and what a refiner continues from).
+    pub fn denoise(
+        &self,
+        request: &Request,
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
+    ) -> Result<Tensor> {
+        self.in_pool(|| {
+            let conditioning = self.encode_prompts(request)?;
+            self.denoise_with(request, &conditioning, progress)
+        })
+    }
+
+    /// Checks the request and encodes its prompts (and SDXL's micro-conditioning) into what the
+    /// denoiser is conditioned on: the negative row first when guided.
+    pub fn encode_prompts(&self, request: &Request) -> Result<Conditioning> {
+        self.in_pool(|| {
+            self.check_request(request)?;
+            let (height, width) = (request.height, request.width);
+            let micro = MicroConditioning {
+                original_size: request.original_size.unwrap_or((height, width)),
+                crops_coords_top_left: request.crops_coords_top_left,
+                target_size: request.target_size.unwrap_or((height, width)),
+                aesthetic_score: request.aesthetic_score,
+                negative_aesthetic_score: request.negative_aesthetic_score,
+            };
+            let prompts = Prompts {
+                prompt: &request.prompt,
+                prompt_2: request.prompt_2.as_deref(),
+                negative: request.negative_prompt.as_deref(),
+                negative_2: request.negative_prompt_2.as_deref(),
+                clip_skip: request.clip_skip,
+                guided: request.guidance_scale > 1.0,
+            };
+            let text = self.text.as_ref().ok_or(Error::Released {
+                component: "text encoders",
+            })?;
+            let denoiser = self.denoiser()?;
+            text.encode(&prompts, &micro, denoiser.dtype(), denoiser.device())
+        })
+    }
+
+    /// The start latents, then the steps, for one request.
+    fn denoise_with(
+        &self,
+        request: &Request,
+        conditioning: &Conditioning,
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
+    ) -> Result<Tensor> {
+        let denoiser = self.denoiser()?;
+        let mut scheduler = sdrs_schedulers::from_config(&request.scheduler, request.steps)?;
+        let factor = self.vae_scale_factor();
+        let shape = (
+            1,
+            denoiser.in_channels(),
+            request.height / factor,
+            request.width / factor,
+        );
+        let mut generator = request.seed.map(TorchGenerator::new);
+        let start = denoise::start(
+            request,
+            scheduler.as_mut(),
+            shape,
+            generator.as_mut(),
+            self.vae_encoder.as_ref(),
+            &self.device,
+        )?;
+        let total = start.timesteps.len();
+        let mut no_noise = NoNoise;
+        let noise: &mut dyn NoiseSource = match generator.as_mut() {
+            Some(generator) => generator,
+            None => &mut no_noise,
+        };
+        denoise::run(
+            denoiser,
+            scheduler.as_mut(),
+            start,
+            conditioning,
+            request.guidance_scale,
+            noise,
+            &mut |step, timestep, latents| {
+                progress(&StepProgress {
+                    step,
+                    total,
+                    timestep,
+                    latents,
+                    pipeline: self,
+                })
+            },
+        )
+    }
+
+    /// Decodes with a tiny autoencoder (TAESD and kin) instead of the full VAE from now on; its
+    /// latent channels must match the UNet's.
+    pub fn set_tiny_autoencoder(&mut self, tiny: AutoencoderTiny) -> Result<()> {
+        self.set_latent_decoder(Box::new(TinyAutoencoder::new(tiny)))
+    }
+
+    /// Decodes final images and previews with `decoder` instead of the model's VAE from now on;
+    /// its latent channels must match the UNet's.
+    pub fn set_latent_decoder(&mut self, decoder: Box<dyn LatentDecoder>) -> Result<()> {
+        let (found, expected) = (decoder.latent_channels(), self.latent_channels);
+        if found != expected {
+            return Err(Error::InvalidParameter {
+                name: "decoder",
+                value: format!("{} ({found} latent channels)", decoder.name()),
+                expected: format!("one for {expected}-channel latents, as this model makes"),
+            });
+        }
+        self.fast_decoder = Some(decoder);
+        Ok(())
+    }
+
+    /// A cheap preview of UNet latents `[1, C, h, w]`: the tiny autoencoder when there is one,
+    /// else a per-pixel linear map from latent channels to RGB (at latent resolution).
+    pub fn preview(&self, latents: &Tensor) -> Result<Tensor> {
+        if self.fast_decoder.is_some() {
+            return self.decode(latents);
+        }
+        let factors = preview::latent_rgb_factors(self.family.latent_space(), latents.dim(1)?)?;
+        preview::linear_preview(latents, &factors)
+    }
+
+    /// Decodes latents into images `[B, 3, H, W]` in `[0, 1]` (f32), with the tiny autoencoder
+    /// when one is set, else the model's VAE.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let decoder = self.fast_decoder.as_ref().unwrap_or(&self.vae_decoder);
+        self.in_pool(|| decoder.decode(latents))
+    }
+
+    /// Checks `request` against this model without running anything: the size a positive
+    /// multiple of the VAE's factor, at least one step, a finite guidance scale, the strength in
+    /// `(0, 1]` and the denoising fractions strictly between 0 and 1. Every generation does.
+    pub fn check_request(&self, request: &Request) -> Result<()> {
+        let factor = self.vae_scale_factor();
+        for (name, value) in [("width", request.width), ("height", request.height)] {
+            if value == 0 || value % factor != 0 {
+                return Err(Error::InvalidParameter {
+                    name,
+                    value: value.to_string(),
+                    expected: format!("a positive multiple of {factor}"),
+                });
+            }
+        }
+        if request.steps == 0 {
+            return Err(Error::InvalidParameter {
+                name: "steps",
+                value: "0".to_string(),
+                expected: "at least 1".to_string(),
+            });
+        }
+        if !request.guidance_scale.is_finite() {
+            return Err(Error::InvalidParameter {
+                name: "guidance scale",
+                value: request.guidance_scale.to_string(),
+                expected: "a finite number".to_string(),
+            });
+        }
+        if !(request.strength > 0.0 && request.strength <= 1.0) {
+            return Err(Error::InvalidParameter {
+                name: "strength",
+                value: request.strength.to_string(),
+                expected: "a number in (0, 1]".to_string(),
+            });
+        }
+        for (name, value) in [
+            ("denoising start", request.denoising_start),
+            ("denoising end", request.denoising_end),
+        ] {
+            if let Some(v) = value {
+                if !(v > 0.0 && v < 1.0) {
+                    return Err(Error::InvalidParameter {
+                        name,
+                        value: v.to_string(),
+                        expected: "a fraction strictly between 0 and 1".to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_prefers_the_fp16_files_unless_a_variant_is_given() {
+        let variant = |dtype, given: Option<&str>| {
+            LoadOptions::new(Device::Cpu, dtype, given.map(str::to_string)).variant
+        };
+        assert_eq!(variant(DType::F32, None), None);
+        assert_eq!(variant(DType::BF16, None).as_deref(), Some("fp16"));
+        assert_eq!(variant(DType::F16, None).as_deref(), Some("fp16"));
+        assert_eq!(variant(DType::F32, Some("ema")).as_deref(), Some("ema"));
+        assert_eq!(variant(DType::BF16, Some("ema")).as_deref(), Some("ema"));
+    }
+
+    #[test]
+    fn the_native_size_is_the_sample_size_in_pixels() {
+        let files = ModelFiles::Builtin(crate::BuiltinModel::SdxlBase);
+        let native = NativeSize::of(&files).unwrap();
+        assert_eq!(
+            native,
+            NativeSize {
+                pixels: 1024,
+                vae_scale_factor: 8
+            }
+        );
+        let mut unet = files.unet_config().unwrap();
+        unet.sample_size = None;
+        let native = NativeSize::from_configs(&unet, &files.vae_config().unwrap());
+        assert_eq!(native.pixels, 512, "diffusers' 64-latent fallback");
+    }
+}
