@@ -8,10 +8,10 @@
 //! state, so two pipelines in one process can differ.
 
 use std::fmt;
+use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::AttentionMode;
 use crate::cpu::{self, Level};
 
 /// How a pipeline's layers compute: the attention algorithm and the fastest CPU kernel level
@@ -101,6 +101,57 @@ impl KernelOptions {
     }
 }
 
+/// How attention is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionMode {
+    /// The fastest that fits: flash on the CPU, naive elsewhere.
+    #[default]
+    Auto,
+    Naive,
+    /// `Some(n)`: `n` (batch x head) slices at a time; `None`: one.
+    Sliced(Option<usize>),
+    Flash,
+}
+
+impl AttentionMode {
+    pub const ACCEPTED: &'static str = "auto, naive, sliced, sliced:N (N >= 1), flash";
+}
+
+impl FromStr for AttentionMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!(
+                "unknown attention {s:?}: expected one of {}",
+                Self::ACCEPTED
+            )
+        };
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "naive" => Ok(Self::Naive),
+            "flash" => Ok(Self::Flash),
+            "sliced" => Ok(Self::Sliced(None)),
+            other => match other.strip_prefix("sliced:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n >= 1 => Ok(Self::Sliced(Some(n))),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for AttentionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Naive => write!(f, "naive"),
+            Self::Sliced(None) => write!(f, "sliced"),
+            Self::Sliced(Some(n)) => write!(f, "sliced:{n}"),
+            Self::Flash => write!(f, "flash"),
+        }
+    }
+}
+
 /// `SDRS_CPU_FEATURES`' value as a level cap.
 pub fn parse_cpu_cap(value: &str) -> Result<Level, String> {
     Level::parse(value).ok_or_else(|| {
@@ -173,6 +224,18 @@ fn is_kernel_dtype(dtype: DType) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for text in ["auto", "naive", "sliced", "sliced:4", "flash"] {
+            let mode: AttentionMode = text.parse().unwrap();
+            assert_eq!(mode.to_string(), text);
+        }
+        for bad in ["fast", "sliced:0", "sliced:x", ""] {
+            let error = bad.parse::<AttentionMode>().unwrap_err();
+            assert!(error.contains("sliced:N"), "{error}");
+        }
+    }
 
     #[test]
     fn cpu_tensors_of_kernel_dtypes_take_our_kernels_and_others_candle() {

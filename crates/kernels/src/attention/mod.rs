@@ -7,68 +7,15 @@
 //! - `naive`: candle's matmul and softmax, in query chunks of bounded size (the reference, and
 //!   the path of devices without our kernels).
 
-use std::fmt;
-use std::str::FromStr;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::cpu::{self, Level};
+pub use crate::dispatch::AttentionMode;
 use crate::dispatch::KernelOptions;
 use crate::gemm::Element;
-
-/// How attention is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AttentionMode {
-    /// The fastest that fits: flash on the CPU, naive elsewhere.
-    #[default]
-    Auto,
-    Naive,
-    /// `Some(n)`: `n` (batch x head) slices at a time; `None`: one.
-    Sliced(Option<usize>),
-    Flash,
-}
-
-impl AttentionMode {
-    pub const ACCEPTED: &'static str = "auto, naive, sliced, sliced:N (N >= 1), flash";
-}
-
-impl FromStr for AttentionMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || {
-            format!(
-                "unknown attention {s:?}: expected one of {}",
-                Self::ACCEPTED
-            )
-        };
-        match s.trim() {
-            "auto" => Ok(Self::Auto),
-            "naive" => Ok(Self::Naive),
-            "flash" => Ok(Self::Flash),
-            "sliced" => Ok(Self::Sliced(None)),
-            other => match other.strip_prefix("sliced:").map(str::parse::<usize>) {
-                Some(Ok(n)) if n >= 1 => Ok(Self::Sliced(Some(n))),
-                _ => Err(bad()),
-            },
-        }
-    }
-}
-
-impl fmt::Display for AttentionMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Auto => write!(f, "auto"),
-            Self::Naive => write!(f, "naive"),
-            Self::Sliced(None) => write!(f, "sliced"),
-            Self::Sliced(Some(n)) => write!(f, "sliced:{n}"),
-            Self::Flash => write!(f, "flash"),
-        }
-    }
-}
 
 /// `softmax(q kᵀ · scale) v` for `q [B, H, Lq, D]`, `k [B, H, Lk, D]`, `v [B, H, Lk, Dv]`, in the
 /// dtype of `q`, by the algorithm and kernels `options` choose for these inputs. Scores and softmax
@@ -476,18 +423,6 @@ impl CustomOp3 for FlashAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn modes_parse_and_print() {
-        for text in ["auto", "naive", "sliced", "sliced:4", "flash"] {
-            let mode: AttentionMode = text.parse().unwrap();
-            assert_eq!(mode.to_string(), text);
-        }
-        for bad in ["fast", "sliced:0", "sliced:x", ""] {
-            let error = bad.parse::<AttentionMode>().unwrap_err();
-            assert!(error.contains("sliced:N"), "{error}");
-        }
-    }
 
     #[test]
     fn larger_ignores_nan_rules() {

@@ -7,10 +7,14 @@
 //! - [`weights`] and [`tensor_files`]: a component's weight files opened as a `VarBuilder`.
 //! - [`single_file`] and [`checkpoint`]: the key plan of a single-file checkpoint and its
 //!   execution on the file's tensors.
+//! - [`options`]: [`LoadOptions`], how a pipeline is loaded and computes.
 
 pub mod builtin;
 pub mod checkpoint;
 pub mod model_files;
+pub mod options;
 pub mod single_file;
 pub mod tensor_files;
 pub mod weights;
+
+pub use options::LoadOptions;

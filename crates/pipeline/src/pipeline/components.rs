@@ -23,7 +23,7 @@ use crate::weights::{find_weights, var_builder};
 
 use super::conditioning::TextEncoders;
 use super::family::ModelFamily;
-use super::LoadOptions;
+use crate::loading::LoadOptions;
 
 /// Which hidden state of a text encoder a pipeline conditions on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

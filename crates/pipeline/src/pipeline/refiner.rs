@@ -11,7 +11,8 @@ use sdrs_schedulers::{Sampler, SigmaSchedule};
 
 use crate::error::{Error, Result};
 
-use super::{InitImage, LoadOptions, ModelFamily, Request, StableDiffusion, StepProgress};
+use super::{InitImage, ModelFamily, Request, StableDiffusion, StepProgress};
+use crate::loading::LoadOptions;
 
 /// A refiner that finishes an SDXL base model's last steps: where it takes over, and how it is
 /// loaded once the base is freed.

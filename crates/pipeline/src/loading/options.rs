@@ -1,0 +1,83 @@
+//! How a model is loaded: device, dtype, weight variant, and the per-pipeline kernel options and
+//! CPU thread pool its layers compute with.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use sdrs_kernels::KernelOptions;
+
+use crate::error::{Error, Result};
+
+/// How a model is loaded: where it computes, in which dtype, which weight variant to prefer, and
+/// how its layers compute (kernel options and CPU threads, kept by this pipeline alone).
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// A weight-file variant such as `fp16` (`model.fp16.safetensors`), tried before the plain files.
+    pub variant: Option<String>,
+    /// Attention mode and CPU kernel level of every layer.
+    pub kernels: KernelOptions,
+    /// Worker threads of the pipeline's own thread pool; `None`: the physical cores.
+    pub threads: Option<usize>,
+}
+
+impl LoadOptions {
+    /// Options for computing in `dtype` on `device`, reading weight `variant` when given, else
+    /// the `fp16` files for half-precision compute (the plain files fill any gap): the rule
+    /// downloads and loads share, so a cache holding both kinds loads what a run fetched.
+    pub fn new(device: Device, dtype: DType, variant: Option<String>) -> Self {
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let variant = variant.or_else(|| half.then(|| "fp16".to_string()));
+        Self {
+            device,
+            dtype,
+            variant,
+            kernels: KernelOptions::default(),
+            threads: None,
+        }
+    }
+
+    /// The same options with these kernel options.
+    pub fn with_kernels(mut self, kernels: KernelOptions) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The same options with `threads` CPU worker threads (`None`: the physical cores).
+    pub fn with_threads(mut self, threads: Option<usize>) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// The pipeline's thread pool: `threads` workers, or one per physical core.
+    pub fn thread_pool(&self) -> Result<Arc<rayon::ThreadPool>> {
+        let threads = match self.threads {
+            Some(0) => {
+                return Err(Error::InvalidParameter {
+                    name: "threads",
+                    value: "0".to_string(),
+                    expected: "at least 1 (or none for the physical cores)".to_string(),
+                })
+            }
+            Some(n) => n,
+            None => num_cpus::get_physical().max(1),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("sdrs-worker-{i}"))
+            .build()
+            .map_err(|e| Error::InvalidParameter {
+                name: "threads",
+                value: threads.to_string(),
+                expected: format!("a count the system can start threads for ({e})"),
+            })?;
+        Ok(Arc::new(pool))
+    }
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self::new(Device::Cpu, DType::F32, None)
+    }
+}
