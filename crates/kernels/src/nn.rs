@@ -127,8 +127,6 @@ struct LinearOp<'a> {
     bias: Option<&'a [f32]>,
     level: Level,
     bf16_dots: bool,
-    /// The weight when it is quantized (then the op has one operand, the input).
-    quantized: Option<&'a dyn QuantizedMatrix>,
 }
 
 impl LinearOp<'_> {
@@ -218,20 +216,23 @@ impl CustomOp2 for LinearOp<'_> {
     }
 }
 
-/// The linear layer with a quantized weight: one operand, the input.
-impl CustomOp1 for LinearOp<'_> {
+/// [`LinearOp`] with a quantized weight, decoded while the GEMM packs it: one operand, the input.
+struct QuantizedLinearOp<'a> {
+    linear: LinearOp<'a>,
+    weight: &'a dyn QuantizedMatrix,
+}
+
+impl CustomOp1 for QuantizedLinearOp<'_> {
     fn name(&self) -> &'static str {
         "sdrs-linear-quantized"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some(w) = self.quantized else {
-            candle_core::bail!("sdrs-linear-quantized: no quantized weight");
-        };
-        let (n, k) = w.dims();
-        let (m, shape) = Self::sizes(l1, (n, k))?;
+        let (n, k) = self.weight.dims();
+        let (m, shape) = LinearOp::sizes(l1, (n, k))?;
         let out = with_slice!("sdrs-linear-quantized", (s1, l1), |x| self
-            .run_quantized(w, x, m, k));
+            .linear
+            .run_quantized(self.weight, x, m, k));
         Ok((storage_from_f32(out, s1.dtype())?, shape))
     }
 }
@@ -297,16 +298,18 @@ impl Module for Linear {
             let layer = candle_nn::Linear::new(weight, self.bias.clone());
             return on_candle(xs, self.weight.dtype(), |xs| layer.forward(xs));
         };
-        let mut op = LinearOp {
+        let linear = LinearOp {
             bias: self.bias_f32.as_deref(),
             level,
             bf16_dots,
-            quantized: None,
         };
         match &self.weight {
-            Weight::Dense(weight) => xs.contiguous()?.apply_op2_no_bwd(weight, &op),
+            Weight::Dense(weight) => xs.contiguous()?.apply_op2_no_bwd(weight, &linear),
             Weight::Quantized { matrix, .. } => {
-                op.quantized = Some(matrix.as_ref());
+                let op = QuantizedLinearOp {
+                    linear,
+                    weight: matrix.as_ref(),
+                };
                 xs.contiguous()?.apply_op1_no_bwd(&op)
             }
         }
