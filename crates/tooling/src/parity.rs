@@ -346,15 +346,22 @@ impl Runner<'_> {
     fn text_encoder(&self, folder: &str) -> Result<sdrs_clip::ClipTextModel> {
         let dir = self.fixtures.join(folder);
         let config = sdrs_clip::ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let files = find_weights(&dir, None)?;
-        let vb = var_builder(
-            "text_encoder",
-            &files,
-            self.options.dtype,
-            &self.options.device,
-        )?;
-        let vb = sdrs_kernels::VarBuilder::new(vb, self.options.kernels);
-        Ok(sdrs_clip::ClipTextModel::new(vb, &config)?)
+        Ok(sdrs_clip::ClipTextModel::new(
+            self.weights("text_encoder", &dir)?,
+            &config,
+        )?)
+    }
+
+    /// The weights in the model folder `dir` (of `component`, for messages), in the runner's
+    /// dtype on its device, for layers computing with its kernel options.
+    fn weights(
+        &self,
+        component: &'static str,
+        dir: &Path,
+    ) -> Result<sdrs_kernels::VarBuilder<'static>> {
+        let files = find_weights(dir, None)?;
+        let vb = var_builder(component, &files, self.options.dtype, &self.options.device)?;
+        Ok(sdrs_kernels::VarBuilder::new(vb, self.options.kernels))
     }
 
     fn ids(&self, reference: &HashMap<String, Tensor>, key: &str) -> Result<Tensor> {
@@ -415,15 +422,8 @@ impl Runner<'_> {
         let reference = self.reference(&format!("{file}.safetensors"))?;
         let dir = self.fixtures.join(folder).join("unet");
         let config = sdrs_unet::UNet2DConditionConfig::from_file(&dir.join("config.json"))?;
-        let files = find_weights(&dir, None)?;
         let (dtype, device) = (self.options.dtype, self.options.device.clone());
-        let unet = sdrs_unet::UNet2DConditionModel::new(
-            sdrs_kernels::VarBuilder::new(
-                var_builder("unet", &files, dtype, &device)?,
-                self.options.kernels,
-            ),
-            &config,
-        )?;
+        let unet = sdrs_unet::UNet2DConditionModel::new(self.weights("unet", &dir)?, &config)?;
         let input = |key: &str| -> Result<Tensor> {
             Ok(get(&reference, key)?
                 .to_device(&device)?
@@ -450,15 +450,8 @@ impl Runner<'_> {
         let reference = self.reference(&format!("{file}.safetensors"))?;
         let dir = self.fixtures.join(folder).join("vae");
         let config = sdrs_vae::AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
-        let files = find_weights(&dir, None)?;
         let (dtype, device) = (self.options.dtype, self.options.device.clone());
-        let vae = sdrs_vae::AutoencoderKL::new(
-            sdrs_kernels::VarBuilder::new(
-                var_builder("vae", &files, dtype, &device)?,
-                self.options.kernels,
-            ),
-            &config,
-        )?;
+        let vae = sdrs_vae::AutoencoderKL::new(self.weights("vae", &dir)?, &config)?;
         let input = |key: &str| -> Result<Tensor> {
             Ok(get(&reference, key)?
                 .to_device(&device)?
