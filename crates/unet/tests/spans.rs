@@ -4,85 +4,13 @@
 //! transformer block and one `attention` per attention call at trace level.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use sdrs_kernels::VarBuilder;
+use sdrs_tooling::spans::{Recorder, SpanSeen};
 use sdrs_unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Level, Metadata, Subscriber};
-
-/// A subscriber that records every span opened at `max_level` or below: its name, level and
-/// `index` / `cross` fields, in the order opened.
-struct Recorder {
-    max_level: Level,
-    spans: Mutex<Vec<SpanSeen>>,
-    next_id: AtomicU64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct SpanSeen {
-    name: &'static str,
-    level: Level,
-    index: Option<u64>,
-    cross: Option<bool>,
-}
-
-impl Recorder {
-    fn new(max_level: Level) -> Arc<Self> {
-        Arc::new(Self {
-            max_level,
-            spans: Mutex::new(Vec::new()),
-            next_id: AtomicU64::new(1),
-        })
-    }
-
-    fn spans(&self) -> Vec<SpanSeen> {
-        self.spans.lock().unwrap().clone()
-    }
-}
-
-impl Visit for SpanSeen {
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        if field.name() == "index" {
-            self.index = Some(value);
-        }
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        if field.name() == "cross" {
-            self.cross = Some(value);
-        }
-    }
-
-    fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
-}
-
-impl Subscriber for Recorder {
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        *metadata.level() <= self.max_level
-    }
-
-    fn new_span(&self, span: &Attributes<'_>) -> Id {
-        let mut seen = SpanSeen {
-            name: span.metadata().name(),
-            level: *span.metadata().level(),
-            index: None,
-            cross: None,
-        };
-        span.record(&mut seen);
-        self.spans.lock().unwrap().push(seen);
-        Id::from_u64(self.next_id.fetch_add(1, Ordering::Relaxed))
-    }
-
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, _: &Event<'_>) {}
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
-}
+use tracing::Level;
 
 fn fixtures() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).to_path_buf()
