@@ -14,8 +14,8 @@ use sdrs_pipeline::components::TinyAutoencoder;
 use sdrs_pipeline::pipeline::{activation_dtype, tiny_autoencoder_dtype};
 use sdrs_pipeline::random_weights::RandomWeights;
 use sdrs_pipeline::{
-    BuiltinModel, DeviceChoice, DtypeChoice, LatentDecoder, LoadOptions, ModelFiles, NativeSize,
-    Request, StableDiffusion,
+    BuiltinModel, DeviceChoice, DtypeChoice, GpuMemoryPeak, LatentDecoder, LoadOptions, ModelFiles,
+    NativeSize, Request, StableDiffusion,
 };
 use sdrs_taesd::{AutoencoderTiny, AutoencoderTinyConfig};
 use sdrs_tooling::flops::{clip_flops, unet_flops, vae_decode_flops};
@@ -90,6 +90,8 @@ struct Measurement {
     seconds: Vec<f64>,
     flops: Option<f64>,
     peak_rss: Option<u64>,
+    /// Peak GPU memory in use during the part (CUDA); `None` on the CPU.
+    peak_gpu_memory: Option<u64>,
 }
 
 impl Measurement {
@@ -111,6 +113,11 @@ impl Measurement {
         self.flops.map(|flops| flops / 1e9 / self.median())
     }
 
+    /// Guided denoising steps per second, for the UNet step (one step = the UNet at batch 2).
+    fn iterations_per_second(&self) -> Option<f64> {
+        (self.part == UNET_STEP).then(|| 1.0 / self.median())
+    }
+
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "part": self.part,
@@ -121,9 +128,14 @@ impl Measurement {
             "gflop": self.flops.map(|f| f / 1e9),
             "gflop_per_s": self.gflops_per_second(),
             "peak_rss_bytes": self.peak_rss,
+            "peak_gpu_memory_bytes": self.peak_gpu_memory,
+            "it_per_s": self.iterations_per_second(),
         })
     }
 }
+
+/// The name of the UNet step's row.
+const UNET_STEP: &str = "UNet step";
 
 /// CLIP's context length, which every prompt is padded to.
 const TOKENS: usize = 77;
@@ -193,7 +205,9 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let _trace = crate::trace::start(args.trace.as_deref())?;
     let kernel_options = system::kernel_options(args.attention)?;
     let source = Source::parse(&args.model)?;
-    let device = args.device.open()?;
+    let selection = args.device.select()?;
+    eprintln!("{}", selection.message());
+    let device = selection.device.clone();
     let dtype = args.dtype.resolve(&device, &kernel_options);
     let parts = selected_parts(&args.parts)?;
     if args.batch == 0 || args.runs == 0 || args.steps == 0 {
@@ -261,6 +275,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         "dtype": sdrs_pipeline::dtype_name(dtype),
         "activation_dtype": sdrs_pipeline::dtype_name(activations),
         "device": args.device.to_string(),
+        "device_description": selection.description,
         "threads": threads,
         "kernels": kernels,
         "results": results.iter().map(Measurement::json).collect::<Vec<_>>(),
@@ -302,7 +317,7 @@ fn component_parts(
         }
         // Each image's prompts (negative and positive) encoded as a generation does.
         let seconds = pipeline.in_pool(|| {
-            time_runs(args.runs, || {
+            time_runs(args.runs, pipeline.device(), || {
                 for _ in 0..args.batch {
                     pipeline.encode_prompts(&request)?;
                 }
@@ -320,7 +335,7 @@ fn component_parts(
         let timestep = Tensor::full(500f32, unet_batch, denoiser.device())?;
         let flops = unet_flops(&files.unet_config()?, unet_batch, latent, latent, TOKENS)?;
         let seconds = pipeline.in_pool(|| {
-            time_runs(args.runs, || {
+            time_runs(args.runs, pipeline.device(), || {
                 denoiser.forward(
                     &sample,
                     &timestep,
@@ -330,13 +345,13 @@ fn component_parts(
                 Ok(())
             })
         })?;
-        results.push(measured("UNet step", seconds, Some(flops)));
+        results.push(measured(UNET_STEP, seconds, Some(flops)));
     }
     if parts.contains(&"vae") {
         let flops = vae_decode_flops(&files.vae_config()?, args.batch, latent, latent);
         let channels = pipeline.vae_decoder().latent_channels();
         let latents = random_latents(args.batch, channels, latent, pipeline.device())?;
-        let seconds = time_runs(args.runs, || {
+        let seconds = time_runs(args.runs, pipeline.device(), || {
             pipeline.decode(&latents)?;
             Ok(())
         })?;
@@ -347,7 +362,7 @@ fn component_parts(
 
 /// Times a TAESD decode of `args.batch` latents of `latent` x `latent`, as `--vae` makes a
 /// generation decode, with seeded random weights (TAESD proper: no TAEF2 pooled branch).
-fn taesd_decode(args: &BenchArgs, options: &LoadOptions, latent: usize) -> Result<Vec<f64>> {
+fn taesd_decode(args: &BenchArgs, options: &LoadOptions, latent: usize) -> Result<Timed> {
     let (dtype, device) = (options.dtype, &options.device);
     let weights = RandomWeights::new(args.seed).without(&["pool"]);
     let tiny = TinyAutoencoder::new(AutoencoderTiny::new(
@@ -358,7 +373,7 @@ fn taesd_decode(args: &BenchArgs, options: &LoadOptions, latent: usize) -> Resul
         &AutoencoderTinyConfig::default(),
     )?);
     let latents = random_latents(args.batch, tiny.latent_channels(), latent, device)?;
-    time_runs(args.runs, || {
+    time_runs(args.runs, device, || {
         tiny.decode(&latents)?;
         Ok(())
     })
@@ -390,24 +405,28 @@ fn whole_generation(
     size: usize,
 ) -> Result<Measurement> {
     system::reset_peak_rss();
+    let gpu_memory = GpuMemoryPeak::start(&options.device);
     let start = Instant::now();
     let pipeline = source.pipeline(args.seed, options)?;
     let loading = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let request = bench_request(&pipeline, size, args.steps, args.seed);
     pipeline.generate_once(&request, &mut |_| {})?;
+    options.device.synchronize()?;
     let seconds = start.elapsed().as_secs_f64();
     eprintln!(
         "whole generation: {loading:.1} s to load the models, {seconds:.1} s to generate ({} steps)",
         args.steps
     );
-    let mut measurement = measured(
+    let timed = Timed {
+        seconds: vec![seconds],
+        peak_gpu_memory: gpu_memory.map(GpuMemoryPeak::finish),
+    };
+    Ok(measured(
         &format!("whole generation ({} steps, 1 image)", args.steps),
-        vec![seconds],
+        timed,
         None,
-    );
-    measurement.peak_rss = system::peak_rss();
-    Ok(measurement)
+    ))
 }
 
 fn selected_parts(requested: &[String]) -> Result<Vec<&'static str>> {
@@ -431,24 +450,44 @@ fn selected_parts(requested: &[String]) -> Result<Vec<&'static str>> {
         .collect()
 }
 
-/// One untimed warm-up run (weight packing, allocator growth), then `runs` timed ones.
-fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// The timed runs of one part.
+struct Timed {
+    seconds: Vec<f64>,
+    /// Peak GPU memory in use during the runs (CUDA); `None` on the CPU.
+    peak_gpu_memory: Option<u64>,
+}
+
+/// One untimed warm-up run (weight packing, allocator growth, kernel loading), then `runs`
+/// timed ones, each waiting for `device` to finish its queued work (GPUs run asynchronously).
+fn time_runs(
+    runs: usize,
+    device: &candle_core::Device,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timed> {
+    let gpu_memory = GpuMemoryPeak::start(device);
     f()?;
-    (0..runs)
+    device.synchronize()?;
+    let seconds = (0..runs)
         .map(|_| {
             let start = Instant::now();
             f()?;
+            device.synchronize()?;
             Ok(start.elapsed().as_secs_f64())
         })
-        .collect()
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(Timed {
+        seconds,
+        peak_gpu_memory: gpu_memory.map(GpuMemoryPeak::finish),
+    })
 }
 
-fn measured(part: &str, seconds: Vec<f64>, flops: Option<f64>) -> Measurement {
+fn measured(part: &str, timed: Timed, flops: Option<f64>) -> Measurement {
     let measurement = Measurement {
         part: part.to_string(),
-        seconds,
+        seconds: timed.seconds,
         flops,
         peak_rss: system::peak_rss(),
+        peak_gpu_memory: timed.peak_gpu_memory,
     };
     eprintln!("{part}: {:.3} s", measurement.median());
     measurement
@@ -456,19 +495,26 @@ fn measured(part: &str, seconds: Vec<f64>, flops: Option<f64>) -> Measurement {
 
 fn print_table(header: &str, results: &[Measurement]) {
     println!("{header}");
-    println!("| part | median s | min s | max s | GFLOP | GFLOP/s | peak RSS |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| part | median s | min s | max s | it/s | GFLOP | GFLOP/s | peak RSS | peak GPU memory |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_string());
     for m in results {
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |",
             m.part,
             m.median(),
             m.min(),
             m.max(),
+            or_dash(m.iterations_per_second().map(|i| format!("{i:.2}"))),
             or_dash(m.flops.map(|f| format!("{:.0}", f / 1e9))),
             or_dash(m.gflops_per_second().map(|g| format!("{g:.1}"))),
             or_dash(m.peak_rss.map(|b| format!("{:.2} GB", b as f64 / 1e9))),
+            or_dash(
+                m.peak_gpu_memory
+                    .map(|b| format!("{:.2} GB", b as f64 / 1e9))
+            ),
         );
     }
 }
@@ -496,6 +542,7 @@ mod tests {
             seconds: vec![3.0, 1.0, 2.0],
             flops: Some(4e9),
             peak_rss: None,
+            peak_gpu_memory: None,
         };
         assert_eq!((m.median(), m.min(), m.max()), (2.0, 1.0, 3.0));
         assert_eq!(m.gflops_per_second(), Some(2.0));

@@ -270,15 +270,19 @@ pub struct Settings {
     pub height: Option<usize>,
     pub kernels: KernelOptions,
     pub threads: Option<usize>,
+    /// The device line for the user (which device, and why `auto` did not take a GPU).
+    pub device_message: String,
 }
 
 impl Settings {
     /// `kernels` are the command line's kernel options (`--attention`, `SDRS_CPU_FEATURES`);
     /// `random_seed` is the seed a negative `--seed` stands for.
     pub fn resolve(args: &GenerateArgs, kernels: KernelOptions, random_seed: u64) -> Result<Self> {
-        let device = args.device.open()?;
+        let selection = args.device.select()?;
+        let device = selection.device.clone();
         Ok(Self {
             dtype: args.dtype.resolve(&device, &kernels),
+            device_message: selection.message(),
             device,
             sampler: args.sampling_method.sampler,
             schedule: args.sampling_method.schedule(args.scheduler),
@@ -304,6 +308,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let kernels = crate::system::kernel_options(args.attention)?;
     let settings = Settings::resolve(&args, kernels, random_seed())?;
     let pending = reserve_outputs(&args)?;
+    eprintln!("{}", settings.device_message);
     eprintln!("seed {}", settings.seed);
     let options = settings.load_options(args.variant.clone());
     // Checked (and downloaded) before the base model loads; loaded only once it is freed.

@@ -23,8 +23,13 @@ pub struct ParityArgs {
 }
 
 pub fn run(args: ParityArgs) -> anyhow::Result<ExitCode> {
+    let selection = args
+        .device
+        .parse::<sdrs_pipeline::DeviceChoice>()?
+        .select()?;
+    eprintln!("{}", selection.message());
     let options = ParityOptions {
-        device: sdrs_pipeline::parse_device(&args.device)?,
+        device: selection.device,
         dtype: sdrs_pipeline::parse_dtype(&args.dtype)?,
         kernels: crate::system::kernel_options(Default::default())?,
     };

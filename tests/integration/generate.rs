@@ -329,3 +329,64 @@ fn tiny_autoencoder_of_another_latent_width_is_refused() {
     assert!(message.contains("16 latent channels"), "{message}");
     assert!(files_in(dir.path()).is_empty());
 }
+
+/// `--device auto` (the default) on a machine or build without a usable GPU runs on the CPU and
+/// says why; a GPU asked for by name that cannot be used is an error naming the cause, and no
+/// image is left behind.
+#[test]
+fn auto_falls_back_to_the_cpu_with_a_reason_and_a_named_gpu_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-sd15");
+    let run = |device: Option<&str>, name: &str| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "generate",
+            "-m",
+            model.to_str().unwrap(),
+            "-p",
+            "a boat",
+            "--steps",
+            "1",
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "-s",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        if let Some(device) = device {
+            args.extend(["--device", device]);
+        }
+        sdrs(&args)
+    };
+    let output = run(None, "auto.png");
+    let log = stderr(&output);
+    assert!(output.status.success(), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("device: "))
+        .expect("the device is printed");
+    if line.starts_with("device: cpu") {
+        assert!(line.contains("no GPU used: "), "{line}");
+        if !cfg!(any(feature = "cuda", feature = "metal")) {
+            assert!(line.contains("built without GPU support"), "{line}");
+        }
+    }
+    for (device, feature) in [("cuda:0", "cuda"), ("metal", "metal")] {
+        if cfg!(feature = "cuda") && feature == "cuda"
+            || cfg!(feature = "metal") && feature == "metal"
+        {
+            continue;
+        }
+        let output = run(Some(device), "named.png");
+        let log = stderr(&output);
+        assert!(!output.status.success(), "{log}");
+        assert!(
+            log.contains(device) && log.contains(&format!("--features {feature}")),
+            "{log}"
+        );
+    }
+    assert_eq!(files_in(dir.path()), ["auto.png"]);
+}

@@ -57,48 +57,256 @@ impl std::fmt::Display for DeviceChoice {
 impl DeviceChoice {
     /// Opens the device: an error names it when this build or this machine lacks it.
     pub fn open(&self) -> Result<Device> {
+        Ok(self.select()?.device)
+    }
+
+    /// Opens the device and says which it is and, when `auto` ends on the CPU, why no GPU was
+    /// taken. A named GPU that cannot be used is an error naming the cause.
+    pub fn select(&self) -> Result<DeviceSelection> {
         let unavailable = |reason: String| Error::Device {
             value: self.to_string(),
             reason,
         };
         match *self {
+            Self::Cpu => Ok(DeviceSelection::cpu(None)),
+            Self::Cuda(ordinal) => open_cuda(ordinal).map_err(unavailable),
+            Self::Metal => open_metal().map_err(unavailable),
             Self::Auto => {
-                if candle_core::utils::cuda_is_available() {
-                    if let Ok(device) = Device::new_cuda(0) {
-                        return Ok(device);
-                    }
-                }
-                if candle_core::utils::metal_is_available() {
-                    if let Ok(device) = Device::new_metal(0) {
-                        return Ok(device);
-                    }
-                }
-                Ok(Device::Cpu)
-            }
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Metal => {
-                Device::new_metal(0).map_err(|e| unavailable(gpu_error_text(e, "metal")))
-            }
-            Self::Cuda(ordinal) => {
-                Device::new_cuda(ordinal).map_err(|e| unavailable(gpu_error_text(e, "cuda")))
+                let cuda = match open_cuda(0) {
+                    Ok(selection) => return Ok(selection),
+                    Err(reason) => reason,
+                };
+                let metal = match open_metal() {
+                    Ok(selection) => return Ok(selection),
+                    Err(reason) => reason,
+                };
+                Ok(DeviceSelection::cpu(Some(fallback_reason(&cuda, &metal))))
             }
         }
+    }
+}
+
+/// The device a command runs on, as opened by [`DeviceChoice::select`].
+#[derive(Debug, Clone)]
+pub struct DeviceSelection {
+    pub device: Device,
+    /// What it is, for messages: `cpu`, `cuda:0 (NVIDIA H200, compute 9.0, 139.8 GiB, ...)`.
+    pub description: String,
+    /// Why `auto` fell back to the CPU; `None` when it took a GPU or a device was named.
+    pub fallback: Option<String>,
+}
+
+impl DeviceSelection {
+    fn cpu(fallback: Option<String>) -> Self {
+        Self {
+            device: Device::Cpu,
+            description: "cpu".to_string(),
+            fallback,
+        }
+    }
+
+    /// One line for the user: the device, and the reason for a fallback.
+    pub fn message(&self) -> String {
+        match &self.fallback {
+            Some(reason) => format!("device: {} (no GPU used: {reason})", self.description),
+            None => format!("device: {}", self.description),
+        }
+    }
+}
+
+/// The lowest compute capability this build's CUDA kernels run on (Ampere, sm_80): candle's and
+/// ours are compiled for it and later architectures (see `crates/kernels/cuda/README.md`).
+pub const MIN_CUDA_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
+
+/// `auto`'s reason for the CPU, from why CUDA and Metal could not be used.
+fn fallback_reason(cuda: &str, metal: &str) -> String {
+    match (cfg!(feature = "cuda"), cfg!(feature = "metal")) {
+        (false, false) => "this sdrs was built without GPU support (build with `--features cuda` \
+                           or `--features metal`)"
+            .to_string(),
+        (true, false) => format!("CUDA: {cuda}"),
+        (false, true) => format!("Metal: {metal}"),
+        (true, true) => format!("CUDA: {cuda}; Metal: {metal}"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> std::result::Result<DeviceSelection, String> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+
+    let mut driver = 0;
+    // SAFETY: cuDriverGetVersion only writes the int it is given; it needs no cuInit.
+    let status = unsafe { sys::cuDriverGetVersion(&mut driver) };
+    if status == sys::cudaError_enum::CUDA_SUCCESS {
+        if let Some(reason) = driver_too_old(driver, sys::CUDA_VERSION as i32) {
+            return Err(reason);
+        }
+    }
+    let device = std::panic::catch_unwind(|| Device::new_cuda(ordinal))
+        .map_err(|_| "the CUDA libraries could not be initialised".to_string())?
+        .map_err(|error| describe_cuda_error(&error.to_string()))?;
+    let description = match &device {
+        Device::Cuda(cuda) => {
+            let context = cuda.cuda_stream().context().clone();
+            let name = context.name().unwrap_or_else(|_| "unknown GPU".to_string());
+            let (major, minor) = context
+                .compute_capability()
+                .map_err(|error| describe_cuda_error(&error.to_string()))?;
+            if (major, minor) < MIN_CUDA_COMPUTE_CAPABILITY {
+                return Err(format!(
+                    "{name} has compute capability {major}.{minor}; this build runs on {}.{} \
+                     (Ampere) and newer",
+                    MIN_CUDA_COMPUTE_CAPABILITY.0, MIN_CUDA_COMPUTE_CAPABILITY.1
+                ));
+            }
+            let memory = context
+                .total_mem()
+                .map(|bytes| format!(", {:.1} GiB", bytes as f64 / (1u64 << 30) as f64))
+                .unwrap_or_default();
+            format!(
+                "cuda:{ordinal} ({name}, compute {major}.{minor}{memory}, driver CUDA {})",
+                cuda_version_name(driver)
+            )
+        }
+        _ => format!("cuda:{ordinal}"),
+    };
+    Ok(DeviceSelection {
+        device,
+        description,
+        fallback: None,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> std::result::Result<DeviceSelection, String> {
+    Err("this sdrs was built without CUDA support (rebuild with `--features cuda`)".to_string())
+}
+
+#[cfg(feature = "metal")]
+fn open_metal() -> std::result::Result<DeviceSelection, String> {
+    let device = Device::new_metal(0).map_err(|error| error.to_string())?;
+    Ok(DeviceSelection {
+        device,
+        description: "metal".to_string(),
+        fallback: None,
+    })
+}
+
+#[cfg(not(feature = "metal"))]
+fn open_metal() -> std::result::Result<DeviceSelection, String> {
+    Err("this sdrs was built without Metal support (rebuild with `--features metal`)".to_string())
+}
+
+/// `13000` -> `13.0`: how CUDA writes its versions as integers.
+pub fn cuda_version_name(version: i32) -> String {
+    format!("{}.{}", version / 1000, (version % 1000) / 10)
+}
+
+/// Why a driver that supports CUDA `driver` cannot run a build made with CUDA `build` (both as
+/// CUDA writes them, `13000` for 13.0), if it cannot: a driver runs builds of its own major
+/// version and older ones.
+pub fn driver_too_old(driver: i32, build: i32) -> Option<String> {
+    (driver / 1000 < build / 1000).then(|| {
+        format!(
+            "the NVIDIA driver supports CUDA {}, this sdrs was built with CUDA {}: update the \
+             driver (CUDA 13 needs driver 580 or newer)",
+            cuda_version_name(driver),
+            cuda_version_name(build)
+        )
+    })
+}
+
+/// A CUDA error as candle and cudarc print it, in words a user can act on (the code is kept).
+pub fn describe_cuda_error(error: &str) -> String {
+    const KNOWN: [(&str, &str); 9] = [
+        ("CUDA_ERROR_NO_DEVICE", "no NVIDIA GPU found"),
+        (
+            "CUDA_ERROR_INVALID_DEVICE",
+            "there is no GPU with that index",
+        ),
+        (
+            "CUDA_ERROR_INSUFFICIENT_DRIVER",
+            "the NVIDIA driver is too old for this build (CUDA 13 needs driver 580 or newer)",
+        ),
+        (
+            "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
+            "the NVIDIA kernel driver and its user-space library are of different versions \
+             (reboot, or reinstall the driver)",
+        ),
+        ("CUDA_ERROR_OUT_OF_MEMORY", "out of GPU memory"),
+        (
+            "CUDA_ERROR_NO_BINARY_FOR_GPU",
+            "this build has no kernels for this GPU's architecture",
+        ),
+        (
+            "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
+            "the NVIDIA driver is too old for this build's kernels (CUDA 13 needs driver 580 \
+             or newer)",
+        ),
+        (
+            "CUDA_ERROR_NOT_INITIALIZED",
+            "the CUDA driver could not be initialised",
+        ),
+        (
+            "CUDA_ERROR_UNKNOWN",
+            "the CUDA driver failed (is the NVIDIA kernel module loaded?)",
+        ),
+    ];
+    match KNOWN.iter().find(|(code, _)| error.contains(code)) {
+        Some((code, words)) => format!("{words} ({code})"),
+        None => error.to_string(),
+    }
+}
+
+/// GPU memory in use on `device`'s GPU in bytes (all processes: the driver's `total - free`);
+/// `None` on the CPU and on Metal, which has no such reading here.
+pub fn gpu_memory_in_use(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as u64)
+        }
+        _ => None,
+    }
+}
+
+/// The peak of [`gpu_memory_in_use`] while some work runs, sampled every millisecond by a
+/// background thread (CUDA's allocator keeps freed blocks in its pool, so the reading includes
+/// them, as `nvidia-smi` does).
+pub struct GpuMemoryPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<u64>,
+}
+
+impl GpuMemoryPeak {
+    /// Starts sampling; `None` where [`gpu_memory_in_use`] has no reading.
+    pub fn start(device: &Device) -> Option<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let first = gpu_memory_in_use(device)?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (device, flag) = (device.clone(), stop.clone());
+        let sampler = std::thread::spawn(move || {
+            let mut peak = first;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(gpu_memory_in_use(&device).unwrap_or(0));
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            peak.max(gpu_memory_in_use(&device).unwrap_or(0))
+        });
+        Some(Self { stop, sampler })
+    }
+
+    /// Stops sampling and returns the peak in bytes.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sampler.join().unwrap_or(0)
     }
 }
 
 /// Resolves `auto|cpu|cuda[:N]|metal`. `auto` takes CUDA, then Metal, then the CPU.
 pub fn parse_device(name: &str) -> Result<Device> {
     name.parse::<DeviceChoice>()?.open()
-}
-
-fn gpu_error_text(error: candle_core::Error, feature: &str) -> String {
-    match error {
-        candle_core::Error::NotCompiledWithCudaSupport
-        | candle_core::Error::NotCompiledWithMetalSupport => {
-            format!("this sdrs was built without {feature} support (rebuild with `--features {feature}`)")
-        }
-        other => other.to_string(),
-    }
 }
 
 /// Resolves `f32|f16|bf16` (also `float32`, `fp16`, `float16`, `bfloat16`).
@@ -216,6 +424,71 @@ mod tests {
             DeviceChoice::Metal
         );
         assert!(DeviceChoice::Cpu.open().unwrap().is_cpu());
+    }
+
+    #[test]
+    fn auto_without_a_usable_gpu_takes_the_cpu_and_says_why() {
+        let selection = DeviceChoice::Auto.select().unwrap();
+        if selection.device.is_cpu() {
+            let reason = selection.fallback.as_deref().unwrap();
+            if !cfg!(any(feature = "cuda", feature = "metal")) {
+                assert!(reason.contains("without GPU support"), "{reason}");
+            }
+            assert!(
+                selection.message().contains("no GPU used"),
+                "{}",
+                selection.message()
+            );
+        } else {
+            assert!(selection.fallback.is_none());
+        }
+        let named = DeviceChoice::Cpu.select().unwrap();
+        assert_eq!(
+            (named.message().as_str(), named.fallback),
+            ("device: cpu", None)
+        );
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_in_a_build_without_it_is_an_error_naming_the_feature() {
+        let message = DeviceChoice::Cuda(1).select().unwrap_err().to_string();
+        assert!(
+            message.contains("cuda:1") && message.contains("--features cuda"),
+            "{message}"
+        );
+    }
+
+    #[cfg(not(feature = "metal"))]
+    #[test]
+    fn metal_in_a_build_without_it_is_an_error_naming_the_feature() {
+        let message = DeviceChoice::Metal.select().unwrap_err().to_string();
+        assert!(message.contains("--features metal"), "{message}");
+    }
+
+    #[test]
+    fn an_old_driver_is_named_with_both_versions() {
+        let reason = driver_too_old(12040, 13000).unwrap();
+        assert!(
+            reason.contains("12.4") && reason.contains("13.0"),
+            "{reason}"
+        );
+        assert_eq!(driver_too_old(13010, 13000), None);
+        assert_eq!(driver_too_old(13000, 13000), None);
+        assert_eq!(cuda_version_name(12080), "12.8");
+    }
+
+    #[test]
+    fn cuda_errors_are_told_in_words_and_keep_their_code() {
+        let text = "DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")";
+        assert_eq!(
+            describe_cuda_error(text),
+            "no NVIDIA GPU found (CUDA_ERROR_NO_DEVICE)"
+        );
+        let memory =
+            describe_cuda_error("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        assert!(memory.starts_with("out of GPU memory"), "{memory}");
+        assert_eq!(describe_cuda_error("something else"), "something else");
     }
 
     #[test]

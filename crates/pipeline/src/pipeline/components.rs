@@ -313,13 +313,37 @@ impl KlAutoencoder {
     }
 }
 
+/// Refuses an image with NaN or infinite values (a f16 VAE that overflowed): such an image would
+/// be saved black.
+fn check_finite(image: &Tensor) -> Result<()> {
+    // A NaN or infinite value makes the f32 sum non-finite; finite f16-range values cannot.
+    if image.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter {
+            name: "dtype",
+            value: "f16".to_string(),
+            expected: "a dtype the VAE does not overflow in: its decode in f16 gave NaN or \
+                       infinite values (its config has force_upcast false); run with --dtype \
+                       f32 or bf16"
+                .to_string(),
+        })
+    }
+}
+
 impl LatentDecoder for KlAutoencoder {
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let _span = tracing::info_span!("vae_decode").entered();
         let latents = latents.to_device(&self.device)?.to_dtype(DType::F32)?;
         let z = self.unscale_latents(&latents)?;
-        let image = self.model.decode(&z.to_dtype(self.activations)?)?;
-        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        let image = self
+            .model
+            .decode(&z.to_dtype(self.activations)?)?
+            .to_dtype(DType::F32)?;
+        if self.activations == DType::F16 {
+            check_finite(&image)?;
+        }
+        Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
     fn latent_channels(&self) -> usize {
@@ -515,12 +539,7 @@ impl CandleComponents {
             .map_err(|e| with_weights_context("unet", path, e))?;
 
         let vae_config = files.vae_config()?;
-        // diffusers runs the VAE in f32 when the model is f16 and the VAE says it overflows in f16.
-        let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = vae_dtype(dtype, &vae_config);
         let (vb, path) = load("vae", vae_dtype)?;
         let vae = AutoencoderKL::new(vb, &vae_config)
             .map_err(|e| with_weights_context("vae", path, e))?;
@@ -530,6 +549,18 @@ impl CandleComponents {
             unet: UNetDenoiser::new(unet, dtype, device),
             vae: KlAutoencoder::new(vae, vae_dtype, device),
         })
+    }
+}
+
+/// The dtype the VAE of a model computing in `dtype` runs in: f32 when the model is f16 and the
+/// VAE's config says it overflows in f16 (`force_upcast`, as SD1.5's and SDXL's do), as diffusers
+/// upcasts it; otherwise `dtype` (bf16 has f32's range). A f16 VAE that still overflows is caught
+/// by the NaN check of [`KlAutoencoder`]'s decode.
+pub fn vae_dtype(dtype: DType, config: &AutoencoderKLConfig) -> DType {
+    if dtype == DType::F16 && config.force_upcast {
+        DType::F32
+    } else {
+        dtype
     }
 }
 
@@ -551,6 +582,27 @@ mod tests {
     use super::*;
     use sdrs_schedulers::NoNoise;
     use sdrs_taesd::AutoencoderTinyConfig;
+
+    #[test]
+    fn a_force_upcast_vae_decodes_in_f32_under_f16_only() {
+        let mut config = AutoencoderKLConfig::default();
+        assert!(config.force_upcast);
+        assert_eq!(vae_dtype(DType::F16, &config), DType::F32);
+        assert_eq!(vae_dtype(DType::BF16, &config), DType::BF16);
+        config.force_upcast = false;
+        assert_eq!(vae_dtype(DType::F16, &config), DType::F16);
+    }
+
+    #[test]
+    fn an_overflowed_decode_is_refused_not_saved_black() {
+        let fine = Tensor::new(&[0.5f32, -1.0, 1.0], &Device::Cpu).unwrap();
+        assert!(check_finite(&fine).is_ok());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let image = Tensor::new(&[0.5f32, bad], &Device::Cpu).unwrap();
+            let message = check_finite(&image).unwrap_err().to_string();
+            assert!(message.contains("--dtype f32"), "{message}");
+        }
+    }
 
     fn tiny() -> TinyAutoencoder {
         let weights = RandomWeights::new(3).without(&["pool"]);
