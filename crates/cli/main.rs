@@ -70,6 +70,13 @@ fn describe(error: &anyhow::Error) -> String {
             text.push_str(&cause);
         }
     }
+    if text.contains("CUDA_ERROR_OUT_OF_MEMORY") {
+        text.push_str(
+            "\nthe GPU ran out of memory: a smaller -W/-H, --attention sliced \
+             or --dtype f16 needs less (`sdrs bench --device cuda --size N` prints the peak GPU \
+             memory a size needs), and --device cpu needs none",
+        );
+    }
     text
 }
 
@@ -93,6 +100,16 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.source)
         }
+    }
+
+    #[test]
+    fn out_of_gpu_memory_says_what_needs_less() {
+        let error = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let text = describe(&error.context("vae decode"));
+        assert!(
+            text.contains("--attention sliced") && text.contains("-W/-H"),
+            "{text}"
+        );
     }
 
     #[test]
