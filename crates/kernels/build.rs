@@ -35,13 +35,25 @@ fn main() {
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    println!("cargo::rerun-if-changed=cuda");
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+    // The kernel sources only: editing the README next to them rebuilds nothing.
+    let sources = std::fs::read_dir(manifest_dir.join("cuda"))
+        .unwrap_or_else(|e| fail(&format!("cannot list cuda/: {e}")));
+    for entry in sources.flatten() {
+        let path = entry.path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("cu" | "cuh")
+        ) {
+            println!("cargo::rerun-if-changed={}", path.display());
+        }
+    }
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "NVCC_CCBIN"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let out_dir =
         PathBuf::from(env::var_os("OUT_DIR").unwrap_or_else(|| fail("OUT_DIR is not set")));
-    let source = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default()).join(SOURCE);
+    let source = manifest_dir.join(SOURCE);
     let nvcc = find_nvcc();
     let threads = env::var("NUM_JOBS").unwrap_or_else(|_| "1".into());
 

@@ -73,9 +73,11 @@ fn metal_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> 
     let Some(padded) = metal_sdpa_head_dim(d.max(dv), lq, q.dtype()) else {
         return naive(q, k, v, scale);
     };
+    // Contiguous inputs: the kernels take strides, but nothing here can test strided heads on
+    // a Mac, and the copy is small next to the attention.
     let pad = |t: &Tensor, from: usize| {
         if from == padded {
-            Ok(t.clone())
+            t.contiguous()
         } else {
             t.pad_with_zeros(3, 0, padded - from)
         }
