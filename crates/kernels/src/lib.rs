@@ -4,7 +4,10 @@
 //!
 //! The seams the backends and weight formats plug into:
 //! - [`dispatch`]: the one place that decides where each call runs (our CPU kernels at a level,
-//!   or candle's operation on any other device), from per-pipeline [`KernelOptions`];
+//!   our CUDA kernels, or candle's operation on any other device), from per-pipeline
+//!   [`KernelOptions`];
+//! - `cuda` (feature `cuda`): our CUDA kernels as candle custom ops, and a self-check of each
+//!   against the CPU kernels;
 //! - [`weight`]: a layer's weight is dense or a [`weight::QuantizedMatrix`] decoded while the GEMM
 //!   packs it;
 //! - [`VarBuilder`]: what models are built from, carrying both to every layer.
@@ -12,6 +15,8 @@
 pub mod attention;
 pub mod conv;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dispatch;
 pub mod gemm;
 pub mod math;

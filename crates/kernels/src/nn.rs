@@ -1,7 +1,8 @@
 //! `Linear`, `Conv2d`, `GroupNorm`, `LayerNorm` and GEGLU, reading the same checkpoint keys as
 //! candle-nn's (`weight`, `bias`). Each call asks the layer's [`KernelOptions`] where it runs
 //! ([`Route`]): our CPU kernels (f32, bf16, f16 with f32 accumulation, the bias fused in as the
-//! GEMM's starting value, quantized weights decoded while packing), or candle's own operations.
+//! GEMM's starting value, quantized weights decoded while packing), our CUDA kernels (conv2d,
+//! GroupNorm + SiLU and GEGLU; linear layers stay on cuBLAS), or candle's own operations.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -626,12 +627,46 @@ impl Conv2d {
         on_candle(xs, self.weight.dtype(), |xs| layer.forward(xs))
     }
 
-    /// `self.forward(xs) + residual` with no tensor for the sum: the residual (an f32 tensor of
-    /// the output's shape, as a resnet's skip connection) is added into the convolution's output
-    /// as it is finished, bit for bit the plain sum; other dtypes and devices take the plain sum.
+    /// Our CUDA implicit GEMM ([`Route::Cuda`]) for a dense weight of the input's dtype, the
+    /// residual (the output's shape and dtype) added in its epilogue; quantized weights and
+    /// mixed dtypes take candle's convolution, a residual of another dtype or device a plain sum.
+    #[cfg(feature = "cuda")]
+    fn on_cuda(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let plain = |out: Tensor| match residual {
+            Some(residual) => out + residual,
+            None => Ok(out),
+        };
+        let Weight::Dense(weight) = &self.weight else {
+            return plain(self.on_candle(xs)?);
+        };
+        if xs.dtype() != weight.dtype() {
+            return plain(self.on_candle(xs)?);
+        }
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?;
+        let fused =
+            residual.filter(|r| r.dtype() == xs.dtype() && r.device().same_device(xs.device()));
+        let out = crate::cuda::conv2d(xs, weight, bias.as_ref(), fused, &self.config)?;
+        match (residual, fused) {
+            (Some(residual), None) => out + residual,
+            _ => Ok(out),
+        }
+    }
+
+    /// `self.forward(xs) + residual` with no tensor for the sum: the residual (a tensor of the
+    /// output's shape, as a resnet's skip connection) is added into the convolution's output as
+    /// it is finished. On our CPU kernels (f32 residual), bit for bit the plain sum; on our CUDA
+    /// kernels (a residual in the output's dtype), in the epilogue before the output is rounded;
+    /// other dtypes and devices take the plain sum.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let Route::Cpu { level, bf16_dots } = self.route(xs) else {
-            return self.forward(xs)? + residual;
+        let (level, bf16_dots) = match self.route(xs) {
+            Route::Cpu { level, bf16_dots } => (level, bf16_dots),
+            #[cfg(feature = "cuda")]
+            Route::Cuda => return self.on_cuda(xs, Some(residual)),
+            _ => return self.forward(xs)? + residual,
         };
         if xs.dtype() != DType::F32
             || residual.dtype() != DType::F32
@@ -652,8 +687,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let Route::Cpu { level, bf16_dots } = self.route(xs) else {
-            return self.on_candle(xs);
+        let (level, bf16_dots) = match self.route(xs) {
+            Route::Cpu { level, bf16_dots } => (level, bf16_dots),
+            #[cfg(feature = "cuda")]
+            Route::Cuda => return self.on_cuda(xs, None),
+            _ => return self.on_candle(xs),
         };
         let xs = xs.contiguous()?;
         let op = self.op(level, bf16_dots);
@@ -745,8 +783,9 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
-    /// The normalisation followed by SiLU, in one pass over the data on the CPU (what every
-    /// resnet and the output heads do).
+    /// The normalisation followed by SiLU, in one pass over the data on the CPU and with our
+    /// CUDA kernels (statistics, then one pass that normalises and applies SiLU): what every
+    /// resnet and the output heads do.
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
         self.run(xs, true)
     }
@@ -760,7 +799,19 @@ impl GroupNorm {
                 self.weight.elem_count()
             );
         }
-        if let Route::Cpu { .. } = self.options.route(xs) {
+        let route = self.options.route(xs);
+        #[cfg(feature = "cuda")]
+        if route == Route::Cuda {
+            return crate::cuda::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        if let Route::Cpu { .. } = route {
             let op = GroupNormOp {
                 weight: self.weight.to_vec1::<f32>()?,
                 bias: self.bias.to_vec1::<f32>()?,
@@ -905,7 +956,8 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 
 /// GEGLU's gating (Shazeer 2020): `[..., 2n]` -> `[..., n]`, `value * gelu(gate)` with `value`
 /// the first half of the last dimension and `gate` the second, GELU in torch's exact erf form.
-/// One pass over the data on the CPU (no split copies, a vectorisable erf); candle's ops elsewhere.
+/// One pass over the data on the CPU (no split copies, a vectorisable erf) and one kernel on CUDA
+/// with our kernels; candle's ops elsewhere.
 pub fn geglu(projected: &Tensor, options: &KernelOptions) -> Result<Tensor> {
     let last = projected.dim(candle_core::D::Minus1)?;
     if last % 2 != 0 {
@@ -915,7 +967,12 @@ pub fn geglu(projected: &Tensor, options: &KernelOptions) -> Result<Tensor> {
         );
     }
     let half = last / 2;
-    if let Route::Cpu { .. } = options.route(projected) {
+    let route = options.route(projected);
+    #[cfg(feature = "cuda")]
+    if route == Route::Cuda {
+        return crate::cuda::geglu(projected);
+    }
+    if let Route::Cpu { .. } = route {
         return projected.contiguous()?.apply_op1_no_bwd(&GegluOp);
     }
     let value = projected.narrow(candle_core::D::Minus1, 0, half)?;

@@ -5,7 +5,10 @@
 //! - `sliced`: diffusers' sliced attention, the full softmax for a few (batch x head) slices at a
 //!   time (memory grows with the slice, not with the batch);
 //! - `naive`: candle's matmul and softmax, in query chunks of bounded size (the reference, and
-//!   the path of devices without our kernels).
+//!   the path of devices without a fused kernel).
+//!
+//! Flash attention runs where [`KernelOptions`] routes it: our CPU kernels here, our CUDA kernel
+//! (`cuda/flash_attention.cu`), or candle-nn's fused SDPA on a Metal device.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -14,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{self, Level};
 pub use crate::dispatch::AttentionMode;
-use crate::dispatch::KernelOptions;
+use crate::dispatch::{metal_sdpa_head_dim, KernelOptions, Route};
 use crate::gemm::Element;
 
 /// `softmax(q kᵀ · scale) v` for `q [B, H, Lq, D]`, `k [B, H, Lk, D]`, `v [B, H, Lk, Dv]`, in the
@@ -39,9 +42,53 @@ pub fn attention(
         );
     }
     match options.attention_for(q) {
-        AttentionMode::Flash => flash_at(options.cpu_level(), q, k, v, scale),
+        AttentionMode::Flash => flash(q, k, v, scale, options),
         AttentionMode::Sliced(slice) => sliced(q, k, v, scale, slice.unwrap_or(1)),
         _ => naive(q, k, v, scale),
+    }
+}
+
+/// Flash attention by the kernels `options` route `q` to.
+fn flash(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    options: &KernelOptions,
+) -> Result<Tensor> {
+    match options.route(q) {
+        Route::Cpu { level, .. } => flash_at(level, q, k, v, scale),
+        #[cfg(feature = "cuda")]
+        Route::Cuda => crate::cuda::flash_attention(q, k, v, scale),
+        Route::Metal => metal_sdpa(q, k, v, scale),
+        _ => naive(q, k, v, scale),
+    }
+}
+
+/// candle-nn's fused SDPA (its Metal kernels) with the head dim zero-padded to one it has
+/// ([`metal_sdpa_head_dim`] says which, and why padding beats the naive path); the naive path
+/// when no supported head dim is large enough.
+fn metal_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (lq, d, dv) = (q.dim(2)?, q.dim(3)?, v.dim(3)?);
+    let Some(padded) = metal_sdpa_head_dim(d.max(dv), lq, q.dtype()) else {
+        return naive(q, k, v, scale);
+    };
+    // Contiguous inputs: the kernels take strides, but nothing here can test strided heads on
+    // a Mac, and the copy is small next to the attention.
+    let pad = |t: &Tensor, from: usize| {
+        if from == padded {
+            t.contiguous()
+        } else {
+            t.pad_with_zeros(3, 0, padded - from)
+        }
+    };
+    let (q, k, v) = (pad(q, d)?, pad(k, d)?, pad(v, dv)?);
+    // softcapping 1.0 is none.
+    let out = candle_nn::ops::sdpa(&q, &k, &v, None, false, scale as f32, 1.0)?;
+    if dv == padded {
+        Ok(out)
+    } else {
+        out.narrow(3, 0, dv)
     }
 }
 
