@@ -8,6 +8,7 @@ mod output;
 mod parity;
 mod progress;
 mod roundtrip;
+mod selfcheck;
 mod system;
 mod trace;
 
@@ -33,6 +34,8 @@ enum Command {
     Roundtrip(roundtrip::RoundtripArgs),
     /// Time the text encoder, a UNet step, the VAE and TAESD decodes and a whole generation.
     Bench(bench::BenchArgs),
+    /// Check our CUDA kernels against the CPU kernels on the GPU (for a GPU machine without Rust).
+    Selfcheck(selfcheck::SelfcheckArgs),
     /// Download a model from Hugging Face into the cache ahead of time; print where it is.
     Pull(hub::PullArgs),
     /// List the models in the Hugging Face cache with their revisions and sizes on disk.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Parity(args) => parity::run(args),
         Command::Roundtrip(args) => roundtrip::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Selfcheck(args) => selfcheck::run(args),
         Command::Pull(args) => hub::run_pull(args),
         Command::Models(args) => hub::run_models(args),
     };

@@ -390,3 +390,13 @@ fn auto_falls_back_to_the_cpu_with_a_reason_and_a_named_gpu_is_an_error() {
     }
     assert_eq!(files_in(dir.path()), ["auto.png"]);
 }
+
+/// `sdrs selfcheck` checks the CUDA kernels; a build without CUDA says so and fails.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn selfcheck_without_cuda_names_the_feature() {
+    let output = sdrs(&["selfcheck"]);
+    let log = stderr(&output);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("--features cuda"), "{log}");
+}
