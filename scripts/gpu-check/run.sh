@@ -59,6 +59,10 @@ say "# sdrs GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 say ""
 say "binary: $sdrs"
 say "fixtures: $fixtures"
+# stage.sh ships the binary compressed.
+if [ ! -e "$sdrs" ] && [ -f "$sdrs.xz" ]; then
+  xz -d -k "$sdrs.xz" && chmod +x "$sdrs"
+fi
 if [ ! -x "$sdrs" ]; then
   say "FAILED: no executable sdrs at $sdrs"
   cat "$report"
