@@ -70,7 +70,8 @@ if [ ! -x "$sdrs" ]; then
 fi
 
 step machine 30 bash -c "nvidia-smi; nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv; nvcc --version; uname -a; nproc; echo '--- libraries the binary needs:'; ldd '$sdrs'"
-if ldd "$sdrs" | grep -q "not found"; then
+# (grep reads all of ldd's output: with -q it would stop early and pipefail would see ldd's SIGPIPE.)
+if ldd "$sdrs" 2>&1 | grep "not found" >/dev/null; then
   say "FAILED: the binary needs libraries this machine lacks (see ldd above): install the CUDA 13 runtime libraries (cuBLAS, cuRAND, NVRTC, cudart)"
   cat "$report"
   exit 1

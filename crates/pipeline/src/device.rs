@@ -184,7 +184,11 @@ fn open_cuda(_ordinal: usize) -> std::result::Result<DeviceSelection, String> {
 
 #[cfg(feature = "metal")]
 fn open_metal() -> std::result::Result<DeviceSelection, String> {
-    let device = Device::new_metal(0).map_err(|error| error.to_string())?;
+    let device = Device::new_metal(0).map_err(|error| {
+        // candle appends a backtrace on the lines after the error.
+        let text = error.to_string();
+        text.lines().next().unwrap_or_default().trim().to_string()
+    })?;
     Ok(DeviceSelection {
         device,
         description: "metal".to_string(),
@@ -218,8 +222,14 @@ pub fn driver_too_old(driver: i32, build: i32) -> Option<String> {
 
 /// A CUDA error as candle and cudarc print it, in words a user can act on (the code is kept).
 pub fn describe_cuda_error(error: &str) -> String {
-    const KNOWN: [(&str, &str); 9] = [
+    // candle appends a backtrace on the lines after the error.
+    let error = error.lines().next().unwrap_or_default().trim();
+    const KNOWN: [(&str, &str); 10] = [
         ("CUDA_ERROR_NO_DEVICE", "no NVIDIA GPU found"),
+        (
+            "CUDA_ERROR_STUB_LIBRARY",
+            "the CUDA driver library found is a stub, not an NVIDIA driver",
+        ),
         (
             "CUDA_ERROR_INVALID_DEVICE",
             "there is no GPU with that index",
@@ -488,7 +498,10 @@ mod tests {
         let memory =
             describe_cuda_error("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
         assert!(memory.starts_with("out of GPU memory"), "{memory}");
-        assert_eq!(describe_cuda_error("something else"), "something else");
+        assert_eq!(
+            describe_cuda_error("something else\n   0: <unknown>"),
+            "something else"
+        );
     }
 
     #[test]
