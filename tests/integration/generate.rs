@@ -374,10 +374,12 @@ fn auto_falls_back_to_the_cpu_with_a_reason_and_a_named_gpu_is_an_error() {
             assert!(line.contains("built without GPU support"), "{line}");
         }
     }
-    for (device, feature) in [("cuda:0", "cuda"), ("metal", "metal")] {
-        if cfg!(feature = "cuda") && feature == "cuda"
-            || cfg!(feature = "metal") && feature == "metal"
-        {
+    let builds = [
+        ("cuda:0", "cuda", cfg!(feature = "cuda")),
+        ("metal", "metal", cfg!(feature = "metal")),
+    ];
+    for (device, feature, built) in builds {
+        if built {
             continue;
         }
         let output = run(Some(device), "named.png");

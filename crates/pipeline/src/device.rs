@@ -184,11 +184,8 @@ fn open_cuda(_ordinal: usize) -> std::result::Result<DeviceSelection, String> {
 
 #[cfg(feature = "metal")]
 fn open_metal() -> std::result::Result<DeviceSelection, String> {
-    let device = Device::new_metal(0).map_err(|error| {
-        // candle appends a backtrace on the lines after the error.
-        let text = error.to_string();
-        text.lines().next().unwrap_or_default().trim().to_string()
-    })?;
+    let device =
+        Device::new_metal(0).map_err(|error| first_line(&error.to_string()).to_string())?;
     Ok(DeviceSelection {
         device,
         description: "metal".to_string(),
@@ -220,10 +217,14 @@ pub fn driver_too_old(driver: i32, build: i32) -> Option<String> {
     })
 }
 
+/// The message of a candle error, without the backtrace candle appends on the lines after it.
+fn first_line(error: &str) -> &str {
+    error.lines().next().unwrap_or_default().trim()
+}
+
 /// A CUDA error as candle and cudarc print it, in words a user can act on (the code is kept).
 pub fn describe_cuda_error(error: &str) -> String {
-    // candle appends a backtrace on the lines after the error.
-    let error = error.lines().next().unwrap_or_default().trim();
+    let error = first_line(error);
     const KNOWN: [(&str, &str); 10] = [
         ("CUDA_ERROR_NO_DEVICE", "no NVIDIA GPU found"),
         (
