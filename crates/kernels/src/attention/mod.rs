@@ -337,7 +337,7 @@ impl FlashAttention {
     fn run<T: Element>(&self, q: View<T>, k: View<T>, v: View<T>, dims: Dims) -> Vec<f32> {
         match self.level {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 | Level::Avx512Bf16 => {
+            Level::Avx512 | Level::Avx512Bf16 | Level::Amx => {
                 self.run_tiled::<T, 8, 32>(q, k, v, dims, |r| unsafe {
                     // SAFETY: the level was detected on this CPU.
                     x86_64::rows_avx512(r)

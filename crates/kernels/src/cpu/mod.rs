@@ -1,5 +1,5 @@
 //! Which SIMD instruction sets the CPU offers, detected once at run time, so that one binary picks
-//! the fastest kernels on any x86-64 (AVX2+FMA, AVX-512, AVX512-BF16) or aarch64 (NEON, NEON with
+//! the fastest kernels on any x86-64 (AVX2+FMA, AVX-512, AVX512-BF16, AMX) or aarch64 (NEON, NEON with
 //! the BF16 dot products) machine. Each architecture's levels and detection live in its own file;
 //! [`Level`] has only the variants of the architecture it is compiled for.
 //!
@@ -27,6 +27,10 @@ pub enum Level {
     /// x86-64 AVX-512F with the AVX512-BF16 dot-product instructions.
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
+    /// x86-64 AVX512-BF16 with Intel AMX-BF16 tiles (Sapphire Rapids and later), where the
+    /// operating system grants the tile state (Linux, on request).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     /// aarch64 NEON (always present there).
     #[cfg(target_arch = "aarch64")]
     Neon,
@@ -44,6 +48,7 @@ impl Level {
         Level::Avx2,
         Level::Avx512,
         Level::Avx512Bf16,
+        Level::Amx,
     ];
     #[cfg(target_arch = "aarch64")]
     const ALL: &'static [Level] = &[Level::Portable, Level::Neon, Level::NeonBf16];
@@ -52,7 +57,7 @@ impl Level {
 
     /// The accepted `SDRS_CPU_FEATURES` / `--cpu-features` names, for messages.
     #[cfg(target_arch = "x86_64")]
-    pub const ACCEPTED: &'static str = "portable, avx2, avx512, avx512bf16";
+    pub const ACCEPTED: &'static str = "portable, avx2, avx512, avx512bf16, amx";
     #[cfg(target_arch = "aarch64")]
     pub const ACCEPTED: &'static str = "portable, neon, neon+bf16";
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -68,6 +73,8 @@ impl Level {
             Self::Avx512 => "avx512",
             #[cfg(target_arch = "x86_64")]
             Self::Avx512Bf16 => "avx512bf16",
+            #[cfg(target_arch = "x86_64")]
+            Self::Amx => "amx",
             #[cfg(target_arch = "aarch64")]
             Self::Neon => "neon",
             #[cfg(target_arch = "aarch64")]
@@ -101,7 +108,7 @@ impl Level {
     pub fn has_bf16_dots(&self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512Bf16 => true,
+            Self::Avx512Bf16 | Self::Amx => true,
             #[cfg(target_arch = "aarch64")]
             Self::NeonBf16 => true,
             _ => false,

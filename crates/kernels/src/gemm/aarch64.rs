@@ -12,7 +12,7 @@ pub const NR: usize = 12;
 /// Whether the NEON BF16 path gives the f32 kernels' result on this CPU (checked once).
 pub fn bf16_kernel_verified() -> bool {
     static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<MR, NR>(kernel_bf16))
+    *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<Bf16Pairs, MR, NR>(kernel_bf16))
 }
 
 /// `acc.4s += b.8h · a.2h[LANE]` (BFDOT by element): four columns, one row's K pair.

@@ -186,7 +186,7 @@ pub fn gemm(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: 
     }
     match level {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512Bf16 | Level::Avx512 => {
+        Level::Amx | Level::Avx512Bf16 | Level::Avx512 => {
             run::<Values, 8, 32>(a, b, c, ldc, x86_64::kernel_avx512 as Kernel<f32, 8, 32>)
         }
         #[cfg(target_arch = "x86_64")]
@@ -218,12 +218,22 @@ fn is_empty_product(a: &dyn Operand, b: &dyn Operand, c: &[f32], ldc: usize) -> 
 /// on CPUs without the instructions.
 pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], ldc: usize) {
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512Bf16 && x86_64::bf16_kernel_verified() {
-        return run_bf16_checked::<8, 32>(a, b, c, ldc, x86_64::kernel_bf16);
+    if level == Level::Amx && amx::amx_kernel_verified() {
+        return run_bf16_checked::<amx::AmxPairs, { amx::MR }, { amx::NR }>(
+            a,
+            b,
+            c,
+            ldc,
+            amx::kernel_amx,
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx512Bf16 && x86_64::bf16_kernel_verified() {
+        return run_bf16_checked::<Bf16Pairs, 8, 32>(a, b, c, ldc, x86_64::kernel_bf16);
     }
     #[cfg(target_arch = "aarch64")]
     if level == Level::NeonBf16 && aarch64::bf16_kernel_verified() {
-        return run_bf16_checked::<{ aarch64::MR }, { aarch64::NR }>(
+        return run_bf16_checked::<Bf16Pairs, { aarch64::MR }, { aarch64::NR }>(
             a,
             b,
             c,
@@ -236,7 +246,7 @@ pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], 
 
 /// The bf16 [`run`] after `gemm`'s shape checks.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn run_bf16_checked<const MR: usize, const NR: usize>(
+fn run_bf16_checked<P: Packing<Elem = u32>, const MR: usize, const NR: usize>(
     a: &dyn Operand,
     b: &dyn Operand,
     c: &mut [f32],
@@ -244,7 +254,7 @@ fn run_bf16_checked<const MR: usize, const NR: usize>(
     kernel: Kernel<u32, MR, NR>,
 ) {
     if !is_empty_product(a, b, c, ldc) {
-        run::<Bf16Pairs, MR, NR>(a, b, c, ldc, kernel);
+        run::<P, MR, NR>(a, b, c, ldc, kernel);
     }
 }
 
@@ -257,7 +267,9 @@ const KP: usize = 256;
 /// instruction path the development machines could only emulate: if it ever disagreed, the f32
 /// kernels would be used instead.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn bf16_agrees_with_f32<const MR: usize, const NR: usize>(kernel: Kernel<u32, MR, NR>) -> bool {
+fn bf16_agrees_with_f32<P: Packing<Elem = u32>, const MR: usize, const NR: usize>(
+    kernel: Kernel<u32, MR, NR>,
+) -> bool {
     let (m, k, n) = (19, 77, 45);
     let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 8.0;
     let a: Vec<f32> = (0..m * k).map(value).collect();
@@ -272,7 +284,7 @@ fn bf16_agrees_with_f32<const MR: usize, const NR: usize>(kernel: Kernel<u32, MR
         kernel_plain::<4, 8> as Kernel<f32, 4, 8>,
     );
     let mut got = vec![0f32; m * n];
-    run::<Bf16Pairs, MR, NR>(&a, &b, &mut got, n, kernel);
+    run::<P, MR, NR>(&a, &b, &mut got, n, kernel);
     got.iter()
         .zip(&want)
         .all(|(g, w)| (g - w).abs() <= 1e-4 * w.abs().max(1.0))
@@ -659,6 +671,8 @@ unsafe fn kernel_plain<const MR: usize, const NR: usize>(
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod x86_64;
 
 #[cfg(target_arch = "x86_64")]
@@ -683,6 +697,13 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if native {
                 assert!(x86_64::bf16_kernel_verified(), "{level:?}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if level == Level::Amx {
+                assert!(
+                    amx::amx_kernel_verified(),
+                    "the AMX tiles disagree with f32"
+                );
             }
             #[cfg(target_arch = "aarch64")]
             if native {

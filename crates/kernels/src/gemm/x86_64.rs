@@ -68,7 +68,7 @@ const NR: usize = 32;
 /// Whether the AVX512-BF16 path gives the f32 kernels' result on this CPU (checked once).
 pub fn bf16_kernel_verified() -> bool {
     static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<8, 32>(kernel_bf16))
+    *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<Bf16Pairs, 8, 32>(kernel_bf16))
 }
 
 /// `c[8 x 32] += a · b` over `kp` K pairs with `vdpbf16ps`: 16 accumulators, two B vectors

@@ -1,0 +1,371 @@
+//! The Intel AMX-BF16 micro-kernel: a 32 x 32 block of C in four 16 x 16 f32 tile accumulators,
+//! fed by two A tiles (16 rows x 16 K pairs) and two B tiles (16 K pairs x 16 columns) per step
+//! of 16 K pairs, with `tdpbf16ps`.
+//!
+//! B is packed as the other bf16 kernels pack it (`[depth][NR]` pairs of neighbouring K), which is
+//! the tile layout of B; A is packed row-major within a panel (`[MR][depth]` pairs), so that
+//! each A tile is 16 rows of 64 contiguous bytes. The packed depth is padded to a multiple of 16
+//! pairs with zeros.
+//!
+//! The kernel is written once over [`Tiles`]: [`Hardware`] issues the tile instructions through
+//! inline assembly; [`Model`] computes what the instructions compute in plain Rust (Intel's
+//! pseudo-code for `tdpbf16ps`), so the packing, the tile addressing and the driver are tested on
+//! every machine (in the unit tests), and the hardware path is checked against the f32 kernels at
+//! first use.
+
+use super::{bf16_agrees_with_f32, store, Operand, Packing, KP};
+
+/// Rows of C per micro-tile (two A tiles).
+pub(crate) const MR: usize = 32;
+/// Columns of C per micro-tile (two B tiles).
+pub(crate) const NR: usize = 32;
+/// K pairs per tile step: a tile row of 64 bytes.
+const STEP: usize = 16;
+/// Rows of a tile.
+const ROWS: usize = 16;
+
+/// The tile operations the kernel uses, on tile registers 0..8 by number.
+///
+/// # Safety
+/// Implementations read and write raw memory: callers pass pointers to `ROWS` rows of 64 bytes
+/// at `stride` bytes apart.
+pub(crate) trait Tiles {
+    /// Sets every tile to 16 rows of 64 bytes (palette 1).
+    unsafe fn configure(&mut self);
+    unsafe fn zero<const T: usize>(&mut self);
+    unsafe fn load<const T: usize>(&mut self, src: *const u32, stride: usize);
+    /// `tile C += A · B` (f32 accumulators, bf16 pairs in A and B).
+    unsafe fn dot<const C: usize, const A: usize, const B: usize>(&mut self);
+    unsafe fn store<const T: usize>(&mut self, dst: *mut f32, stride: usize);
+    /// Gives the tile state back to the operating system.
+    unsafe fn release(&mut self);
+}
+
+/// `c[32 x 32] += a · b` over `kp` K pairs (a multiple of [`STEP`]), storing `mr x nr` of it.
+///
+/// # Safety
+/// `T` must be usable on this CPU (for [`Hardware`]: AMX-BF16 with the permission granted);
+/// `a` and `b` hold `kp * MR` and `kp * NR` pairs; see [`store`] for `c`.
+unsafe fn kernel_on<T: Tiles + Default>(
+    kp: usize,
+    a: &[u32],
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+) {
+    debug_assert!(kp.is_multiple_of(STEP) && a.len() >= kp * MR && b.len() >= kp * NR);
+    let tiles = &mut T::default();
+    let (a_stride, b_stride) = (kp * 4, NR * 4);
+    tiles.configure();
+    tiles.zero::<0>();
+    tiles.zero::<1>();
+    tiles.zero::<2>();
+    tiles.zero::<3>();
+    let (a, b) = (a.as_ptr(), b.as_ptr());
+    for p in (0..kp).step_by(STEP) {
+        tiles.load::<4>(a.add(p), a_stride);
+        tiles.load::<5>(a.add(ROWS * kp + p), a_stride);
+        tiles.load::<6>(b.add(p * NR), b_stride);
+        tiles.load::<7>(b.add(p * NR + ROWS), b_stride);
+        tiles.dot::<0, 4, 6>();
+        tiles.dot::<1, 4, 7>();
+        tiles.dot::<2, 5, 6>();
+        tiles.dot::<3, 5, 7>();
+    }
+    let mut acc = [[0f32; NR]; MR];
+    let base = acc.as_mut_ptr().cast::<f32>();
+    let c_stride = NR * 4;
+    tiles.store::<0>(base, c_stride);
+    tiles.store::<1>(base.add(ROWS), c_stride);
+    tiles.store::<2>(base.add(ROWS * NR), c_stride);
+    tiles.store::<3>(base.add(ROWS * NR + ROWS), c_stride);
+    tiles.release();
+    store(&acc, c, ldc, mr, nr)
+}
+
+/// The micro-kernel on the CPU's tiles.
+///
+/// # Safety
+/// The CPU must have AMX-BF16 and the process the permission to use it ([`crate::cpu`] asks for
+/// it when it detects the level); see [`kernel_on`].
+pub(crate) unsafe fn kernel_amx(
+    kp: usize,
+    a: &[u32],
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+) {
+    kernel_on::<Hardware>(kp, a, b, c, ldc, mr, nr)
+}
+
+/// The micro-kernel on [`Model`] tiles (any CPU).
+#[cfg(test)]
+///
+/// # Safety
+/// See [`kernel_on`].
+pub(crate) unsafe fn kernel_model(
+    kp: usize,
+    a: &[u32],
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+) {
+    kernel_on::<Model>(kp, a, b, c, ldc, mr, nr)
+}
+
+/// Whether the AMX path gives the f32 kernels' result on this CPU (checked once, only where
+/// the level was detected).
+pub(crate) fn amx_kernel_verified() -> bool {
+    static VERIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VERIFIED.get_or_init(|| bf16_agrees_with_f32::<AmxPairs, MR, NR>(kernel_amx))
+}
+
+/// The tile registers through inline assembly.
+#[derive(Default)]
+pub(crate) struct Hardware;
+
+impl Tiles for Hardware {
+    unsafe fn configure(&mut self) {
+        let mut config = [0u8; 64];
+        config[0] = 1;
+        for tile in 0..8 {
+            config[16 + 2 * tile] = 64;
+            config[48 + tile] = ROWS as u8;
+        }
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) config.as_ptr(), options(nostack, readonly));
+    }
+
+    unsafe fn zero<const T: usize>(&mut self) {
+        std::arch::asm!("tilezero tmm{t}", t = const T, options(nostack, nomem));
+    }
+
+    unsafe fn load<const T: usize>(&mut self, src: *const u32, stride: usize) {
+        std::arch::asm!(
+            "tileloadd tmm{t}, [{src} + {stride}*1]",
+            t = const T,
+            src = in(reg) src,
+            stride = in(reg) stride,
+            options(nostack, readonly),
+        );
+    }
+
+    unsafe fn dot<const C: usize, const A: usize, const B: usize>(&mut self) {
+        std::arch::asm!(
+            "tdpbf16ps tmm{c}, tmm{a}, tmm{b}",
+            c = const C,
+            a = const A,
+            b = const B,
+            options(nostack, nomem),
+        );
+    }
+
+    unsafe fn store<const T: usize>(&mut self, dst: *mut f32, stride: usize) {
+        std::arch::asm!(
+            "tilestored [{dst} + {stride}*1], tmm{t}",
+            t = const T,
+            dst = in(reg) dst,
+            stride = in(reg) stride,
+            options(nostack),
+        );
+    }
+
+    unsafe fn release(&mut self) {
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// Eight tiles of 16 rows x 16 lanes of 32 bits, and what the instructions do to them.
+#[cfg(test)]
+pub(crate) struct Model {
+    tiles: [[[u32; 16]; ROWS]; 8],
+    configured: bool,
+}
+
+#[cfg(test)]
+impl Default for Model {
+    fn default() -> Self {
+        Self {
+            tiles: [[[0; 16]; ROWS]; 8],
+            configured: false,
+        }
+    }
+}
+
+/// A bf16 as f32, with denormals flushed to zero as `tdpbf16ps` reads them.
+#[cfg(test)]
+fn bf16_operand(bits: u32) -> f32 {
+    let value = f32::from_bits((bits & 0xffff) << 16);
+    if value.is_subnormal() {
+        0.0f32.copysign(value)
+    } else {
+        value
+    }
+}
+
+/// An f32 result with denormals flushed to zero, as `tdpbf16ps` writes them.
+#[cfg(test)]
+fn flush(value: f32) -> f32 {
+    if value.is_subnormal() {
+        0.0f32.copysign(value)
+    } else {
+        value
+    }
+}
+
+#[cfg(test)]
+impl Tiles for Model {
+    unsafe fn configure(&mut self) {
+        self.configured = true;
+    }
+
+    unsafe fn zero<const T: usize>(&mut self) {
+        assert!(self.configured, "tilezero before ldtilecfg");
+        self.tiles[T] = [[0; 16]; ROWS];
+    }
+
+    unsafe fn load<const T: usize>(&mut self, src: *const u32, stride: usize) {
+        assert!(self.configured, "tileloadd before ldtilecfg");
+        assert_eq!(stride % 4, 0, "the kernels' strides are whole lanes");
+        for (row, lanes) in self.tiles[T].iter_mut().enumerate() {
+            let line = src.cast::<u8>().add(row * stride).cast::<u32>();
+            for (lane, value) in lanes.iter_mut().enumerate() {
+                *value = line.add(lane).read_unaligned();
+            }
+        }
+    }
+
+    /// Intel's pseudo-code: for each row m and column n of C, over the 16 K pairs k,
+    /// `c += a[m][k].lo * b[k][n].lo`, then `c += a[m][k].hi * b[k][n].hi`, each product and sum
+    /// rounded to f32 (no fused multiply-add), denormals flushed.
+    unsafe fn dot<const C: usize, const A: usize, const B: usize>(&mut self) {
+        let (a, b) = (self.tiles[A], self.tiles[B]);
+        for (m, row) in self.tiles[C].iter_mut().enumerate() {
+            for (n, lane) in row.iter_mut().enumerate() {
+                let mut acc = f32::from_bits(*lane);
+                for k in 0..STEP {
+                    let (x, y) = (a[m][k], b[k][n]);
+                    acc = flush(acc + bf16_operand(x) * bf16_operand(y));
+                    acc = flush(acc + bf16_operand(x >> 16) * bf16_operand(y >> 16));
+                }
+                *lane = acc.to_bits();
+            }
+        }
+    }
+
+    unsafe fn store<const T: usize>(&mut self, dst: *mut f32, stride: usize) {
+        for (row, lanes) in self.tiles[T].iter().enumerate() {
+            let line = dst.cast::<u8>().add(row * stride).cast::<u32>();
+            for (lane, value) in lanes.iter().enumerate() {
+                line.add(lane).write_unaligned(*value);
+            }
+        }
+    }
+
+    unsafe fn release(&mut self) {
+        self.configured = false;
+    }
+}
+
+/// The AMX packing: bf16 pairs along K, the depth padded to a multiple of [`STEP`] pairs; A
+/// row-major within a panel (`[panel][MR][depth]`), B as [`super::Bf16Pairs`] packs it.
+pub(crate) struct AmxPairs;
+
+impl Packing for AmxPairs {
+    type Elem = u32;
+    const BLOCK: usize = 2 * KP;
+
+    fn depth(kc: usize) -> usize {
+        kc.div_ceil(2).next_multiple_of(STEP)
+    }
+
+    fn pack_a(width: usize, a: &dyn Operand, pc: usize, kc: usize, out: &mut [u32]) {
+        use rayon::prelude::*;
+        let depth = Self::depth(kc);
+        out[..a.rows().div_ceil(width) * width * depth]
+            .par_chunks_mut(depth)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; 2 * depth],
+                |line, (row, dst)| {
+                    if row < a.rows() {
+                        a.read_row(row, pc, &mut line[..kc]);
+                        line[kc..].fill(0.0);
+                        for (o, pair) in dst.iter_mut().zip(line.chunks_exact(2)) {
+                            *o = super::pair(pair[0], pair[1]);
+                        }
+                    } else {
+                        dst.fill(0);
+                    }
+                },
+            );
+    }
+
+    fn read_b(b: &dyn Operand, pc: usize, kc: usize, p: usize, jc: usize, out: &mut [u32]) {
+        if 2 * p < kc {
+            b.read_pairs(pc + 2 * p, 2 * p + 1 < kc, jc, out);
+        } else {
+            out.fill(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{run, Strided, Values};
+    use super::*;
+
+    /// A product on the model tiles against the f32 kernels, over shapes that cover partial
+    /// tiles, an odd K, K beyond one depth block, and column counts on both driver paths.
+    #[test]
+    fn the_tile_kernel_on_model_tiles_matches_the_f32_kernels() {
+        let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 8.0;
+        for (m, k, n) in [
+            (1, 1, 1),
+            (16, 32, 16),
+            (33, 31, 47),
+            (7, 600, 5),
+            (40, 513, 70),
+            (64, 64, 4200),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(value).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
+            let (a, b) = (Strided::row_major(&a, m, k), Strided::row_major(&b, k, n));
+            let mut want = vec![1f32; m * n];
+            run::<Values, 4, 8>(&a, &b, &mut want, n, super::super::kernel_plain::<4, 8>);
+            let mut got = vec![1f32; m * n];
+            run::<AmxPairs, MR, NR>(&a, &b, &mut got, n, kernel_model);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "{m}x{k}x{n} at {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    /// Operands are rounded to bf16 (1 + 2^-10 becomes 1) and products of pairs accumulate.
+    #[test]
+    fn model_tiles_round_operands_to_bf16() {
+        let (m, k, n) = (3, 40, 5);
+        let a = vec![1.0 + 2f32.powi(-10); m * k];
+        let b = vec![1.0f32; k * n];
+        let (a, b) = (Strided::row_major(&a, m, k), Strided::row_major(&b, k, n));
+        let mut c = vec![0f32; m * n];
+        run::<AmxPairs, MR, NR>(&a, &b, &mut c, n, kernel_model);
+        assert!(c.iter().all(|&v| v == k as f32), "{c:?}");
+    }
+
+    #[test]
+    fn denormal_operands_read_as_zero() {
+        assert_eq!(bf16_operand(0x0001), 0.0);
+        assert_eq!(bf16_operand(0x3f80), 1.0);
+        assert_eq!(bf16_operand(0x3f80_0000 >> 16), 1.0);
+        assert_eq!(flush(f32::MIN_POSITIVE / 2.0), 0.0);
+    }
+}
