@@ -40,8 +40,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
 
-    /// Compute dtype: auto (bf16 on CPUs with native bf16 dot products, else f32; f16 on GPUs),
-    /// f32, bf16 or f16.
+    /// Compute dtype: auto (bf16 on CPUs whose bf16 dot products measure faster than f32, else
+    /// f32; f16 on GPUs), f32, bf16 or f16.
     #[arg(long, default_value = "auto", value_parser = crate::generate::parse_dtype)]
     pub dtype: DtypeChoice,
 

@@ -149,8 +149,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceChoice,
 
-    /// Compute dtype: auto (bf16 on CPUs with native bf16 dot products, f32 on other CPUs, f16 on
-    /// GPUs), f32, f16 or bf16.
+    /// Compute dtype: auto (bf16 on CPUs whose bf16 dot products measure faster than f32, f32
+    /// on other CPUs, f16 on GPUs), f32, f16 or bf16.
     #[arg(long, default_value = "auto", value_parser = parse_dtype)]
     pub dtype: DtypeChoice,
 

@@ -11,13 +11,22 @@ pub fn kernel_options(attention: AttentionMode) -> Result<KernelOptions> {
     KernelOptions::from_env(attention).map_err(anyhow::Error::msg)
 }
 
-/// The CPU kernels chosen at run time, for the benchmark's header.
+/// The CPU kernels chosen at run time, for the benchmark's header: the level, and where it has
+/// bf16 dot products, how they measured against its f32 kernels and whether bf16 weights use them.
 pub fn kernel_description(options: &KernelOptions) -> String {
-    format!(
-        "{} kernels {}",
-        std::env::consts::ARCH,
-        options.cpu_level().name()
-    )
+    let level = options.cpu_level();
+    let dots = match sdrs_kernels::gemm::bf16_speedup(level) {
+        Some(speedup) => format!(
+            " (bf16 dot products {speedup:.2}x the f32 kernels: {})",
+            if sdrs_kernels::gemm::bf16_dots_pay(level) {
+                "used for bf16 weights"
+            } else {
+                "not used, bf16 weights take the f32 kernels"
+            }
+        ),
+        None => String::new(),
+    };
+    format!("{} kernels {}{dots}", std::env::consts::ARCH, level.name())
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`); `None` elsewhere.

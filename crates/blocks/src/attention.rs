@@ -27,6 +27,22 @@ pub fn scaled_dot_product_attention(
     Ok(sdrs_kernels::attention::attention(q, k, v, scale, options)?)
 }
 
+/// [`scaled_dot_product_attention`] in a layer whose projections compute as `weights`: bf16
+/// weights let the CPU's tile kernels (AMX) take bf16 inputs for the two products, as PyTorch's
+/// bf16 attention does.
+pub fn scaled_dot_product_attention_for_weights(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    options: &KernelOptions,
+    weights: candle_core::DType,
+) -> Result<Tensor> {
+    Ok(sdrs_kernels::attention::attention_for_weights(
+        q, k, v, scale, options, weights,
+    )?)
+}
+
 /// The options of an [`Attention`] layer (diffusers' `Attention.__init__` arguments we use).
 #[derive(Debug, Clone)]
 pub struct AttentionConfig {
@@ -173,7 +189,14 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(&tokens)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, &self.options)?;
+        let out = scaled_dot_product_attention_for_weights(
+            &q,
+            &k,
+            &v,
+            self.scale,
+            &self.options,
+            self.to_q.weight().dtype(),
+        )?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.dim_head))?;

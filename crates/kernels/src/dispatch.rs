@@ -79,13 +79,14 @@ impl KernelOptions {
     }
 
     /// Where a product of `input` with a weight that computes as `weight` runs (linear layers,
-    /// convolutions): bf16 weights take the bf16 dot products where the level has them (the
+    /// convolutions): bf16 weights take the bf16 dot products where the level has them and they
+    /// measure faster than the f32 kernels on this CPU ([`crate::gemm::bf16_dots_pay`]; the
     /// activations are then rounded to bf16 as they are packed, as PyTorch's bf16 autocast does).
     pub fn route_product(&self, input: &Tensor, weight: DType) -> Route {
         match self.route(input) {
             Route::Cpu { level, .. } if is_kernel_dtype(weight) => Route::Cpu {
                 level,
-                bf16_dots: weight == DType::BF16 && level.has_bf16_dots(),
+                bf16_dots: weight == DType::BF16 && crate::gemm::bf16_dots_pay(level),
             },
             Route::Cuda if is_kernel_dtype(weight) => Route::Cuda,
             _ => Route::Candle,
@@ -123,11 +124,12 @@ impl KernelOptions {
     }
 
     /// The default weight dtype on `device`: bf16 on CPUs whose allowed level has bf16 dot
-    /// products (AVX512-BF16, aarch64 BF16), f32 on other CPUs, f16 on GPUs.
+    /// products (AMX, AVX512-BF16, aarch64 BF16) that measure faster than its f32 kernels, f32 on
+    /// other CPUs, f16 on GPUs.
     pub fn default_dtype(&self, device: &Device) -> DType {
         if !on_cpu(device) {
             DType::F16
-        } else if self.cpu_level().has_bf16_dots() {
+        } else if crate::gemm::bf16_dots_pay(self.cpu_level()) {
             DType::BF16
         } else {
             DType::F32
@@ -386,7 +388,7 @@ mod tests {
         let Route::Cpu { bf16_dots, level } = best.route_product(&x, DType::BF16) else {
             panic!("the CPU takes our kernels");
         };
-        assert_eq!(bf16_dots, level.has_bf16_dots());
+        assert_eq!(bf16_dots, crate::gemm::bf16_dots_pay(level));
         let Route::Cpu { bf16_dots, .. } = best.route_product(&x, DType::F16) else {
             panic!("the CPU takes our kernels");
         };

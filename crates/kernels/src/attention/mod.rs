@@ -30,6 +30,21 @@ pub fn attention(
     scale: f64,
     options: &KernelOptions,
 ) -> Result<Tensor> {
+    attention_for_weights(q, k, v, scale, options, q.dtype())
+}
+
+/// [`attention`] in a layer whose projections' weights compute as `weights`: with bf16 weights,
+/// on a CPU level whose bf16 products run faster than its f32 ones and that has them on tiles
+/// (AMX), `q kᵀ` and the product with `v` take bf16 inputs there, as PyTorch's bf16 attention
+/// does (the scores, the softmax and the output stay f32).
+pub fn attention_for_weights(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    options: &KernelOptions,
+    weights: DType,
+) -> Result<Tensor> {
     let (b, h, _, d) = q.dims4()?;
     let (bk, hk, lk, dk) = k.dims4()?;
     let (bv, hv, lv, _) = v.dims4()?;
@@ -42,7 +57,7 @@ pub fn attention(
         );
     }
     match options.attention_for(q) {
-        AttentionMode::Flash => flash(q, k, v, scale, options),
+        AttentionMode::Flash => flash(q, k, v, scale, options, weights),
         AttentionMode::Sliced(slice) => sliced(q, k, v, scale, slice.unwrap_or(1)),
         _ => naive(q, k, v, scale),
     }
@@ -55,9 +70,13 @@ fn flash(
     v: &Tensor,
     scale: f64,
     options: &KernelOptions,
+    weights: DType,
 ) -> Result<Tensor> {
     match options.route(q) {
-        Route::Cpu { level, .. } => flash_at(level, q, k, v, scale),
+        Route::Cpu { level, .. } => {
+            let bf16_products = weights == DType::BF16 && crate::gemm::bf16_dots_pay(level);
+            flash_on(level, bf16_products, q, k, v, scale)
+        }
         #[cfg(feature = "cuda")]
         Route::Cuda => crate::cuda::flash_attention(q, k, v, scale),
         Route::Metal => metal_sdpa(q, k, v, scale),
@@ -151,13 +170,36 @@ const BLOCK_K: usize = 96;
 struct FlashAttention {
     scale: f64,
     level: Level,
+    /// Whether the products may take bf16 inputs on tiles (AMX) where the level has them.
+    bf16_products: bool,
 }
 
 /// Flash attention on the CPU with the kernels of `level` (at most the CPU's own: tests run every
-/// level this machine has against the same reference).
+/// level this machine has against the same reference), products in f32.
 pub fn flash_at(level: Level, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    flash_on(level, false, q, k, v, scale)
+}
+
+/// [`flash_at`], with the products on bf16 tiles where `bf16_products` and the level has them
+/// (AMX, verified on this CPU).
+pub fn flash_on(
+    level: Level,
+    bf16_products: bool,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let level = level.min(cpu::detected());
-    q.apply_op3_no_bwd(k, v, &FlashAttention { scale, level })
+    q.apply_op3_no_bwd(
+        k,
+        v,
+        &FlashAttention {
+            scale,
+            level,
+            bf16_products,
+        },
+    )
 }
 
 /// A 4-D strided view: element `(b, h, i, d)`.
@@ -252,6 +294,44 @@ fn larger(a: f32, b: f32) -> f32 {
     }
 }
 
+/// One key block of the online softmax over scores `block` (`[key][query]`): turns each score
+/// into `exp(score - max)` with the running maximum of its query, updates the running `max` and
+/// `sum`, and returns the factor by which each query's output so far must be scaled.
+#[inline(always)]
+fn softmax_block<const NR: usize>(
+    block: &mut [[f32; NR]],
+    max: &mut [f32; NR],
+    sum: &mut [f32; NR],
+) -> [f32; NR] {
+    let mut new_max = *max;
+    for row in block.iter() {
+        for (m, s) in new_max.iter_mut().zip(row) {
+            *m = larger(*m, *s);
+        }
+    }
+    let mut correction = [0f32; NR];
+    for ((c, old), new) in correction.iter_mut().zip(max.iter()).zip(&new_max) {
+        *c = crate::math::exp_neg(old - new);
+    }
+    let mut block_sum = [0f32; NR];
+    for row in block.iter_mut() {
+        for ((s, m), total) in row.iter_mut().zip(&new_max).zip(block_sum.iter_mut()) {
+            *s = crate::math::exp_neg(*s - m);
+            *total += *s;
+        }
+    }
+    for (((total, c), b), (m, new)) in sum
+        .iter_mut()
+        .zip(&correction)
+        .zip(&block_sum)
+        .zip(max.iter_mut().zip(&new_max))
+    {
+        *total = *total * c + b;
+        *m = *new;
+    }
+    correction
+}
+
 /// Up to `NR` query rows of one head, computed transposed so that every step is a register
 /// tile or a vertical vector operation: for each block of keys, `Sᵀ = K Qᵀ` (`[key][query]`, keys
 /// as the tile's rows), the online softmax down each column (one query per SIMD lane, no
@@ -281,32 +361,7 @@ fn flash_rows<const MR: usize, const NR: usize>(
             scores[kp * MR..kp * MR + rows_here].copy_from_slice(&t[..rows_here]);
         }
         let block = &mut scores[..width];
-        let mut new_max = max;
-        for row in block.iter() {
-            for (m, s) in new_max.iter_mut().zip(row) {
-                *m = larger(*m, *s);
-            }
-        }
-        let mut correction = [0f32; NR];
-        for ((c, old), new) in correction.iter_mut().zip(&max).zip(&new_max) {
-            *c = crate::math::exp_neg(old - new);
-        }
-        let mut block_sum = [0f32; NR];
-        for row in block.iter_mut() {
-            for ((s, m), total) in row.iter_mut().zip(&new_max).zip(block_sum.iter_mut()) {
-                *s = crate::math::exp_neg(*s - m);
-                *total += *s;
-            }
-        }
-        for (((total, c), b), (m, new)) in sum
-            .iter_mut()
-            .zip(&correction)
-            .zip(&block_sum)
-            .zip(max.iter_mut().zip(&new_max))
-        {
-            *total = *total * c + b;
-            *m = *new;
-        }
+        let correction = softmax_block(block, &mut max, &mut sum);
         if correction.iter().any(|&c| c != 1.0) {
             for row in acc.iter_mut().flatten() {
                 for (x, c) in row.iter_mut().zip(&correction) {
@@ -336,6 +391,13 @@ fn flash_rows<const MR: usize, const NR: usize>(
 impl FlashAttention {
     fn run<T: Element>(&self, q: View<T>, k: View<T>, v: View<T>, dims: Dims) -> Vec<f32> {
         match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Amx if self.bf16_products && crate::gemm::amx::amx_kernel_verified() => {
+                // SAFETY: the AMX level was detected on this CPU and its tiles verified.
+                unsafe {
+                    amx::run::<crate::gemm::amx::Hardware, T>(self.scale as f32, q, k, v, dims)
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 | Level::Avx512Bf16 | Level::Amx => {
                 self.run_tiled::<T, 8, 32>(q, k, v, dims, |r| unsafe {
@@ -413,6 +475,8 @@ struct Rows<'a> {
     dims: Dims,
 }
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 

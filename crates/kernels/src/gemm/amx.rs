@@ -20,7 +20,7 @@ pub(crate) const MR: usize = 32;
 /// Columns of C per micro-tile (two B tiles).
 pub(crate) const NR: usize = 32;
 /// K pairs per tile step: a tile row of 64 bytes.
-const STEP: usize = 16;
+pub(crate) const STEP: usize = 16;
 /// Rows of a tile.
 const ROWS: usize = 16;
 
@@ -41,11 +41,50 @@ pub(crate) trait Tiles {
     unsafe fn release(&mut self);
 }
 
-/// `c[32 x 32] += a · b` over `kp` K pairs (a multiple of [`STEP`]), storing `mr x nr` of it.
+/// `acc[32 x 32] = a · b` over `kp` K pairs (a multiple of [`STEP`]): `a` is 32 rows of `kp`
+/// pairs, `a_stride` pairs apart; `b` is `kp` rows of [`NR`] pairs.
 ///
 /// # Safety
 /// `T` must be usable on this CPU (for [`Hardware`]: AMX-BF16 with the permission granted);
-/// `a` and `b` hold `kp * MR` and `kp * NR` pairs; see [`store`] for `c`.
+/// `a` and `b` must be valid for those reads.
+pub(crate) unsafe fn product_on<T: Tiles + Default>(
+    kp: usize,
+    a: *const u32,
+    a_stride: usize,
+    b: *const u32,
+    acc: &mut [[f32; NR]; MR],
+) {
+    debug_assert!(kp.is_multiple_of(STEP));
+    let tiles = &mut T::default();
+    let (a_bytes, b_bytes) = (a_stride * 4, NR * 4);
+    tiles.configure();
+    tiles.zero::<0>();
+    tiles.zero::<1>();
+    tiles.zero::<2>();
+    tiles.zero::<3>();
+    for p in (0..kp).step_by(STEP) {
+        tiles.load::<4>(a.add(p), a_bytes);
+        tiles.load::<5>(a.add(ROWS * a_stride + p), a_bytes);
+        tiles.load::<6>(b.add(p * NR), b_bytes);
+        tiles.load::<7>(b.add(p * NR + ROWS), b_bytes);
+        tiles.dot::<0, 4, 6>();
+        tiles.dot::<1, 4, 7>();
+        tiles.dot::<2, 5, 6>();
+        tiles.dot::<3, 5, 7>();
+    }
+    let base = acc.as_mut_ptr().cast::<f32>();
+    let c_bytes = NR * 4;
+    tiles.store::<0>(base, c_bytes);
+    tiles.store::<1>(base.add(ROWS), c_bytes);
+    tiles.store::<2>(base.add(ROWS * NR), c_bytes);
+    tiles.store::<3>(base.add(ROWS * NR + ROWS), c_bytes);
+    tiles.release();
+}
+
+/// `c[32 x 32] += a · b` over `kp` K pairs (a multiple of [`STEP`]), storing `mr x nr` of it.
+///
+/// # Safety
+/// See [`product_on`]; `a` and `b` hold `kp * MR` and `kp * NR` pairs; see [`store`] for `c`.
 unsafe fn kernel_on<T: Tiles + Default>(
     kp: usize,
     a: &[u32],
@@ -55,33 +94,9 @@ unsafe fn kernel_on<T: Tiles + Default>(
     mr: usize,
     nr: usize,
 ) {
-    debug_assert!(kp.is_multiple_of(STEP) && a.len() >= kp * MR && b.len() >= kp * NR);
-    let tiles = &mut T::default();
-    let (a_stride, b_stride) = (kp * 4, NR * 4);
-    tiles.configure();
-    tiles.zero::<0>();
-    tiles.zero::<1>();
-    tiles.zero::<2>();
-    tiles.zero::<3>();
-    let (a, b) = (a.as_ptr(), b.as_ptr());
-    for p in (0..kp).step_by(STEP) {
-        tiles.load::<4>(a.add(p), a_stride);
-        tiles.load::<5>(a.add(ROWS * kp + p), a_stride);
-        tiles.load::<6>(b.add(p * NR), b_stride);
-        tiles.load::<7>(b.add(p * NR + ROWS), b_stride);
-        tiles.dot::<0, 4, 6>();
-        tiles.dot::<1, 4, 7>();
-        tiles.dot::<2, 5, 6>();
-        tiles.dot::<3, 5, 7>();
-    }
+    debug_assert!(a.len() >= kp * MR && b.len() >= kp * NR);
     let mut acc = [[0f32; NR]; MR];
-    let base = acc.as_mut_ptr().cast::<f32>();
-    let c_stride = NR * 4;
-    tiles.store::<0>(base, c_stride);
-    tiles.store::<1>(base.add(ROWS), c_stride);
-    tiles.store::<2>(base.add(ROWS * NR), c_stride);
-    tiles.store::<3>(base.add(ROWS * NR + ROWS), c_stride);
-    tiles.release();
+    product_on::<T>(kp, a.as_ptr(), kp, b.as_ptr(), &mut acc);
     store(&acc, c, ldc, mr, nr)
 }
 

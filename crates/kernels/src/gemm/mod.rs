@@ -9,6 +9,7 @@
 
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 use crate::cpu::Level;
 
@@ -28,7 +29,7 @@ pub(crate) fn bf16_bits(x: f32) -> u32 {
 
 /// bf16 pairs `(x[2p], x[2p + 1])` as one 32-bit lane, low half first, as `vdpbf16ps` reads.
 #[inline(always)]
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
@@ -242,6 +243,68 @@ pub fn gemm_bf16(level: Level, a: &dyn Operand, b: &dyn Operand, c: &mut [f32], 
         );
     }
     gemm(level, a, b, c, ldc)
+}
+
+/// How much faster [`gemm_bf16`] is than [`gemm`] at `level` on this CPU, for a product of f32
+/// activations with bf16 weights (a linear layer of the UNet's size, `256 x 640 x 640`): the
+/// best of several timings of each, measured once per level and process (a few milliseconds).
+/// `None` where the level has no bf16 dot products.
+///
+/// bf16 dot products are not faster everywhere: on Intel Sapphire Rapids `vdpbf16ps` (AVX512-BF16)
+/// ran slower than the AVX-512 f32 kernel, while on AMD Zen 4/5 it runs about twice as fast.
+pub fn bf16_speedup(level: Level) -> Option<f64> {
+    const LEVELS: usize = 8;
+    static MEASURED: [OnceLock<f64>; LEVELS] = [const { OnceLock::new() }; LEVELS];
+    if !level.has_bf16_dots() {
+        return None;
+    }
+    let slot = MEASURED.get(level as usize)?;
+    Some(*slot.get_or_init(|| measure_bf16_speedup(level)))
+}
+
+/// Whether products with bf16 weights should take the bf16 dot products at `level`: where they
+/// exist and measure at least [`BF16_MARGIN`] times as fast as the f32 kernels.
+pub fn bf16_dots_pay(level: Level) -> bool {
+    bf16_speedup(level).is_some_and(prefer_bf16)
+}
+
+/// The speed-up the bf16 dot products must show over the f32 kernels to be chosen: above 1, so
+/// that timing noise on a CPU where both run alike does not flip the choice between runs.
+pub const BF16_MARGIN: f64 = 1.05;
+
+fn prefer_bf16(speedup: f64) -> bool {
+    speedup >= BF16_MARGIN
+}
+
+fn measure_bf16_speedup(level: Level) -> f64 {
+    let (m, k, n) = (256, 640, 640);
+    let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 16.0;
+    let a: Vec<f32> = (0..m * k).map(value).collect();
+    let w: Vec<bf16> = (0..n * k).map(|i| bf16::from_f32(value(i + 3))).collect();
+    let (a, b) = (
+        Strided::row_major(&a, m, k),
+        Strided::row_major(&w, n, k).t(),
+    );
+    let mut c = vec![0f32; m * n];
+    let time = |c: &mut [f32], dots: bool| {
+        let start = std::time::Instant::now();
+        if dots {
+            gemm_bf16(level, &a, &b, c, n);
+        } else {
+            gemm(level, &a, &b, c, n);
+        }
+        start.elapsed().as_secs_f64()
+    };
+    let (mut best_dots, mut best_f32) = (f64::INFINITY, f64::INFINITY);
+    // Alternate, so that a burst of load from elsewhere hits both; the first round warms up.
+    for round in 0..6 {
+        let (dots, f32s) = (time(&mut c, true), time(&mut c, false));
+        if round > 0 {
+            best_dots = best_dots.min(dots);
+            best_f32 = best_f32.min(f32s);
+        }
+    }
+    best_f32 / best_dots.max(f64::MIN_POSITIVE)
 }
 
 /// The bf16 [`run`] after `gemm`'s shape checks.
@@ -671,7 +734,7 @@ unsafe fn kernel_plain<const MR: usize, const NR: usize>(
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -721,6 +784,24 @@ mod tests {
                 "{level:?}: {} vs {want}",
                 c[0]
             );
+        }
+    }
+
+    #[test]
+    fn bf16_dots_are_chosen_only_where_they_measure_faster() {
+        assert!(prefer_bf16(2.0));
+        assert!(prefer_bf16(BF16_MARGIN));
+        assert!(!prefer_bf16(1.0));
+        assert!(!prefer_bf16(0.8));
+        for level in Level::available() {
+            let speedup = bf16_speedup(level);
+            assert_eq!(speedup.is_some(), level.has_bf16_dots(), "{level:?}");
+            if let Some(speedup) = speedup {
+                assert!(speedup.is_finite() && speedup > 0.0, "{level:?}: {speedup}");
+                assert_eq!(bf16_dots_pay(level), speedup >= BF16_MARGIN);
+            } else {
+                assert!(!bf16_dots_pay(level));
+            }
         }
     }
 
