@@ -171,6 +171,7 @@ struct FlashAttention {
     scale: f64,
     level: Level,
     /// Whether the products may take bf16 inputs on tiles (AMX) where the level has them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     bf16_products: bool,
 }
 
