@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::{softmax_block, Dims, View, BLOCK_K};
+use super::{for_each_query_block, rescale, softmax_block, write_rows, Dims, View, BLOCK_K};
 use crate::gemm::amx::{product_on, Tiles, MR, NR, STEP};
 use crate::gemm::{pair, Element};
 
@@ -83,13 +83,7 @@ fn rows<T: Tiles + Default>(q: &[u32], kv: &HeadPairs, out: &mut [f32], rows: us
         }
         let block = &mut scores[..width];
         let correction = softmax_block(block, &mut max, &mut sum);
-        if correction.iter().any(|&c| c != 1.0) {
-            for row in acc.iter_mut().flatten() {
-                for (x, c) in row.iter_mut().zip(&correction) {
-                    *x *= c;
-                }
-            }
-        }
+        rescale(&mut acc, &correction);
         // Pᵀ as B: probabilities of neighbouring keys paired, zero past the block's keys.
         let depth = width.div_ceil(2).next_multiple_of(STEP);
         for (p, line) in probabilities.chunks_exact_mut(NR).take(depth).enumerate() {
@@ -117,12 +111,7 @@ fn rows<T: Tiles + Default>(q: &[u32], kv: &HeadPairs, out: &mut [f32], rows: us
             }
         }
     }
-    for (i, row) in out.chunks_exact_mut(dv).take(rows).enumerate() {
-        let inv = 1.0 / sum[i];
-        for (x, value) in row.iter_mut().enumerate() {
-            *value = acc[x / MR][x % MR][i] * inv;
-        }
-    }
+    write_rows(&acc, &sum, out, rows, dv);
 }
 
 /// Flash attention over all (batch, head, query block)s in parallel, on `T` tiles.
@@ -145,16 +134,8 @@ pub(super) unsafe fn run<T: Tiles + Default, E: Element>(
         .collect();
     let dp = d.div_ceil(2).next_multiple_of(STEP);
     let mut out = vec![0f32; b * h * lq * dv];
-    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-    for (bh, head_out) in out.chunks_mut(lq * dv).enumerate() {
-        for (block, rows_out) in head_out.chunks_mut(NR * dv).enumerate() {
-            tasks.push((bh, block, rows_out));
-        }
-    }
-    tasks.into_par_iter().for_each(|(bh, block, rows_out)| {
+    for_each_query_block(&mut out, dims, NR, |bh, i0, count, rows_out| {
         let (bi, hi) = (bh / h, bh % h);
-        let i0 = block * NR;
-        let count = NR.min(lq - i0);
         let mut q_pairs = vec![0u32; dp * NR];
         for i in 0..count {
             for x in 0..d.div_ceil(2) {

@@ -333,6 +333,56 @@ fn softmax_block<const NR: usize>(
     correction
 }
 
+/// Scales each query's accumulated output by its softmax `correction` (skipped when all are 1).
+#[inline(always)]
+fn rescale<const MR: usize, const NR: usize>(acc: &mut [[[f32; NR]; MR]], correction: &[f32; NR]) {
+    if correction.iter().any(|&c| c != 1.0) {
+        for row in acc.iter_mut().flatten() {
+            for (x, c) in row.iter_mut().zip(correction) {
+                *x *= c;
+            }
+        }
+    }
+}
+
+/// Writes the first `rows` queries of the transposed accumulators (`acc[dv panel][dv][query]`)
+/// to `out` (`[query][dv]`), divided by their softmax sums.
+#[inline(always)]
+fn write_rows<const MR: usize, const NR: usize>(
+    acc: &[[[f32; NR]; MR]],
+    sum: &[f32; NR],
+    out: &mut [f32],
+    rows: usize,
+    dv: usize,
+) {
+    for (i, row) in out.chunks_exact_mut(dv).take(rows).enumerate() {
+        let inv = 1.0 / sum[i];
+        for (x, value) in row.iter_mut().enumerate() {
+            *value = acc[x / MR][x % MR][i] * inv;
+        }
+    }
+}
+
+/// Splits `out` (`[batch x head][Lq][Dv]`) into blocks of `block` query rows and runs
+/// `task(batch x head, first row, rows, block's output)` for every block in parallel.
+fn for_each_query_block(
+    out: &mut [f32],
+    dims: Dims,
+    block: usize,
+    task: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) {
+    let Dims { lq, dv, .. } = dims;
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (bh, head_out) in out.chunks_mut(lq * dv).enumerate() {
+        for (index, rows_out) in head_out.chunks_mut(block * dv).enumerate() {
+            tasks.push((bh, index * block, rows_out));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(bh, i0, rows_out)| task(bh, i0, block.min(lq - i0), rows_out));
+}
+
 /// Up to `NR` query rows of one head, computed transposed so that every step is a register
 /// tile or a vertical vector operation: for each block of keys, `Sᵀ = K Qᵀ` (`[key][query]`, keys
 /// as the tile's rows), the online softmax down each column (one query per SIMD lane, no
@@ -363,13 +413,7 @@ fn flash_rows<const MR: usize, const NR: usize>(
         }
         let block = &mut scores[..width];
         let correction = softmax_block(block, &mut max, &mut sum);
-        if correction.iter().any(|&c| c != 1.0) {
-            for row in acc.iter_mut().flatten() {
-                for (x, c) in row.iter_mut().zip(&correction) {
-                    *x *= c;
-                }
-            }
-        }
+        rescale(&mut acc, &correction);
         let p = block.as_flattened();
         for (vp, target) in acc.iter_mut().enumerate() {
             let start = (vp * kv.lk_padded + j0) * MR;
@@ -381,12 +425,7 @@ fn flash_rows<const MR: usize, const NR: usize>(
             }
         }
     }
-    for (i, row) in out.chunks_exact_mut(dv).take(rows).enumerate() {
-        let inv = 1.0 / sum[i];
-        for (x, value) in row.iter_mut().enumerate() {
-            *value = acc[x / MR][x % MR][i] * inv;
-        }
-    }
+    write_rows(&acc, &sum, out, rows, dv);
 }
 
 impl FlashAttention {
@@ -438,16 +477,8 @@ impl FlashAttention {
             .collect();
         let scale = self.scale as f32;
         let mut out = vec![0f32; b * h * lq * dv];
-        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-        for (bh, head_out) in out.chunks_mut(lq * dv).enumerate() {
-            for (block, rows_out) in head_out.chunks_mut(NR * dv).enumerate() {
-                tasks.push((bh, block, rows_out));
-            }
-        }
-        tasks.into_par_iter().for_each(|(bh, block, rows_out)| {
+        for_each_query_block(&mut out, dims, NR, |bh, i0, rows, rows_out| {
             let (bi, hi) = (bh / h, bh % h);
-            let i0 = block * NR;
-            let rows = NR.min(lq - i0);
             // The block's queries as the tile's B operand, `[d][NR]`, pre-scaled.
             let mut q_packed = vec![0f32; d * NR];
             for i in 0..rows {
