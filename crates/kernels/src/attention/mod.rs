@@ -34,9 +34,9 @@ pub fn attention(
 }
 
 /// [`attention`] in a layer whose projections' weights compute as `weights`: with bf16 weights,
-/// on a CPU level whose bf16 products run faster than its f32 ones and that has them on tiles
-/// (AMX), `q kᵀ` and the product with `v` take bf16 inputs there, as PyTorch's bf16 attention
-/// does (the scores, the softmax and the output stay f32).
+/// on a CPU level whose bf16 products run faster than its f32 ones (AMX tiles, or AVX512-BF16 dot
+/// products), `q kᵀ` and the product with `v` take bf16 inputs, as PyTorch's bf16 attention does
+/// (the scores, the softmax and the output stay f32).
 pub fn attention_for_weights(
     q: &Tensor,
     k: &Tensor,
@@ -170,7 +170,8 @@ const BLOCK_K: usize = 96;
 struct FlashAttention {
     scale: f64,
     level: Level,
-    /// Whether the products may take bf16 inputs on tiles (AMX) where the level has them.
+    /// Whether the products may take bf16 inputs where the level has bf16 products (AMX tiles or
+    /// AVX512-BF16 dot products).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     bf16_products: bool,
 }
@@ -181,8 +182,8 @@ pub fn flash_at(level: Level, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) ->
     flash_on(level, false, q, k, v, scale)
 }
 
-/// [`flash_at`], with the products on bf16 tiles where `bf16_products` and the level has them
-/// (AMX, verified on this CPU).
+/// [`flash_at`], with the products on bf16 inputs where `bf16_products` and the level has bf16
+/// products (AMX tiles or AVX512-BF16 dot products, verified on this CPU).
 pub fn flash_on(
     level: Level,
     bf16_products: bool,
@@ -435,8 +436,22 @@ impl FlashAttention {
             Level::Amx if self.bf16_products && crate::gemm::amx::amx_kernel_verified() => {
                 // SAFETY: the AMX level was detected on this CPU and its tiles verified.
                 unsafe {
-                    amx::run::<crate::gemm::amx::Hardware, T>(self.scale as f32, q, k, v, dims)
+                    pairs::run::<pairs::OnTiles<crate::gemm::amx::Hardware>, T>(
+                        self.scale as f32,
+                        q,
+                        k,
+                        v,
+                        dims,
+                    )
                 }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Bf16 | Level::Amx
+                if self.bf16_products && crate::gemm::x86_64::bf16_kernel_verified() =>
+            {
+                // SAFETY: the level (AVX512-BF16 or above) was detected on this CPU and its dot
+                // products verified.
+                unsafe { pairs::run::<x86_64::Dots, T>(self.scale as f32, q, k, v, dims) }
             }
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 | Level::Avx512Bf16 | Level::Amx => {
@@ -508,7 +523,7 @@ struct Rows<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod amx;
+mod pairs;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 

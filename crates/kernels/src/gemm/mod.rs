@@ -736,7 +736,7 @@ mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
-mod x86_64;
+pub(crate) mod x86_64;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86_64::tile_avx512;
