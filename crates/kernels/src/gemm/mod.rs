@@ -33,6 +33,33 @@ pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
+/// `out[j] = pair(even[j], odd[j])` over the shortest of the three: two rows of B as the bf16
+/// kernels' packed pairs, vectorised for the CPU (the same bits everywhere).
+pub(crate) fn pair_rows(even: &[f32], odd: &[f32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::detected() >= Level::Avx512 {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { x86_64::pair_rows_avx512(even, odd, out) };
+    }
+    for ((o, lo), hi) in out.iter_mut().zip(even).zip(odd) {
+        *o = pair(*lo, *hi);
+    }
+}
+
+/// `out[p] = pair(line[2p], line[2p + 1])` for the whole pairs of `line` that fit `out`: one line
+/// of K as pairs of neighbours, vectorised for the CPU (the same bits everywhere).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) fn pair_adjacent(line: &[f32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::detected() >= Level::Avx512 {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { x86_64::pair_adjacent_avx512(line, out) };
+    }
+    for (o, two) in out.iter_mut().zip(line.chunks_exact(2)) {
+        *o = pair(two[0], two[1]);
+    }
+}
+
 /// An element type the kernels read.
 pub trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
@@ -87,9 +114,7 @@ pub trait Operand: Sync {
             if two_rows {
                 self.read_row(row + 1, col, &mut odd[..width]);
             }
-            for ((o, lo), hi) in out.iter_mut().zip(&even).zip(&odd) {
-                *o = pair(*lo, *hi);
-            }
+            pair_rows(&even[..width], &odd[..width], out);
         }
     }
 }
@@ -367,8 +392,8 @@ fn pack_pairs(
         .par_chunks_mut(kp * width)
         .enumerate()
         .for_each_init(
-            || (vec![0f32; 2 * kp], vec![0u16; 2 * kp]),
-            |(line, bits), (panel, dst)| {
+            || (vec![0f32; 2 * kp], vec![0u32; kp]),
+            |(line, pairs), (panel, dst)| {
                 for w in 0..width {
                     let index = panel * width + w;
                     if index < count {
@@ -376,13 +401,10 @@ fn pack_pairs(
                     } else {
                         line.fill(0.0);
                     }
-                    // Round the whole line first (a contiguous loop that vectorises), then
-                    // deal out neighbouring halves as pairs.
-                    for (b, x) in bits.iter_mut().zip(line.iter()) {
-                        *b = bf16_bits(*x) as u16;
-                    }
-                    for (p, half) in bits.chunks_exact(2).enumerate() {
-                        dst[p * width + w] = u32::from(half[0]) | (u32::from(half[1]) << 16);
+                    // Pair the whole line first (a vector loop), then deal the pairs out.
+                    pair_adjacent(line, pairs);
+                    for (p, value) in pairs.iter().enumerate() {
+                        dst[p * width + w] = *value;
                     }
                 }
             },
@@ -744,6 +766,54 @@ pub(crate) use x86_64::tile_avx512;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values whose bf16 rounding has a special case: ties both ways, the largest values that
+    /// round up to infinity, NaNs (quiet, signalling, negative), infinities, zeros, subnormals.
+    fn awkward_values() -> Vec<f32> {
+        let mut bits = vec![
+            0x3f80_8000u32, // a tie, rounds down to even
+            0x3f81_8000,    // a tie, rounds up to even
+            0x3f80_8001,
+            0x3f80_7fff,
+            0x7f7f_ffff, // f32::MAX: rounds to infinity
+            0xff7f_ffff,
+            0x7fc0_0000, // quiet NaN
+            0x7f80_0001, // signalling NaN
+            0xffa0_0000, // negative signalling NaN
+            0x7f80_0000,
+            0xff80_0000,
+            0x0000_0000,
+            0x8000_0000,
+            0x0000_0001, // subnormals
+            0x807f_ffff,
+            0x0040_8000,
+        ];
+        // And a spread of ordinary values, so that every lane of a vector sees each kind.
+        bits.extend((0..200u32).map(|i| i.wrapping_mul(0x9e37_79b9) ^ (i << 7)));
+        bits.into_iter().map(f32::from_bits).collect()
+    }
+
+    #[test]
+    fn vector_pairing_gives_the_scalar_bits() {
+        let values = awkward_values();
+        let n = values.len();
+        let odd: Vec<f32> = values.iter().rev().copied().collect();
+        for len in [0, 1, 15, 16, 17, 47, n] {
+            let mut got = vec![0u32; len];
+            pair_rows(&values[..len], &odd[..len], &mut got);
+            let want: Vec<u32> = (0..len).map(|j| pair(values[j], odd[j])).collect();
+            assert_eq!(got, want, "pair_rows over {len}");
+        }
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        for len in [0, 2, 30, 32, 34, 66, n] {
+            let mut got = vec![0u32; len / 2];
+            pair_adjacent(&values[..len], &mut got);
+            let want: Vec<u32> = (0..len / 2)
+                .map(|p| pair(values[2 * p], values[2 * p + 1]))
+                .collect();
+            assert_eq!(got, want, "pair_adjacent over {len}");
+        }
+    }
 
     /// Where the CPU has bf16 dot products, the run-time self-check must accept them (else the
     /// bf16 kernel would be silently skipped and the parity tests would test the f32 one), and

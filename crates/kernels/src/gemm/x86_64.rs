@@ -103,3 +103,59 @@ pub unsafe fn kernel_bf16(
     }
     store(&tile, c, ldc, mr, nr)
 }
+
+/// [`bf16_bits`](super::bf16_bits) of 16 lanes, in the low halves: the same rounding (to nearest,
+/// ties to even; a NaN stays a quiet NaN), bit for bit.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bf16_bits16(x: __m512i) -> __m512i {
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, bias));
+    let magnitude = _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff));
+    let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
+    let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(0x40));
+    _mm512_mask_blend_epi32(nan, rounded, quiet)
+}
+
+/// See [`pair_rows`](super::pair_rows): 16 pairs per step.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn pair_rows_avx512(even: &[f32], odd: &[f32], out: &mut [u32]) {
+    let n = out.len().min(even.len()).min(odd.len());
+    let whole = n - n % 16;
+    for j in (0..whole).step_by(16) {
+        let lo = bf16_bits16(_mm512_loadu_si512(even.as_ptr().add(j).cast()));
+        let hi = bf16_bits16(_mm512_loadu_si512(odd.as_ptr().add(j).cast()));
+        let pairs = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+        _mm512_storeu_si512(out.as_mut_ptr().add(j).cast(), pairs);
+    }
+    for j in whole..n {
+        out[j] = pair(even[j], odd[j]);
+    }
+}
+
+/// See [`pair_adjacent`](super::pair_adjacent): 16 pairs (32 values) per step.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn pair_adjacent_avx512(line: &[f32], out: &mut [u32]) {
+    let n = out.len().min(line.len() / 2);
+    let whole = n - n % 16;
+    for p in (0..whole).step_by(16) {
+        let first = bf16_bits16(_mm512_loadu_si512(line.as_ptr().add(2 * p).cast()));
+        let second = bf16_bits16(_mm512_loadu_si512(line.as_ptr().add(2 * p + 16).cast()));
+        // Each lane's low half is one bf16; truncating the lanes to 16 bits packs neighbours
+        // into one 32-bit pair, the first of them low.
+        let first = _mm512_cvtepi32_epi16(first);
+        let second = _mm512_cvtepi32_epi16(second);
+        let pairs = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second);
+        _mm512_storeu_si512(out.as_mut_ptr().add(p).cast(), pairs);
+    }
+    for p in whole..n {
+        out[p] = pair(line[2 * p], line[2 * p + 1]);
+    }
+}
