@@ -867,12 +867,7 @@ impl GroupNormOp {
             .zip(x.par_chunks(chunk.max(1)))
             .enumerate()
             .for_each(|(index, (dst, src))| {
-                let (mut sum, mut sq) = (0f64, 0f64);
-                for v in src {
-                    let v = v.to_f32() as f64;
-                    sum += v;
-                    sq += v * v;
-                }
+                let (sum, sq) = sum_and_squares(src);
                 let n = src.len().max(1) as f64;
                 let mean = sum / n;
                 let var = (sq / n - mean * mean).max(0.0);
@@ -896,6 +891,29 @@ impl GroupNormOp {
             });
         out
     }
+}
+
+/// The sum and the sum of squares of `values`, in f64, over 8 interleaved lanes: one running sum
+/// is a chain of dependent additions (4 cycles each), which made GroupNorm's statistics a tenth of
+/// a VAE decode; 8 independent lanes vectorise.
+fn sum_and_squares<T: Element>(values: &[T]) -> (f64, f64) {
+    const LANES: usize = 8;
+    let (mut sum, mut sq) = ([0f64; LANES], [0f64; LANES]);
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((s, q), v) in sum.iter_mut().zip(sq.iter_mut()).zip(chunk) {
+            let v = v.to_f32() as f64;
+            *s += v;
+            *q += v * v;
+        }
+    }
+    for (i, v) in rest.iter().enumerate() {
+        let v = v.to_f32() as f64;
+        sum[i] += v;
+        sq[i] += v * v;
+    }
+    (sum.iter().sum(), sq.iter().sum())
 }
 
 impl CustomOp1 for GroupNormOp {
@@ -1014,5 +1032,27 @@ impl CustomOp1 for GegluOp {
             *last /= 2;
         }
         Ok((storage_from_f32(out, storage.dtype())?, Shape::from(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_sums_match_a_running_sum() {
+        for len in [0, 1, 7, 8, 9, 100, 1027] {
+            let values: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let (sum, sq) = sum_and_squares(&values);
+            let want_sum: f64 = values.iter().map(|v| *v as f64).sum();
+            let want_sq: f64 = values.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+            assert!(
+                (sum - want_sum).abs() <= 1e-9 * want_sum.abs().max(1.0),
+                "{len}"
+            );
+            assert!((sq - want_sq).abs() <= 1e-9 * want_sq.max(1.0), "{len}");
+        }
     }
 }
