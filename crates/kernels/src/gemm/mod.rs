@@ -63,6 +63,12 @@ pub(crate) fn pair_adjacent(line: &[f32], out: &mut [u32]) {
 /// An element type the kernels read.
 pub trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+    /// The values themselves when they are f32 already.
+    #[inline(always)]
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        let _ = values;
+        None
+    }
     /// The value rounded to bf16, as the low 16 bits (exact for bf16 itself).
     #[inline(always)]
     fn bf16_bits(self) -> u32 {
@@ -74,6 +80,11 @@ impl Element for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+
+    #[inline(always)]
+    fn as_f32(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
     }
 }
 
@@ -106,16 +117,27 @@ pub trait Operand: Sync {
     /// Writes rows `row` and `row + 1` (zero when `!two_rows`) for columns `col0 ..` as bf16
     /// pairs, `row` in the low half: the bf16 kernel's packed B.
     fn read_pairs(&self, row: usize, two_rows: bool, col0: usize, out: &mut [u32]) {
-        const CHUNK: usize = 128;
-        let (mut even, mut odd) = ([0f32; CHUNK], [0f32; CHUNK]);
-        for (index, out) in out.chunks_mut(CHUNK).enumerate() {
-            let (col, width) = (col0 + index * CHUNK, out.len());
-            self.read_row(row, col, &mut even[..width]);
-            if two_rows {
-                self.read_row(row + 1, col, &mut odd[..width]);
-            }
-            pair_rows(&even[..width], &odd[..width], out);
+        read_pairs_by_rows(self, row, two_rows, col0, out)
+    }
+}
+
+/// [`Operand::read_pairs`] through [`Operand::read_row`]: both rows in f32, then paired.
+pub(crate) fn read_pairs_by_rows<O: Operand + ?Sized>(
+    op: &O,
+    row: usize,
+    two_rows: bool,
+    col0: usize,
+    out: &mut [u32],
+) {
+    const CHUNK: usize = 128;
+    let (mut even, mut odd) = ([0f32; CHUNK], [0f32; CHUNK]);
+    for (index, out) in out.chunks_mut(CHUNK).enumerate() {
+        let (col, width) = (col0 + index * CHUNK, out.len());
+        op.read_row(row, col, &mut even[..width]);
+        if two_rows {
+            op.read_row(row + 1, col, &mut odd[..width]);
         }
+        pair_rows(&even[..width], &odd[..width], out);
     }
 }
 
