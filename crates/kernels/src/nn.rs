@@ -867,29 +867,70 @@ impl GroupNormOp {
             .zip(x.par_chunks(chunk.max(1)))
             .enumerate()
             .for_each(|(index, (dst, src))| {
-                let (sum, sq) = sum_and_squares(src);
-                let n = src.len().max(1) as f64;
-                let mean = sum / n;
-                let var = (sq / n - mean * mean).max(0.0);
-                let rstd = 1.0 / (var + self.eps).sqrt();
                 let group = index % self.groups;
-                for (c, (d_row, s_row)) in dst
-                    .chunks_mut(spatial.max(1))
-                    .zip(src.chunks(spatial.max(1)))
-                    .enumerate()
-                {
-                    let channel = group * group_channels + c;
-                    let scale = (rstd as f32) * self.weight[channel];
-                    let (mean, shift) = (mean as f32, self.bias[channel]);
-                    for (d, s) in d_row.iter_mut().zip(s_row) {
-                        // Centre first: folding the mean into the shift loses digits when the
-                        // variance is tiny and `scale` huge.
-                        let y = (s.to_f32() - mean) * scale + shift;
-                        *d = if self.silu { silu(y) } else { y };
-                    }
+                #[cfg(target_arch = "x86_64")]
+                if crate::cpu::detected() >= crate::cpu::Level::Avx512 {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { self.group_avx512(group, group_channels, dst, src, spatial) };
                 }
+                self.group(group, group_channels, dst, src, spatial)
             });
         out
+    }
+
+    /// One (image, group): its statistics, then the normalised (and activated) values.
+    #[inline(always)]
+    fn group<T: Element>(
+        &self,
+        group: usize,
+        group_channels: usize,
+        dst: &mut [f32],
+        src: &[T],
+        spatial: usize,
+    ) {
+        let (sum, sq) = sum_and_squares(src);
+        let n = src.len().max(1) as f64;
+        let mean = sum / n;
+        let var = (sq / n - mean * mean).max(0.0);
+        let rstd = 1.0 / (var + self.eps).sqrt();
+        for (c, (d_row, s_row)) in dst
+            .chunks_mut(spatial.max(1))
+            .zip(src.chunks(spatial.max(1)))
+            .enumerate()
+        {
+            let channel = group * group_channels + c;
+            let scale = (rstd as f32) * self.weight[channel];
+            let (mean, shift) = (mean as f32, self.bias[channel]);
+            // Centre first: folding the mean into the shift loses digits when the variance is
+            // tiny and `scale` huge.
+            if self.silu {
+                for (d, s) in d_row.iter_mut().zip(s_row) {
+                    *d = silu((s.to_f32() - mean) * scale + shift);
+                }
+            } else {
+                for (d, s) in d_row.iter_mut().zip(s_row) {
+                    *d = (s.to_f32() - mean) * scale + shift;
+                }
+            }
+        }
+    }
+
+    /// [`Self::group`] compiled for AVX-512: the normalisation and SiLU of a 512x512 VAE layer
+    /// were a twentieth of a decode in SSE2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group_avx512<T: Element>(
+        &self,
+        group: usize,
+        group_channels: usize,
+        dst: &mut [f32],
+        src: &[T],
+        spatial: usize,
+    ) {
+        self.group(group, group_channels, dst, src, spatial)
     }
 }
 
