@@ -48,7 +48,6 @@ pub(crate) fn pair_rows(even: &[f32], odd: &[f32], out: &mut [u32]) {
 
 /// `out[p] = pair(line[2p], line[2p + 1])` for the whole pairs of `line` that fit `out`: one line
 /// of K as pairs of neighbours, vectorised for the CPU (the same bits everywhere).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) fn pair_adjacent(line: &[f32], out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::detected() >= Level::Avx512 {
@@ -66,6 +65,12 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// The values themselves when they are f32 already.
     #[inline(always)]
     fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        let _ = values;
+        None
+    }
+    /// The values' bits when they are bf16 already.
+    #[inline(always)]
+    fn as_bf16_bits(values: &[Self]) -> Option<&[u16]> {
         let _ = values;
         None
     }
@@ -98,6 +103,12 @@ impl Element for bf16 {
     fn bf16_bits(self) -> u32 {
         self.to_bits() as u32
     }
+
+    #[inline(always)]
+    fn as_bf16_bits(values: &[bf16]) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        Some(values.reinterpret_cast())
+    }
 }
 
 impl Element for f16 {
@@ -118,6 +129,23 @@ pub trait Operand: Sync {
     /// pairs, `row` in the low half: the bf16 kernel's packed B.
     fn read_pairs(&self, row: usize, two_rows: bool, col0: usize, out: &mut [u32]) {
         read_pairs_by_rows(self, row, two_rows, col0, out)
+    }
+
+    /// Writes the `len` elements `(row, col0 ..)` as bf16 pairs of neighbours, `out[p]` holding
+    /// columns `col0 + 2p` (low half) and `col0 + 2p + 1`, zero past `len`: a row of the bf16
+    /// kernel's packed A. `scratch` holds at least `2 * out.len()` values.
+    fn read_row_pairs(
+        &self,
+        row: usize,
+        col0: usize,
+        len: usize,
+        scratch: &mut [f32],
+        out: &mut [u32],
+    ) {
+        let line = &mut scratch[..2 * out.len()];
+        self.read_row(row, col0, &mut line[..len]);
+        line[len..].fill(0.0);
+        pair_adjacent(line, out);
     }
 }
 
@@ -198,6 +226,47 @@ impl<T: Element> Operand for Strided<'_, T> {
 
     fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Contiguous rows are paired where they lie, with no copy: f32 rows (activations as A)
+    /// through the vector pairing, bf16 rows (weights as A) as they are, since neighbouring bf16
+    /// values are already a pair's halves.
+    fn read_row_pairs(
+        &self,
+        row: usize,
+        col0: usize,
+        len: usize,
+        scratch: &mut [f32],
+        out: &mut [u32],
+    ) {
+        let start = row * self.row_stride + col0 * self.col_stride;
+        if self.col_stride == 1 {
+            if let Some(data) = T::as_f32(self.data) {
+                let whole = len / 2;
+                pair_adjacent(&data[start..start + 2 * whole], &mut out[..whole]);
+                if len % 2 == 1 {
+                    out[whole] = pair(data[start + len - 1], 0.0);
+                }
+                out[len.div_ceil(2)..].fill(0);
+                return;
+            }
+            if let Some(bits) = T::as_bf16_bits(self.data) {
+                let src = &bits[start..start + len];
+                let whole = len / 2;
+                for (o, two) in out[..whole].iter_mut().zip(src.chunks_exact(2)) {
+                    *o = u32::from(two[0]) | (u32::from(two[1]) << 16);
+                }
+                if len % 2 == 1 {
+                    out[whole] = u32::from(src[len - 1]);
+                }
+                out[len.div_ceil(2)..].fill(0);
+                return;
+            }
+        }
+        let line = &mut scratch[..2 * out.len()];
+        self.read_row(row, col0, &mut line[..len]);
+        line[len..].fill(0.0);
+        pair_adjacent(line, out);
     }
 
     #[inline]
@@ -406,7 +475,7 @@ fn pack_pairs(
     width: usize,
     count: usize,
     kp: usize,
-    read: impl Fn(usize, &mut [f32]) + Sync,
+    read: impl Fn(usize, &mut [f32], &mut [u32]) + Sync,
     out: &mut [u32],
 ) {
     let panels = count.div_ceil(width);
@@ -419,12 +488,11 @@ fn pack_pairs(
                 for w in 0..width {
                     let index = panel * width + w;
                     if index < count {
-                        read(index, line);
+                        read(index, line, pairs);
                     } else {
-                        line.fill(0.0);
+                        pairs.fill(0);
                     }
-                    // Pair the whole line first (a vector loop), then deal the pairs out.
-                    pair_adjacent(line, pairs);
+                    // The whole line is paired first (a vector loop), then dealt out.
                     for (p, value) in pairs.iter().enumerate() {
                         dst[p * width + w] = *value;
                     }
@@ -492,9 +560,8 @@ impl Packing for Bf16Pairs {
     }
 
     fn pack_a(width: usize, a: &dyn Operand, pc: usize, kc: usize, out: &mut [u32]) {
-        let read = |row: usize, line: &mut [f32]| {
-            a.read_row(row, pc, &mut line[..kc]);
-            line[kc..].fill(0.0);
+        let read = |row: usize, scratch: &mut [f32], pairs: &mut [u32]| {
+            a.read_row_pairs(row, pc, kc, scratch, pairs)
         };
         pack_pairs(width, a.rows(), kc.div_ceil(2), read, out);
     }
@@ -815,6 +882,46 @@ mod tests {
         bits.into_iter().map(f32::from_bits).collect()
     }
 
+    /// A row of A as pairs, straight from contiguous f32 rows and through the f32 copy (bf16
+    /// storage, a transposed view): the same pairs, a zero after an odd end, zeros past it.
+    #[test]
+    fn row_pairs_are_neighbours_padded_with_zeros() {
+        let (rows, cols) = (3, 37);
+        let values: Vec<f32> = (0..rows * cols).map(|i| (i as f32 - 50.0) / 3.0).collect();
+        let halves: Vec<bf16> = values.iter().map(|v| bf16::from_f32(*v)).collect();
+        let transposed: Vec<f32> = (0..rows * cols)
+            .map(|i| values[(i % rows) * cols + i / rows])
+            .collect();
+        let direct = Strided::row_major(&values, rows, cols);
+        let widened = Strided::row_major(&halves, rows, cols);
+        let strided = Strided::row_major(&transposed, cols, rows).t();
+        let mut scratch = vec![0f32; 64];
+        for (row, col0, len, pairs) in [(0, 0, 37, 19), (1, 3, 20, 10), (2, 5, 7, 6), (1, 36, 1, 1)]
+        {
+            let want: Vec<u32> = (0..pairs)
+                .map(|p| {
+                    let at = |i: usize| {
+                        if i < len {
+                            values[row * cols + col0 + i]
+                        } else {
+                            0.0
+                        }
+                    };
+                    pair(at(2 * p), at(2 * p + 1))
+                })
+                .collect();
+            for (name, op) in [
+                ("f32", &direct as &dyn Operand),
+                ("bf16", &widened),
+                ("transposed", &strided),
+            ] {
+                let mut got = vec![u32::MAX; pairs];
+                op.read_row_pairs(row, col0, len, &mut scratch, &mut got);
+                assert_eq!(got, want, "{name} row {row} from {col0}, {len} values");
+            }
+        }
+    }
+
     #[test]
     fn vector_pairing_gives_the_scalar_bits() {
         let values = awkward_values();
@@ -826,7 +933,6 @@ mod tests {
             let want: Vec<u32> = (0..len).map(|j| pair(values[j], odd[j])).collect();
             assert_eq!(got, want, "pair_rows over {len}");
         }
-        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         for len in [0, 2, 30, 32, 34, 66, n] {
             let mut got = vec![0u32; len / 2];
             pair_adjacent(&values[..len], &mut got);
