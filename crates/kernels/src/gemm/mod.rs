@@ -142,11 +142,24 @@ pub trait Operand: Sync {
         scratch: &mut [f32],
         out: &mut [u32],
     ) {
-        let line = &mut scratch[..2 * out.len()];
-        self.read_row(row, col0, &mut line[..len]);
-        line[len..].fill(0.0);
-        pair_adjacent(line, out);
+        read_row_pairs_by_row(self, row, col0, len, scratch, out)
     }
+}
+
+/// [`Operand::read_row_pairs`] through [`Operand::read_row`]: the row in f32 (zero-padded in
+/// `scratch`), then paired.
+pub(crate) fn read_row_pairs_by_row<O: Operand + ?Sized>(
+    op: &O,
+    row: usize,
+    col0: usize,
+    len: usize,
+    scratch: &mut [f32],
+    out: &mut [u32],
+) {
+    let line = &mut scratch[..2 * out.len()];
+    op.read_row(row, col0, &mut line[..len]);
+    line[len..].fill(0.0);
+    pair_adjacent(line, out);
 }
 
 /// [`Operand::read_pairs`] through [`Operand::read_row`]: both rows in f32, then paired.
@@ -263,10 +276,7 @@ impl<T: Element> Operand for Strided<'_, T> {
                 return;
             }
         }
-        let line = &mut scratch[..2 * out.len()];
-        self.read_row(row, col0, &mut line[..len]);
-        line[len..].fill(0.0);
-        pair_adjacent(line, out);
+        read_row_pairs_by_row(self, row, col0, len, scratch, out)
     }
 
     #[inline]
