@@ -435,15 +435,7 @@ impl FlashAttention {
             #[cfg(target_arch = "x86_64")]
             Level::Amx if self.bf16_products && crate::gemm::amx::amx_kernel_verified() => {
                 // SAFETY: the AMX level was detected on this CPU and its tiles verified.
-                unsafe {
-                    pairs::run::<pairs::OnTiles<crate::gemm::amx::Hardware>, T>(
-                        self.scale as f32,
-                        q,
-                        k,
-                        v,
-                        dims,
-                    )
-                }
+                unsafe { pairs::run::<x86_64::AmxTiles, T>(self.scale as f32, q, k, v, dims) }
             }
             #[cfg(target_arch = "x86_64")]
             Level::Avx512Bf16 | Level::Amx

@@ -8,12 +8,15 @@
 //! and the probabilities paired along keys as B. Depths are padded with zeros to whole steps of
 //! the product ([`PairProduct::STEP`]: 16 pairs on tiles, 1 for dot products).
 
+#[cfg(test)]
 use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
 use super::{for_each_query_block, rescale, softmax_block, write_rows, Dims, View, BLOCK_K};
-use crate::gemm::amx::{product_on, Tiles, MR, NR};
+#[cfg(test)]
+use crate::gemm::amx::{product_on, Tiles};
+use crate::gemm::amx::{MR, NR};
 use crate::gemm::{pair, Element};
 
 /// A `32 x 32` product of bf16 pairs, `acc = a · b` (f32 accumulation).
@@ -53,9 +56,12 @@ pub(super) trait PairProduct: Sized {
     }
 }
 
-/// The product on AMX tiles (`T`: the hardware, or the tests' model of it).
+/// The product on model tiles (`T`), for the tests; the hardware's is
+/// [`AmxTiles`](super::x86_64::AmxTiles).
+#[cfg(test)]
 pub(super) struct OnTiles<T>(PhantomData<T>);
 
+#[cfg(test)]
 impl<T: Tiles + Default> PairProduct for OnTiles<T> {
     const STEP: usize = crate::gemm::amx::STEP;
 
@@ -275,6 +281,16 @@ mod tests {
             matches_a_direct_softmax::<super::super::x86_64::Dots>();
         } else {
             eprintln!("skipped: this CPU has no AVX512-BF16");
+        }
+    }
+
+    /// The same on the CPU's AMX tiles, where this CPU has them.
+    #[test]
+    fn amx_tile_attention_matches_a_direct_softmax() {
+        if crate::cpu::detected() == crate::cpu::Level::Amx {
+            matches_a_direct_softmax::<super::super::x86_64::AmxTiles>();
+        } else {
+            eprintln!("skipped: this CPU has no usable AMX-BF16 tiles");
         }
     }
 

@@ -74,6 +74,53 @@ unsafe fn rows_dots(
     pairs::rows::<Dots>(q, kv, out, count, dims, scale)
 }
 
+/// The bf16 attention's products on the CPU's AMX tiles, with the rest of the rows (scaling,
+/// the online softmax, the pairing of the probabilities) compiled for AVX-512: left to the
+/// generic build, that part ran as SSE code and took more time than the products.
+pub(super) struct AmxTiles;
+
+impl PairProduct for AmxTiles {
+    const STEP: usize = crate::gemm::amx::STEP;
+
+    unsafe fn product(
+        kp: usize,
+        a: *const u32,
+        a_stride: usize,
+        b: *const u32,
+        _rows: usize,
+        acc: &mut [[f32; NR]; MR],
+    ) {
+        crate::gemm::amx::product_on::<crate::gemm::amx::Hardware>(kp, a, a_stride, b, acc)
+    }
+
+    unsafe fn rows(
+        q: &[u32],
+        kv: &HeadPairs,
+        out: &mut [f32],
+        count: usize,
+        dims: Dims,
+        scale: f32,
+    ) {
+        rows_amx(q, kv, out, count, dims, scale)
+    }
+}
+
+/// [`pairs::rows`] on tiles, compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must have AMX-BF16 (which implies AVX512-BF16) and the process the tile permission.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+unsafe fn rows_amx(
+    q: &[u32],
+    kv: &HeadPairs,
+    out: &mut [f32],
+    count: usize,
+    dims: Dims,
+    scale: f32,
+) {
+    pairs::rows::<AmxTiles>(q, kv, out, count, dims, scale)
+}
+
 /// See [`PairProduct::product`].
 ///
 /// # Safety

@@ -30,38 +30,49 @@ const ROWS: usize = 16;
 /// Implementations read and write raw memory: callers pass pointers to `ROWS` rows of 64 bytes
 /// at `stride` bytes apart.
 pub(crate) trait Tiles {
-    /// Sets every tile to 16 rows of 64 bytes (palette 1).
+    /// Sets every tile to 16 rows of 64 bytes (palette 1), unless they are set already.
     unsafe fn configure(&mut self);
     unsafe fn zero<const T: usize>(&mut self);
+    /// Loads 16 rows of 64 bytes (16 lanes of 32 bits), `stride` bytes apart.
     unsafe fn load<const T: usize>(&mut self, src: *const u32, stride: usize);
     /// `tile C += A · B` (f32 accumulators, bf16 pairs in A and B).
     unsafe fn dot<const C: usize, const A: usize, const B: usize>(&mut self);
     unsafe fn store<const T: usize>(&mut self, dst: *mut f32, stride: usize);
-    /// Gives the tile state back to the operating system.
-    unsafe fn release(&mut self);
 }
 
-/// `acc[32 x 32] = a · b` over `kp` K pairs (a multiple of [`STEP`]): `a` is 32 rows of `kp`
-/// pairs, `a_stride` pairs apart; `b` is `kp` rows of [`NR`] pairs.
+/// `c[32 x 32] += a · b` over `kp` K pairs (a multiple of [`STEP`]) in the four accumulator
+/// tiles: `a` is 32 rows of `kp` pairs, `a_stride` pairs apart; `b` is `kp` rows of [`NR`] pairs;
+/// `c` holds 32 rows of 32 f32 values, `c_stride` values apart (loaded into the tiles first, or,
+/// with `ZERO`, written without being read).
 ///
 /// # Safety
 /// `T` must be usable on this CPU (for [`Hardware`]: AMX-BF16 with the permission granted);
-/// `a` and `b` must be valid for those reads.
-pub(crate) unsafe fn product_on<T: Tiles + Default>(
+/// `a`, `b` and `c` must be valid for those reads and writes.
+#[inline(always)]
+unsafe fn accumulate<T: Tiles + Default, const ZERO: bool>(
     kp: usize,
     a: *const u32,
     a_stride: usize,
     b: *const u32,
-    acc: &mut [[f32; NR]; MR],
+    c: *mut f32,
+    c_stride: usize,
 ) {
     debug_assert!(kp.is_multiple_of(STEP));
     let tiles = &mut T::default();
-    let (a_bytes, b_bytes) = (a_stride * 4, NR * 4);
+    let (a_bytes, b_bytes, c_bytes) = (a_stride * 4, NR * 4, c_stride * 4);
+    let corner = |row: usize, col: usize| c.add(row * c_stride + col);
     tiles.configure();
-    tiles.zero::<0>();
-    tiles.zero::<1>();
-    tiles.zero::<2>();
-    tiles.zero::<3>();
+    if ZERO {
+        tiles.zero::<0>();
+        tiles.zero::<1>();
+        tiles.zero::<2>();
+        tiles.zero::<3>();
+    } else {
+        tiles.load::<0>(corner(0, 0).cast(), c_bytes);
+        tiles.load::<1>(corner(0, ROWS).cast(), c_bytes);
+        tiles.load::<2>(corner(ROWS, 0).cast(), c_bytes);
+        tiles.load::<3>(corner(ROWS, ROWS).cast(), c_bytes);
+    }
     for p in (0..kp).step_by(STEP) {
         tiles.load::<4>(a.add(p), a_bytes);
         tiles.load::<5>(a.add(ROWS * a_stride + p), a_bytes);
@@ -72,19 +83,35 @@ pub(crate) unsafe fn product_on<T: Tiles + Default>(
         tiles.dot::<2, 5, 6>();
         tiles.dot::<3, 5, 7>();
     }
-    let base = acc.as_mut_ptr().cast::<f32>();
-    let c_bytes = NR * 4;
-    tiles.store::<0>(base, c_bytes);
-    tiles.store::<1>(base.add(ROWS), c_bytes);
-    tiles.store::<2>(base.add(ROWS * NR), c_bytes);
-    tiles.store::<3>(base.add(ROWS * NR + ROWS), c_bytes);
-    tiles.release();
+    tiles.store::<0>(corner(0, 0), c_bytes);
+    tiles.store::<1>(corner(0, ROWS), c_bytes);
+    tiles.store::<2>(corner(ROWS, 0), c_bytes);
+    tiles.store::<3>(corner(ROWS, ROWS), c_bytes);
 }
 
-/// `c[32 x 32] += a · b` over `kp` K pairs (a multiple of [`STEP`]), storing `mr x nr` of it.
+/// `acc[32 x 32] = a · b` over `kp` K pairs (a multiple of [`STEP`]): `a` is 32 rows of `kp`
+/// pairs, `a_stride` pairs apart; `b` is `kp` rows of [`NR`] pairs.
+///
+/// # Safety
+/// See [`accumulate`]; `a` and `b` must be valid for those reads.
+#[inline(always)]
+pub(crate) unsafe fn product_on<T: Tiles + Default>(
+    kp: usize,
+    a: *const u32,
+    a_stride: usize,
+    b: *const u32,
+    acc: &mut [[f32; NR]; MR],
+) {
+    accumulate::<T, true>(kp, a, a_stride, b, acc.as_mut_ptr().cast(), NR)
+}
+
+/// `c[mr x nr] += a · b` over `kp` K pairs (a multiple of [`STEP`]): a whole 32 x 32 tile of C
+/// accumulates in the tiles where it is (no copy, no second pass), a partial one through a
+/// buffer.
 ///
 /// # Safety
 /// See [`product_on`]; `a` and `b` hold `kp * MR` and `kp * NR` pairs; see [`store`] for `c`.
+#[inline(always)]
 unsafe fn kernel_on<T: Tiles + Default>(
     kp: usize,
     a: &[u32],
@@ -95,9 +122,13 @@ unsafe fn kernel_on<T: Tiles + Default>(
     nr: usize,
 ) {
     debug_assert!(a.len() >= kp * MR && b.len() >= kp * NR);
-    let mut acc = [[0f32; NR]; MR];
-    product_on::<T>(kp, a.as_ptr(), kp, b.as_ptr(), &mut acc);
-    store(&acc, c, ldc, mr, nr)
+    if mr == MR && nr == NR {
+        accumulate::<T, false>(kp, a.as_ptr(), kp, b.as_ptr(), c, ldc);
+    } else {
+        let mut acc = [[0f32; NR]; MR];
+        product_on::<T>(kp, a.as_ptr(), kp, b.as_ptr(), &mut acc);
+        store(&acc, c, ldc, mr, nr)
+    }
 }
 
 /// The micro-kernel on the CPU's tiles.
@@ -105,6 +136,7 @@ unsafe fn kernel_on<T: Tiles + Default>(
 /// # Safety
 /// The CPU must have AMX-BF16 and the process the permission to use it ([`crate::cpu`] asks for
 /// it when it detects the level); see [`kernel_on`].
+#[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn kernel_amx(
     kp: usize,
     a: &[u32],
@@ -145,8 +177,19 @@ pub(crate) fn amx_kernel_verified() -> bool {
 #[derive(Default)]
 pub(crate) struct Hardware;
 
+thread_local! {
+    /// Whether this thread's tiles hold [`Hardware::configure`]'s configuration.
+    static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl Tiles for Hardware {
+    /// Configures the tiles once per thread and leaves them configured (the operating system
+    /// saves and restores them with the thread): an `ldtilecfg` and a `tilerelease` around
+    /// every product cost more than the product itself for attention's small ones.
     unsafe fn configure(&mut self) {
+        if CONFIGURED.get() {
+            return;
+        }
         let mut config = [0u8; 64];
         config[0] = 1;
         for tile in 0..8 {
@@ -154,6 +197,7 @@ impl Tiles for Hardware {
             config[48 + tile] = ROWS as u8;
         }
         std::arch::asm!("ldtilecfg [{0}]", in(reg) config.as_ptr(), options(nostack, readonly));
+        CONFIGURED.set(true);
     }
 
     unsafe fn zero<const T: usize>(&mut self) {
@@ -188,10 +232,6 @@ impl Tiles for Hardware {
             stride = in(reg) stride,
             options(nostack),
         );
-    }
-
-    unsafe fn release(&mut self) {
-        std::arch::asm!("tilerelease", options(nostack, nomem));
     }
 }
 
@@ -281,10 +321,6 @@ impl Tiles for Model {
             }
         }
     }
-
-    unsafe fn release(&mut self) {
-        self.configured = false;
-    }
 }
 
 /// The AMX packing: bf16 pairs along K, the depth padded to a multiple of [`STEP`] pairs; A
@@ -336,16 +372,33 @@ mod tests {
     use super::*;
 
     /// A product on the model tiles against the f32 kernels, over shapes that cover partial
-    /// tiles, an odd K, K beyond one depth block, and column counts on both driver paths.
+    /// tiles, whole tiles accumulated in place, an odd K, K beyond one depth block, and column
+    /// counts on both driver paths.
     #[test]
     fn the_tile_kernel_on_model_tiles_matches_the_f32_kernels() {
+        matches_the_f32_kernels(kernel_model);
+    }
+
+    /// The same on the CPU's tiles, where this CPU has them.
+    #[test]
+    fn the_tile_kernel_on_hardware_matches_the_f32_kernels() {
+        if crate::cpu::detected() == crate::cpu::Level::Amx {
+            matches_the_f32_kernels(kernel_amx);
+        } else {
+            eprintln!("skipped: this CPU has no usable AMX-BF16 tiles");
+        }
+    }
+
+    fn matches_the_f32_kernels(kernel: super::super::Kernel<u32, MR, NR>) {
         let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 8.0;
         for (m, k, n) in [
             (1, 1, 1),
             (16, 32, 16),
+            (32, 32, 32),
             (33, 31, 47),
             (7, 600, 5),
             (40, 513, 70),
+            (64, 1100, 96),
             (64, 64, 4200),
         ] {
             let a: Vec<f32> = (0..m * k).map(value).collect();
@@ -354,7 +407,7 @@ mod tests {
             let mut want = vec![1f32; m * n];
             run::<Values, 4, 8>(&a, &b, &mut want, n, super::super::kernel_plain::<4, 8>);
             let mut got = vec![1f32; m * n];
-            run::<AmxPairs, MR, NR>(&a, &b, &mut got, n, kernel_model);
+            run::<AmxPairs, MR, NR>(&a, &b, &mut got, n, kernel);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() <= 1e-4 * w.abs().max(1.0),

@@ -454,12 +454,12 @@ const KP: usize = 256;
 /// Whether the bf16 dot-product `kernel` gives the f32 kernels' result on this CPU, checked on a
 /// small product of bf16-exact values (the two must agree to rounding). Guards users against an
 /// instruction path the development machines could only emulate: if it ever disagreed, the f32
-/// kernels would be used instead.
+/// kernels would be used instead. The shape has whole and partial micro-tiles of every kernel.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn bf16_agrees_with_f32<P: Packing<Elem = u32>, const MR: usize, const NR: usize>(
     kernel: Kernel<u32, MR, NR>,
 ) -> bool {
-    let (m, k, n) = (19, 77, 45);
+    let (m, k, n) = (45, 77, 70);
     let value = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 8.0;
     let a: Vec<f32> = (0..m * k).map(value).collect();
     let b: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
