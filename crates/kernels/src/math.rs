@@ -24,6 +24,24 @@ pub fn exp_neg(x: f32) -> f32 {
     p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
 }
 
+/// [`exp_neg`] with fused multiply-adds, for loops compiled with FMA (there each `mul_add` is one
+/// instruction; elsewhere it is a library call): about half the instructions, and as accurate.
+#[inline(always)]
+pub fn exp_neg_fused(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x > -87.0 { x } else { -87.0 };
+    let shifted = x.mul_add(std::f32::consts::LOG2_E, ROUND);
+    let n = shifted - ROUND;
+    let r = n.mul_add(-1.428_606_8e-6, n.mul_add(-0.693_145_75, x));
+    let p = (1.0f32 / 720.0).mul_add(r, 1.0 / 120.0);
+    let p = p.mul_add(r, 1.0 / 24.0);
+    let p = p.mul_add(r, 1.0 / 6.0);
+    let p = p.mul_add(r, 0.5);
+    let p = p.mul_add(r, 1.0);
+    let p = p.mul_add(r, 1.0);
+    p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
+}
+
 /// `y * sigmoid(y)`, with the exponential of a non-positive argument only (no overflow).
 #[inline(always)]
 pub fn silu(y: f32) -> f32 {

@@ -296,14 +296,18 @@ fn larger(a: f32, b: f32) -> f32 {
     }
 }
 
-/// One key block of the online softmax over scores `block` (`[key][query]`): turns each score
-/// into `exp(score - max)` with the running maximum of its query, updates the running `max` and
-/// `sum`, and returns the factor by which each query's output so far must be scaled.
+/// One key block of the online softmax over scores `block` (`[key][query]`), each to be
+/// multiplied by `scale` (positive): turns each score into `exp((score - max) * scale)` with the
+/// running maximum of its query (with `exp_neg`, [`crate::math::exp_neg`] or its fused form),
+/// updates the running `max` and `sum`, and returns the factor by which each query's output so
+/// far must be scaled.
 #[inline(always)]
 fn softmax_block<const NR: usize>(
     block: &mut [[f32; NR]],
     max: &mut [f32; NR],
     sum: &mut [f32; NR],
+    scale: f32,
+    exp_neg: impl Fn(f32) -> f32 + Copy,
 ) -> [f32; NR] {
     let mut new_max = *max;
     for row in block.iter() {
@@ -313,12 +317,12 @@ fn softmax_block<const NR: usize>(
     }
     let mut correction = [0f32; NR];
     for ((c, old), new) in correction.iter_mut().zip(max.iter()).zip(&new_max) {
-        *c = crate::math::exp_neg(old - new);
+        *c = exp_neg((old - new) * scale);
     }
     let mut block_sum = [0f32; NR];
     for row in block.iter_mut() {
         for ((s, m), total) in row.iter_mut().zip(&new_max).zip(block_sum.iter_mut()) {
-            *s = crate::math::exp_neg(*s - m);
+            *s = exp_neg((*s - m) * scale);
             *total += *s;
         }
     }
@@ -413,7 +417,7 @@ fn flash_rows<const MR: usize, const NR: usize>(
             scores[kp * MR..kp * MR + rows_here].copy_from_slice(&t[..rows_here]);
         }
         let block = &mut scores[..width];
-        let correction = softmax_block(block, &mut max, &mut sum);
+        let correction = softmax_block(block, &mut max, &mut sum, 1.0, crate::math::exp_neg);
         rescale(&mut acc, &correction);
         let p = block.as_flattened();
         for (vp, target) in acc.iter_mut().enumerate() {

@@ -15,9 +15,9 @@ use rayon::prelude::*;
 
 use super::{for_each_query_block, rescale, softmax_block, write_rows, Dims, View, BLOCK_K};
 #[cfg(test)]
-use crate::gemm::amx::{product_on, Tiles};
-use crate::gemm::amx::{MR, NR};
-use crate::gemm::{pair, Element};
+use crate::gemm::amx::{accumulate_two_on, product_on, Tiles};
+use crate::gemm::amx::{TileBlock, MR, NR};
+use crate::gemm::{pair, Aligned, Element};
 
 /// A `32 x 32` product of bf16 pairs, `acc = a · b` (f32 accumulation).
 pub(super) trait PairProduct: Sized {
@@ -39,6 +39,46 @@ pub(super) trait PairProduct: Sized {
         rows: usize,
         acc: &mut [[f32; NR]; MR],
     );
+
+    /// `acc[..rows] += a · b[0] + a · b[1]`, the operands as for [`Self::product`].
+    ///
+    /// # Safety
+    /// As for [`Self::product`].
+    unsafe fn accumulate_two(
+        kp: usize,
+        a: *const u32,
+        a_stride: usize,
+        b: [*const u32; 2],
+        rows: usize,
+        acc: &mut TileBlock,
+    ) {
+        let mut tile = TileBlock::default();
+        for part in b {
+            Self::product(kp, a, a_stride, part, rows, &mut tile);
+            let dst = acc[..rows].as_flattened_mut();
+            for (x, y) in dst.iter_mut().zip(tile[..rows].as_flattened()) {
+                *x += y;
+            }
+        }
+    }
+
+    /// `exp(x)` for `x <= 0`, as the softmax takes it.
+    #[inline(always)]
+    fn exp_neg(x: f32) -> f32 {
+        crate::math::exp_neg(x)
+    }
+
+    /// Two neighbouring keys' probabilities (`even`, `odd`, one query per lane) as the high and
+    /// low bf16 pairs of [`split_pair`], `high.len()` (at most [`NR`]) lanes.
+    ///
+    /// # Safety
+    /// As for [`Self::product`]: an override may use the product's instructions.
+    #[inline(always)]
+    unsafe fn split_rows(even: &[f32; NR], odd: &[f32; NR], high: &mut [u32], low: &mut [u32]) {
+        for (i, (high, low)) in high.iter_mut().zip(low.iter_mut()).enumerate() {
+            (*high, *low) = split_pair(even[i], odd[i]);
+        }
+    }
 
     /// [`rows`] with this product (a product may wrap it to compile it for its instructions).
     ///
@@ -75,6 +115,17 @@ impl<T: Tiles + Default> PairProduct for OnTiles<T> {
     ) {
         product_on::<T>(kp, a, a_stride, b, acc)
     }
+
+    unsafe fn accumulate_two(
+        kp: usize,
+        a: *const u32,
+        a_stride: usize,
+        b: [*const u32; 2],
+        _rows: usize,
+        acc: &mut TileBlock,
+    ) {
+        accumulate_two_on::<T>(kp, a, a_stride, b, acc)
+    }
 }
 
 /// `out[x] = (value(2x), value(2x + 1))` as bf16 pairs for the `len` values, zero past the end.
@@ -93,7 +144,7 @@ fn pair_line(len: usize, value: impl Fn(usize) -> f32, out: &mut [u32]) {
 /// `(a, b)` as two bf16 pairs whose sums give them to 16 bits: the rounded values, and the
 /// rounding errors rounded.
 #[inline(always)]
-fn split_pair(a: f32, b: f32) -> (u32, u32) {
+pub(super) fn split_pair(a: f32, b: f32) -> (u32, u32) {
     let high = pair(a, b);
     let rounded = |bits: u32| f32::from_bits(bits << 16);
     let low = pair(a - rounded(high & 0xffff), b - rounded(high >> 16));
@@ -103,9 +154,9 @@ fn split_pair(a: f32, b: f32) -> (u32, u32) {
 /// One (batch, head)'s keys and transposed values as bf16 pairs, zero-padded.
 pub(super) struct HeadPairs {
     /// `[key][d pair]`, `dp` pairs per key, keys padded to whole panels of [`MR`].
-    k: Vec<u32>,
+    k: Aligned<u32>,
     /// `[dv][key pair]`, `lkp` pairs per row, rows padded to whole panels of [`MR`].
-    vt: Vec<u32>,
+    vt: Aligned<u32>,
     dp: usize,
     lkp: usize,
 }
@@ -122,20 +173,30 @@ fn pack_head<E: Element>(
     let dp = d.div_ceil(2).next_multiple_of(step);
     let lk_padded = lk.next_multiple_of(MR);
     let lkp = lk_padded / 2;
-    let mut kp = vec![0u32; lk_padded * dp];
+    let mut kp = Aligned::new(lk_padded * dp);
     for (j, row) in kp.chunks_exact_mut(dp).take(lk).enumerate() {
         pair_line(d, |x| k.at(bi, hi, j, x), row);
     }
-    let mut vt = vec![0u32; dv.next_multiple_of(MR) * lkp];
+    let mut vt = Aligned::new(dv.next_multiple_of(MR) * lkp);
     for (x, row) in vt.chunks_exact_mut(lkp).take(dv).enumerate() {
         pair_line(lk, |j| v.at(bi, hi, j, x), row);
     }
     HeadPairs { k: kp, vt, dp, lkp }
 }
 
+/// A key block's scores, `[key][query]`, on a cache-line boundary for the tile stores.
+#[repr(C, align(64))]
+struct Scores([[f32; NR]; BLOCK_K]);
+
+impl Default for Scores {
+    fn default() -> Self {
+        Self([[0.0; NR]; BLOCK_K])
+    }
+}
+
 /// Up to [`NR`] query rows of one head; `q` is the block's queries as pairs `[dp][NR]`. The
-/// scores are scaled in f32 (rounding `q · scale` to bf16 instead would add a rounding that
-/// PyTorch's bf16 attention does not have).
+/// scores are scaled in f32, inside the softmax (rounding `q · scale` to bf16 instead would add a
+/// rounding that PyTorch's bf16 attention does not have).
 #[inline(always)]
 pub(super) fn rows<P: PairProduct>(
     q: &[u32],
@@ -149,17 +210,20 @@ pub(super) fn rows<P: PairProduct>(
     let v_panels = dv.div_ceil(MR);
     let mut max = [f32::NEG_INFINITY; NR];
     let mut sum = [0f32; NR];
-    let mut scores = [[0f32; NR]; BLOCK_K];
+    let mut scores = Scores::default();
     let probability_len = BLOCK_K.div_ceil(2).next_multiple_of(P::STEP) * NR;
-    let mut probabilities = vec![0u32; 2 * probability_len];
-    let mut acc = vec![[[0f32; NR]; MR]; v_panels];
-    let mut tile = [[0f32; NR]; MR];
+    let mut probabilities = Aligned::new(2 * probability_len);
+    let mut acc = vec![TileBlock::default(); v_panels];
     const ZERO: [f32; NR] = [0.0; NR];
     for j0 in (0..lk).step_by(BLOCK_K) {
         let width = BLOCK_K.min(lk - j0);
         for panel in 0..width.div_ceil(MR) {
             let key0 = j0 + panel * MR;
             let rows_here = MR.min(width - panel * MR);
+            // Straight into the block's scores: whole panels fit, BLOCK_K being a multiple of MR.
+            let target: &mut [[f32; NR]; MR] = (&mut scores.0[panel * MR..(panel + 1) * MR])
+                .try_into()
+                .expect("BLOCK_K is a multiple of MR");
             // SAFETY: the keys are padded to whole panels of `dp` pairs, q holds `dp * NR` pairs,
             // and the caller checked that `P` runs on this CPU.
             unsafe {
@@ -169,18 +233,13 @@ pub(super) fn rows<P: PairProduct>(
                     kv.dp,
                     q.as_ptr(),
                     rows_here,
-                    &mut tile,
+                    target,
                 )
             };
-            // Flat slices: over the nested arrays LLVM vectorised across rows, with gathers.
-            let dst = scores[panel * MR..panel * MR + rows_here].as_flattened_mut();
-            for (s, t) in dst.iter_mut().zip(tile[..rows_here].as_flattened()) {
-                *s = t * scale;
-            }
         }
-        let block = &mut scores[..width];
-        let correction = softmax_block(block, &mut max, &mut sum);
-        rescale(&mut acc, &correction);
+        let block = &mut scores.0[..width];
+        let correction = softmax_block(block, &mut max, &mut sum, scale, P::exp_neg);
+        rescale(TileBlock::arrays_mut(&mut acc), &correction);
         // Pᵀ as B: probabilities of neighbouring keys paired, zero past the block's keys, as
         // the sum of two bf16 parts (the rounded value and what rounding left), so that they
         // keep 16 bits instead of 8: one bf16 rounding of P alone moved a seeded 4-step
@@ -195,34 +254,26 @@ pub(super) fn rows<P: PairProduct>(
         {
             let even = block.get(2 * p).unwrap_or(&ZERO);
             let odd = block.get(2 * p + 1).unwrap_or(&ZERO);
-            for i in 0..NR {
-                (high[i], low[i]) = split_pair(even[i], odd[i]);
-            }
+            // SAFETY: the caller checked that `P` runs on this CPU.
+            unsafe { P::split_rows(even, odd, high, low) };
         }
         for (vp, target) in acc.iter_mut().enumerate() {
             let rows_here = MR.min(dv - vp * MR);
-            for part in [&high[..], &low[..]] {
-                // SAFETY: rows of Vᵀ hold `lkp` pairs, keys padded to whole panels, so the
-                // `depth` pairs from key j0 (a multiple of MR) stay inside each row; see above
-                // for `P`.
-                unsafe {
-                    P::product(
-                        depth,
-                        kv.vt.as_ptr().add(vp * MR * kv.lkp + j0 / 2),
-                        kv.lkp,
-                        part.as_ptr(),
-                        rows_here,
-                        &mut tile,
-                    )
-                };
-                let dst = target[..rows_here].as_flattened_mut();
-                for (x, y) in dst.iter_mut().zip(tile[..rows_here].as_flattened()) {
-                    *x += y;
-                }
-            }
+            // SAFETY: rows of Vᵀ hold `lkp` pairs, keys padded to whole panels, so the `depth`
+            // pairs from key j0 (a multiple of MR) stay inside each row; see above for `P`.
+            unsafe {
+                P::accumulate_two(
+                    depth,
+                    kv.vt.as_ptr().add(vp * MR * kv.lkp + j0 / 2),
+                    kv.lkp,
+                    [high.as_ptr(), low.as_ptr()],
+                    rows_here,
+                    target,
+                )
+            };
         }
     }
-    write_rows(&acc, &sum, out, rows, dv);
+    write_rows(TileBlock::arrays(&acc), &sum, out, rows, dv);
 }
 
 /// Flash attention over all (batch, head, query block)s in parallel, with the product `P`.
@@ -248,7 +299,7 @@ pub(super) unsafe fn run<P: PairProduct, E: Element>(
     let mut out = vec![0f32; b * h * lq * dv];
     for_each_query_block(&mut out, dims, NR, |bh, i0, count, rows_out| {
         let (bi, hi) = (bh / h, bh % h);
-        let mut q_pairs = vec![0u32; dp * NR];
+        let mut q_pairs = Aligned::new(dp * NR);
         let mut line = vec![0u32; dp];
         for i in 0..count {
             pair_line(d, |x| q.at(bi, hi, i0 + i, x), &mut line);

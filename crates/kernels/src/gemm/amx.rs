@@ -40,20 +40,63 @@ pub(crate) trait Tiles {
     unsafe fn store<const T: usize>(&mut self, dst: *mut f32, stride: usize);
 }
 
-/// `c[32 x 32] += a · b` over `kp` K pairs (a multiple of [`STEP`]) in the four accumulator
-/// tiles: `a` is 32 rows of `kp` pairs, `a_stride` pairs apart; `b` is `kp` rows of [`NR`] pairs;
-/// `c` holds 32 rows of 32 f32 values, `c_stride` values apart (loaded into the tiles first, or,
-/// with `ZERO`, written without being read).
+/// A 32 x 32 block of f32 results on a cache-line boundary, for tile stores (see
+/// [`super::Aligned`]).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct TileBlock(pub [[f32; NR]; MR]);
+
+const _: () = assert!(std::mem::size_of::<TileBlock>() == std::mem::size_of::<[[f32; NR]; MR]>());
+
+impl TileBlock {
+    /// The blocks as plain arrays (the same bytes: one field, no padding).
+    pub(crate) fn arrays(blocks: &[TileBlock]) -> &[[[f32; NR]; MR]] {
+        // SAFETY: `TileBlock` is `repr(C)` around one `[[f32; NR]; MR]` of the same size.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len()) }
+    }
+
+    /// See [`Self::arrays`].
+    pub(crate) fn arrays_mut(blocks: &mut [TileBlock]) -> &mut [[[f32; NR]; MR]] {
+        // SAFETY: as in `arrays`.
+        unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast(), blocks.len()) }
+    }
+}
+
+impl Default for TileBlock {
+    fn default() -> Self {
+        Self([[0.0; NR]; MR])
+    }
+}
+
+impl std::ops::Deref for TileBlock {
+    type Target = [[f32; NR]; MR];
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TileBlock {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+/// `c[32 x 32] += a · b[0] + a · b[1] + ...` over `kp` K pairs (a multiple of [`STEP`]) in the
+/// four accumulator tiles: `a` is 32 rows of `kp` pairs, `a_stride` pairs apart; each `b` is `kp`
+/// rows of [`NR`] pairs (the A tiles are loaded once for all of them); `c` holds 32 rows of 32 f32
+/// values, `c_stride` values apart (loaded into the tiles first, or, with `ZERO`, written without
+/// being read).
 ///
 /// # Safety
 /// `T` must be usable on this CPU (for [`Hardware`]: AMX-BF16 with the permission granted);
 /// `a`, `b` and `c` must be valid for those reads and writes.
 #[inline(always)]
-unsafe fn accumulate<T: Tiles + Default, const ZERO: bool>(
+unsafe fn accumulate<T: Tiles + Default, const ZERO: bool, const PARTS: usize>(
     kp: usize,
     a: *const u32,
     a_stride: usize,
-    b: *const u32,
+    b: [*const u32; PARTS],
     c: *mut f32,
     c_stride: usize,
 ) {
@@ -76,18 +119,38 @@ unsafe fn accumulate<T: Tiles + Default, const ZERO: bool>(
     for p in (0..kp).step_by(STEP) {
         // Each product follows the loads it needs, so that it starts while the others load.
         tiles.load::<4>(a.add(p), a_bytes);
-        tiles.load::<6>(b.add(p * NR), b_bytes);
-        tiles.dot::<0, 4, 6>();
-        tiles.load::<7>(b.add(p * NR + ROWS), b_bytes);
-        tiles.dot::<1, 4, 7>();
-        tiles.load::<5>(a.add(ROWS * a_stride + p), a_bytes);
-        tiles.dot::<2, 5, 6>();
-        tiles.dot::<3, 5, 7>();
+        for (part, b) in b.iter().enumerate() {
+            tiles.load::<6>(b.add(p * NR), b_bytes);
+            tiles.dot::<0, 4, 6>();
+            tiles.load::<7>(b.add(p * NR + ROWS), b_bytes);
+            tiles.dot::<1, 4, 7>();
+            if part == 0 {
+                tiles.load::<5>(a.add(ROWS * a_stride + p), a_bytes);
+            }
+            tiles.dot::<2, 5, 6>();
+            tiles.dot::<3, 5, 7>();
+        }
     }
     tiles.store::<0>(corner(0, 0), c_bytes);
     tiles.store::<1>(corner(0, ROWS), c_bytes);
     tiles.store::<2>(corner(ROWS, 0), c_bytes);
     tiles.store::<3>(corner(ROWS, ROWS), c_bytes);
+}
+
+/// `acc[32 x 32] += a · b[0] + a · b[1]` over `kp` K pairs (a multiple of [`STEP`]), `a` and
+/// `b` as for [`product_on`].
+///
+/// # Safety
+/// See [`accumulate`].
+#[inline(always)]
+pub(crate) unsafe fn accumulate_two_on<T: Tiles + Default>(
+    kp: usize,
+    a: *const u32,
+    a_stride: usize,
+    b: [*const u32; 2],
+    acc: &mut TileBlock,
+) {
+    accumulate::<T, false, 2>(kp, a, a_stride, b, acc.0.as_mut_ptr().cast(), NR)
 }
 
 /// `acc[32 x 32] = a · b` over `kp` K pairs (a multiple of [`STEP`]): `a` is 32 rows of `kp`
@@ -103,7 +166,7 @@ pub(crate) unsafe fn product_on<T: Tiles + Default>(
     b: *const u32,
     acc: &mut [[f32; NR]; MR],
 ) {
-    accumulate::<T, true>(kp, a, a_stride, b, acc.as_mut_ptr().cast(), NR)
+    accumulate::<T, true, 1>(kp, a, a_stride, [b], acc.as_mut_ptr().cast(), NR)
 }
 
 /// `c[mr x nr] += a · b` over `kp` K pairs (a multiple of [`STEP`]): a whole 32 x 32 tile of C
@@ -124,9 +187,9 @@ unsafe fn kernel_on<T: Tiles + Default>(
 ) {
     debug_assert!(a.len() >= kp * MR && b.len() >= kp * NR);
     if mr == MR && nr == NR {
-        accumulate::<T, false>(kp, a.as_ptr(), kp, b.as_ptr(), c, ldc);
+        accumulate::<T, false, 1>(kp, a.as_ptr(), kp, [b.as_ptr()], c, ldc);
     } else {
-        let mut acc = [[0f32; NR]; MR];
+        let mut acc = TileBlock::default();
         product_on::<T>(kp, a.as_ptr(), kp, b.as_ptr(), &mut acc);
         store(&acc, c, ldc, mr, nr)
     }
