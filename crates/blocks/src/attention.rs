@@ -152,10 +152,10 @@ impl Attention {
     /// `[B, N, C]` -> `[B, heads, N, dim_head]`.
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
+        // A strided view: the CPU flash kernels read it where it is, the others copy it.
         Ok(xs
             .reshape((b, n, self.heads, self.dim_head))?
-            .transpose(1, 2)?
-            .contiguous()?)
+            .transpose(1, 2)?)
     }
 
     /// `xs`: `[B, N, query_dim]` or `[B, query_dim, H, W]`; `encoder_hidden_states`:

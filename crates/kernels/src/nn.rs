@@ -118,9 +118,33 @@ fn product(
 /// The output of a product started from `bias` (one value per output feature) for `m` rows.
 fn started_from(bias: Option<&[f32]>, m: usize, n: usize) -> Vec<f32> {
     match bias {
-        Some(bias) => bias.repeat(m),
-        None => vec![0f32; m * n],
+        Some(bias) => filled(m, n, |_, j| bias[j]),
+        None => filled(m, n, |_, _| 0.0),
     }
+}
+
+/// A `rows x cols` row-major vector whose `(r, c)` value is `value(r, c)`, written once, by all
+/// threads: an output a product then adds into (zeros or a bias) was written by one thread
+/// before, as long as the product took on wide layers.
+pub(crate) fn filled(
+    rows: usize,
+    cols: usize,
+    value: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let total = rows * cols;
+    let mut out = Vec::with_capacity(total);
+    out.spare_capacity_mut()[..total]
+        .par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            for (c, x) in row.iter_mut().enumerate() {
+                x.write(value(r, c));
+            }
+        });
+    // SAFETY: the loop above wrote each of the first `total` values (`rows` chunks of `cols`).
+    unsafe { out.set_len(total) };
+    out
 }
 
 /// `x [.., K] · wᵀ` for `w [N, K]`, the output starting from `bias [N]` when there is one.
@@ -359,16 +383,19 @@ impl Conv2dOp<'_> {
             return Vec::new();
         };
         let plane = out_h * out_w;
-        let mut out = vec![0f32; images * g.out_channels * plane];
-        if let Some(bias) = self.bias {
-            for (chunk, &value) in out.chunks_mut(plane).zip(bias.iter().cycle()) {
-                chunk.fill(value);
-            }
-        }
+        let mut out = match self.bias {
+            Some(bias) => filled(images * g.out_channels, plane, |r, _| {
+                bias[r % g.out_channels]
+            }),
+            None => filled(images * g.out_channels, plane, |_, _| 0.0),
+        };
         conv2d_kernel(self.level, g, images, x, w, &mut out, self.bf16_dots);
         if let Some(residual) = residual {
+            use rayon::prelude::*;
             // Added last, in place: the same sums, in the same order, as `conv + residual`.
-            out.iter_mut().zip(residual).for_each(|(o, r)| *o += r);
+            out.par_chunks_mut(plane.max(1))
+                .zip(residual.par_chunks(plane.max(1)))
+                .for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
         }
         out
     }
