@@ -254,7 +254,7 @@ mod tests {
         ];
         for round in 0..64u32 {
             let value = |i: usize| {
-                let k = i as u32 * 2_654_435_761u32.wrapping_add(round);
+                let k = (i as u32).wrapping_mul(2_654_435_761u32.wrapping_add(round));
                 match k % 4 {
                     0 => specials[(k as usize / 4) % specials.len()],
                     1 => (k % 10_007) as f32 / 10_007.0,
