@@ -33,6 +33,8 @@ pub unsafe fn rows_avx2(r: Rows) {
 pub(super) struct Dots;
 
 impl PairProduct for Dots {
+    const STEP: usize = 1;
+
     #[inline(always)]
     fn exp_neg(x: f32) -> f32 {
         crate::math::exp_neg_fused(x)
@@ -42,8 +44,6 @@ impl PairProduct for Dots {
     unsafe fn split_rows(even: &[f32; NR], odd: &[f32; NR], high: &mut [u32], low: &mut [u32]) {
         split_rows_bf16(even, odd, high, low)
     }
-
-    const STEP: usize = 1;
 
     unsafe fn product(
         kp: usize,
@@ -64,16 +64,18 @@ impl PairProduct for Dots {
         dims: Dims,
         scale: f32,
     ) {
-        rows_dots(q, kv, out, count, dims, scale)
+        rows_avx512bf16::<Self>(q, kv, out, count, dims, scale)
     }
 }
 
-/// [`pairs::rows`] compiled for AVX-512 (the softmax and the pairing vectorise with it).
+/// [`pairs::rows`] with the product `P`, compiled for AVX-512 (the softmax and the pairing
+/// vectorise with it; left to the generic build they ran as SSE code and took longer than the
+/// products).
 ///
 /// # Safety
-/// The CPU must have AVX512-BF16.
+/// The CPU must have AVX512-BF16, and `P`'s product must run on it.
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-unsafe fn rows_dots(
+unsafe fn rows_avx512bf16<P: PairProduct>(
     q: &[u32],
     kv: &HeadPairs,
     out: &mut [f32],
@@ -81,15 +83,16 @@ unsafe fn rows_dots(
     dims: Dims,
     scale: f32,
 ) {
-    pairs::rows::<Dots>(q, kv, out, count, dims, scale)
+    pairs::rows::<P>(q, kv, out, count, dims, scale)
 }
 
-/// The bf16 attention's products on the CPU's AMX tiles, with the rest of the rows (scaling,
-/// the online softmax, the pairing of the probabilities) compiled for AVX-512: left to the
-/// generic build, that part ran as SSE code and took more time than the products.
+/// The bf16 attention's products on the CPU's AMX tiles, the rest of the rows (the online
+/// softmax, the pairing of the probabilities) compiled for AVX-512.
 pub(super) struct AmxTiles;
 
 impl PairProduct for AmxTiles {
+    const STEP: usize = crate::gemm::amx::STEP;
+
     #[inline(always)]
     fn exp_neg(x: f32) -> f32 {
         crate::math::exp_neg_fused(x)
@@ -99,8 +102,6 @@ impl PairProduct for AmxTiles {
     unsafe fn split_rows(even: &[f32; NR], odd: &[f32; NR], high: &mut [u32], low: &mut [u32]) {
         split_rows_bf16(even, odd, high, low)
     }
-
-    const STEP: usize = crate::gemm::amx::STEP;
 
     unsafe fn product(
         kp: usize,
@@ -132,24 +133,9 @@ impl PairProduct for AmxTiles {
         dims: Dims,
         scale: f32,
     ) {
-        rows_amx(q, kv, out, count, dims, scale)
+        // The CPU has AMX-BF16, which implies AVX512-BF16.
+        rows_avx512bf16::<Self>(q, kv, out, count, dims, scale)
     }
-}
-
-/// [`pairs::rows`] on tiles, compiled for AVX-512.
-///
-/// # Safety
-/// The CPU must have AMX-BF16 (which implies AVX512-BF16) and the process the tile permission.
-#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-unsafe fn rows_amx(
-    q: &[u32],
-    kv: &HeadPairs,
-    out: &mut [f32],
-    count: usize,
-    dims: Dims,
-    scale: f32,
-) {
-    pairs::rows::<AmxTiles>(q, kv, out, count, dims, scale)
 }
 
 /// See [`PairProduct::product`].
