@@ -225,6 +225,25 @@ impl<T: Element> Operand for Strided<'_, T> {
     /// matrix (a linear layer's weight as B) the two rows of a pair are neighbours in memory.
     fn read_pairs(&self, row: usize, two_rows: bool, col0: usize, out: &mut [u32]) {
         let start = row * self.row_stride + col0 * self.col_stride;
+        let n = out.len();
+        if n == 0 {
+            return;
+        }
+        // bf16 rows that are neighbours (a weight as B): each pair is one 32-bit word as stored.
+        let neighbours = self.row_stride == 1 && self.col_stride >= 2;
+        if let (Some(bits), true, true) = (T::as_bf16_bits(self.data), neighbours, two_rows) {
+            let words = &bits[start..=start + (n - 1) * self.col_stride + 1];
+            for (o, pair) in out.iter_mut().zip(words.chunks(self.col_stride)) {
+                *o = pair[0] as u32 | (pair[1] as u32) << 16;
+            }
+            return;
+        }
+        // Two contiguous f32 rows: the vector pairing.
+        if let (Some(data), 1, true) = (T::as_f32(self.data), self.col_stride, two_rows) {
+            let odd = &data[start + self.row_stride..][..n];
+            pair_rows(&data[start..start + n], odd, out);
+            return;
+        }
         for (j, o) in out.iter_mut().enumerate() {
             let index = start + j * self.col_stride;
             let lo = self.data[index].bf16_bits();
@@ -964,6 +983,57 @@ mod tests {
                 let mut got = vec![u32::MAX; pairs];
                 op.read_row_pairs(row, col0, len, &mut scratch, &mut got);
                 assert_eq!(got, want, "{name} row {row} from {col0}, {len} values");
+            }
+        }
+    }
+
+    /// Pairs of rows of B from every storage the fast paths take (contiguous f32 rows, a
+    /// transposed bf16 weight whose pairs are neighbours) and the general path: the pairs of
+    /// the rounded values, the second half zero for a lone last row.
+    #[test]
+    fn row_pairs_of_b_are_the_same_on_every_path() {
+        let (rows, cols) = (5, 43);
+        let values: Vec<f32> = (0..rows * cols).map(|i| (i as f32 - 70.0) / 7.0).collect();
+        let halves: Vec<bf16> = values.iter().map(|v| bf16::from_f32(*v)).collect();
+        // The same matrix stored transposed (as a linear layer's weight is), in both dtypes.
+        let at = |i: usize| (i % rows) * cols + i / rows;
+        let t_values: Vec<f32> = (0..rows * cols).map(|i| values[at(i)]).collect();
+        let t_halves: Vec<bf16> = (0..rows * cols).map(|i| halves[at(i)]).collect();
+        let operands = [
+            (
+                "f32 rows",
+                &Strided::row_major(&values, rows, cols) as &dyn Operand,
+            ),
+            ("bf16 rows", &Strided::row_major(&halves, rows, cols)),
+            (
+                "f32 transposed",
+                &Strided::row_major(&t_values, cols, rows).t(),
+            ),
+            (
+                "bf16 transposed",
+                &Strided::row_major(&t_halves, cols, rows).t(),
+            ),
+        ];
+        for (row, two_rows, col0, n) in [
+            (0, true, 0, 43),
+            (1, true, 5, 30),
+            (3, true, 42, 1),
+            (4, false, 2, 17),
+        ] {
+            let want: Vec<u32> = (0..n)
+                .map(|j| {
+                    let hi = if two_rows {
+                        values[(row + 1) * cols + col0 + j]
+                    } else {
+                        0.0
+                    };
+                    pair(values[row * cols + col0 + j], hi)
+                })
+                .collect();
+            for (name, op) in operands {
+                let mut got = vec![u32::MAX; n];
+                op.read_pairs(row, two_rows, col0, &mut got);
+                assert_eq!(got, want, "{name}: rows {row}, {two_rows}, from {col0}");
             }
         }
     }
