@@ -152,7 +152,8 @@ impl Attention {
     /// `[B, N, C]` -> `[B, heads, N, dim_head]`.
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
-        // A strided view: the CPU flash kernels read it where it is, the others copy it.
+        // A strided view, not a copy: the CPU flash kernels read it where it lies, and the
+        // other attention paths copy what they need.
         Ok(xs
             .reshape((b, n, self.heads, self.dim_head))?
             .transpose(1, 2)?)

@@ -123,14 +123,9 @@ fn started_from(bias: Option<&[f32]>, m: usize, n: usize) -> Vec<f32> {
     }
 }
 
-/// A `rows x cols` row-major vector whose `(r, c)` value is `value(r, c)`, written once, by all
-/// threads: an output a product then adds into (zeros or a bias) was written by one thread
-/// before, as long as the product took on wide layers.
-pub(crate) fn filled(
-    rows: usize,
-    cols: usize,
-    value: impl Fn(usize, usize) -> f32 + Sync,
-) -> Vec<f32> {
+/// A `rows x cols` row-major vector whose `(r, c)` value is `value(r, c)`, each value written
+/// once, by all threads: the start (zeros or a bias) of an output a product then adds into.
+fn filled(rows: usize, cols: usize, value: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
     use rayon::prelude::*;
     let total = rows * cols;
     let mut out = Vec::with_capacity(total);
@@ -179,12 +174,10 @@ impl LinearOp<'_> {
         k: usize,
     ) -> Vec<f32> {
         let n = w.dims().0;
-        let mut c_t = vec![0f32; n * m];
-        if let Some(bias) = self.bias {
-            for (row, &value) in c_t.chunks_mut(m.max(1)).zip(bias) {
-                row.fill(value);
-            }
-        }
+        let mut c_t = match self.bias {
+            Some(bias) => filled(n, m, |r, _| bias[r]),
+            None => filled(n, m, |_, _| 0.0),
+        };
         let b = Strided::row_major(x, m, k).t();
         product(
             self.level,

@@ -102,6 +102,9 @@ fn flash_reads_non_contiguous_views() {
     let reference = naive(&q, &k, &v, 0.25).unwrap();
     let got = attention(&q, &k, &v, 0.25, &with(AttentionMode::Flash)).unwrap();
     assert!(max_diff(&got, &reference) < 2e-5);
+    // The sliced path takes the same views (the head split no longer copies them).
+    let sliced = attention(&q, &k, &v, 0.25, &with(AttentionMode::Sliced(Some(2)))).unwrap();
+    assert!(max_diff(&sliced, &reference) < 2e-5);
 }
 
 #[test]

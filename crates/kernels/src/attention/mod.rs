@@ -56,43 +56,27 @@ pub fn attention_for_weights(
             v.shape()
         );
     }
-    // The CPU flash kernels read any strides (heads split from `[B, N, H, D]` without a copy);
-    // the other paths get contiguous inputs.
-    let contiguous = || -> Result<(Tensor, Tensor, Tensor)> {
-        Ok((q.contiguous()?, k.contiguous()?, v.contiguous()?))
-    };
     match options.attention_for(q) {
-        AttentionMode::Flash => match options.route(q) {
-            Route::Cpu { level, .. } => {
-                let bf16_products = weights == DType::BF16 && crate::gemm::bf16_dots_pay(level);
-                flash_on(level, bf16_products, q, k, v, scale)
-            }
-            _ => {
-                let (q, k, v) = contiguous()?;
-                flash(&q, &k, &v, scale, options)
-            }
-        },
-        AttentionMode::Sliced(slice) => {
-            let (q, k, v) = contiguous()?;
-            sliced(&q, &k, &v, scale, slice.unwrap_or(1))
-        }
-        _ => {
-            let (q, k, v) = contiguous()?;
-            naive(&q, &k, &v, scale)
-        }
+        AttentionMode::Flash => flash(q, k, v, scale, options, weights),
+        AttentionMode::Sliced(slice) => sliced(q, k, v, scale, slice.unwrap_or(1)),
+        _ => naive(q, k, v, scale),
     }
 }
 
-/// Flash attention on the device `options` route `q` to (the CPU's is [`flash_on`]).
+/// Flash attention by the kernels `options` route `q` to.
 fn flash(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     options: &KernelOptions,
+    weights: DType,
 ) -> Result<Tensor> {
     match options.route(q) {
-        Route::Cpu { level, .. } => flash_on(level, false, q, k, v, scale),
+        Route::Cpu { level, .. } => {
+            let bf16_products = weights == DType::BF16 && crate::gemm::bf16_dots_pay(level);
+            flash_on(level, bf16_products, q, k, v, scale)
+        }
         #[cfg(feature = "cuda")]
         Route::Cuda => crate::cuda::flash_attention(q, k, v, scale),
         Route::Metal => metal_sdpa(q, k, v, scale),
