@@ -57,6 +57,16 @@ pub struct BenchArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
+    /// Quantize the UNet's and text encoders' weights at load, as `generate --quantize` does
+    /// (`kmeans6`, `kmeans4:grouped16`, `int8`, `q8_0`, ...): full-size models measured
+    /// without writing them.
+    #[arg(long, value_parser = crate::generate::parse_quantize)]
+    pub quantize: Option<sdrs_quant::QuantSpec>,
+
+    /// A mixed-bit recipe applied at load (see `generate --recipe`).
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+
     /// Comma-separated parts to run: text, unet, vae, taesd, generate (default: all).
     #[arg(long, value_delimiter = ',')]
     pub parts: Vec<String>,
@@ -222,9 +232,16 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     }
     // Every part computes on the thread pool a pipeline loaded with these options has; a model
     // folder's weights are read as a generation reads them (fp16 files for half precision).
+    let (quantize, recipe) = crate::quantize::resolve(args.quantize, args.recipe.as_deref())?;
     let options = LoadOptions::new(device.clone(), dtype, None)
         .with_kernels(kernel_options)
-        .with_threads(args.threads);
+        .with_threads(args.threads)
+        .with_quantize(quantize, recipe.clone());
+    let quantization = match (quantize, &recipe) {
+        (Some(spec), Some(_)) => format!("{spec} recipe"),
+        (Some(spec), None) => spec.to_string(),
+        (None, _) => "none".to_string(),
+    };
     let pool = options.thread_pool()?;
     let threads = pool.current_num_threads();
     // Activations flow as the pipeline runs them: f32 on the CPU around half-precision weights.
@@ -244,8 +261,13 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
             sdrs_pipeline::dtype_name(activations)
         )
     };
+    let quantized = if quantize.is_some() {
+        format!(", quantized {quantization}")
+    } else {
+        String::new()
+    };
     let header = format!(
-        "{}, {size}x{size}, batch {} (UNet batch {} with guidance), {precision}, {threads} threads, {kernels}",
+        "{}, {size}x{size}, batch {} (UNet batch {} with guidance), {precision}{quantized}, {threads} threads, {kernels}",
         source.name(),
         args.batch,
         2 * args.batch,
@@ -278,6 +300,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         "device_description": selection.description,
         "threads": threads,
         "kernels": kernels,
+        "quantization": quantization,
         "results": results.iter().map(Measurement::json).collect::<Vec<_>>(),
     });
     match args.json.as_deref() {

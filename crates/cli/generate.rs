@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -9,11 +10,13 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use sdrs_kernels::attention::AttentionMode;
 use sdrs_kernels::KernelOptions;
+use sdrs_pipeline::loading::quantize::Recipe;
 use sdrs_pipeline::stable_diffusion::tiny_autoencoder_dtype;
 use sdrs_pipeline::{
     DeviceChoice, DtypeChoice, InitImage, LoadOptions, Refiner, Request, StableDiffusion,
     StepProgress,
 };
+use sdrs_quant::QuantSpec;
 use sdrs_schedulers::{Sampler, SigmaSchedule};
 use sdrs_taesd::AutoencoderTiny;
 
@@ -162,6 +165,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
+    /// Quantize the UNet's and text encoders' weights as they load, and keep them compressed:
+    /// kmeans<bits> (1, 2, 3, 4, 6, 8; `kmeans4:grouped16` for a table per 16 output channels),
+    /// int8, int8:zp, int4:block<B>, or a GGUF type (q8_0, q5_1, q5_0, q4_1, q4_0, q6_k ... q2_k).
+    #[arg(long, value_parser = parse_quantize)]
+    pub quantize: Option<QuantSpec>,
+
+    /// A mixed-bit recipe (`sdrs quantize --analyze` writes one): per-layer palettization bits,
+    /// applied at load; its method is the `--quantize` default.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+
     /// Write a Chrome trace of the run (text encoding, each step, the decode...) to this JSON
     /// file, for chrome://tracing or Perfetto (default: the file `SDRS_TRACE` names, else none).
     #[arg(long)]
@@ -211,6 +225,11 @@ pub fn parse_device(name: &str) -> Result<DeviceChoice, String> {
 }
 
 /// clap's parser for `--dtype`.
+/// `--quantize`: a [`QuantSpec`] (`kmeans6`, `kmeans4:grouped16`, `int8`, `q8_0`, ...).
+pub fn parse_quantize(text: &str) -> Result<QuantSpec, String> {
+    text.parse().map_err(|e: sdrs_quant::Error| e.to_string())
+}
+
 pub fn parse_dtype(name: &str) -> Result<DtypeChoice, String> {
     name.parse()
         .map_err(|e: sdrs_pipeline::Error| e.to_string())
@@ -270,6 +289,9 @@ pub struct Settings {
     pub height: Option<usize>,
     pub kernels: KernelOptions,
     pub threads: Option<usize>,
+    /// `--quantize` (or the recipe's method) and the recipe's per-layer bits.
+    pub quantize: Option<QuantSpec>,
+    pub recipe: Option<Arc<Recipe>>,
     /// The device line for the user (which device, and why `auto` did not take a GPU).
     pub device_message: String,
 }
@@ -280,6 +302,7 @@ impl Settings {
     pub fn resolve(args: &GenerateArgs, kernels: KernelOptions, random_seed: u64) -> Result<Self> {
         let selection = args.device.select()?;
         let device = selection.device.clone();
+        let (quantize, recipe) = crate::quantize::resolve(args.quantize, args.recipe.as_deref())?;
         Ok(Self {
             dtype: args.dtype.resolve(&device, &kernels),
             device_message: selection.message(),
@@ -291,6 +314,8 @@ impl Settings {
             height: args.height,
             kernels,
             threads: args.threads,
+            quantize,
+            recipe,
         })
     }
 
@@ -300,6 +325,7 @@ impl Settings {
         LoadOptions::new(self.device.clone(), self.dtype, variant)
             .with_kernels(self.kernels)
             .with_threads(self.threads)
+            .with_quantize(self.quantize, self.recipe.clone())
     }
 }
 
@@ -485,6 +511,14 @@ fn parameters(args: &GenerateArgs, settings: &Settings, request: &Request) -> Pa
     let mut extra = Vec::new();
     if args.init_img.is_some() {
         extra.push(("Denoising strength".to_string(), args.strength.to_string()));
+    }
+    if let Some(spec) = settings.quantize {
+        let recipe = if settings.recipe.is_some() {
+            " recipe"
+        } else {
+            ""
+        };
+        extra.push(("Quantization".to_string(), format!("{spec}{recipe}")));
     }
     if let Some(refiner) = &args.refiner {
         extra.push(("Refiner".to_string(), model_name(refiner)));

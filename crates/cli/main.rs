@@ -7,6 +7,8 @@ mod input;
 mod output;
 mod parity;
 mod progress;
+mod quantize;
+mod quantize_analyze;
 mod roundtrip;
 mod selfcheck;
 mod system;
@@ -36,6 +38,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Check our CUDA kernels against the CPU kernels on the GPU (for a GPU machine without Rust).
     Selfcheck(selfcheck::SelfcheckArgs),
+    /// Write a model with quantized weights (palettized, int8/int4, GGUF), or a mixed-bit recipe.
+    Quantize(Box<quantize::QuantizeArgs>),
     /// Download a model from Hugging Face into the cache ahead of time; print where it is.
     Pull(hub::PullArgs),
     /// List the models in the Hugging Face cache with their revisions and sizes on disk.
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Roundtrip(args) => roundtrip::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Selfcheck(args) => selfcheck::run(args),
+        Command::Quantize(args) => quantize::run(*args),
         Command::Pull(args) => hub::run_pull(args),
         Command::Models(args) => hub::run_models(args),
     };

@@ -167,6 +167,25 @@ pub fn to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
     Ok((width, height, pixels.into_iter().map(|v| v as u8).collect()))
 }
 
+/// Writes `text` at `target` through a temporary file in the same folder and a rename: a failed
+/// write leaves no file behind.
+pub fn write_text_atomically(target: &Path, text: &str) -> Result<()> {
+    let folder = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut file = tempfile::Builder::new()
+        .prefix(".sdrs-")
+        .suffix(".tmp")
+        .tempfile_in(&folder)
+        .with_context(|| format!("cannot write {}", target.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", target.display()))?;
+    file.persist(target)
+        .with_context(|| format!("cannot move {} into place", target.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use sdrs_tooling::parity::{self, Outcome, ParityOptions};
+use sdrs_tooling::parity::{self, ExtendedFixtures, Outcome, ParityOptions};
 
 #[derive(Debug, Args)]
 pub struct ParityArgs {
@@ -20,6 +20,23 @@ pub struct ParityArgs {
     /// (`sdrs_tooling::tolerances`), half precision to looser bounds.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+
+    /// The extended fixture sets (`gguf/`, `coreml/kmeans/`), kept outside the repository
+    /// (default: `SDRS_FIXTURES`, else `../shared/fixtures`). A missing set is reported as
+    /// skipped, or fails the run when `CI=true`.
+    #[arg(long)]
+    pub extended: Option<PathBuf>,
+}
+
+/// The extended fixtures folder: the flag, else `SDRS_FIXTURES`, else `../shared/fixtures`.
+pub fn extended_fixtures(flag: Option<PathBuf>) -> ExtendedFixtures {
+    let root = flag
+        .or_else(|| std::env::var_os("SDRS_FIXTURES").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("../shared/fixtures"));
+    ExtendedFixtures {
+        root,
+        required: std::env::var("CI").is_ok_and(|v| v == "true"),
+    }
 }
 
 pub fn run(args: ParityArgs) -> anyhow::Result<ExitCode> {
@@ -32,6 +49,7 @@ pub fn run(args: ParityArgs) -> anyhow::Result<ExitCode> {
         device: selection.device,
         dtype: sdrs_pipeline::parse_dtype(&args.dtype)?,
         kernels: crate::system::kernel_options(Default::default())?,
+        extended: Some(extended_fixtures(args.extended)),
     };
     let results = parity::run(&args.fixtures, &options, &mut |case| println!("{case}"))?;
     let failed = results

@@ -63,10 +63,8 @@ impl Autoencoder {
         if is_kl {
             let config = AutoencoderKLConfig::from_file(&config_path)?;
             let files = sdrs_pipeline::weights::find_weights(&dir, None)?;
-            let vb = sdrs_kernels::VarBuilder::new(
-                sdrs_pipeline::weights::var_builder("vae", &files, dtype, device)?,
-                kernels,
-            );
+            let (vb, _) = sdrs_pipeline::weights::var_builder("vae", &files, dtype, device)?;
+            let vb = sdrs_kernels::VarBuilder::new(vb, kernels);
             return Ok(Self::Full(
                 Box::new(AutoencoderKL::new(vb, &config)?),
                 dtype,

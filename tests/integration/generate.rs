@@ -1,22 +1,7 @@
 //! `sdrs generate` end to end on the tiny SD1.5 fixture: a PNG with AUTOMATIC1111 parameters,
 //! reproducible from its seed.
 
-use crate::util::{files_in, fixtures, sdrs, stderr};
-
-fn read_png(path: &std::path::Path) -> (u32, u32, Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let text = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    (info.width, info.height, buf, text)
-}
+use crate::util::{files_in, fixtures, read_png, sdrs, stderr};
 
 #[test]
 fn generate_writes_a_png_with_parameters_and_the_same_seed_gives_the_same_image() {

@@ -58,3 +58,38 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// The extended fixture set `name` (`SDRS_FIXTURES`, default `../shared/fixtures`), or `None`
+/// after printing `skipped: <path> not found`; under `CI=true` a missing set fails the test.
+pub fn extended_fixtures(name: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("SDRS_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+    let dir = root.join(name);
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "{} not found (CI needs the extended fixtures)",
+        dir.display()
+    );
+    println!("skipped: {} not found", dir.display());
+    None
+}
+
+/// A PNG's width, height, pixels and `parameters` text chunk.
+pub fn read_png(path: &Path) -> (u32, u32, Vec<u8>, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let text = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    (info.width, info.height, buf, text)
+}

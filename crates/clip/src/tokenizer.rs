@@ -17,6 +17,12 @@ use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimi
 
 use crate::error::{Error, Result};
 
+/// The CLIP BPE vocabulary (`vocab.json`) built into the binary: the one every SD1.x/SDXL
+/// tokenizer folder holds.
+pub const BUILTIN_VOCAB: &str = include_str!("../assets/vocab.json");
+/// The CLIP BPE merges (`merges.txt`) built into the binary.
+pub const BUILTIN_MERGES: &str = include_str!("../assets/merges.txt");
+
 /// CLIP's pre-tokenization pattern: the two special tokens, English contractions, runs of letters,
 /// single digits, and runs of anything else that is not whitespace.
 const CLIP_SPLIT_PATTERN: &str =
@@ -186,16 +192,14 @@ impl ClipTokenizer {
         tokenizer_config: Option<&Value>,
         special_tokens_map: Option<&Value>,
     ) -> Result<Self> {
-        const VOCAB: &str = include_str!("../assets/vocab.json");
-        const MERGES: &str = include_str!("../assets/merges.txt");
         let special = SpecialTokens::from_configs(tokenizer_config, special_tokens_map);
         let origin = "the built-in CLIP vocabulary".to_string();
         let vocab: HashMap<String, u32> =
-            serde_json::from_str(VOCAB).map_err(|source| Error::Json {
+            serde_json::from_str(BUILTIN_VOCAB).map_err(|source| Error::Json {
                 path: PathBuf::from("<built-in vocab.json>"),
                 source,
             })?;
-        let merges = parse_merges(MERGES, "<built-in merges.txt>")?;
+        let merges = parse_merges(BUILTIN_MERGES, "<built-in merges.txt>")?;
         let tokenizer = build_clip_bpe(vocab, merges, &special, &origin)?;
         Self::finish(tokenizer, &special, &origin)
     }

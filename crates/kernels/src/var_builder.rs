@@ -54,7 +54,7 @@ impl<'a> VarBuilder<'a> {
         let shape = shape.into();
         if let Some(source) = &self.quantized {
             let full = self.path(name);
-            if let Some(matrix) = source.get(&full) {
+            if let Some(matrix) = source.get(&full, &shape) {
                 return Weight::quantized(matrix?, shape)
                     .map_err(|e| e.context(format!("tensor {full}")));
             }

@@ -140,10 +140,12 @@ impl Weight {
     }
 }
 
-/// Where a [`crate::VarBuilder`] finds quantized weights: by full tensor name (`a.b.weight`).
+/// Where a [`crate::VarBuilder`] finds quantized weights: by full tensor name (`a.b.weight`) and
+/// the layer's shape of it (a source that quantizes at load decides from the shape, before it
+/// reads anything).
 pub trait QuantizedSource: Send + Sync {
-    /// The quantized matrix stored under `name`, `None` when that tensor is stored dense.
-    fn get(&self, name: &str) -> Option<Result<Arc<dyn QuantizedMatrix>>>;
+    /// The quantized matrix for `name`, `None` when that tensor stays dense.
+    fn get(&self, name: &str, shape: &Shape) -> Option<Result<Arc<dyn QuantizedMatrix>>>;
 }
 
 /// Weights kept as f16 values in memory and widened to f32 while the GEMM packs them: the
@@ -226,7 +228,7 @@ impl HalfSource {
 }
 
 impl QuantizedSource for HalfSource {
-    fn get(&self, name: &str) -> Option<Result<Arc<dyn QuantizedMatrix>>> {
+    fn get(&self, name: &str, _: &Shape) -> Option<Result<Arc<dyn QuantizedMatrix>>> {
         self.tensors.get(name).cloned().map(Ok)
     }
 }

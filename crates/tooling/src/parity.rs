@@ -31,6 +31,17 @@ pub struct ParityOptions {
     pub dtype: DType,
     /// Attention mode and CPU kernel level the models compute with.
     pub kernels: sdrs_kernels::KernelOptions,
+    /// The extended fixture sets (`gguf/`, `coreml/kmeans/`, ...), kept outside the repository;
+    /// `None`: only the fixtures folder's own cases.
+    pub extended: Option<ExtendedFixtures>,
+}
+
+/// Where the extended fixture sets are, and whether a missing one fails the run (under CI) or is
+/// reported as skipped.
+#[derive(Debug, Clone)]
+pub struct ExtendedFixtures {
+    pub root: PathBuf,
+    pub required: bool,
 }
 
 /// The verdict on one case.
@@ -95,6 +106,10 @@ pub fn run(
     runner.scheduler_cases()?;
     runner.rng_cases()?;
     runner.pipeline_cases()?;
+    if let Some(extended) = &options.extended {
+        runner.gguf_cases(extended)?;
+        runner.kmeans_cases(extended)?;
+    }
     Ok(runner.results)
 }
 
@@ -365,8 +380,13 @@ impl Runner<'_> {
         dir: &Path,
     ) -> Result<sdrs_kernels::VarBuilder<'static>> {
         let files = find_weights(dir, None)?;
-        let vb = var_builder(component, &files, self.options.dtype, &self.options.device)?;
-        Ok(sdrs_kernels::VarBuilder::new(vb, self.options.kernels))
+        let (vb, quantized) =
+            var_builder(component, &files, self.options.dtype, &self.options.device)?;
+        let vb = sdrs_kernels::VarBuilder::new(vb, self.options.kernels);
+        Ok(match quantized {
+            Some(source) => vb.with_quantized(source),
+            None => vb,
+        })
     }
 
     fn ids(&self, reference: &HashMap<String, Tensor>, key: &str) -> Result<Tensor> {
@@ -631,6 +651,187 @@ impl Runner<'_> {
         };
         max_abs_diff(&image, get(reference, &format!("{key}_image"))?)
     }
+
+    /// The extended set `name` under `extended`, or `None` after reporting it missing: a skipped
+    /// case normally, a failed one when the sets are required (CI).
+    fn extended_set(
+        &mut self,
+        extended: &ExtendedFixtures,
+        name: &str,
+        kind: CaseKind,
+    ) -> Option<PathBuf> {
+        let dir = extended.root.join(name);
+        if dir.is_dir() {
+            return Some(dir);
+        }
+        let reason = format!("{} not found", dir.display());
+        if extended.required {
+            self.push(CaseResult {
+                name: format!("{name}/"),
+                max_diff: None,
+                tolerance: self.tolerance(kind).unwrap_or(f64::NAN),
+                outcome: Outcome::Fail(Some(reason)),
+            });
+        } else {
+            self.skip(format!("{name}/"), kind, &reason);
+        }
+        None
+    }
+
+    /// `gguf/reference.json`: each GGUF checkpoint's whole generation (its `like` case of
+    /// `reference/pipelines.json` with the GGUF file's weights), and every block format of
+    /// `blocks.gguf` decoded bit for bit as gguf-py does.
+    fn gguf_cases(&mut self, extended: &ExtendedFixtures) -> Result<()> {
+        let Some(dir) = self.extended_set(extended, "gguf", CaseKind::BitExact) else {
+            return Ok(());
+        };
+        let info = read_json(&dir.join("reference.json"))?;
+        let path = dir.join("reference.safetensors");
+        let reference = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| {
+            Error::Weights {
+                component: "reference",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let blocks = dir.join(info["blocks"]["file"].as_str().unwrap_or("blocks.gguf"));
+        let names: Vec<String> = info["blocks"]["tensors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if names.is_empty() {
+            self.push(CaseResult {
+                name: "gguf_block".to_string(),
+                max_diff: None,
+                tolerance: 0.0,
+                outcome: Outcome::Fail(Some("reference.json lists no block tensors".to_string())),
+            });
+        }
+        for name in names {
+            self.case(format!("gguf_block:{name}"), CaseKind::BitExact, |_| {
+                gguf_block_diff(&blocks, &name, get(&reference, &format!("blocks:{name}"))?)
+            });
+        }
+        let cases = info["cases"].as_array().cloned().unwrap_or_default();
+        if cases.is_empty() {
+            self.push(CaseResult {
+                name: "gguf".to_string(),
+                max_diff: None,
+                tolerance: 0.0,
+                outcome: Outcome::Fail(Some("reference.json lists no cases".to_string())),
+            });
+        }
+        let pipelines_path = self.fixtures.join("reference/pipelines.json");
+        let pipelines = read_json(&pipelines_path)?;
+        let base = self.reference("pipelines.safetensors")?;
+        for case in cases {
+            let key = case["key"].as_str().unwrap_or_default().to_string();
+            let like = case["like"].as_str().unwrap_or_default();
+            let Some(like_case) = pipelines
+                .as_array()
+                .and_then(|all| all.iter().find(|c| c["key"].as_str() == Some(like)))
+                .cloned()
+            else {
+                self.push(CaseResult {
+                    name: key,
+                    max_diff: None,
+                    tolerance: 0.0,
+                    outcome: Outcome::Fail(Some(format!(
+                        "its `like` case {like:?} is not in {}",
+                        pipelines_path.display()
+                    ))),
+                });
+                continue;
+            };
+            if let Some(reason) = unsupported_scheduler(&like_case) {
+                self.skip(key, CaseKind::Pipeline, &reason);
+                continue;
+            }
+            let file = dir.join(case["gguf"].as_str().unwrap_or_default());
+            let config = self
+                .fixtures
+                .join(case["config"].as_str().unwrap_or_default());
+            let image = case["image"].as_str().unwrap_or_default().to_string();
+            let expected = get(&reference, &image)?.clone();
+            let run = |r: &Self, file: &Path| -> Result<f64> {
+                let options = LoadOptions::new(r.options.device.clone(), r.options.dtype, None)
+                    .with_kernels(r.options.kernels);
+                let pipeline = StableDiffusion::load_single_file(file, &config, &options)?;
+                let request = case_request(&pipeline, like, &like_case, &base, "scheduler_config")?;
+                let output = pipeline.generate(&request, &mut |_| {})?;
+                max_abs_diff(&output, &expected)
+            };
+            let diff = run(self, &file);
+            let tolerance = self.tolerance(CaseKind::Pipeline)?;
+            let single_file = self.single_file(case["config"].as_str().unwrap_or_default());
+            if matches!(diff, Ok(d) if d > tolerance) && single_file.is_file() {
+                // The fixture script's SDXL references load the second text encoder from the
+                // config folder (all but its text_projection), not from the GGUF file: a
+                // diffusers key-mapping defect. When the case matches exactly that, it is
+                // reported as a skip naming both differences, not as a pass.
+                let variant = open_clip_from_single_file(&file, &single_file)
+                    .and_then(|(_dir, variant)| run(self, &variant));
+                if let (Ok(ours), Ok(defect)) = (&diff, &variant) {
+                    if *defect <= tolerance {
+                        let reason = format!(
+                            "reference defect: its text_encoder_2 is the config folder's, not \
+                             the GGUF file's (with the file's weights max|diff| {ours:.3e}; \
+                             with text_encoder_2 from {} but its text_projection, {defect:.3e})",
+                            single_file.display()
+                        );
+                        self.skip(key, CaseKind::Pipeline, &reason);
+                        continue;
+                    }
+                }
+            }
+            self.case(key, CaseKind::Pipeline, |_| diff);
+        }
+        Ok(())
+    }
+
+    /// `coreml/kmeans/`: for each tensor coremltools palettizes with its exact 1-D k-means (those
+    /// of at least 10,000 elements) and each bit width, the lookup table and the indices.
+    fn kmeans_cases(&mut self, extended: &ExtendedFixtures) -> Result<()> {
+        let Some(dir) = self.extended_set(extended, "coreml/kmeans", CaseKind::BitExact) else {
+            return Ok(());
+        };
+        let info = read_json(&dir.join("kmeans.json"))?;
+        let tensors = info["tensors"].as_object().cloned().unwrap_or_default();
+        if tensors.is_empty() {
+            self.push(CaseResult {
+                name: "kmeans".to_string(),
+                max_diff: None,
+                tolerance: 0.0,
+                outcome: Outcome::Fail(Some("kmeans.json lists no tensors".to_string())),
+            });
+        }
+        for (name, entry) in tensors {
+            let file = dir.join(entry["file"].as_str().unwrap_or_default());
+            let numel = entry["numel"].as_u64().unwrap_or(0);
+            let bits: Vec<u32> = entry["nbits"]
+                .as_object()
+                .map(|b| b.keys().filter_map(|k| k.parse().ok()).collect())
+                .unwrap_or_default();
+            for nbits in bits {
+                let case = format!("kmeans:{name}:{nbits}");
+                if numel < sdrs_quant::kmeans::COREMLTOOLS_EXACT_MIN_ELEMENTS as u64 {
+                    self.skip(
+                        case,
+                        CaseKind::BitExact,
+                        "coremltools palettizes tensors under 10,000 elements with \
+                         scikit-learn's randomly seeded k-means; sdrs uses the exact k-means",
+                    );
+                    continue;
+                }
+                self.case(case, CaseKind::BitExact, |_| kmeans_diff(&file, nbits));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why a pipeline case cannot run yet: a scheduler class sdrs does not implement.
@@ -757,6 +958,131 @@ fn clone_clip_error(error: &sdrs_clip::Error) -> Error {
         value: String::new(),
         expected: error.to_string(),
     }
+}
+
+/// A copy of the GGUF checkpoint `gguf` whose SDXL second text encoder
+/// (`conditioner.embedders.1.*`) is the f16 single file's, all but `text_projection`: what the
+/// defective references were made from. The folder holding the copy goes with it.
+fn open_clip_from_single_file(
+    gguf: &Path,
+    single_file: &Path,
+) -> Result<(tempfile::TempDir, PathBuf)> {
+    use sdrs_quant::gguf::{GgmlType, GgufFile, WriteTensor};
+    let quant = |e: sdrs_quant::Error| Error::InvalidParameter {
+        name: "GGUF file",
+        value: gguf.display().to_string(),
+        expected: e.to_string(),
+    };
+    let file = GgufFile::open(gguf).map_err(quant)?;
+    let dense = sdrs_pipeline::tensor_files::TensorFiles::open(&[single_file.to_path_buf()])
+        .map_err(|source| Error::Weights {
+            component: "checkpoint",
+            path: single_file.to_path_buf(),
+            source,
+        })?;
+    let mut tensors = Vec::new();
+    for info in file.tensors() {
+        let replaced = info.name.starts_with("conditioner.embedders.1.")
+            && !info.name.ends_with("text_projection")
+            && dense.contains(&info.name);
+        if replaced {
+            let values = dense
+                .load(&info.name)?
+                .flatten_all()?
+                .to_dtype(DType::F16)?
+                .to_vec1::<half::f16>()?;
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((info, GgmlType::F16, bytes));
+        } else {
+            tensors.push((info, info.ggml_type, file.read_bytes(info).map_err(quant)?));
+        }
+    }
+    let views: Vec<WriteTensor> = tensors
+        .iter()
+        .map(|(info, ggml_type, data)| WriteTensor {
+            name: &info.name,
+            shape: &info.shape,
+            ggml_type: *ggml_type,
+            data,
+        })
+        .collect();
+    let dir = tempfile::tempdir().map_err(|source| Error::Io {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let path = dir.path().join("variant.gguf");
+    sdrs_quant::gguf::write_gguf(&path, &[], &views).map_err(quant)?;
+    Ok((dir, path))
+}
+
+/// 0 when tensor `name` of the GGUF file `path` decodes to exactly the bits of `expected`, else
+/// the largest difference (infinite where one value is NaN and the other is not).
+fn gguf_block_diff(path: &Path, name: &str, expected: &Tensor) -> Result<f64> {
+    let quant = |e: sdrs_quant::Error| Error::InvalidParameter {
+        name: "GGUF file",
+        value: path.display().to_string(),
+        expected: e.to_string(),
+    };
+    let file = sdrs_quant::gguf::GgufFile::open(path).map_err(quant)?;
+    let info = file.tensor(name).ok_or_else(|| Error::MissingFile {
+        path: path.to_path_buf(),
+        what: format!("a tensor {name}"),
+    })?;
+    let values = file.dequantize(info).map_err(quant)?;
+    let expected = expected
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    if values.len() != expected.len() {
+        return Ok(f64::INFINITY);
+    }
+    let mut diff = 0f64;
+    for (a, b) in values.iter().zip(&expected) {
+        if a.to_bits() != b.to_bits() {
+            let d = (*a as f64 - *b as f64).abs();
+            diff = diff.max(if d.is_nan() {
+                f64::INFINITY
+            } else {
+                d.max(f64::MIN_POSITIVE)
+            });
+        }
+    }
+    Ok(diff)
+}
+
+/// How many lookup-table entries and indices differ from coremltools' for `nbits` (0: identical).
+fn kmeans_diff(path: &Path, nbits: u32) -> Result<f64> {
+    let tensors =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|source| Error::Weights {
+            component: "reference",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let weight = get(&tensors, "weight")?
+        .flatten_all()?
+        .to_vec1::<half::f16>()?;
+    let lut = get(&tensors, &format!("lut{nbits}"))?.to_vec1::<half::f16>()?;
+    let indices = get(&tensors, &format!("indices{nbits}"))?.to_vec1::<u8>()?;
+    let (ours, our_indices) =
+        sdrs_quant::kmeans::palettize_f16(&weight, nbits).map_err(|e| Error::InvalidParameter {
+            name: "kmeans",
+            value: path.display().to_string(),
+            expected: e.to_string(),
+        })?;
+    if ours.len() != lut.len() || our_indices.len() != indices.len() {
+        return Ok(f64::INFINITY);
+    }
+    let tables = ours
+        .iter()
+        .zip(&lut)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let picks = our_indices
+        .iter()
+        .zip(&indices)
+        .filter(|(a, b)| a != b)
+        .count();
+    Ok((tables + picks) as f64)
 }
 
 #[cfg(test)]

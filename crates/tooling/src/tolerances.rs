@@ -39,13 +39,16 @@ pub enum CaseKind {
     /// `rng.safetensors`: draws of torch's CPU generator.
     Rng,
     /// `reference/pipelines.json`: whole generations, from the diffusers folders and from the
-    /// single-file checkpoints.
+    /// single-file checkpoints; `gguf/reference.json`: whole generations from GGUF checkpoints.
     Pipeline,
+    /// `gguf/blocks.gguf` decodes and `coreml/kmeans` lookup tables and indices: formats and
+    /// algorithms with one right answer, computed without the models.
+    BitExact,
 }
 
 impl CaseKind {
     /// Every kind, in the order of [`TABLE`].
-    pub const ALL: [CaseKind; 10] = [
+    pub const ALL: [CaseKind; 11] = [
         CaseKind::Tokenizer,
         CaseKind::TextEncoder,
         CaseKind::Unet,
@@ -56,6 +59,7 @@ impl CaseKind {
         CaseKind::Scheduler,
         CaseKind::Rng,
         CaseKind::Pipeline,
+        CaseKind::BitExact,
     ];
 }
 
@@ -100,7 +104,7 @@ impl Tolerance {
 }
 
 /// Every parity tolerance.
-pub const TABLE: [Tolerance; 10] = [
+pub const TABLE: [Tolerance; 11] = [
     // Token ids are integers and no dtype is involved: every id must be equal.
     Tolerance {
         kind: CaseKind::Tokenizer,
@@ -199,6 +203,15 @@ pub const TABLE: [Tolerance; 10] = [
         f32: 5e-3,
         f16: 3e-2,
         bf16: 3e-2,
+    },
+    // 0: a GGUF block decodes to the f32 values gguf-py gives, bit for bit, and the exact k-means
+    // gives coremltools' lookup tables and indices; no dtype is involved (the decode is f32).
+    Tolerance {
+        kind: CaseKind::BitExact,
+        measure: Measure::MaxAbsDiff,
+        f32: 0.0,
+        f16: 0.0,
+        bf16: 0.0,
     },
 ];
 

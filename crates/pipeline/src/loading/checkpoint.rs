@@ -1,41 +1,142 @@
-//! Loading component weights from a single original-layout checkpoint: the key plan from
-//! [`crate::loading::single_file`] carried out on tensors read from the file, giving each
-//! component a `VarBuilder` in the diffusers key space.
+//! Loading component weights from a single original-layout checkpoint, a `.safetensors` file or
+//! a GGUF file (stable-diffusion.cpp's format): the key plan from [`crate::loading::single_file`]
+//! carried out on the file's tensors as the model asks for them, giving each component a
+//! `VarBuilder` in the diffusers key space, and, for GGUF, the block-quantized layer weights as
+//! quantized matrices that stay compressed ([`Checkpoint::quantized_source`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use sdrs_kernels::weight::QuantizedSource;
+use sdrs_kernels::QuantizedMatrix;
+use sdrs_quant::gguf::{GgmlType, GgufFile, GgufMatrix};
 
 use crate::error::{Error, Result};
 use crate::loading::single_file::{component_plan, detect_family, CheckpointFamily, Source};
 use crate::loading::tensor_files::TensorFiles;
 
+/// The tensors of a checkpoint file, by their names in the file.
+enum Store {
+    Safetensors(TensorFiles),
+    Gguf(GgufFile),
+}
+
+impl Store {
+    fn open(path: &Path) -> candle_core::Result<Self> {
+        if is_gguf(path) {
+            let file = GgufFile::open(path).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Ok(Self::Gguf(file))
+        } else {
+            Ok(Self::Safetensors(TensorFiles::open(&[path.to_path_buf()])?))
+        }
+    }
+
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Self::Safetensors(files) => files.shapes(),
+            Self::Gguf(file) => file
+                .tensors()
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect(),
+        }
+    }
+
+    /// Tensor `key` as stored (f16, bf16, f32), or decoded to f32 from a GGUF block format.
+    fn load(&self, key: &str) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Safetensors(files) => files.load(key),
+            Self::Gguf(file) => {
+                let info =
+                    file.tensor(key)
+                        .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                            path: key.to_string(),
+                        })?;
+                let message = |e: sdrs_quant::Error| candle_core::Error::Msg(e.to_string());
+                let shape = info.shape.as_slice();
+                match info.ggml_type {
+                    GgmlType::F16 => {
+                        let bytes = file.read_bytes(info).map_err(message)?;
+                        let values: Vec<half::f16> = bytes
+                            .chunks_exact(2)
+                            .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+                            .collect();
+                        Tensor::from_vec(values, shape, &Device::Cpu)
+                    }
+                    GgmlType::BF16 => {
+                        let bytes = file.read_bytes(info).map_err(message)?;
+                        let values: Vec<half::bf16> = bytes
+                            .chunks_exact(2)
+                            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
+                            .collect();
+                        Tensor::from_vec(values, shape, &Device::Cpu)
+                    }
+                    _ => {
+                        let values = file.dequantize(info).map_err(message)?;
+                        Tensor::from_vec(values, shape, &Device::Cpu)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tensor `key` as a matrix that stays in its GGUF block format, when it is stored in one.
+    fn quantized(&self, key: &str, dtype: DType) -> Option<candle_core::Result<GgufMatrix>> {
+        let Self::Gguf(file) = self else {
+            return None;
+        };
+        let info = file.tensor(key)?;
+        if matches!(
+            info.ggml_type,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16
+        ) || !matches!(info.shape.len(), 2 | 4)
+        {
+            return None;
+        }
+        Some(
+            GgufMatrix::from_file(file, info, dtype)
+                .map_err(|e| candle_core::Error::Msg(e.to_string())),
+        )
+    }
+}
+
+/// Whether `path` is a GGUF file: by its first four bytes (`GGUF`), whatever its extension.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
 /// An open single-file checkpoint.
 pub struct Checkpoint {
     path: PathBuf,
-    tensors: TensorFiles,
+    store: Arc<Store>,
     keys: Vec<(String, Vec<usize>)>,
     family: CheckpointFamily,
 }
 
 impl Checkpoint {
-    /// Opens `path` and detects which model it holds from its keys.
+    /// Opens `path` (`.safetensors` or GGUF) and detects which model it holds from its keys.
     pub fn open(path: &Path) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::MissingFile {
                 path: path.to_path_buf(),
-                what: "a .safetensors checkpoint".to_string(),
+                what: "a .safetensors or .gguf checkpoint".to_string(),
             });
         }
-        let tensors =
-            TensorFiles::open(&[path.to_path_buf()]).map_err(|source| Error::Weights {
-                component: "checkpoint",
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let mut keys = tensors.shapes();
+        let store = Store::open(path).map_err(|source| Error::Weights {
+            component: "checkpoint",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut keys = store.shapes();
         keys.sort();
         let family = detect_family(&keys).map_err(|source| Error::SingleFile {
             path: path.to_path_buf(),
@@ -43,7 +144,7 @@ impl Checkpoint {
         })?;
         Ok(Self {
             path: path.to_path_buf(),
-            tensors,
+            store: Arc::new(store),
             keys,
             family,
         })
@@ -57,15 +158,16 @@ impl Checkpoint {
         &self.path
     }
 
-    /// The weights of `component` (`unet`, `vae`, `text_encoder`, `text_encoder_2`) under their
-    /// diffusers names, shaped by the component's diffusers `config`, in `dtype` on `device`.
-    pub fn var_builder(
+    /// Whether the file is GGUF.
+    pub fn is_gguf(&self) -> bool {
+        matches!(*self.store, Store::Gguf(_))
+    }
+
+    fn plan(
         &self,
         component: &'static str,
         config: &serde_json::Value,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<VarBuilder<'static>> {
+    ) -> Result<HashMap<String, Source>> {
         let plan =
             component_plan(self.family, component, config, &self.keys).map_err(|source| {
                 Error::SingleFile {
@@ -73,20 +175,137 @@ impl Checkpoint {
                     source,
                 }
             })?;
-        let mut tensors = HashMap::with_capacity(plan.len());
-        for (name, source) in plan {
-            let tensor = self.materialize(&source).map_err(|source| Error::Weights {
-                component,
-                path: self.path.clone(),
-                source,
-            })?;
-            tensors.insert(name, tensor.to_dtype(dtype)?.to_device(device)?);
-        }
-        Ok(VarBuilder::from_tensors(tensors, dtype, device))
+        Ok(plan.into_iter().collect())
     }
 
-    fn materialize(&self, source: &Source) -> candle_core::Result<Tensor> {
-        let tensor = self.tensors.load(source.key())?;
+    /// The weights of `component` (`unet`, `vae`, `text_encoder`, `text_encoder_2`) under their
+    /// diffusers names, shaped by the component's diffusers `config`, in `dtype` on `device`:
+    /// each tensor is read (and decoded) from the file when the model asks for it, so loading
+    /// never holds a second copy of the model.
+    pub fn var_builder(
+        &self,
+        component: &'static str,
+        config: &serde_json::Value,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        let backend = PlanBackend {
+            store: self.store.clone(),
+            plan: self.plan(component, config)?,
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ))
+    }
+
+    /// For a GGUF file, the layer weights of `component` stored in a block format, kept in it
+    /// (computing as `dtype`); `None` for a `.safetensors` file.
+    pub fn quantized_source(
+        &self,
+        component: &'static str,
+        config: &serde_json::Value,
+        dtype: DType,
+    ) -> Result<Option<Arc<dyn QuantizedSource>>> {
+        if !self.is_gguf() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(GgufLayers {
+            store: self.store.clone(),
+            plan: self.plan(component, config)?,
+            dtype,
+        })))
+    }
+}
+
+/// A set of named tensors read one at a time in their stored dtype: a component's weights under
+/// their diffusers names, or a checkpoint's under its own (what `sdrs quantize` rewrites).
+pub trait TensorSource: Send + Sync {
+    /// Every tensor's name and shape, sorted by name.
+    fn shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// Tensor `name` as stored (a GGUF block format decoded to f32), on the CPU.
+    fn load(&self, name: &str) -> candle_core::Result<Tensor>;
+}
+
+impl TensorSource for Store {
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut shapes = Store::shapes(self);
+        shapes.sort();
+        shapes
+    }
+
+    fn load(&self, name: &str) -> candle_core::Result<Tensor> {
+        Store::load(self, name)
+    }
+}
+
+impl TensorSource for TensorFiles {
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut shapes = TensorFiles::shapes(self);
+        shapes.sort();
+        shapes
+    }
+
+    fn load(&self, name: &str) -> candle_core::Result<Tensor> {
+        TensorFiles::load(self, name)
+    }
+}
+
+impl TensorSource for PlanBackend {
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let stored: HashMap<String, Vec<usize>> = self.store.shapes().into_iter().collect();
+        let mut shapes: Vec<(String, Vec<usize>)> = self
+            .plan
+            .iter()
+            .filter_map(|(name, source)| {
+                let shape = source.target_shape(stored.get(source.key())?).ok()?;
+                Some((name.clone(), shape))
+            })
+            .collect();
+        shapes.sort();
+        shapes
+    }
+
+    fn load(&self, name: &str) -> candle_core::Result<Tensor> {
+        self.materialize(name)
+    }
+}
+
+impl Checkpoint {
+    /// The file's tensors under their own names.
+    pub fn tensors(&self) -> Arc<dyn TensorSource> {
+        self.store.clone()
+    }
+
+    /// The tensors of `component` under their diffusers names.
+    pub fn component_tensors(
+        &self,
+        component: &'static str,
+        config: &serde_json::Value,
+    ) -> Result<Arc<dyn TensorSource>> {
+        Ok(Arc::new(PlanBackend {
+            store: self.store.clone(),
+            plan: self.plan(component, config)?,
+        }))
+    }
+}
+
+/// One component's plan carried out on demand.
+struct PlanBackend {
+    store: Arc<Store>,
+    plan: HashMap<String, Source>,
+}
+
+impl PlanBackend {
+    fn materialize(&self, name: &str) -> candle_core::Result<Tensor> {
+        let source = self
+            .plan
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })?;
+        let tensor = self.store.load(source.key())?;
         match source {
             Source::Rename(_) => Ok(tensor),
             Source::Slice { index, parts, .. } => {
@@ -96,5 +315,69 @@ impl Checkpoint {
             Source::Transpose(_) => tensor.t()?.contiguous(),
             Source::Reshape { shape, .. } => tensor.reshape(shape.as_slice()),
         }
+    }
+}
+
+impl SimpleBackend for PlanBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.materialize(name)?.to_dtype(dtype)?.to_device(device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.plan.contains_key(name)
+    }
+}
+
+/// The block-quantized layer weights of one component of a GGUF checkpoint: renamed or reshaped
+/// tensors are the file's blocks as they are, row slices (OpenCLIP's fused q/k/v) their rows'
+/// blocks; a transposed tensor is decoded (it is not a matrix of the file's rows).
+struct GgufLayers {
+    store: Arc<Store>,
+    plan: HashMap<String, Source>,
+    dtype: DType,
+}
+
+impl QuantizedSource for GgufLayers {
+    fn get(&self, name: &str, _: &Shape) -> Option<candle_core::Result<Arc<dyn QuantizedMatrix>>> {
+        let source = self.plan.get(name)?;
+        let matrix = match source {
+            Source::Transpose(_) => return None,
+            Source::Rename(key) | Source::Reshape { key, .. } => {
+                self.store.quantized(key, self.dtype)?
+            }
+            Source::Slice { key, index, parts } => {
+                self.store.quantized(key, self.dtype)?.and_then(|m| {
+                    let rows = m.dims().0 / parts;
+                    m.slice_rows(index * rows, rows)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                })
+            }
+        };
+        Some(matrix.map(|m| Arc::new(m) as Arc<dyn QuantizedMatrix>))
     }
 }

@@ -20,6 +20,10 @@ pub struct LoadOptions {
     pub kernels: KernelOptions,
     /// Worker threads of the pipeline's own thread pool; `None`: the physical cores.
     pub threads: Option<usize>,
+    /// Quantize the UNet's and text encoders' layer weights as they load.
+    pub quantize: Option<sdrs_quant::QuantSpec>,
+    /// Per-layer bit widths for [`Self::quantize`] (a mixed-bit recipe).
+    pub recipe: Option<Arc<crate::loading::quantize::Recipe>>,
 }
 
 impl LoadOptions {
@@ -35,6 +39,8 @@ impl LoadOptions {
             variant,
             kernels: KernelOptions::default(),
             threads: None,
+            quantize: None,
+            recipe: None,
         }
     }
 
@@ -47,6 +53,17 @@ impl LoadOptions {
     /// The same options with `threads` CPU worker threads (`None`: the physical cores).
     pub fn with_threads(mut self, threads: Option<usize>) -> Self {
         self.threads = threads;
+        self
+    }
+
+    /// The same options quantizing at load with `spec` (and `recipe`'s per-layer bits).
+    pub fn with_quantize(
+        mut self,
+        spec: Option<sdrs_quant::QuantSpec>,
+        recipe: Option<Arc<crate::loading::quantize::Recipe>>,
+    ) -> Self {
+        self.quantize = spec;
+        self.recipe = recipe;
         self
     }
 

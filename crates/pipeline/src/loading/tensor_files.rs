@@ -34,6 +34,7 @@ struct Entry {
 pub struct TensorFiles {
     files: Vec<(PathBuf, Mutex<File>)>,
     entries: HashMap<String, Entry>,
+    metadata: HashMap<String, String>,
 }
 
 fn error(path: &Path, message: impl std::fmt::Display) -> candle_core::Error {
@@ -62,10 +63,12 @@ impl TensorFiles {
     pub fn open(paths: &[PathBuf]) -> candle_core::Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
+        let mut metadata = HashMap::new();
         for (index, path) in paths.iter().enumerate() {
             let mut file =
                 File::open(path).map_err(|e| error(path, format_args!("cannot open: {e}")))?;
-            let header = read_header(path, &mut file)?;
+            let (header, file_metadata) = read_header(path, &mut file)?;
+            merge_metadata(&mut metadata, file_metadata, path)?;
             for (name, entry) in header {
                 entries.insert(
                     name,
@@ -77,7 +80,16 @@ impl TensorFiles {
             }
             files.push((path.clone(), Mutex::new(file)));
         }
-        Ok(Self { files, entries })
+        Ok(Self {
+            files,
+            entries,
+            metadata,
+        })
+    }
+
+    /// The files' `__metadata__` (string keys and values), merged.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 
     /// Every tensor's name and shape.
@@ -136,8 +148,48 @@ fn read_values<T: candle_core::WithDType + bytemuck::Pod>(
     Tensor::from_vec(values, entry.shape.as_slice(), &Device::Cpu)
 }
 
-/// Parses the header of an open safetensors file into entries (file index 0).
-fn read_header(path: &Path, file: &mut File) -> candle_core::Result<Vec<(String, Entry)>> {
+/// Adds one file's metadata to the shards' merged `metadata`; the quantization entries (a JSON
+/// object per file) are merged key by key.
+fn merge_metadata(
+    metadata: &mut HashMap<String, String>,
+    file: HashMap<String, String>,
+    path: &Path,
+) -> candle_core::Result<()> {
+    for (key, value) in file {
+        match metadata.get_mut(&key) {
+            Some(existing) if key == sdrs_quant::format::METADATA_KEY => {
+                let parse = |text: &str| {
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                        .map_err(|e| error(path, format_args!("bad {key} metadata: {e}")))
+                };
+                let mut merged = parse(existing)?;
+                merged.extend(parse(&value)?);
+                *existing = serde_json::Value::Object(merged).to_string();
+            }
+            _ => {
+                metadata.insert(key, value);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The string entries of a header's `__metadata__` object (safetensors allows only strings).
+fn metadata_strings(value: serde_json::Value) -> HashMap<String, String> {
+    match value {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+/// The entries (file index 0) and the metadata of one file's header.
+type Header = (Vec<(String, Entry)>, HashMap<String, String>);
+
+/// Parses the header of an open safetensors file into entries (file index 0) and metadata.
+fn read_header(path: &Path, file: &mut File) -> candle_core::Result<Header> {
     let file_len = file
         .metadata()
         .map_err(|e| error(path, format_args!("cannot read: {e}")))?
@@ -168,8 +220,10 @@ fn read_header(path: &Path, file: &mut File) -> candle_core::Result<Vec<(String,
     let data_start = 8 + header_len;
     let data_len = file_len - data_start;
     let mut entries = Vec::with_capacity(header.len());
+    let mut metadata = HashMap::new();
     for (name, value) in header {
         if name == "__metadata__" {
+            metadata = metadata_strings(value);
             continue;
         }
         let info: TensorInfo = serde_json::from_value(value).map_err(|e| {
@@ -221,7 +275,7 @@ fn read_header(path: &Path, file: &mut File) -> candle_core::Result<Vec<(String,
             },
         ));
     }
-    Ok(entries)
+    Ok((entries, metadata))
 }
 
 impl SimpleBackend for TensorFiles {

@@ -1,10 +1,17 @@
 //! Finding a component's `.safetensors` weights in a diffusers folder and opening them as a
-//! `VarBuilder` of the compute dtype, with errors that name the file.
+//! `VarBuilder` of the compute dtype (with the quantized layers of a folder `sdrs quantize`
+//! wrote), with errors that name the file.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use sdrs_kernels::weight::QuantizedSource;
+use sdrs_kernels::QuantizedMatrix;
+use sdrs_quant::Quantized;
 
 use crate::error::{Error, Result};
 use crate::loading::tensor_files::TensorFiles;
@@ -79,24 +86,117 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Opens `files` as one `VarBuilder` whose tensors come out in `dtype` on `device` (read one by
-/// one when the model asks for them; see [`crate::loading::tensor_files`]).
+/// one when the model asks for them; see [`crate::loading::tensor_files`]), and, when the files
+/// hold quantized tensors (`sdrs quantize`), the source of those layers, which stay compressed.
 pub fn var_builder(
     component: &'static str,
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
-) -> Result<VarBuilder<'static>> {
+) -> Result<(VarBuilder<'static>, Option<Arc<dyn QuantizedSource>>)> {
     let first = files.first().cloned().unwrap_or_default();
-    let tensors = TensorFiles::open(files).map_err(|source| Error::Weights {
+    let weights_error = |source: candle_core::Error| Error::Weights {
         component,
-        path: first,
+        path: first.clone(),
         source,
-    })?;
-    Ok(VarBuilder::from_backend(
-        Box::new(tensors),
+    };
+    let tensors = TensorFiles::open(files).map_err(weights_error)?;
+    let entries = sdrs_quant::format::read_entries(tensors.metadata())
+        .map_err(|e| weights_error(candle_core::Error::Msg(e.to_string())))?;
+    if entries.is_empty() {
+        let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
+        return Ok((vb, None));
+    }
+    let stored = Arc::new(StoredQuantized {
+        tensors,
+        entries,
+        dtype,
+    });
+    let vb = VarBuilder::from_backend(
+        Box::new(StoredBackend(stored.clone())),
         dtype,
         device.clone(),
-    ))
+    );
+    Ok((vb, Some(stored)))
+}
+
+/// A folder's weight files with quantized tensors stored as parts ([`sdrs_quant::format`]):
+/// layer weights come out as quantized matrices; anything else asks for a tensor densely (an
+/// embedding table), which decodes it.
+struct StoredQuantized {
+    tensors: TensorFiles,
+    entries: HashMap<String, serde_json::Value>,
+    dtype: DType,
+}
+
+impl StoredQuantized {
+    fn matrix(&self, name: &str, entry: &serde_json::Value) -> candle_core::Result<Quantized> {
+        let load = |part: &str| self.tensors.load(part);
+        sdrs_quant::format::from_parts(name, entry, &load, self.dtype)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+impl QuantizedSource for StoredQuantized {
+    fn get(&self, name: &str, _: &Shape) -> Option<candle_core::Result<Arc<dyn QuantizedMatrix>>> {
+        let entry = self.entries.get(name)?;
+        Some(
+            self.matrix(name, entry)
+                .map(|m| Arc::new(m) as Arc<dyn QuantizedMatrix>),
+        )
+    }
+}
+
+/// [`StoredQuantized`] as the dense builder's backend.
+struct StoredBackend(Arc<StoredQuantized>);
+
+impl SimpleBackend for StoredBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if self.0.entries.contains_key(name) {
+            let tensor = self.get_unchecked(name, dtype, device)?;
+            if tensor.shape() != &shape {
+                return Err(candle_core::Error::UnexpectedShape {
+                    msg: format!("shape mismatch for {name}"),
+                    expected: shape,
+                    got: tensor.shape().clone(),
+                }
+                .bt());
+            }
+            return Ok(tensor);
+        }
+        self.0.tensors.get(shape, name, init, dtype, device)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.0.entries.get(name) {
+            Some(entry) => {
+                let shape = sdrs_quant::format::entry_shape(name, entry)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                self.0
+                    .matrix(name, entry)?
+                    .dequantize(device)?
+                    .reshape(shape)?
+                    .to_dtype(dtype)
+            }
+            None => self.0.tensors.get_unchecked(name, dtype, device),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.entries.contains_key(name) || self.0.tensors.contains(name)
+    }
 }
 
 /// Reads and parses a JSON file; Python's `Infinity`/`NaN` literals (which diffusers writes) are accepted.

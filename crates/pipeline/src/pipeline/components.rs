@@ -5,11 +5,13 @@
 //! cross them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sdrs_clip::{ClipTextModel, ClipTokenizer};
 use sdrs_kernels::dispatch::activation_dtype;
+use sdrs_kernels::weight::QuantizedSource;
 use sdrs_schedulers::NoiseSource;
 use sdrs_taesd::AutoencoderTiny;
 use sdrs_unet::UNet2DConditionModel;
@@ -17,6 +19,7 @@ use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::loading::quantize::{Chain, QuantizeAtLoad, QUANTIZED_COMPONENTS};
 use crate::model_files::ModelFiles;
 use crate::random_weights::RandomWeights;
 use crate::weights::{find_weights, var_builder};
@@ -444,34 +447,68 @@ pub(crate) enum Weights {
 }
 
 impl Weights {
-    /// The weights of `component` as a `VarBuilder`, and the file they come from (for messages).
-    /// The component's config comes from `files` (a single checkpoint has none of its own).
+    /// The weights of `component` as a `VarBuilder`, the file they come from (for messages),
+    /// and where its quantized layer weights come from: a GGUF file's blocks, a quantized
+    /// folder's matrices, and what `options` asks to quantize at load (in that order). The
+    /// component's config comes from `files` (a single checkpoint has none of its own).
     fn component(
         &self,
         files: &ModelFiles,
         component: &'static str,
-        variant: Option<&str>,
         dtype: DType,
-        device: &Device,
-    ) -> Result<(VarBuilder<'static>, PathBuf)> {
-        match self {
+        options: &LoadOptions,
+    ) -> Result<ComponentWeights> {
+        let device = &options.device;
+        let variant = options.variant.as_deref();
+        let mut sources: Vec<Arc<dyn QuantizedSource>> = Vec::new();
+        let (vb, path) = match self {
             Weights::Folder(root) => {
                 let dir = root.join(component);
                 let files = find_weights(&dir, variant)?;
-                let vb = var_builder(component, &files, dtype, device)?;
-                Ok((vb, files.first().cloned().unwrap_or(dir)))
+                let (vb, stored) = var_builder(component, &files, dtype, device)?;
+                sources.extend(stored);
+                (vb, files.first().cloned().unwrap_or(dir))
             }
             Weights::Checkpoint(checkpoint) => {
                 let config = files.json(&format!("{component}/config.json"))?;
                 let vb = checkpoint.var_builder(component, &config, dtype, device)?;
-                Ok((vb, checkpoint.path().to_path_buf()))
+                sources.extend(checkpoint.quantized_source(component, &config, dtype)?);
+                (vb, checkpoint.path().to_path_buf())
             }
-            Weights::Random(seed) => Ok((
+            Weights::Random(seed) => (
                 RandomWeights::for_component(*seed, component).into_var_builder(dtype, device),
                 PathBuf::from("<random weights>"),
-            )),
+            ),
+        };
+        if let Some(spec) = options.quantize {
+            if QUANTIZED_COMPONENTS.contains(&component) {
+                sources.push(Arc::new(QuantizeAtLoad::new(
+                    component,
+                    vb.clone(),
+                    spec,
+                    options.recipe.clone(),
+                    dtype,
+                )));
+            }
         }
+        let quantized = match sources.len() {
+            0 => None,
+            1 => sources.pop(),
+            _ => Some(Arc::new(Chain(sources)) as Arc<dyn QuantizedSource>),
+        };
+        Ok(ComponentWeights {
+            vb,
+            path,
+            quantized,
+        })
     }
+}
+
+/// What [`Weights::component`] opens.
+struct ComponentWeights {
+    vb: VarBuilder<'static>,
+    path: PathBuf,
+    quantized: Option<Arc<dyn QuantizedSource>>,
 }
 
 /// The candle components of one model, built from its configs and weights.
@@ -492,13 +529,16 @@ impl CandleComponents {
     ) -> Result<Self> {
         let device = &options.device;
         let dtype = options.dtype;
-        let variant = options.variant.as_deref();
         let load = |component: &'static str,
                     dtype: DType|
          -> Result<(sdrs_kernels::VarBuilder<'static>, PathBuf)> {
             let _span = tracing::info_span!("load_weights", component).entered();
-            let (vb, path) = weights.component(files, component, variant, dtype, device)?;
-            Ok((sdrs_kernels::VarBuilder::new(vb, options.kernels), path))
+            let weights = weights.component(files, component, dtype, options)?;
+            let mut vb = sdrs_kernels::VarBuilder::new(weights.vb, options.kernels);
+            if let Some(source) = weights.quantized {
+                vb = vb.with_quantized(source);
+            }
+            Ok((vb, weights.path))
         };
         let text_encoder =
             |tokenizer: &str, encoder: &'static str| -> Result<Box<dyn PromptEncoder>> {

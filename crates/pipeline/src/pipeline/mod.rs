@@ -8,7 +8,7 @@
 pub mod components;
 mod conditioning;
 mod denoise;
-mod family;
+pub(crate) mod family;
 pub mod preview;
 pub mod refiner;
 

@@ -1,0 +1,167 @@
+//! Quantization at load (`--quantize kmeans6`, `int8`, `q8_0`, ...): each layer weight the spec
+//! applies to is read from the component's dense weights when the model asks for it, quantized,
+//! and kept only in its compressed form, so a quantized model never holds its dense weights.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Shape};
+use sdrs_kernels::weight::QuantizedSource;
+use sdrs_kernels::QuantizedMatrix;
+use sdrs_quant::QuantSpec;
+
+use crate::error::{Error, Result};
+
+/// A mixed-bit recipe, as `sdrs quantize --analyze` writes it: a method (`spec`) and per-layer
+/// palettization bits, keyed by component and tensor name
+/// (`unet/down_blocks.0.resnets.0.conv1.weight`); layers it does not name stay dense.
+///
+/// The file is JSON: `{"method": "kmeans6", "layers": {"unet/...weight": 4, ...}}`, plus what the
+/// analysis measured (ignored when read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    pub spec: QuantSpec,
+    pub layers: BTreeMap<String, u32>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RecipeFile {
+    method: String,
+    layers: BTreeMap<String, u32>,
+    #[serde(flatten)]
+    measured: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Recipe {
+    /// Reads a recipe file; every bit width is checked against the method.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = crate::loading::weights::read_text(path)?;
+        let file: RecipeFile = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |value: String, expected: String| Error::InvalidParameter {
+            name: "recipe",
+            value: format!("{}: {value}", path.display()),
+            expected,
+        };
+        let spec: QuantSpec = file
+            .method
+            .parse()
+            .map_err(|e: sdrs_quant::Error| bad(file.method.clone(), e.to_string()))?;
+        for (layer, &bits) in &file.layers {
+            spec.with_bits(bits)
+                .map_err(|e| bad(format!("{layer} = {bits}"), e.to_string()))?;
+            if !layer.contains('/') {
+                return Err(bad(
+                    layer.clone(),
+                    "layer names of the form component/tensor (unet/conv_in.weight)".to_string(),
+                ));
+            }
+        }
+        Ok(Self {
+            spec,
+            layers: file.layers,
+        })
+    }
+
+    /// The recipe as its JSON file, with `measured` (what the analysis found) beside it.
+    pub fn to_json(&self, measured: serde_json::Map<String, serde_json::Value>) -> String {
+        let file = RecipeFile {
+            method: self.spec.to_string(),
+            layers: self.layers.clone(),
+            measured,
+        };
+        serde_json::to_string_pretty(&file).unwrap_or_default() + "\n"
+    }
+}
+
+/// The components quantization applies to: the UNet and the text encoders (the VAE stays dense,
+/// as its decode is the image itself and its weights are a small part of the model).
+pub const QUANTIZED_COMPONENTS: [&str; 3] = ["unet", "text_encoder", "text_encoder_2"];
+
+/// A [`QuantizedSource`] that quantizes the weights of one component's dense builder on demand.
+pub struct QuantizeAtLoad {
+    component: &'static str,
+    dense: candle_nn::VarBuilder<'static>,
+    spec: QuantSpec,
+    recipe: Option<Arc<Recipe>>,
+    dtype: DType,
+}
+
+impl QuantizeAtLoad {
+    /// Quantizes `component`'s weights from `dense` (its builder) with `spec` (and `recipe`'s
+    /// per-layer bit widths), computing as `dtype`.
+    pub fn new(
+        component: &'static str,
+        dense: candle_nn::VarBuilder<'static>,
+        spec: QuantSpec,
+        recipe: Option<Arc<Recipe>>,
+        dtype: DType,
+    ) -> Self {
+        Self {
+            component,
+            dense,
+            spec,
+            recipe,
+            dtype,
+        }
+    }
+
+    /// The spec for tensor `name`: without a recipe the spec itself; with one, the recipe's bit
+    /// width where it names the layer, and none (the layer stays dense) where it does not, as
+    /// Apple's mixed-bit recipes leave unnamed layers in float16.
+    fn spec_for(&self, name: &str) -> Option<candle_core::Result<QuantSpec>> {
+        let Some(recipe) = &self.recipe else {
+            return Some(Ok(self.spec));
+        };
+        let key = format!("{}/{name}", self.component);
+        let bits = *recipe.layers.get(&key)?;
+        Some(
+            self.spec
+                .with_bits(bits)
+                .map_err(|e| candle_core::Error::Msg(format!("recipe entry {key}: {e}"))),
+        )
+    }
+}
+
+impl QuantizedSource for QuantizeAtLoad {
+    fn get(
+        &self,
+        name: &str,
+        shape: &Shape,
+    ) -> Option<candle_core::Result<Arc<dyn QuantizedMatrix>>> {
+        let spec = match self.spec_for(name)? {
+            Ok(spec) if !spec.applies_to(shape.dims()) => return None,
+            Ok(spec) => spec,
+            Err(e) => return Some(Err(e)),
+        };
+        let quantize = || -> candle_core::Result<Arc<dyn QuantizedMatrix>> {
+            let weight = self.dense.get_with_hints_dtype(
+                shape.clone(),
+                name,
+                candle_nn::Init::Const(0.0),
+                DType::F32,
+            )?;
+            let matrix = spec
+                .quantize(name, &weight, self.dtype)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Ok(Arc::new(matrix))
+        };
+        Some(quantize())
+    }
+}
+
+/// Several sources, asked in order: the first that has a tensor gives it.
+pub struct Chain(pub Vec<Arc<dyn QuantizedSource>>);
+
+impl QuantizedSource for Chain {
+    fn get(
+        &self,
+        name: &str,
+        shape: &Shape,
+    ) -> Option<candle_core::Result<Arc<dyn QuantizedMatrix>>> {
+        self.0.iter().find_map(|source| source.get(name, shape))
+    }
+}
