@@ -55,8 +55,14 @@ impl<'a> VarBuilder<'a> {
         if let Some(source) = &self.quantized {
             let full = self.path(name);
             if let Some(matrix) = source.get(&full, &shape) {
-                return Weight::quantized(matrix?, shape)
-                    .map_err(|e| e.context(format!("tensor {full}")));
+                let weight = Weight::quantized(matrix?, shape)
+                    .map_err(|e| e.context(format!("tensor {full}")))?;
+                // Only the CPU kernels decode while they pack; a GPU layer gets the dense
+                // weight, decoded once here (it computes with candle's operations).
+                return match self.device() {
+                    Device::Cpu => Ok(weight),
+                    device => Ok(Weight::Dense(weight.dense(device)?)),
+                };
             }
         }
         Ok(Weight::Dense(self.inner.get(shape, name)?))

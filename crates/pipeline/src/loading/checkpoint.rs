@@ -17,7 +17,7 @@ use sdrs_quant::gguf::{GgmlType, GgufFile, GgufMatrix};
 
 use crate::error::{Error, Result};
 use crate::loading::single_file::{component_plan, detect_family, CheckpointFamily, Source};
-use crate::loading::tensor_files::TensorFiles;
+use crate::loading::tensor_files::{with_shape, TensorFiles};
 
 /// The tensors of a checkpoint file, by their names in the file.
 enum Store {
@@ -327,16 +327,7 @@ impl SimpleBackend for PlanBackend {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, device)?;
-        if tensor.shape() != &shape {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: shape,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(tensor)
+        with_shape(name, self.get_unchecked(name, dtype, device)?, shape)
     }
 
     fn get_unchecked(

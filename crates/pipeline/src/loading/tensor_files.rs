@@ -278,6 +278,19 @@ fn read_header(path: &Path, file: &mut File) -> candle_core::Result<Header> {
     Ok((entries, metadata))
 }
 
+/// `tensor` when it has `shape`, else candle's shape-mismatch error for tensor `name`.
+pub(crate) fn with_shape(name: &str, tensor: Tensor, shape: Shape) -> candle_core::Result<Tensor> {
+    if tensor.shape() != &shape {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: shape,
+            got: tensor.shape().clone(),
+        }
+        .bt());
+    }
+    Ok(tensor)
+}
+
 impl SimpleBackend for TensorFiles {
     fn get(
         &self,

@@ -14,7 +14,7 @@ use sdrs_kernels::QuantizedMatrix;
 use sdrs_quant::Quantized;
 
 use crate::error::{Error, Result};
-use crate::loading::tensor_files::TensorFiles;
+use crate::loading::tensor_files::{with_shape, TensorFiles};
 
 /// The file stems diffusers (`diffusion_pytorch_model`) and transformers (`model`) save weights under.
 const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
@@ -160,16 +160,7 @@ impl SimpleBackend for StoredBackend {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         if self.0.entries.contains_key(name) {
-            let tensor = self.get_unchecked(name, dtype, device)?;
-            if tensor.shape() != &shape {
-                return Err(candle_core::Error::UnexpectedShape {
-                    msg: format!("shape mismatch for {name}"),
-                    expected: shape,
-                    got: tensor.shape().clone(),
-                }
-                .bt());
-            }
-            return Ok(tensor);
+            return with_shape(name, self.get_unchecked(name, dtype, device)?, shape);
         }
         self.0.tensors.get(shape, name, init, dtype, device)
     }
