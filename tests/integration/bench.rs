@@ -74,6 +74,42 @@ fn bench_prints_a_table_for_chosen_parts_and_size() {
 }
 
 #[test]
+fn bench_names_the_quantization_it_measures() {
+    let model = fixtures().join("tiny-sd15");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "-m",
+            model.to_str().unwrap(),
+            "--parts",
+            "unet",
+            "--runs",
+            "1",
+            "--json",
+            "-",
+        ];
+        args.extend_from_slice(extra);
+        let output = sdrs(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_str::<serde_json::Value>(&stdout(&output)).unwrap()
+    };
+    assert_eq!(run(&[])["quantization"], "none");
+    assert_eq!(
+        run(&["--quantize", "kmeans4:grouped16"])["quantization"],
+        "kmeans4:grouped16"
+    );
+    let output = sdrs(&[
+        "bench",
+        "-m",
+        model.to_str().unwrap(),
+        "--quantize",
+        "kmeans7",
+    ]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("kmeans7"), "{}", stderr(&output));
+}
+
+#[test]
 fn bench_rejects_unknown_parts_models_and_sizes() {
     let output = sdrs(&["bench", "--parts", "unet,vea"]);
     assert!(!output.status.success());

@@ -372,3 +372,84 @@ impl QuantizedSource for GgufLayers {
         Some(matrix.map(|m| Arc::new(m) as Arc<dyn QuantizedMatrix>))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The extended fixture set `name`, or `None` (skipped; a failure under `CI=true`).
+    fn extended(name: &str) -> Option<PathBuf> {
+        let root = std::env::var_os("SDRS_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+            });
+        let dir = root.join(name);
+        if dir.is_dir() {
+            return Some(dir);
+        }
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{} not found",
+            dir.display()
+        );
+        println!("skipped: {} not found", dir.display());
+        None
+    }
+
+    #[test]
+    fn a_gguf_checkpoints_linear_layers_stay_in_their_blocks() {
+        let Some(dir) = extended("gguf") else {
+            return;
+        };
+        let checkpoint = Checkpoint::open(&dir.join("tiny-sd15-q8_0.gguf")).unwrap();
+        assert!(checkpoint.is_gguf());
+        assert_eq!(checkpoint.family(), CheckpointFamily::Sd15);
+        let config_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny-sd15/unet/config.json");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(config_path).unwrap()).unwrap();
+        let source = checkpoint
+            .quantized_source("unet", &config, DType::F32)
+            .unwrap()
+            .unwrap();
+        let plan = checkpoint.plan("unet", &config).unwrap();
+        let (mut quantized, mut dense) = (0, 0);
+        for (name, source_key) in &plan {
+            if !name.ends_with(".weight") {
+                continue;
+            }
+            let shape = Shape::from(
+                source_key
+                    .target_shape(
+                        &checkpoint
+                            .keys
+                            .iter()
+                            .find(|(k, _)| k == source_key.key())
+                            .unwrap()
+                            .1,
+                    )
+                    .unwrap(),
+            );
+            match source.get(name, &shape) {
+                Some(matrix) => {
+                    let matrix = matrix.unwrap();
+                    assert_eq!(matrix.format(), "q8_0", "{name}");
+                    quantized += 1;
+                }
+                None => dense += 1,
+            }
+        }
+        // The attention projections and feed-forward layers are q8_0; the 3x3 convolutions
+        // and the norms stay f16 (read densely).
+        assert!(
+            quantized > 20 && dense > 20,
+            "{quantized} quantized, {dense} dense"
+        );
+        let to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+        assert!(source.get(to_q, &Shape::from((32, 32))).is_some(), "{to_q}");
+        assert!(source
+            .get("conv_in.weight", &Shape::from((32, 4, 3, 3)))
+            .is_none());
+    }
+}

@@ -165,3 +165,73 @@ impl QuantizedSource for Chain {
         self.0.iter().find_map(|source| source.get(name, shape))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+
+    fn recipe_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("recipe.json");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn recipes_read_back_what_they_write_and_refuse_bad_entries() {
+        let recipe = Recipe {
+            spec: "kmeans6".parse().unwrap(),
+            layers: BTreeMap::from([("unet/conv_in.weight".to_string(), 4)]),
+        };
+        let (_dir, path) = recipe_file(&recipe.to_json(serde_json::Map::new()));
+        assert_eq!(Recipe::read(&path).unwrap(), recipe);
+        for (text, expected) in [
+            (
+                r#"{"method": "kmeans6", "layers": {"unet/a.weight": 5}}"#,
+                "bits = 5",
+            ),
+            (
+                r#"{"method": "kmeans6", "layers": {"a.weight": 4}}"#,
+                "component/tensor",
+            ),
+            (
+                r#"{"method": "int8", "layers": {"unet/a.weight": 4}}"#,
+                "kmeans",
+            ),
+            (r#"{"method": "kmeans", "layers": {}}"#, "\"kmeans\""),
+            (r#"{"layers": {}}"#, "method"),
+        ] {
+            let (_dir, path) = recipe_file(text);
+            let message = Recipe::read(&path).unwrap_err().to_string();
+            assert!(message.contains(expected), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_recipe_leaves_the_layers_it_does_not_name_dense() {
+        let weight = Tensor::randn(0f32, 1.0, (64, 64), &Device::Cpu).unwrap();
+        let tensors = HashMap::from([
+            ("a.weight".to_string(), weight.clone()),
+            ("b.weight".to_string(), weight),
+        ]);
+        let dense = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let spec: QuantSpec = "kmeans6".parse().unwrap();
+        let shape = Shape::from((64, 64));
+        let plain = QuantizeAtLoad::new("unet", dense.clone(), spec, None, DType::F32);
+        assert!(plain.get("a.weight", &shape).is_some());
+        assert!(
+            plain.get("a.weight", &Shape::from(64)).is_none(),
+            "1-D stays dense"
+        );
+        let recipe = Recipe {
+            spec,
+            layers: BTreeMap::from([("unet/a.weight".to_string(), 2)]),
+        };
+        let mixed = QuantizeAtLoad::new("unet", dense, spec, Some(Arc::new(recipe)), DType::F32);
+        let matrix = mixed.get("a.weight", &shape).unwrap().unwrap();
+        assert_eq!(matrix.format(), "kmeans2");
+        assert!(mixed.get("b.weight", &shape).is_none());
+    }
+}
