@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 use clap::{Args, ValueEnum};
 use sdrs_pipeline::checkpoint::TensorSource;
 use sdrs_pipeline::loading::export::ModelWeights;
-use sdrs_pipeline::loading::quantize::{Recipe, QUANTIZED_COMPONENTS};
+use sdrs_pipeline::loading::quantize::{layer_spec, Recipe, QUANTIZED_COMPONENTS};
 use sdrs_pipeline::BuiltinModel;
 use sdrs_quant::gguf::{GgmlType, WriteTensor};
 use sdrs_quant::QuantSpec;
@@ -266,13 +266,7 @@ fn spec_for(
     if !QUANTIZED_COMPONENTS.contains(&component) || !is_layer_weight(name) {
         return Ok(None);
     }
-    // With a recipe, the layers it does not name stay dense (as at load).
-    let spec = match recipe.map(|r| r.layers.get(&format!("{component}/{name}"))) {
-        Some(Some(&bits)) => spec.with_bits(bits)?,
-        Some(None) => return Ok(None),
-        None => spec,
-    };
-    Ok(spec.applies_to(shape).then_some(spec))
+    Ok(layer_spec(spec, recipe, component, name, shape)?)
 }
 
 /// Writes the diffusers folder `out`: the model's files, and each component's weights with the

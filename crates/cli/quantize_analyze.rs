@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use sdrs_kernels::weight::QuantizedSource;
 use sdrs_kernels::QuantizedMatrix;
 use sdrs_pipeline::loading::export::ModelWeights;
-use sdrs_pipeline::loading::quantize::Recipe;
+use sdrs_pipeline::loading::quantize::{layer_spec, Recipe};
 use sdrs_pipeline::random_weights::RandomWeights;
 use sdrs_pipeline::{BuiltinModel, ModelFiles};
 use sdrs_quant::QuantSpec;
@@ -187,15 +187,15 @@ pub fn psnr_table(
         );
     }
     if let Some(recipe) = recipe {
-        let output = bench.run_with(
-            &|name, shape| match recipe.layers.get(&format!("unet/{name}")) {
-                Some(&bits) => {
-                    let spec = recipe.spec.with_bits(bits)?;
-                    Ok(spec.applies_to(shape.dims()).then_some(spec))
-                }
-                None => Ok(None),
-            },
-        )?;
+        let output = bench.run_with(&|name, shape| {
+            Ok(layer_spec(
+                recipe.spec,
+                Some(recipe),
+                "unet",
+                name,
+                shape.dims(),
+            )?)
+        })?;
         println!(
             "{} recipe: UNet output PSNR {:.2} dB",
             recipe.spec,

@@ -190,7 +190,15 @@ pub fn from_parts(
             .and_then(|v| usize::try_from(v).ok())
             .ok_or_else(|| bad(format!("its entry has no {key}: {entry}")))
     };
-    let has = |suffix: &str| load(&format!("{name}.{suffix}")).is_ok();
+    // The zero points are stored only when there are any (symmetric matrices have none).
+    let zero_points = || -> Result<Option<Vec<i8>>> {
+        match load(&format!("{name}.zero_point")) {
+            Ok(tensor) => Ok(Some(signed(
+                tensor.flatten_all()?.to_dtype(DType::U8)?.to_vec1::<u8>()?,
+            ))),
+            Err(_) => Ok(None),
+        }
+    };
     Ok(match entry["method"].as_str() {
         Some("kmeans") => {
             let bits =
@@ -211,11 +219,7 @@ pub fn from_parts(
             )?)
         }
         Some("int8") => {
-            let zero_points = if has("zero_point") {
-                Some(signed(bytes("zero_point")?))
-            } else {
-                None
-            };
+            let zero_points = zero_points()?;
             Quantized::Int8(Int8Matrix::from_parts(
                 rows,
                 cols,
@@ -226,11 +230,7 @@ pub fn from_parts(
             )?)
         }
         Some("int4") => {
-            let zero_points = if has("zero_point") {
-                Some(signed(bytes("zero_point")?))
-            } else {
-                None
-            };
+            let zero_points = zero_points()?;
             Quantized::Int4(Int4BlockMatrix::from_parts(
                 rows,
                 cols,

@@ -90,11 +90,7 @@ impl Store {
             return None;
         };
         let info = file.tensor(key)?;
-        if matches!(
-            info.ggml_type,
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16
-        ) || !matches!(info.shape.len(), 2 | 4)
-        {
+        if !info.ggml_type.is_quantized() || !matches!(info.shape.len(), 2 | 4) {
             return None;
         }
         Some(

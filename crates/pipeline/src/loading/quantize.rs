@@ -108,22 +108,6 @@ impl QuantizeAtLoad {
             dtype,
         }
     }
-
-    /// The spec for tensor `name`: without a recipe the spec itself; with one, the recipe's bit
-    /// width where it names the layer, and none (the layer stays dense) where it does not, as
-    /// Apple's mixed-bit recipes leave unnamed layers in float16.
-    fn spec_for(&self, name: &str) -> Option<candle_core::Result<QuantSpec>> {
-        let Some(recipe) = &self.recipe else {
-            return Some(Ok(self.spec));
-        };
-        let key = format!("{}/{name}", self.component);
-        let bits = *recipe.layers.get(&key)?;
-        Some(
-            self.spec
-                .with_bits(bits)
-                .map_err(|e| candle_core::Error::Msg(format!("recipe entry {key}: {e}"))),
-        )
-    }
 }
 
 impl QuantizedSource for QuantizeAtLoad {
@@ -132,10 +116,15 @@ impl QuantizedSource for QuantizeAtLoad {
         name: &str,
         shape: &Shape,
     ) -> Option<candle_core::Result<Arc<dyn QuantizedMatrix>>> {
-        let spec = match self.spec_for(name)? {
-            Ok(spec) if !spec.applies_to(shape.dims()) => return None,
-            Ok(spec) => spec,
-            Err(e) => return Some(Err(e)),
+        let spec = match layer_spec(
+            self.spec,
+            self.recipe.as_deref(),
+            self.component,
+            name,
+            shape.dims(),
+        ) {
+            Ok(spec) => spec?,
+            Err(e) => return Some(Err(candle_core::Error::Msg(e.to_string()))),
         };
         let quantize = || -> candle_core::Result<Arc<dyn QuantizedMatrix>> {
             let weight = self.dense.get_with_hints_dtype(
@@ -151,6 +140,34 @@ impl QuantizedSource for QuantizeAtLoad {
         };
         Some(quantize())
     }
+}
+
+/// The spec for `component`'s layer weight `name` of `shape`, or `None` when it stays dense:
+/// without a recipe `spec` itself; with one, `spec` at the recipe's bit width where it names the
+/// layer, and none where it does not (Apple's mixed-bit recipes leave unnamed layers in float16);
+/// none either where the spec does not apply to the shape.
+pub fn layer_spec(
+    spec: QuantSpec,
+    recipe: Option<&Recipe>,
+    component: &str,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<QuantSpec>> {
+    let spec = match recipe {
+        None => spec,
+        Some(recipe) => {
+            let key = format!("{component}/{name}");
+            let Some(&bits) = recipe.layers.get(&key) else {
+                return Ok(None);
+            };
+            spec.with_bits(bits).map_err(|e| Error::InvalidParameter {
+                name: "recipe",
+                value: format!("{key} = {bits}"),
+                expected: e.to_string(),
+            })?
+        }
+    };
+    Ok(spec.applies_to(shape).then_some(spec))
 }
 
 /// Several sources, asked in order: the first that has a tensor gives it.
