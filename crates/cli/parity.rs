@@ -26,6 +26,10 @@ pub struct ParityArgs {
     /// skipped, or fails the run when `CI=true`.
     #[arg(long)]
     pub extended: Option<PathBuf>,
+
+    /// Run only the cases whose names start with this prefix (repeatable), e.g. `--only lora_sd15:`.
+    #[arg(long)]
+    pub only: Vec<String>,
 }
 
 /// The extended fixtures folder: the flag, else `SDRS_FIXTURES`, else `../shared/fixtures`.
@@ -50,8 +54,17 @@ pub fn run(args: ParityArgs) -> anyhow::Result<ExitCode> {
         dtype: sdrs_pipeline::parse_dtype(&args.dtype)?,
         kernels: crate::system::kernel_options(Default::default())?,
         extended: Some(extended_fixtures(args.extended)),
+        only: args.only,
     };
+    let only = options.only.clone();
     let results = parity::run(&args.fixtures, &options, &mut |case| println!("{case}"))?;
+    if results.is_empty() && !only.is_empty() {
+        anyhow::bail!(
+            "no parity case's name starts with {}; names look like `tokenizer:0`, `unet_sd15`, \
+             `lora_sd15:base`, `gguf_block:q4_0`",
+            only.join(" or ")
+        );
+    }
     let failed = results
         .iter()
         .filter(|r| matches!(r.outcome, Outcome::Fail(_)))

@@ -24,6 +24,8 @@ use sdrs_taesd::AutoencoderTiny;
 
 use crate::tolerances::{self, CaseKind};
 
+mod features;
+
 /// Where and in which dtype to run the checks.
 #[derive(Debug, Clone)]
 pub struct ParityOptions {
@@ -34,6 +36,9 @@ pub struct ParityOptions {
     /// The extended fixture sets (`gguf/`, `coreml/kmeans/`, ...), kept outside the repository;
     /// `None`: only the fixtures folder's own cases.
     pub extended: Option<ExtendedFixtures>,
+    /// Only the cases whose names start with one of these prefixes (`lora_sd15:`, `gguf`);
+    /// empty: every case.
+    pub only: Vec<String>,
 }
 
 /// Where the extended fixture sets are, and whether a missing one fails the run (under CI) or is
@@ -109,6 +114,7 @@ pub fn run(
     if let Some(extended) = &options.extended {
         runner.gguf_cases(extended)?;
         runner.kmeans_cases(extended)?;
+        runner.feature_cases(extended)?;
     }
     Ok(runner.results)
 }
@@ -136,7 +142,16 @@ struct Runner<'a> {
 }
 
 impl Runner<'_> {
+    /// Whether the case `name` is one the run asks for (see [`ParityOptions::only`]).
+    fn wanted(&self, name: &str) -> bool {
+        let only = &self.options.only;
+        only.is_empty() || only.iter().any(|prefix| name.starts_with(prefix.as_str()))
+    }
+
     fn push(&mut self, result: CaseResult) {
+        if !self.wanted(&result.name) {
+            return;
+        }
         (self.report)(&result);
         self.results.push(result);
     }
@@ -153,6 +168,9 @@ impl Runner<'_> {
     /// Records a `kind` case computed by `check`, which returns the max |diff|; errors, and a kind
     /// the tolerance table has no bound for, become failures.
     fn case(&mut self, name: String, kind: CaseKind, check: impl FnOnce(&mut Self) -> Result<f64>) {
+        if !self.wanted(&name) {
+            return;
+        }
         let (tolerance, max_diff, outcome) = match self.tolerance(kind) {
             Err(e) => (f64::NAN, None, Outcome::Fail(Some(e.to_string()))),
             Ok(tolerance) => match check(self) {
@@ -730,6 +748,9 @@ impl Runner<'_> {
         let base = self.reference("pipelines.safetensors")?;
         for case in cases {
             let key = case["key"].as_str().unwrap_or_default().to_string();
+            if !self.wanted(&key) {
+                continue;
+            }
             let like = case["like"].as_str().unwrap_or_default();
             let Some(like_case) = pipelines
                 .as_array()
