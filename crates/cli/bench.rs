@@ -350,7 +350,7 @@ fn component_parts(
         results.push(measured("text encoder", seconds, Some(flops)));
     }
     if parts.contains(&"unet") {
-        let conditioning = pipeline.encode_prompts(&request)?.repeat(args.batch)?;
+        let conditioning = pipeline.encode_prompts(&request)?.for_batch(args.batch)?;
         let denoiser = pipeline.denoiser()?;
         let shape = (unet_batch, denoiser.in_channels(), latent, latent);
         let sample =

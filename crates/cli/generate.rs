@@ -114,8 +114,18 @@ pub struct GenerateArgs {
     pub height: Option<usize>,
 
     /// Seed of the torch-compatible generator; -1 (the default) picks a random one, printed and stored.
+    /// With several images, image k (counted over all batches) uses seed + k, as AUTOMATIC1111 does.
     #[arg(short = 's', long, default_value_t = -1, allow_negative_numbers = true)]
     pub seed: i64,
+
+    /// Number of batches to generate one after the other (AUTOMATIC1111's batch count). Images
+    /// after the first are saved beside `-o` with their index: out.png, out-1.png, out-2.png, ...
+    #[arg(short = 'b', long = "batch-count", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch_count: u64,
+
+    /// Images denoised together in one UNet batch (faster per image where memory allows).
+    #[arg(long = "batch-size", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=sdrs_pipeline::stable_diffusion::MAX_BATCH_SIZE as u64))]
+    pub batch_size: u64,
 
     /// Sampler, by stable-diffusion.cpp name (`euler`, `dpm++2m`, `ddim`, ...) or AUTOMATIC1111 label (`DPM++ 2M Karras`).
     #[arg(long = "sampling-method", default_value = "dpm++2m", value_parser = parse_sampler)]
@@ -136,7 +146,8 @@ pub struct GenerateArgs {
     pub vae: Option<String>,
 
     /// Write a preview of the image being sampled to this PNG (replaced atomically), decoded with
-    /// `--vae` when given, else with a cheap linear projection of the latents.
+    /// `--vae` when given, else with a cheap linear projection of the latents (of a batch: its
+    /// first image).
     #[arg(long)]
     pub preview: Option<PathBuf>,
 
@@ -333,7 +344,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let _trace = crate::trace::start(args.trace.as_deref())?;
     let kernels = crate::system::kernel_options(args.attention)?;
     let settings = Settings::resolve(&args, kernels, random_seed())?;
-    let pending = reserve_outputs(&args)?;
+    let pending = reserve_outputs(&args, image_count(&args))?;
     eprintln!("{}", settings.device_message);
     eprintln!("seed {}", settings.seed);
     let options = settings.load_options(args.variant.clone());
@@ -356,23 +367,93 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         None => None,
     };
     let request = build_request(&pipeline, &args, &settings, init)?;
+    let requests = batch_requests(&request, args.batch_count as usize)?;
 
     let started = Instant::now();
-    let (image, steps) = sample(pipeline, &request, refiner.as_ref(), &args)?;
+    let (batches, steps) = sample(pipeline, &requests, refiner.as_ref(), &args)?;
     let elapsed = started.elapsed().as_secs_f64();
+    let images = requests.len() * request.batch_size;
+    let what = if images > 1 {
+        format!("{images} images")
+    } else {
+        "the image".to_string()
+    };
     eprintln!(
-        "generated in {elapsed:.1}s: {steps} denoising steps ({} including text encoding and decoding)",
+        "generated {what} in {elapsed:.1}s: {steps} denoising steps ({} including text encoding and decoding)",
         crate::progress::speed_text(steps as f64 / elapsed.max(1e-9))
     );
-    let path = pending.write(&image, &parameters(&args, &settings, &request))?;
-    eprintln!("saved {}", path.display());
+    let mut pending = pending.into_iter();
+    for (batch, (request, images)) in requests.iter().zip(&batches).enumerate() {
+        for position in 0..request.batch_size {
+            let index = batch * request.batch_size + position;
+            let Some(output) = pending.next() else {
+                bail!("no output was reserved for image {index}");
+            };
+            let mut parameters = parameters(&args, &settings, request);
+            parameters.seed = request.image_seed(position).unwrap_or(settings.seed);
+            if request.batch_size > 1 {
+                parameters
+                    .extra
+                    .push(("Batch size".to_string(), request.batch_size.to_string()));
+                parameters
+                    .extra
+                    .push(("Batch pos".to_string(), position.to_string()));
+            }
+            let path = output.write(&images.get(position)?, &parameters)?;
+            eprintln!("saved {}", path.display());
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reserves the output (and checks the preview path can be written), so that neither fails after
+/// How many images the flags ask for: batch count x batch size.
+fn image_count(args: &GenerateArgs) -> usize {
+    (args.batch_count * args.batch_size) as usize
+}
+
+/// Where image `index` of a run goes: `-o` itself for the first, then `-o` with `-<index>` before
+/// its extension (out.png, out-1.png, out-2.png, ...).
+pub fn output_path(output: &Path, index: usize) -> PathBuf {
+    if index == 0 {
+        return output.to_path_buf();
+    }
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match output.extension() {
+        Some(extension) => format!("{stem}-{index}.{}", extension.to_string_lossy()),
+        None => format!("{stem}-{index}"),
+    };
+    output.with_file_name(name)
+}
+
+/// The request of each batch: batch `j` starts at seed `seed + j * batch size`.
+fn batch_requests(request: &Request, count: usize) -> Result<Vec<Request>> {
+    (0..count)
+        .map(|batch| {
+            let mut next = request.clone();
+            next.seed = request
+                .seed
+                .and_then(|seed| seed.checked_add((batch * request.batch_size) as u64));
+            if next.seed.is_none() && request.seed.is_some() {
+                bail!(
+                    "--seed {} is too large for {} images: every image's seed must fit in 64 bits",
+                    request.seed.unwrap_or_default(),
+                    count * request.batch_size
+                );
+            }
+            Ok(next)
+        })
+        .collect()
+}
+
+/// Reserves every output (and checks the preview path can be written), so that none fails after
 /// the work is done.
-fn reserve_outputs(args: &GenerateArgs) -> Result<PendingImage> {
-    let pending = PendingImage::reserve(&args.output)?;
+fn reserve_outputs(args: &GenerateArgs, images: usize) -> Result<Vec<PendingImage>> {
+    let pending = (0..images)
+        .map(|index| PendingImage::reserve(&output_path(&args.output, index)))
+        .collect::<Result<Vec<_>>>()?;
     if let Some(preview) = &args.preview {
         drop(PendingImage::reserve(preview)?);
     }
@@ -446,6 +527,7 @@ fn build_request(
     }
     request.clip_skip = args.clip_skip;
     request.seed = Some(settings.seed);
+    request.batch_size = args.batch_size as usize;
     request.original_size = args.original_size.map(|(w, h)| (h, w));
     request.target_size = args.target_size.map(|(w, h)| (h, w));
     request.crops_coords_top_left = args.crop_coords;
@@ -467,14 +549,14 @@ fn build_request(
     Ok(request)
 }
 
-/// Runs the generation (base then refiner when there is one) with a progress bar, writing the
-/// preview as it goes; returns the image and the number of denoising steps run.
+/// Runs the generations (base then refiner when there is one) with a progress bar, writing the
+/// preview as it goes; returns each request's images and the number of denoising steps run.
 fn sample(
     pipeline: StableDiffusion,
-    request: &Request,
+    requests: &[Request],
     refiner: Option<&Refiner>,
     args: &GenerateArgs,
-) -> Result<(Tensor, usize)> {
+) -> Result<(Vec<Tensor>, usize)> {
     let bar = step_bar(0);
     let mut steps = 0usize;
     let mut preview_failed = false;
@@ -497,13 +579,23 @@ fn sample(
             }
         }
     };
-    let image = match refiner {
-        None => pipeline.generate_once(request, &mut on_step),
-        Some(refiner) => refiner.generate_once(pipeline, request, &mut on_step),
+    let images = match (refiner, requests) {
+        // One run frees each model after its last use.
+        (None, [request]) => pipeline
+            .generate_once(request, &mut on_step)
+            .map(|i| vec![i]),
+        (Some(refiner), [request]) => refiner
+            .generate_once(pipeline, request, &mut on_step)
+            .map(|i| vec![i]),
+        (None, _) => requests
+            .iter()
+            .map(|request| pipeline.generate(request, &mut on_step))
+            .collect(),
+        (Some(refiner), _) => refiner.generate_all_once(pipeline, requests, &mut on_step),
     }
     .map_err(with_flag)?;
     bar.finish_and_clear();
-    Ok((image, steps))
+    Ok((images, steps))
 }
 
 /// The PNG's `parameters`, as AUTOMATIC1111 records them.
@@ -554,6 +646,7 @@ fn flag_for(parameter: &str) -> Option<&'static str> {
         "clip skip" => "--clip-skip",
         "refiner switch" | "denoising start" | "denoising end" => "--refiner-start",
         "threads" => "--threads",
+        "batch size" => "--batch-size",
         _ => return None,
     })
 }

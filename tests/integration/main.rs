@@ -1,6 +1,7 @@
 //! End-to-end tests of the `sdrs` binary against the reference fixtures in `tests/fixtures`.
 
 mod bad_input;
+mod batch;
 mod bench;
 mod generate;
 mod hub;

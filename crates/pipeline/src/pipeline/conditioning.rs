@@ -55,12 +55,20 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
-    /// The rows `times` times over (`[a, b]` -> `[a, b, a, b, ...]`), for a batch of images.
-    pub fn repeat(&self, times: usize) -> Result<Self> {
+    /// The conditioning of a batch of `images` images with the same prompts: each row `images`
+    /// times in place (`[negative, positive]` -> `[negative x images, positive x images]`), the
+    /// layout the guided prediction splits into its unconditional and conditional halves, as
+    /// diffusers' `num_images_per_prompt` builds it.
+    pub fn for_batch(&self, images: usize) -> Result<Self> {
+        if images == 1 {
+            return Ok(self.clone());
+        }
         let rows = |t: &Tensor| -> Result<Tensor> {
-            let mut shape = vec![1; t.rank()];
-            shape[0] = times;
-            Ok(t.repeat(shape)?)
+            let index: Vec<u32> = (0..t.dim(0)? as u32)
+                .flat_map(|row| std::iter::repeat_n(row, images))
+                .collect();
+            let index = Tensor::from_vec(index, images * t.dim(0)?, t.device())?;
+            Ok(t.index_select(&index, 0)?)
         };
         Ok(Self {
             embeddings: rows(&self.embeddings)?,
@@ -240,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn repeated_conditioning_tiles_the_rows_in_order() {
+    fn batch_conditioning_repeats_each_row_in_place() {
         let device = Device::Cpu;
         let rows = |values: Vec<f32>, shape: &[usize]| Tensor::from_vec(values, shape, &device);
         let conditioning = Conditioning {
@@ -250,7 +258,7 @@ mod tests {
                 time_ids: rows(vec![7., 8.], &[2, 1]).unwrap(),
             }),
         };
-        let repeated = conditioning.repeat(2).unwrap();
+        let repeated = conditioning.for_batch(2).unwrap();
         assert_eq!(repeated.embeddings.dims(), [4, 1, 2]);
         let values: Vec<f32> = repeated
             .embeddings
@@ -258,11 +266,13 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_eq!(values, [0., 1., 2., 3., 0., 1., 2., 3.]);
+        assert_eq!(values, [0., 1., 0., 1., 2., 3., 2., 3.]);
         let added = repeated.added.unwrap();
         let pooled: Vec<f32> = added.text_embeds.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(pooled, [5., 6., 5., 6.]);
+        assert_eq!(pooled, [5., 5., 6., 6.]);
         assert_eq!(added.time_ids.dims(), [4, 1]);
+        let times: Vec<f32> = added.time_ids.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(times, [7., 7., 8., 8.]);
     }
 
     #[test]

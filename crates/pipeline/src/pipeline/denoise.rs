@@ -22,6 +22,32 @@ pub(super) struct Start {
     pub latents: Tensor,
 }
 
+impl Start {
+    /// The start of a batch from each image's own start (the same timesteps), latents stacked.
+    pub fn batch(mut starts: Vec<Start>) -> Result<Start> {
+        if starts.len() == 1 {
+            return starts.pop().ok_or_else(unreachable_empty_batch);
+        }
+        let timesteps = starts
+            .first()
+            .map(|s| s.timesteps.clone())
+            .ok_or_else(unreachable_empty_batch)?;
+        let latents: Vec<Tensor> = starts.into_iter().map(|s| s.latents).collect();
+        Ok(Start {
+            timesteps,
+            latents: Tensor::cat(&latents, 0)?,
+        })
+    }
+}
+
+fn unreachable_empty_batch() -> Error {
+    Error::InvalidParameter {
+        name: "batch size",
+        value: "0".to_string(),
+        expected: "at least 1".to_string(),
+    }
+}
+
 /// The timesteps to run and the latents to start from, for `request` on a fresh `scheduler`
 /// (whose begin index it sets): pure noise for text-to-image, the image encoded by `encoder` and
 /// noised to the strength for image-to-image, or the latents of another pipeline, continued
@@ -146,10 +172,11 @@ fn guided_prediction(
     guidance_scale: f64,
 ) -> Result<Tensor> {
     let guided = guidance_scale > 1.0;
+    let images = latents.dim(0)?;
     let (model_input, batch) = if guided {
-        (Tensor::cat(&[latents, latents], 0)?, 2)
+        (Tensor::cat(&[latents, latents], 0)?, 2 * images)
     } else {
-        (latents.clone(), 1)
+        (latents.clone(), images)
     };
     let model_input = scheduler.scale_model_input(&model_input, t)?;
     let t_batch = Tensor::full(t as f32, batch, denoiser.device())?;
@@ -164,8 +191,8 @@ fn guided_prediction(
     if !guided {
         return Ok(prediction);
     }
-    let uncond = prediction.narrow(0, 0, 1)?;
-    let cond = prediction.narrow(0, 1, 1)?;
+    let uncond = prediction.narrow(0, 0, images)?;
+    let cond = prediction.narrow(0, images, images)?;
     Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?)
 }
 

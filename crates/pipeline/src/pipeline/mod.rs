@@ -87,7 +87,14 @@ pub struct Request {
     pub target_size: Option<(usize, usize)>,
     pub aesthetic_score: f64,
     pub negative_aesthetic_score: f64,
+    /// Images denoised together in one UNet batch (diffusers' `num_images_per_prompt`). Image `i`
+    /// draws from its own generator seeded `seed + i` (AUTOMATIC1111's rule), so each is the image
+    /// that seed gives alone; explicit `latents` and init latents then have `batch_size` rows.
+    pub batch_size: usize,
 }
+
+/// The most images one request may batch together.
+pub const MAX_BATCH_SIZE: usize = 64;
 
 impl Request {
     /// A request with diffusers' defaults for `pipeline`: its native size, 25 steps... see the fields.
@@ -115,7 +122,33 @@ impl Request {
             target_size: None,
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
+            batch_size: 1,
         }
+    }
+
+    /// The seed of image `index` of the batch: `seed + index`.
+    pub fn image_seed(&self, index: usize) -> Option<u64> {
+        self.seed.and_then(|seed| seed.checked_add(index as u64))
+    }
+
+    /// The request for image `index` of the batch alone: its own seed, and its row of explicit
+    /// latents or init latents (the whole tensor when it has one row).
+    fn image(&self, index: usize) -> Result<Self> {
+        let row = |t: &Tensor| -> Result<Tensor> {
+            Ok(if t.dim(0)? == 1 {
+                t.clone()
+            } else {
+                t.narrow(0, index, 1)?
+            })
+        };
+        let mut one = self.clone();
+        one.batch_size = 1;
+        one.seed = self.image_seed(index);
+        one.latents = self.latents.as_ref().map(row).transpose()?;
+        if let InitImage::Latents(latents) = &self.init_image {
+            one.init_image = InitImage::Latents(row(latents)?);
+        }
+        Ok(one)
     }
 }
 
@@ -132,7 +165,7 @@ pub struct StepProgress<'a> {
 }
 
 impl StepProgress<'_> {
-    /// A preview of the current latents, `[1, 3, H, W]` in `[0, 1]`: decoded by the tiny
+    /// A preview of the current latents, `[batch_size, 3, H, W]` in `[0, 1]`: decoded by the tiny
     /// autoencoder when the pipeline has one, otherwise by a cheap linear projection.
     /// Computed only when asked for.
     pub fn preview(&self) -> Result<Tensor> {
@@ -403,7 +436,7 @@ impl StableDiffusion {
         self.vae_encoder.as_ref()
     }
 
-    /// Runs a whole generation and returns images `[1, 3, H, W]` in `[0, 1]` (f32).
+    /// Runs a whole generation and returns images `[batch_size, 3, H, W]` in `[0, 1]` (f32).
     pub fn generate(
         &self,
         request: &Request,
@@ -513,26 +546,38 @@ impl StableDiffusion {
             request.height / factor,
             request.width / factor,
         );
-        let mut generator = request.seed.map(TorchGenerator::new);
-        let start = denoise::start(
-            request,
-            scheduler.as_mut(),
-            shape,
-            generator.as_mut(),
-            self.vae_encoder.as_ref(),
-            &self.device,
-        )?;
+        // Each image of the batch starts as it would alone, from its own generator; the
+        // scheduler's begin index is the same for all.
+        let mut generators = Vec::with_capacity(request.batch_size);
+        let mut starts = Vec::with_capacity(request.batch_size);
+        for index in 0..request.batch_size {
+            let image = request.image(index)?;
+            let mut generator = image.seed.map(TorchGenerator::new);
+            starts.push(denoise::start(
+                &image,
+                scheduler.as_mut(),
+                shape,
+                generator.as_mut(),
+                self.vae_encoder.as_ref(),
+                &self.device,
+            )?);
+            generators.extend(generator);
+        }
+        let start = denoise::Start::batch(starts)?;
+        let conditioning = conditioning.for_batch(request.batch_size)?;
         let total = start.timesteps.len();
         let mut no_noise = NoNoise;
-        let noise: &mut dyn NoiseSource = match generator.as_mut() {
-            Some(generator) => generator,
-            None => &mut no_noise,
+        let mut batch_noise = BatchNoise(generators);
+        let noise: &mut dyn NoiseSource = if request.seed.is_some() {
+            &mut batch_noise
+        } else {
+            &mut no_noise
         };
         denoise::run(
             denoiser,
             scheduler.as_mut(),
             start,
-            conditioning,
+            &conditioning,
             request.guidance_scale,
             noise,
             &mut |step, timestep, latents| {
@@ -599,6 +644,48 @@ impl StableDiffusion {
                 });
             }
         }
+        if !(1..=MAX_BATCH_SIZE).contains(&request.batch_size) {
+            return Err(Error::InvalidParameter {
+                name: "batch size",
+                value: request.batch_size.to_string(),
+                expected: format!("from 1 to {MAX_BATCH_SIZE}"),
+            });
+        }
+        if request.seed.is_some() && request.image_seed(request.batch_size - 1).is_none() {
+            return Err(Error::InvalidParameter {
+                name: "seed",
+                value: format!(
+                    "{} with a batch of {}",
+                    request.seed.unwrap_or_default(),
+                    request.batch_size
+                ),
+                expected: format!(
+                    "at most {} so that every image's seed fits in 64 bits",
+                    u64::MAX - (request.batch_size as u64 - 1)
+                ),
+            });
+        }
+        for (what, tensor) in [
+            ("latents", request.latents.as_ref()),
+            (
+                "init latents",
+                match &request.init_image {
+                    InitImage::Latents(latents) => Some(latents),
+                    _ => None,
+                },
+            ),
+        ] {
+            if let Some(tensor) = tensor {
+                let rows = tensor.dim(0)?;
+                if rows != 1 && rows != request.batch_size {
+                    return Err(Error::InvalidParameter {
+                        name: what,
+                        value: format!("with {rows} rows"),
+                        expected: format!("1 or the batch size, {}", request.batch_size),
+                    });
+                }
+            }
+        }
         if request.steps == 0 {
             return Err(Error::InvalidParameter {
                 name: "steps",
@@ -635,6 +722,46 @@ impl StableDiffusion {
             }
         }
         Ok(())
+    }
+}
+
+/// The noise of a batch whose image `i` draws from generator `i`: each row is what that image's
+/// generator gives alone.
+struct BatchNoise(Vec<TorchGenerator>);
+
+impl NoiseSource for BatchNoise {
+    fn randn(
+        &mut self,
+        shape: &candle_core::Shape,
+        dtype: DType,
+        device: &Device,
+    ) -> sdrs_schedulers::Result<Tensor> {
+        let dims = shape.dims();
+        match dims.first() {
+            Some(&rows) if rows == self.0.len() && rows > 1 => {
+                let mut one = dims.to_vec();
+                one[0] = 1;
+                let rows = self
+                    .0
+                    .iter_mut()
+                    .map(|generator| generator.randn(&one.as_slice().into(), dtype, device))
+                    .collect::<sdrs_schedulers::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&rows, 0)?)
+            }
+            _ => match self.0.as_mut_slice() {
+                [generator] => generator.randn(shape, dtype, device),
+                _ => {
+                    let mut expected = dims.to_vec();
+                    if let Some(rows) = expected.first_mut() {
+                        *rows = self.0.len();
+                    }
+                    Err(sdrs_schedulers::Error::NoiseShape {
+                        expected,
+                        found: dims.to_vec(),
+                    })
+                }
+            },
+        }
     }
 }
 

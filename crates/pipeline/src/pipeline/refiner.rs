@@ -122,11 +122,46 @@ impl Refiner {
         self.check_base(&base)?;
         let latents = base.denoise_once(&self.base_request(request), progress)?;
         let refiner = StableDiffusion::open(&self.path, None, &self.options)?;
-        let scheduler = match self.sampler {
+        let scheduler = self.scheduler(&refiner)?;
+        refiner.generate_once(&self.refiner_request(request, latents, scheduler), progress)
+    }
+
+    /// [`Self::generate_once`] for several requests (a batch count): the base runs them all, is
+    /// freed, then the refiner finishes each; one model is in memory at a time and each is loaded
+    /// once. Returns the images in the order of `requests`.
+    pub fn generate_all_once(
+        &self,
+        base: StableDiffusion,
+        requests: &[Request],
+        progress: &mut (dyn FnMut(&StepProgress) + Send),
+    ) -> Result<Vec<Tensor>> {
+        self.check_base(&base)?;
+        let mut latents = Vec::with_capacity(requests.len());
+        for request in requests {
+            latents.push(base.denoise(&self.base_request(request), progress)?);
+        }
+        drop(base);
+        sdrs_kernels::memory::release_freed_memory();
+        let refiner = StableDiffusion::open(&self.path, None, &self.options)?;
+        let scheduler = self.scheduler(&refiner)?;
+        requests
+            .iter()
+            .zip(latents)
+            .map(|(request, latents)| {
+                refiner.generate(
+                    &self.refiner_request(request, latents, scheduler.clone()),
+                    progress,
+                )
+            })
+            .collect()
+    }
+
+    /// The scheduler config the refiner samples with.
+    fn scheduler(&self, refiner: &StableDiffusion) -> Result<serde_json::Value> {
+        Ok(match self.sampler {
             Some((sampler, schedule)) => sampler.config(refiner.scheduler_config(), schedule)?,
             None => refiner.scheduler_config().clone(),
-        };
-        refiner.generate_once(&self.refiner_request(request, latents, scheduler), progress)
+        })
     }
 }
 
