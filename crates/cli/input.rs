@@ -214,8 +214,8 @@ mod tests {
         let tensor = mask.to_tensor(&Device::Cpu).unwrap();
         assert_eq!(tensor.dims(), &[1, 1, 1, 4]);
         let values = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        // PIL: L = (19595 R + 38470 G + 7471 B + 32768) >> 16: 76 for pure red, 126 for the green.
-        let expected = [255.0, 0.0, 76.0, 126.0].map(|v: f32| v / 255.0);
+        // PIL: L = (19595 R + 38470 G + 7471 B + 32768) >> 16: 76 for pure red, 124 for the green.
+        let expected = [255.0, 0.0, 76.0, 124.0].map(|v: f32| v / 255.0);
         assert_eq!(values, expected);
         // A grayscale file is read as it is.
         let gray = dir.path().join("gray.png");
