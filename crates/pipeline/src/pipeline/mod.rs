@@ -75,7 +75,8 @@ pub struct Request {
     /// Seed of the torch-compatible generator for the initial latents, the VAE encoding and each
     /// step's noise, drawn in diffusers' order.
     pub seed: Option<u64>,
-    /// Explicit initial noise `[1, C, H/8, W/8]` (before `init_noise_sigma` scaling) for text-to-image.
+    /// Explicit initial noise `[1, C, H/8, W/8]` (before `init_noise_sigma` scaling) for
+    /// text-to-image, and for inpainting, which starts from it as diffusers does (at any strength).
     pub latents: Option<Tensor>,
     pub init_image: InitImage,
     /// Inpainting: which part of the init image ([`InitImage::Pixels`] only) to repaint, a
