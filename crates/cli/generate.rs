@@ -20,7 +20,7 @@ use sdrs_quant::QuantSpec;
 use sdrs_schedulers::{Sampler, SigmaSchedule};
 use sdrs_taesd::AutoencoderTiny;
 
-use crate::input::{read_init_image, InitPicture};
+use crate::input::{read_init_image, read_mask, InitPicture, MaskPicture};
 use crate::output::{write_png_atomically, Parameters, PendingImage};
 use crate::progress::step_bar;
 
@@ -64,9 +64,15 @@ pub struct GenerateArgs {
     #[arg(short = 'i', long = "init-img")]
     pub init_img: Option<PathBuf>,
 
-    /// Image-to-image: how far to move away from the starting picture, in (0, 1].
+    /// Image-to-image and inpainting: how far to move away from the starting picture, in (0, 1].
     #[arg(long, default_value_t = 0.75)]
     pub strength: f64,
+
+    /// Inpainting, with `-i`: a mask picture (PNG, JPEG or WebP, made grayscale); white is
+    /// repainted, black kept (binarised at 50% gray). Resized to the output size when they
+    /// differ. Inpainting models (a 9-channel UNet) need it; other models blend their latents.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
 
     /// SDXL: a refiner model that finishes the base model's last steps (named as `-m` is, e.g.
     /// `sdxl-refiner`).
@@ -366,7 +372,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Some(path) => Some(read_init_image(path)?),
         None => None,
     };
-    let request = build_request(&pipeline, &args, &settings, init)?;
+    let mask = match &args.mask {
+        Some(path) => Some(read_mask(path)?),
+        None => None,
+    };
+    let request = build_request(&pipeline, &args, &settings, init, mask)?;
     let requests = batch_requests(&request, args.batch_count as usize)?;
 
     let started = Instant::now();
@@ -504,7 +514,14 @@ fn build_request(
     args: &GenerateArgs,
     settings: &Settings,
     init: Option<InitPicture>,
+    mask: Option<MaskPicture>,
 ) -> Result<Request> {
+    if mask.is_some() && init.is_none() {
+        bail!("--mask needs the picture to repaint: give it with -i/--init-img");
+    }
+    if mask.is_some() && args.refiner.is_some() {
+        bail!("--mask cannot be used with --refiner: a refiner cannot continue an inpainting");
+    }
     let init_size = init.as_ref().map(|image| (image.width, image.height));
     let (width, height) = output_size(
         pipeline.default_size(),
@@ -535,7 +552,20 @@ fn build_request(
     request.negative_aesthetic_score = args.negative_aesthetic_score;
     // Checked even without an init image, so that a bad value is never silently ignored.
     request.strength = args.strength;
-    pipeline.check_request(&request).map_err(with_flag)?;
+    match pipeline.check_request(&request) {
+        // The mask's rules are checked once the mask and the init image are set.
+        Err(sdrs_pipeline::Error::InvalidParameter { name: "mask", .. }) => {}
+        checked => checked.map_err(with_flag)?,
+    }
+    if let Some(mask) = mask {
+        if (mask.width, mask.height) != (width, height) {
+            eprintln!(
+                "resizing the mask from {}x{} to {width}x{height}",
+                mask.width, mask.height
+            );
+        }
+        request.mask = Some(mask.resized(width, height)?.to_tensor(pipeline.device())?);
+    }
     if let Some(image) = init {
         if init_size != Some((width, height)) {
             eprintln!(
@@ -546,6 +576,7 @@ fn build_request(
         let image = image.resized(width, height)?;
         request.init_image = InitImage::Pixels(image.to_tensor(pipeline.device())?);
     }
+    pipeline.check_request(&request).map_err(with_flag)?;
     Ok(request)
 }
 
@@ -642,6 +673,7 @@ fn flag_for(parameter: &str) -> Option<&'static str> {
         "height" => "--height",
         "steps" => "--steps",
         "strength" => "--strength",
+        "mask" => "--mask",
         "guidance scale" => "--cfg-scale",
         "clip skip" => "--clip-skip",
         "refiner switch" | "denoising start" | "denoising end" => "--refiner-start",
@@ -977,6 +1009,19 @@ mod tests {
         assert_eq!(parse(&[]).preview_every, 1);
         let argv = ["x", "-m", "m", "-p", "a", "--preview-every", "0"];
         assert!(Wrapper::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn the_mask_flag_parses_and_mask_errors_name_it() {
+        assert_eq!(parse(&[]).mask, None);
+        let args = parse(&["-i", "in.png", "--mask", "mask.png"]);
+        assert_eq!(args.mask, Some(PathBuf::from("mask.png")));
+        let error = sdrs_pipeline::Error::InvalidParameter {
+            name: "mask",
+            value: "none".to_string(),
+            expected: "a mask".to_string(),
+        };
+        assert!(crate::describe(&with_flag(error)).starts_with("--mask: "));
     }
 
     #[test]

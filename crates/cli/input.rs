@@ -1,12 +1,13 @@
-//! Reading the starting picture for image-to-image (PNG, JPEG or WebP) and resizing it to the
-//! output size with a Lanczos filter, as diffusers' image processor does with PIL.
+//! Reading the starting picture for image-to-image and the mask for inpainting (PNG, JPEG or
+//! WebP) and resizing them to the output size with a Lanczos filter, as diffusers' image and mask
+//! processors do with PIL (the mask converted to grayscale as PIL's `convert("L")` does).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
-use image::RgbImage;
+use image::{DynamicImage, GrayImage, RgbImage};
 
 /// A decoded 8-bit RGB picture.
 pub struct InitPicture {
@@ -64,6 +65,86 @@ impl InitPicture {
     }
 }
 
+/// A decoded 8-bit grayscale mask (white: repaint).
+pub struct MaskPicture {
+    pub width: usize,
+    pub height: usize,
+    luma: GrayImage,
+}
+
+/// Decodes the mask `path` into grayscale, naming it in the error. Colour pictures become
+/// PIL's `L` (ITU-R 601-2 luma, `(19595 R + 38470 G + 7471 B + 2^15) >> 16`), alpha ignored.
+pub fn read_mask(path: &Path) -> Result<MaskPicture> {
+    let decoded = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open the mask {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read the mask {}", path.display()))?
+        .decode()
+        .with_context(|| {
+            format!(
+                "cannot decode the mask {} (PNG, JPEG and WebP are supported)",
+                path.display()
+            )
+        })?;
+    let luma = match decoded {
+        DynamicImage::ImageLuma8(luma) => luma,
+        DynamicImage::ImageLumaA8(luma_alpha) => {
+            GrayImage::from_fn(luma_alpha.width(), luma_alpha.height(), |x, y| {
+                image::Luma([luma_alpha.get_pixel(x, y).0[0]])
+            })
+        }
+        other => pil_luma(&other.to_rgb8()),
+    };
+    Ok(MaskPicture {
+        width: luma.width() as usize,
+        height: luma.height() as usize,
+        luma,
+    })
+}
+
+/// PIL's RGB to `L` conversion, in its fixed point.
+fn pil_luma(rgb: &RgbImage) -> GrayImage {
+    GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+        let [r, g, b] = rgb.get_pixel(x, y).0.map(u32::from);
+        image::Luma([((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8])
+    })
+}
+
+impl MaskPicture {
+    /// The mask at `width` x `height` (unchanged when it already has that size).
+    pub fn resized(self, width: usize, height: usize) -> Result<Self> {
+        if (self.width, self.height) == (width, height) {
+            return Ok(self);
+        }
+        let luma = image::imageops::resize(
+            &self.luma,
+            width as u32,
+            height as u32,
+            FilterType::Lanczos3,
+        );
+        Ok(Self {
+            width,
+            height,
+            luma,
+        })
+    }
+
+    /// `[1, 1, H, W]` in `[0, 1]`.
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        let data: Vec<f32> = self
+            .luma
+            .as_raw()
+            .iter()
+            .map(|&v| v as f32 / 255.0)
+            .collect();
+        Ok(Tensor::from_vec(
+            data,
+            (1, 1, self.height, self.width),
+            device,
+        )?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +199,53 @@ mod tests {
                 .unwrap()
         );
         assert!(message.contains("missing.png"), "{message}");
+    }
+
+    #[test]
+    fn masks_become_grayscale_as_pil_converts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mask.png");
+        let colours = [[255u8, 255, 255], [0, 0, 0], [255, 0, 0], [10, 200, 30]];
+        RgbImage::from_fn(4, 1, |x, _| image::Rgb(colours[x as usize]))
+            .save(&path)
+            .unwrap();
+        let mask = read_mask(&path).unwrap();
+        assert_eq!((mask.width, mask.height), (4, 1));
+        let tensor = mask.to_tensor(&Device::Cpu).unwrap();
+        assert_eq!(tensor.dims(), &[1, 1, 1, 4]);
+        let values = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // PIL: L = (19595 R + 38470 G + 7471 B + 32768) >> 16: 76 for pure red, 124 for the green.
+        let expected = [255.0, 0.0, 76.0, 124.0].map(|v: f32| v / 255.0);
+        assert_eq!(values, expected);
+        // A grayscale file is read as it is.
+        let gray = dir.path().join("gray.png");
+        GrayImage::from_fn(2, 2, |x, y| image::Luma([(x * 100 + y * 20) as u8]))
+            .save(&gray)
+            .unwrap();
+        let values = read_mask(&gray)
+            .unwrap()
+            .to_tensor(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(values, [0.0, 100.0, 20.0, 120.0].map(|v: f32| v / 255.0));
+    }
+
+    #[test]
+    fn masks_are_resized_only_when_needed_and_unreadable_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mask.png");
+        write_png(&path, 20, 12);
+        let mask = read_mask(&path).unwrap().resized(16, 8).unwrap();
+        assert_eq!(mask.to_tensor(&Device::Cpu).unwrap().dims(), &[1, 1, 8, 16]);
+        let broken = dir.path().join("broken-mask.png");
+        std::fs::write(&broken, b"not an image").unwrap();
+        let message = format!("{:#}", read_mask(&broken).err().unwrap());
+        assert!(
+            message.contains("broken-mask.png") && message.contains("mask"),
+            "{message}"
+        );
     }
 }

@@ -5,6 +5,7 @@ mod batch;
 mod bench;
 mod generate;
 mod hub;
+mod inpaint;
 mod parity;
 mod quantize;
 mod roundtrip;

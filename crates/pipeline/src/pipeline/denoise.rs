@@ -3,6 +3,7 @@
 //! text-to-image noise, an encoded and noised image, or another pipeline's latents) and each step
 //! (classifier-free guidance, then the scheduler step). The generator is drawn from in diffusers'
 //! order: the initial noise, or the VAE sample then the img2img noise, then each step's noise.
+//! Inpainting (a request with a mask) starts and steps as [`super::inpaint`] says.
 
 use candle_core::{DType, Device, Tensor};
 use sdrs_schedulers::{NoiseSource, Scheduler, TorchGenerator};
@@ -11,6 +12,7 @@ use crate::error::{Error, Result};
 
 use super::components::{Denoiser, LatentEncoder};
 use super::conditioning::Conditioning;
+use super::inpaint::{self, Inpainting};
 use super::{InitImage, Request};
 
 /// A latents shape `(batch, channels, height, width)`.
@@ -20,6 +22,8 @@ pub(super) type Shape4 = (usize, usize, usize, usize);
 pub(super) struct Start {
     pub timesteps: Vec<f64>,
     pub latents: Tensor,
+    /// The mask and its latents, for an inpainting request.
+    pub inpainting: Option<Inpainting>,
 }
 
 impl Start {
@@ -32,9 +36,26 @@ impl Start {
             .first()
             .map(|s| s.timesteps.clone())
             .ok_or_else(unreachable_empty_batch)?;
-        let latents: Vec<Tensor> = starts.into_iter().map(|s| s.latents).collect();
+        let mut latents = Vec::with_capacity(starts.len());
+        let mut inpainting = Vec::with_capacity(starts.len());
+        for start in starts {
+            latents.push(start.latents);
+            inpainting.extend(start.inpainting);
+        }
+        let inpainting = match inpainting.len() {
+            0 => None,
+            n if n == latents.len() => Some(Inpainting::batch(inpainting)?),
+            n => {
+                return Err(Error::InvalidParameter {
+                    name: "mask",
+                    value: format!("on {n} of {} images", latents.len()),
+                    expected: "one mask for every image of the batch".to_string(),
+                })
+            }
+        };
         Ok(Start {
             timesteps,
+            inpainting,
             latents: Tensor::cat(&latents, 0)?,
         })
     }
@@ -51,11 +72,14 @@ fn unreachable_empty_batch() -> Error {
 /// The timesteps to run and the latents to start from, for `request` on a fresh `scheduler`
 /// (whose begin index it sets): pure noise for text-to-image, the image encoded by `encoder` and
 /// noised to the strength for image-to-image, or the latents of another pipeline, continued
-/// where its `denoising_end` stopped (`denoising_start`) or noised to the strength.
+/// where its `denoising_end` stopped (`denoising_start`) or noised to the strength; with a mask,
+/// what [`inpaint::prepare`] makes for a UNet of `unet_in_channels`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn start(
     request: &Request,
     scheduler: &mut dyn Scheduler,
     shape: Shape4,
+    unet_in_channels: usize,
     generator: Option<&mut TorchGenerator>,
     encoder: &dyn LatentEncoder,
     device: &Device,
@@ -71,6 +95,7 @@ pub(super) fn start(
         scheduler.order(),
     )?;
     let first_timestep = all_timesteps.get(start).copied().unwrap_or_default();
+    let mut inpainting = None;
     let latents = match &request.init_image {
         InitImage::None => {
             let noise = match (&request.latents, generator) {
@@ -82,6 +107,23 @@ pub(super) fn start(
                 (None, None) => return Err(no_seed()),
             };
             (noise * scheduler.init_noise_sigma())?
+        }
+        InitImage::Pixels(image) if request.mask.is_some() => {
+            let generator = generator.ok_or_else(no_seed)?;
+            let prepared = inpaint::prepare(
+                request,
+                image,
+                shape,
+                unet_in_channels,
+                scheduler,
+                first_timestep,
+                generator,
+                encoder,
+                device,
+            )?;
+            let latents = prepared.start_latents.clone();
+            inpainting = Some(prepared);
+            latents
         }
         InitImage::Pixels(image) => {
             let generator = generator.ok_or_else(no_seed)?;
@@ -108,7 +150,9 @@ pub(super) fn start(
             }
         }
     };
-    if start > 0 {
+    // diffusers' inpainting pipelines set the begin index even at 0 (their blending's
+    // `add_noise` then takes the sigma of the step index).
+    if start > 0 || inpainting.is_some() {
         scheduler.set_begin_index(start);
     }
     let timesteps = timesteps_to_run(
@@ -124,7 +168,11 @@ pub(super) fn start(
             expected: "a combination that leaves at least one denoising step".to_string(),
         });
     }
-    Ok(Start { timesteps, latents })
+    Ok(Start {
+        timesteps,
+        latents,
+        inpainting,
+    })
 }
 
 /// Runs the denoiser and the scheduler over `start`'s timesteps, calling `progress` with the
@@ -139,6 +187,8 @@ pub(super) fn run(
     progress: &mut dyn FnMut(usize, f64, &Tensor),
 ) -> Result<Tensor> {
     let mut latents = start.latents;
+    let inpainting = start.inpainting.as_ref();
+    let extra_channels = inpainting.and_then(Inpainting::extra_channels);
     for (index, &t) in start.timesteps.iter().enumerate() {
         let span = tracing::info_span!("denoising_step", step = index + 1, timestep = t);
         let entered = span.enter();
@@ -146,6 +196,7 @@ pub(super) fn run(
             denoiser,
             scheduler,
             &latents,
+            extra_channels,
             t,
             conditioning,
             guidance_scale,
@@ -154,6 +205,10 @@ pub(super) fn run(
             let _span = tracing::info_span!("scheduler_step").entered();
             scheduler.step(&prediction, t, &latents, noise)?
         };
+        if let Some(inpainting) = inpainting {
+            let next = start.timesteps.get(index + 1).copied();
+            latents = inpainting.blend(scheduler, &latents, next)?;
+        }
         drop(entered);
         progress(index + 1, t, &latents);
     }
@@ -162,11 +217,13 @@ pub(super) fn run(
 
 /// The model output at `t`. With guidance (a scale above 1) the unconditional and the
 /// conditional predictions come from one batch of two and are mixed as diffusers does:
-/// `uncond + scale * (cond - uncond)`.
+/// `uncond + scale * (cond - uncond)`. An inpainting UNet's `extra_channels` (mask and
+/// masked-image latents) follow the scaled latents in each row.
 fn guided_prediction(
     denoiser: &dyn Denoiser,
     scheduler: &mut dyn Scheduler,
     latents: &Tensor,
+    extra_channels: Option<&Tensor>,
     t: f64,
     conditioning: &Conditioning,
     guidance_scale: f64,
@@ -179,6 +236,17 @@ fn guided_prediction(
         (latents.clone(), images)
     };
     let model_input = scheduler.scale_model_input(&model_input, t)?;
+    let model_input = match extra_channels {
+        Some(extra) => {
+            let extra = if guided {
+                Tensor::cat(&[extra, extra], 0)?
+            } else {
+                extra.clone()
+            };
+            Tensor::cat(&[model_input, extra], 1)?
+        }
+        None => model_input,
+    };
     let t_batch = Tensor::full(t as f32, batch, denoiser.device())?;
     let prediction = denoiser
         .forward(
@@ -262,7 +330,7 @@ fn denoising_start_index(
     timesteps.len().saturating_sub(count)
 }
 
-fn check_shape(what: &'static str, tensor: &Tensor, shape: Shape4) -> Result<()> {
+pub(super) fn check_shape(what: &'static str, tensor: &Tensor, shape: Shape4) -> Result<()> {
     if tensor.dims() != [shape.0, shape.1, shape.2, shape.3] {
         return Err(Error::InvalidParameter {
             name: what,
@@ -273,7 +341,7 @@ fn check_shape(what: &'static str, tensor: &Tensor, shape: Shape4) -> Result<()>
     Ok(())
 }
 
-fn no_seed() -> Error {
+pub(super) fn no_seed() -> Error {
     Error::InvalidParameter {
         name: "seed",
         value: "none".to_string(),

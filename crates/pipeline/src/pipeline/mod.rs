@@ -1,14 +1,15 @@
 //! Stable Diffusion pipelines (SD1.x/2.x, SDXL base, SDXL refiner): text-to-image and
 //! image-to-image, following diffusers' `pipeline_stable_diffusion.py`,
 //! `pipeline_stable_diffusion_img2img.py`, `pipeline_stable_diffusion_xl.py` and
-//! `pipeline_stable_diffusion_xl_img2img.py` step for step, including the order in which the
-//! generator is drawn from. A pipeline runs against its [`components`] (prompt encoders, denoiser,
+//! `pipeline_stable_diffusion_xl_img2img.py` step for step (inpainting: [`inpaint`]), including
+//! the order in which the generator is drawn from. A pipeline runs against its [`components`] (prompt encoders, denoiser,
 //! latent decoder and encoder); loading builds the candle ones from a model's files.
 
 pub mod components;
 mod conditioning;
 mod denoise;
 pub(crate) mod family;
+pub mod inpaint;
 pub mod preview;
 pub mod refiner;
 
@@ -34,6 +35,7 @@ use conditioning::{Prompts, TextEncoders};
 
 pub use conditioning::{Conditioning, MicroConditioning};
 pub use family::ModelFamily;
+pub use inpaint::Inpainting;
 pub use refiner::Refiner;
 
 pub use crate::loading::LoadOptions;
@@ -45,7 +47,8 @@ pub enum InitImage {
     /// Pure noise (text-to-image).
     #[default]
     None,
-    /// Image-to-image: `[1, 3, H, W]` in `[0, 1]`, encoded by the VAE and noised to `strength`.
+    /// Image-to-image: `[1, 3, H, W]` in `[0, 1]`, encoded by the VAE and noised to `strength`
+    /// (inpainting too, with [`Request::mask`]).
     Pixels(Tensor),
     /// Latents another pipeline returned (SDXL base -> refiner), already scaled for the UNet.
     Latents(Tensor),
@@ -72,9 +75,14 @@ pub struct Request {
     /// Seed of the torch-compatible generator for the initial latents, the VAE encoding and each
     /// step's noise, drawn in diffusers' order.
     pub seed: Option<u64>,
-    /// Explicit initial noise `[1, C, H/8, W/8]` (before `init_noise_sigma` scaling) for text-to-image.
+    /// Explicit initial noise `[1, C, H/8, W/8]` (before `init_noise_sigma` scaling) for
+    /// text-to-image, and for inpainting, which starts from it as diffusers does (at any strength).
     pub latents: Option<Tensor>,
     pub init_image: InitImage,
+    /// Inpainting: which part of the init image ([`InitImage::Pixels`] only) to repaint, a
+    /// grayscale `[1, 1, H, W]` in `[0, 1]` (white: repaint), binarised at 0.5 and resized to the
+    /// output size when its size differs (see [`inpaint::process_mask`]).
+    pub mask: Option<Tensor>,
     /// Image-to-image: how much of the schedule to run, in `(0, 1]`.
     pub strength: f64,
     /// Start part-way through the schedule (a fraction, as diffusers' `denoising_start`).
@@ -114,6 +122,7 @@ impl Request {
             seed: None,
             latents: None,
             init_image: InitImage::None,
+            mask: None,
             strength: 0.3,
             denoising_start: None,
             denoising_end: None,
@@ -209,8 +218,10 @@ pub struct StableDiffusion {
     text: Option<TextEncoders>,
     /// `None` only inside a one-shot run once the denoising is done.
     denoiser: Option<Box<dyn Denoiser>>,
-    /// The denoiser's latent channels (kept when a one-shot run frees it).
+    /// The latent channels the denoiser works in (kept when a one-shot run frees it).
     latent_channels: usize,
+    /// The UNet's input channels: the latent channels, or `2C + 1` for an inpainting UNet.
+    unet_in_channels: usize,
     native: NativeSize,
     /// The model's own VAE, both halves (the encoder for image-to-image).
     vae_decoder: Box<dyn LatentDecoder>,
@@ -351,11 +362,14 @@ impl StableDiffusion {
         let CandleComponents { text, unet, vae } =
             CandleComponents::load(files, family, weights, options)?;
         let scheduler_config = files.json("scheduler/scheduler_config.json")?;
+        let latent_channels = LatentDecoder::latent_channels(&vae);
+        inpaint::is_inpainting_unet(unet.in_channels(), latent_channels)?;
         Ok(Self {
             root: root.to_path_buf(),
             family,
             text: Some(text),
-            latent_channels: unet.in_channels(),
+            latent_channels,
+            unet_in_channels: unet.in_channels(),
             denoiser: Some(Box::new(unet)),
             native,
             vae_decoder: Box::new(vae.clone()),
@@ -530,6 +544,57 @@ impl StableDiffusion {
         })
     }
 
+    /// Inpainting: the processed mask, the masked image and the latents a request with a mask
+    /// starts from, drawn from its generator as [`Self::generate`] draws them (for checks against
+    /// diffusers' intermediates). An error for a request without a mask.
+    pub fn inpainting_start(&self, request: &Request) -> Result<Inpainting> {
+        self.in_pool(|| {
+            self.check_request(request)?;
+            if request.mask.is_none() {
+                return Err(Error::InvalidParameter {
+                    name: "mask",
+                    value: "none".to_string(),
+                    expected: "a mask: only an inpainting request has a mask to process"
+                        .to_string(),
+                });
+            }
+            let mut scheduler = sdrs_schedulers::from_config(&request.scheduler, request.steps)?;
+            let mut generator = request.seed.map(TorchGenerator::new);
+            let start = self.start(request, scheduler.as_mut(), generator.as_mut())?;
+            start.inpainting.ok_or_else(|| Error::InvalidParameter {
+                name: "init image",
+                value: "none".to_string(),
+                expected: "an init image (InitImage::Pixels) to inpaint".to_string(),
+            })
+        })
+    }
+
+    /// Where `request` starts on a fresh `scheduler`, drawing from `generator` (see
+    /// [`denoise::start`]).
+    fn start(
+        &self,
+        request: &Request,
+        scheduler: &mut dyn sdrs_schedulers::Scheduler,
+        generator: Option<&mut TorchGenerator>,
+    ) -> Result<denoise::Start> {
+        let factor = self.vae_scale_factor();
+        let shape = (
+            1,
+            self.latent_channels,
+            request.height / factor,
+            request.width / factor,
+        );
+        denoise::start(
+            request,
+            scheduler,
+            shape,
+            self.unet_in_channels,
+            generator,
+            self.vae_encoder.as_ref(),
+            &self.device,
+        )
+    }
+
     /// The start latents, then the steps, for one request.
     fn denoise_with(
         &self,
@@ -539,13 +604,6 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         let denoiser = self.denoiser()?;
         let mut scheduler = sdrs_schedulers::from_config(&request.scheduler, request.steps)?;
-        let factor = self.vae_scale_factor();
-        let shape = (
-            1,
-            denoiser.in_channels(),
-            request.height / factor,
-            request.width / factor,
-        );
         // Each image of the batch starts as it would alone, from its own generator; the
         // scheduler's begin index is the same for all.
         let mut generators = Vec::with_capacity(request.batch_size);
@@ -553,14 +611,7 @@ impl StableDiffusion {
         for index in 0..request.batch_size {
             let image = request.image(index)?;
             let mut generator = image.seed.map(TorchGenerator::new);
-            starts.push(denoise::start(
-                &image,
-                scheduler.as_mut(),
-                shape,
-                generator.as_mut(),
-                self.vae_encoder.as_ref(),
-                &self.device,
-            )?);
+            starts.push(self.start(&image, scheduler.as_mut(), generator.as_mut())?);
             generators.extend(generator);
         }
         let start = denoise::Start::batch(starts)?;
@@ -632,7 +683,8 @@ impl StableDiffusion {
 
     /// Checks `request` against this model without running anything: the size a positive
     /// multiple of the VAE's factor, at least one step, a finite guidance scale, the strength in
-    /// `(0, 1]` and the denoising fractions strictly between 0 and 1. Every generation does.
+    /// `(0, 1]`, the denoising fractions strictly between 0 and 1, and a mask exactly when an
+    /// inpainting UNet needs one (with pixels to repaint). Every generation does.
     pub fn check_request(&self, request: &Request) -> Result<()> {
         let factor = self.vae_scale_factor();
         for (name, value) in [("width", request.width), ("height", request.height)] {
@@ -720,6 +772,46 @@ impl StableDiffusion {
                     });
                 }
             }
+        }
+        self.check_mask(request)
+    }
+
+    /// A mask needs an init image in pixels and no `denoising_start`; an inpainting UNet needs
+    /// a mask.
+    fn check_mask(&self, request: &Request) -> Result<()> {
+        let inpainting_unet = self.unet_in_channels != self.latent_channels;
+        let Some(mask) = &request.mask else {
+            if inpainting_unet {
+                return Err(Error::InvalidParameter {
+                    name: "mask",
+                    value: "none".to_string(),
+                    expected: format!(
+                        "a mask and an init image: this UNet takes {} input channels (an \
+                         inpainting model: latents, mask, masked-image latents)",
+                        self.unet_in_channels
+                    ),
+                });
+            }
+            return Ok(());
+        };
+        let refused = match &request.init_image {
+            InitImage::Pixels(_) if request.denoising_start.is_some() => Some(
+                "no denoising start: a refiner cannot continue an inpainting (the mask applies \
+                 to a whole schedule)",
+            ),
+            InitImage::Pixels(_) => None,
+            InitImage::None => Some("an init image to repaint: a mask applies to one"),
+            InitImage::Latents(_) => Some(
+                "an init image in pixels: a mask applies to a picture, not to another \
+                 pipeline's latents",
+            ),
+        };
+        if let Some(expected) = refused {
+            return Err(Error::InvalidParameter {
+                name: "mask",
+                value: format!("of shape {:?}", mask.dims()),
+                expected: expected.to_string(),
+            });
         }
         Ok(())
     }

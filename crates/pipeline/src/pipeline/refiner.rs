@@ -120,6 +120,14 @@ impl Refiner {
         progress: &mut (dyn FnMut(&StepProgress) + Send),
     ) -> Result<Tensor> {
         self.check_base(&base)?;
+        if let Some(mask) = &request.mask {
+            // Refused before the base runs, not after.
+            return Err(Error::InvalidParameter {
+                name: "mask",
+                value: format!("of shape {:?}", mask.dims()),
+                expected: "no refiner: a refiner cannot continue an inpainting".to_string(),
+            });
+        }
         let latents = base.denoise_once(&self.base_request(request), progress)?;
         let refiner = StableDiffusion::open(&self.path, None, &self.options)?;
         let scheduler = self.scheduler(&refiner)?;
@@ -194,6 +202,7 @@ mod tests {
             seed: Some(3),
             latents: Some(Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap()),
             init_image: InitImage::None,
+            mask: None,
             strength: 0.3,
             denoising_start: None,
             denoising_end: None,

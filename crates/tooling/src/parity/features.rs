@@ -13,6 +13,7 @@ impl Runner<'_> {
             return Ok(());
         };
         let _ = &dir;
+        self.inpainting_cases(&dir)?;
         Ok(())
     }
 }
