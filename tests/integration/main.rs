@@ -9,3 +9,4 @@ mod quantize;
 mod roundtrip;
 mod trace;
 mod util;
+mod vae_tiling;

@@ -13,6 +13,7 @@ impl Runner<'_> {
             return Ok(());
         };
         let _ = &dir;
+        self.tiled_vae_cases(&dir)?;
         Ok(())
     }
 }
