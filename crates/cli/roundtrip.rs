@@ -99,7 +99,9 @@ impl Autoencoder {
             Self::Full(vae, dtype, tiles) => {
                 let image = ((image * 2.0)? - 1.0)?.to_dtype(*dtype)?;
                 let decoded = match tiles {
-                    Some(tiles) => vae.decode_tiled(&vae.encode_tiled(&image, tiles)?.mean, tiles)?,
+                    Some(tiles) => {
+                        vae.decode_tiled(&vae.encode_tiled(&image, tiles)?.mean, tiles)?
+                    }
                     None => vae.decode(&vae.encode(&image)?.mean)?,
                 };
                 ((decoded.to_dtype(DType::F32)? + 1.0)? / 2.0)?

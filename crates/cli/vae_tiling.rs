@@ -30,7 +30,9 @@ pub struct VaeTilingArgs {
 pub fn parse_overlap(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(f) if (0.0..1.0).contains(&f) => Ok(f),
-        _ => Err(format!("expected a fraction in [0, 1) such as 0.25, got {text:?}")),
+        _ => Err(format!(
+            "expected a fraction in [0, 1) such as 0.25, got {text:?}"
+        )),
     }
 }
 
@@ -140,7 +142,10 @@ mod tests {
         assert_eq!(cli.tiling.tiles(&config).unwrap(), None);
         let cli = Cli::try_parse_from(["x", "--vae-tile-size", "60"]).unwrap();
         let message = cli.tiling.tiles(&config).unwrap_err().to_string();
-        assert!(message.contains("--vae-tile-size") && message.contains("60"), "{message}");
+        assert!(
+            message.contains("--vae-tile-size") && message.contains("60"),
+            "{message}"
+        );
         let cli = Cli::try_parse_from(["x", "--vae-tiling"]).unwrap();
         let tiles = cli.tiling.tiles(&config).unwrap().unwrap();
         assert_eq!((tiles.sample_size(), tiles.latent_size()), (128, 16));
@@ -154,7 +159,13 @@ mod tests {
             available_bytes: 2_000_000_000,
             tiling: VaeTiling::new(1024, 128, 0.25).unwrap(),
         });
-        assert!(text.contains("4.30 GB") && text.contains("2.00 GB"), "{text}");
-        assert!(text.contains("decode") && text.contains("1024-pixel"), "{text}");
+        assert!(
+            text.contains("4.30 GB") && text.contains("2.00 GB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("decode") && text.contains("1024-pixel"),
+            "{text}"
+        );
     }
 }

@@ -40,7 +40,11 @@ fn a_tiled_decode_is_close_to_the_untiled_one() {
     let output = generate(&whole, &[]);
     assert!(output.status.success(), "{}", stderr(&output));
     // A small image is not tiled automatically.
-    assert!(!stderr(&output).contains("tiled VAE"), "{}", stderr(&output));
+    assert!(
+        !stderr(&output).contains("tiled VAE"),
+        "{}",
+        stderr(&output)
+    );
     // 64-pixel tiles (8 latents) over 16 x 12 latents: a 2 x 2 grid.
     let output = generate(&tiled, &["--vae-tiling", "--vae-tile-size", "64"]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -66,7 +70,10 @@ fn bad_tile_settings_name_the_flag() {
     let output = generate(&out, &["--vae-tiling", "--vae-tile-size", "60"]);
     assert!(!output.status.success());
     let log = stderr(&output);
-    assert!(log.contains("--vae-tile-size") && log.contains("60"), "{log}");
+    assert!(
+        log.contains("--vae-tile-size") && log.contains("60"),
+        "{log}"
+    );
     assert!(log.contains("multiple of 8"), "{log}");
     let output = generate(&out, &["--vae-tile-overlap", "1.5"]);
     assert!(!output.status.success());

@@ -114,7 +114,7 @@ impl VaeTiling {
             return Err(Error::InvalidParameter {
                 name: "tile size",
                 value: size.to_string(),
-                expected: format!("a positive multiple of the VAE's scale factor {factor}"),
+                expected: format!("a positive multiple of {factor} (the VAE's scale factor)"),
             });
         }
         Self::new(size, size / factor, overlap)
@@ -298,7 +298,10 @@ mod tests {
             ..Default::default()
         };
         let text = message(VaeTiling::for_tile_size(&config, Some(100), 0.25));
-        assert!(text.contains("100") && text.contains("multiple of"), "{text}");
+        assert!(
+            text.contains("100") && text.contains("multiple of"),
+            "{text}"
+        );
         let tiling = VaeTiling::for_tile_size(&config, Some(256), 0.25).unwrap();
         assert_eq!((tiling.sample_size(), tiling.latent_size()), (256, 32));
         let defaults = VaeTiling::from_config(&config).unwrap();
@@ -320,7 +323,13 @@ mod tests {
         let a = Tensor::full(1f32, (1, 1, 4, 2), &Device::Cpu).unwrap();
         let b = Tensor::zeros((1, 1, 3, 2), DType::F32, &Device::Cpu).unwrap();
         let out = blend(&a, &b, 2, 2).unwrap();
-        let rows: Vec<Vec<f32>> = out.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let rows: Vec<Vec<f32>> = out
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         assert_eq!(rows, vec![vec![1.0, 1.0], vec![0.5, 0.5], vec![0.0, 0.0]]);
         // The extent is capped by the smaller tile.
         let narrow = Tensor::zeros((1, 1, 2, 1), DType::F32, &Device::Cpu).unwrap();

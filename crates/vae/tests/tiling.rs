@@ -63,7 +63,10 @@ fn a_larger_input_is_tiled_to_the_untiled_size() {
     let tiled = vae.decode_tiled(&latents, &tiling).unwrap();
     let whole = vae.decode(&latents).unwrap();
     assert_eq!(tiled.dims(), whole.dims());
-    assert!(max_abs_diff(&tiled, &whole) > 0.0, "the tiles were not used");
+    assert!(
+        max_abs_diff(&tiled, &whole) > 0.0,
+        "the tiles were not used"
+    );
     let image = Tensor::rand(-1f32, 1.0, (1, 3, 56, 80), &Device::Cpu).unwrap();
     let tiled = vae.encode_tiled(&image, &tiling).unwrap();
     assert_eq!(tiled.mean.dims(), [1, 4, 7, 10]);
@@ -91,7 +94,9 @@ fn usize_at(case: &serde_json::Value, path: &[&str]) -> usize {
     for key in path {
         value = &value[*key];
     }
-    value.as_u64().unwrap_or_else(|| panic!("{path:?} in {case}")) as usize
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path:?} in {case}")) as usize
 }
 
 #[test]
@@ -103,11 +108,9 @@ fn tiled_passes_match_diffusers_with_the_plans_the_fixtures_record() {
         &std::fs::read_to_string(dir.join("reference/tiled_vae.json")).unwrap(),
     )
     .unwrap();
-    let reference = candle_core::safetensors::load(
-        dir.join("reference/tiled_vae.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let reference =
+        candle_core::safetensors::load(dir.join("reference/tiled_vae.safetensors"), &Device::Cpu)
+            .unwrap();
     let root = dir.parent().unwrap();
     // Tolerance: the table's f32 VAE bound, 1e-3 max |diff|.
     let bound = tolerance(CaseKind::Vae, DType::F32).unwrap() as f32;
@@ -140,7 +143,10 @@ fn tiled_passes_match_diffusers_with_the_plans_the_fixtures_record() {
         let grid = &case["decode"]["grid_rows_x_cols"];
         assert_eq!(
             decode.grid(),
-            (grid[0].as_u64().unwrap() as usize, grid[1].as_u64().unwrap() as usize),
+            (
+                grid[0].as_u64().unwrap() as usize,
+                grid[1].as_u64().unwrap() as usize
+            ),
             "{key}"
         );
         let encode = tiling.encode_plan(h, w);
@@ -156,7 +162,10 @@ fn tiled_passes_match_diffusers_with_the_plans_the_fixtures_record() {
         let grid = &case["encode"]["grid_rows_x_cols"];
         assert_eq!(
             encode.grid(),
-            (grid[0].as_u64().unwrap() as usize, grid[1].as_u64().unwrap() as usize),
+            (
+                grid[0].as_u64().unwrap() as usize,
+                grid[1].as_u64().unwrap() as usize
+            ),
             "{key}"
         );
 

@@ -49,7 +49,10 @@ impl LoadOptions {
     }
 
     /// The same options with this VAE tiling.
-    pub fn with_vae_tiling(mut self, tiling: crate::pipeline::vae_tiling::VaeTilingOptions) -> Self {
+    pub fn with_vae_tiling(
+        mut self,
+        tiling: crate::pipeline::vae_tiling::VaeTilingOptions,
+    ) -> Self {
         self.vae_tiling = tiling;
         self
     }

@@ -287,7 +287,11 @@ impl KlAutoencoder {
     }
 
     /// The tiles for a `pass` over images of `[batch, height, width]` pixels, if any.
-    fn tiles_for(&self, pass: VaePass, shape: (usize, usize, usize)) -> Option<sdrs_vae::VaeTiling> {
+    fn tiles_for(
+        &self,
+        pass: VaePass,
+        shape: (usize, usize, usize),
+    ) -> Option<sdrs_vae::VaeTiling> {
         let policy = self.tiling.read().unwrap_or_else(|e| e.into_inner());
         policy.tiles_for(
             self.model.config(),
@@ -366,7 +370,8 @@ impl LatentDecoder for KlAutoencoder {
         let z = self.unscale_latents(&latents)?.to_dtype(self.activations)?;
         let (batch, _, height, width) = z.dims4()?;
         let factor = vae_scale_factor(self.model.config());
-        let image = match self.tiles_for(VaePass::Decode, (batch, height * factor, width * factor)) {
+        let image = match self.tiles_for(VaePass::Decode, (batch, height * factor, width * factor))
+        {
             Some(tiling) => self.model.decode_tiled(&z, &tiling)?,
             None => self.model.decode(&z)?,
         }

@@ -305,7 +305,10 @@ mod tests {
     fn auto_tiles_only_when_the_estimate_exceeds_what_is_available() {
         let tiling = VaeTiling::new(512, 64, 0.25).unwrap();
         let chosen = auto_tiling(VaePass::Decode, 5_000, Some(4_000), tiling).unwrap();
-        assert_eq!((chosen.estimate_bytes, chosen.available_bytes), (5_000, 4_000));
+        assert_eq!(
+            (chosen.estimate_bytes, chosen.available_bytes),
+            (5_000, 4_000)
+        );
         assert_eq!(chosen.tiling, tiling);
         assert!(auto_tiling(VaePass::Decode, 4_000, Some(4_000), tiling).is_none());
         assert!(auto_tiling(VaePass::Decode, 5_000, None, tiling).is_none());

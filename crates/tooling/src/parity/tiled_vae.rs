@@ -171,7 +171,10 @@ impl Runner<'_> {
                 .as_u64()
                 .ok_or_else(|| field_error("generator_seed", "a whole number"))?,
         );
-        for (field, value) in [("height", &mut request.height), ("width", &mut request.width)] {
+        for (field, value) in [
+            ("height", &mut request.height),
+            ("width", &mut request.width),
+        ] {
             *value = case[field]
                 .as_u64()
                 .ok_or_else(|| field_error(field, "a whole number"))? as usize;
