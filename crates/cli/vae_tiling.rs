@@ -22,7 +22,13 @@ pub struct VaeTilingArgs {
     pub vae_tile_size: Option<usize>,
 
     /// The fraction of a VAE tile that overlaps its neighbour, in [0, 1).
-    #[arg(long = "vae-tile-overlap", value_name = "F", default_value_t = 0.25, value_parser = parse_overlap)]
+    #[arg(
+        long = "vae-tile-overlap",
+        value_name = "F",
+        default_value_t = 0.25,
+        value_parser = parse_overlap,
+        allow_negative_numbers = true
+    )]
     pub vae_tile_overlap: f64,
 }
 
