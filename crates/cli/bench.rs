@@ -91,6 +91,9 @@ pub struct BenchArgs {
     /// file, for chrome://tracing or Perfetto (default: the file `SDRS_TRACE` names, else none).
     #[arg(long)]
     pub trace: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub vae_tiling: crate::vae_tiling::VaeTilingArgs,
 }
 
 /// One measured part.
@@ -236,7 +239,8 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let options = LoadOptions::new(device.clone(), dtype, None)
         .with_kernels(kernel_options)
         .with_threads(args.threads)
-        .with_quantize(quantize, recipe.clone());
+        .with_quantize(quantize, recipe.clone())
+        .with_vae_tiling(args.vae_tiling.options());
     let quantization = match (quantize, &recipe) {
         (Some(spec), Some(_)) => format!("{spec} recipe"),
         (Some(spec), None) => spec.to_string(),

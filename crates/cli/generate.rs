@@ -197,6 +197,9 @@ pub struct GenerateArgs {
     /// file, for chrome://tracing or Perfetto (default: the file `SDRS_TRACE` names, else none).
     #[arg(long)]
     pub trace: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub vae_tiling: crate::vae_tiling::VaeTilingArgs,
 }
 
 /// A sampler as `--sampling-method` names it, with the schedule its label implies
@@ -309,6 +312,8 @@ pub struct Settings {
     /// `--quantize` (or the recipe's method) and the recipe's per-layer bits.
     pub quantize: Option<QuantSpec>,
     pub recipe: Option<Arc<Recipe>>,
+    /// `--vae-tiling`, `--vae-tile-size`, `--vae-tile-overlap`.
+    pub vae_tiling: sdrs_pipeline::vae_tiling::VaeTilingOptions,
     /// The device line for the user (which device, and why `auto` did not take a GPU).
     pub device_message: String,
 }
@@ -333,6 +338,7 @@ impl Settings {
             threads: args.threads,
             quantize,
             recipe,
+            vae_tiling: args.vae_tiling.options(),
         })
     }
 
@@ -343,6 +349,7 @@ impl Settings {
             .with_kernels(self.kernels)
             .with_threads(self.threads)
             .with_quantize(self.quantize, self.recipe.clone())
+            .with_vae_tiling(self.vae_tiling.clone())
     }
 }
 
@@ -679,6 +686,8 @@ fn flag_for(parameter: &str) -> Option<&'static str> {
         "refiner switch" | "denoising start" | "denoising end" => "--refiner-start",
         "threads" => "--threads",
         "batch size" => "--batch-size",
+        "VAE tile size" => "--vae-tile-size",
+        "VAE tile overlap" => "--vae-tile-overlap",
         _ => return None,
     })
 }

@@ -13,6 +13,7 @@ mod roundtrip;
 mod selfcheck;
 mod system;
 mod trace;
+mod vae_tiling;
 
 use std::process::ExitCode;
 

@@ -9,10 +9,11 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use sdrs_kernels::KernelOptions;
 use sdrs_taesd::AutoencoderTiny;
-use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
+use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
 
 use crate::input::read_init_image;
 use crate::output::write_png_atomically;
+use crate::vae_tiling::VaeTilingArgs;
 
 #[derive(Debug, Args)]
 pub struct RoundtripArgs {
@@ -35,18 +36,28 @@ pub struct RoundtripArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+
+    /// With a full VAE: `--vae-tiling` encodes and decodes in tiles (no automatic choice here).
+    #[command(flatten)]
+    pub vae_tiling: crate::vae_tiling::VaeTilingArgs,
 }
 
 /// The two kinds of autoencoder a round trip can use.
 enum Autoencoder {
-    /// The VAE and the dtype its weights were loaded in.
-    Full(Box<AutoencoderKL>, DType),
+    /// The VAE, the dtype its weights were loaded in, and its tiles when tiled.
+    Full(Box<AutoencoderKL>, DType, Option<VaeTiling>),
     Tiny(Box<AutoencoderTiny>),
 }
 
 impl Autoencoder {
     /// `vae/` of a pipeline, a folder whose config is an `AutoencoderKL`, or a tiny autoencoder.
-    fn load(path: &Path, dtype: DType, device: &Device, kernels: KernelOptions) -> Result<Self> {
+    fn load(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        kernels: KernelOptions,
+        tiling: &VaeTilingArgs,
+    ) -> Result<Self> {
         if !path.is_dir() {
             bail!("autoencoder {} is not a folder", path.display());
         }
@@ -65,10 +76,15 @@ impl Autoencoder {
             let files = sdrs_pipeline::weights::find_weights(&dir, None)?;
             let (vb, _) = sdrs_pipeline::weights::var_builder("vae", &files, dtype, device)?;
             let vb = sdrs_kernels::VarBuilder::new(vb, kernels);
+            let tiles = tiling.tiles(&config)?;
             return Ok(Self::Full(
                 Box::new(AutoencoderKL::new(vb, &config)?),
                 dtype,
+                tiles,
             ));
+        }
+        if tiling.vae_tiling {
+            bail!("--vae-tiling needs a full VAE (AutoencoderKL), not a tiny autoencoder");
         }
         let dtype = sdrs_pipeline::stable_diffusion::tiny_autoencoder_dtype(dtype, device);
         Ok(Self::Tiny(Box::new(AutoencoderTiny::from_dir(
@@ -80,9 +96,15 @@ impl Autoencoder {
     fn round_trip(&self, image: &Tensor) -> Result<Tensor> {
         let decoded = match self {
             // The distribution's mean: a round trip measures the autoencoder, not the sampling noise.
-            Self::Full(vae, dtype) => {
-                let latents = vae.encode(&((image * 2.0)? - 1.0)?.to_dtype(*dtype)?)?.mean;
-                ((vae.decode(&latents)?.to_dtype(DType::F32)? + 1.0)? / 2.0)?
+            Self::Full(vae, dtype, tiles) => {
+                let image = ((image * 2.0)? - 1.0)?.to_dtype(*dtype)?;
+                let decoded = match tiles {
+                    Some(tiles) => {
+                        vae.decode_tiled(&vae.encode_tiled(&image, tiles)?.mean, tiles)?
+                    }
+                    None => vae.decode(&vae.encode(&image)?.mean)?,
+                };
+                ((decoded.to_dtype(DType::F32)? + 1.0)? / 2.0)?
             }
             Self::Tiny(tiny) => {
                 let latents = tiny.encode_unit(&image.to_dtype(tiny.dtype())?)?;
@@ -100,7 +122,7 @@ pub fn run(args: RoundtripArgs) -> Result<ExitCode> {
     let device = sdrs_pipeline::parse_device(&args.device)?;
     let dtype = sdrs_pipeline::parse_dtype(&args.dtype)?;
     let kernels = crate::system::kernel_options(Default::default())?;
-    let autoencoder = Autoencoder::load(&args.model, dtype, &device, kernels)
+    let autoencoder = Autoencoder::load(&args.model, dtype, &device, kernels, &args.vae_tiling)
         .with_context(|| format!("cannot load the autoencoder at {}", args.model.display()))?;
     let picture = read_init_image(&args.image)?;
     let (width, height) = (

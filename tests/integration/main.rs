@@ -11,3 +11,4 @@ mod quantize;
 mod roundtrip;
 mod trace;
 mod util;
+mod vae_tiling;

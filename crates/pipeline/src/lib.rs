@@ -13,7 +13,7 @@ pub use loading::{builtin, checkpoint, model_files, single_file, tensor_files, w
 
 /// The pipeline module under its earlier name (`sdrs_pipeline::stable_diffusion::...`).
 pub use pipeline as stable_diffusion;
-pub use pipeline::{components, preview, refiner};
+pub use pipeline::{components, preview, refiner, vae_tiling};
 
 pub use builtin::BuiltinModel;
 pub use device::{

@@ -7,6 +7,7 @@ use sdrs_kernels::VarBuilder;
 
 use crate::config::AutoencoderKLConfig;
 use crate::error::{Error, Result};
+use crate::tiling::{run_tiled, VaeTiling};
 use crate::vae::{Decoder, Encoder};
 
 /// The latent distribution the encoder predicts: a diagonal Gaussian per latent pixel.
@@ -141,11 +142,34 @@ impl AutoencoderKL {
             self.config.in_channels,
             "an image in [-1, 1]",
         )?;
+        DiagonalGaussian::from_moments(&self.moments(image)?)
+    }
+
+    /// The encoder and `quant_conv`: image -> `[B, 2 * latent_channels, h, w]` moments.
+    fn moments(&self, image: &Tensor) -> Result<Tensor> {
         let h = self.encoder.forward(image)?;
-        let moments = match &self.quant_conv {
+        Ok(match &self.quant_conv {
             Some(conv) => conv.forward(&h)?,
             None => h,
-        };
+        })
+    }
+
+    /// [`Self::encode`] as diffusers' `encode` after `enable_tiling()`: an image wider or taller
+    /// than `tiling.sample_size()` is encoded in overlapping tiles whose moments are blended
+    /// (see [`crate::tiling`]); a smaller one exactly as [`Self::encode`].
+    pub fn encode_tiled(&self, image: &Tensor, tiling: &VaeTiling) -> Result<DiagonalGaussian> {
+        self.check_input(
+            "image",
+            image,
+            self.config.in_channels,
+            "an image in [-1, 1]",
+        )?;
+        let (_, _, height, width) = image.dims4()?;
+        if !tiling.tiles_encode(height, width) {
+            return self.encode(image);
+        }
+        let plan = tiling.encode_plan(height, width);
+        let moments = run_tiled(image, &plan, |tile| self.moments(tile))?;
         DiagonalGaussian::from_moments(&moments)
     }
 
@@ -154,11 +178,30 @@ impl AutoencoderKL {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let channels = self.config.latent_channels;
         self.check_input("latents", latents, channels, "unscaled latents")?;
+        self.decode_unchecked(latents)
+    }
+
+    /// `post_quant_conv` and the decoder.
+    fn decode_unchecked(&self, latents: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(conv) => conv.forward(latents)?,
             None => latents.clone(),
         };
         self.decoder.forward(&z)
+    }
+
+    /// [`Self::decode`] as diffusers' `decode` after `enable_tiling()`: latents wider or taller
+    /// than `tiling.latent_size()` are decoded in overlapping tiles blended into each other (see
+    /// [`crate::tiling`]); smaller ones exactly as [`Self::decode`].
+    pub fn decode_tiled(&self, latents: &Tensor, tiling: &VaeTiling) -> Result<Tensor> {
+        let channels = self.config.latent_channels;
+        self.check_input("latents", latents, channels, "unscaled latents")?;
+        let (_, _, height, width) = latents.dims4()?;
+        if !tiling.tiles_decode(height, width) {
+            return self.decode_unchecked(latents);
+        }
+        let plan = tiling.decode_plan(height, width);
+        run_tiled(latents, &plan, |tile| self.decode_unchecked(tile))
     }
 }
 

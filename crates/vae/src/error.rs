@@ -45,6 +45,14 @@ pub enum Error {
         expected: String,
     },
 
+    /// A setting out of its range (tile sizes and overlap of a tiled pass).
+    #[error("invalid {name} {value}: {expected}")]
+    InvalidParameter {
+        name: &'static str,
+        value: String,
+        expected: String,
+    },
+
     /// A tensor operation failed; for weights this names the tensor that is missing or has the
     /// wrong shape.
     #[error(transparent)]

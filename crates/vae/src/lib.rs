@@ -8,8 +8,10 @@
 pub mod autoencoder_kl;
 pub mod config;
 pub mod error;
+pub mod tiling;
 pub mod vae;
 
 pub use autoencoder_kl::{AutoencoderKL, DiagonalGaussian};
 pub use config::AutoencoderKLConfig;
 pub use error::{Error, Result};
+pub use tiling::{TilePlan, VaeTiling};

@@ -24,6 +24,9 @@ pub struct LoadOptions {
     pub quantize: Option<sdrs_quant::QuantSpec>,
     /// Per-layer bit widths for [`Self::quantize`] (a mixed-bit recipe).
     pub recipe: Option<Arc<crate::loading::quantize::Recipe>>,
+    /// When the VAE decodes and encodes in tiles (default: only when the untiled pass would not
+    /// fit in memory).
+    pub vae_tiling: crate::pipeline::vae_tiling::VaeTilingOptions,
 }
 
 impl LoadOptions {
@@ -41,7 +44,17 @@ impl LoadOptions {
             threads: None,
             quantize: None,
             recipe: None,
+            vae_tiling: Default::default(),
         }
+    }
+
+    /// The same options with this VAE tiling.
+    pub fn with_vae_tiling(
+        mut self,
+        tiling: crate::pipeline::vae_tiling::VaeTilingOptions,
+    ) -> Self {
+        self.vae_tiling = tiling;
+        self
     }
 
     /// The same options with these kernel options.

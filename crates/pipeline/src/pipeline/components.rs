@@ -5,7 +5,7 @@
 //! cross them.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -26,6 +26,7 @@ use crate::weights::{find_weights, var_builder};
 
 use super::conditioning::TextEncoders;
 use super::family::ModelFamily;
+use super::vae_tiling::{VaePass, VaeTilingPolicy};
 use crate::loading::LoadOptions;
 
 /// Which hidden state of a text encoder a pipeline conditions on.
@@ -254,13 +255,14 @@ impl Denoiser for UNetDenoiser {
 }
 
 /// diffusers' `AutoencoderKL` (`sdrs-vae`) with the model's latent scaling (`scaling_factor`,
-/// `shift_factor` or `latents_mean`/`latents_std`), as encoder and decoder of UNet latents.
-/// Clones share the weights.
+/// `shift_factor` or `latents_mean`/`latents_std`), as encoder and decoder of UNet latents,
+/// tiled as its [`VaeTilingPolicy`] says. Clones share the weights and the policy.
 #[derive(Clone)]
 pub struct KlAutoencoder {
     model: AutoencoderKL,
     activations: DType,
     device: Device,
+    tiling: Arc<RwLock<VaeTilingPolicy>>,
 }
 
 impl KlAutoencoder {
@@ -270,7 +272,34 @@ impl KlAutoencoder {
             model,
             activations: activation_dtype(weights, device),
             device: device.clone(),
+            tiling: Arc::default(),
         }
+    }
+
+    /// Tiles the decodes and encodes of this autoencoder and of its clones as `policy` says.
+    pub fn set_tiling(&self, policy: VaeTilingPolicy) {
+        *self.tiling.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    /// The VAE's config.
+    pub fn config(&self) -> &AutoencoderKLConfig {
+        self.model.config()
+    }
+
+    /// The tiles for a `pass` over images of `[batch, height, width]` pixels, if any.
+    fn tiles_for(
+        &self,
+        pass: VaePass,
+        shape: (usize, usize, usize),
+    ) -> Option<sdrs_vae::VaeTiling> {
+        let policy = self.tiling.read().unwrap_or_else(|e| e.into_inner());
+        policy.tiles_for(
+            self.model.config(),
+            pass,
+            shape,
+            self.activations,
+            &self.device,
+        )
     }
 
     /// The VAE's per-channel `latents_mean` and `latents_std` as `[1, C, 1, 1]`, when it has them.
@@ -338,11 +367,15 @@ impl LatentDecoder for KlAutoencoder {
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let _span = tracing::info_span!("vae_decode").entered();
         let latents = latents.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let z = self.unscale_latents(&latents)?;
-        let image = self
-            .model
-            .decode(&z.to_dtype(self.activations)?)?
-            .to_dtype(DType::F32)?;
+        let z = self.unscale_latents(&latents)?.to_dtype(self.activations)?;
+        let (batch, _, height, width) = z.dims4()?;
+        let factor = vae_scale_factor(self.model.config());
+        let image = match self.tiles_for(VaePass::Decode, (batch, height * factor, width * factor))
+        {
+            Some(tiling) => self.model.decode_tiled(&z, &tiling)?,
+            None => self.model.decode(&z)?,
+        }
+        .to_dtype(DType::F32)?;
         if self.activations == DType::F16 {
             check_finite(&image)?;
         }
@@ -366,9 +399,12 @@ impl LatentEncoder for KlAutoencoder {
     fn encode(&self, image: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let _span = tracing::info_span!("vae_encode").entered();
         let image = image.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let dist = self
-            .model
-            .encode(&((image * 2.0)? - 1.0)?.to_dtype(self.activations)?)?;
+        let image = ((image * 2.0)? - 1.0)?.to_dtype(self.activations)?;
+        let (batch, _, height, width) = image.dims4()?;
+        let dist = match self.tiles_for(VaePass::Encode, (batch, height, width)) {
+            Some(tiling) => self.model.encode_tiled(&image, &tiling)?,
+            None => self.model.encode(&image)?,
+        };
         let sample_noise = noise.randn(dist.mean.shape(), DType::F32, &self.device)?;
         let encoded = dist.sample_with(&sample_noise.to_dtype(self.activations)?)?;
         self.scale_latents(&encoded.to_dtype(DType::F32)?)
@@ -583,11 +619,13 @@ impl CandleComponents {
         let (vb, path) = load("vae", vae_dtype)?;
         let vae = AutoencoderKL::new(vb, &vae_config)
             .map_err(|e| with_weights_context("vae", path, e))?;
+        let vae = KlAutoencoder::new(vae, vae_dtype, device);
+        vae.set_tiling(options.vae_tiling.resolve(&vae_config)?);
 
         Ok(Self {
             text,
             unet: UNetDenoiser::new(unet, dtype, device),
-            vae: KlAutoencoder::new(vae, vae_dtype, device),
+            vae,
         })
     }
 }

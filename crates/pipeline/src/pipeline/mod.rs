@@ -12,6 +12,7 @@ pub(crate) mod family;
 pub mod inpaint;
 pub mod preview;
 pub mod refiner;
+pub mod vae_tiling;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,8 +29,8 @@ use crate::error::{Error, Result};
 use crate::model_files::{builtin_for_checkpoint, ModelFiles};
 
 use components::{
-    vae_scale_factor, CandleComponents, Denoiser, LatentDecoder, LatentEncoder, TinyAutoencoder,
-    Weights,
+    vae_scale_factor, CandleComponents, Denoiser, KlAutoencoder, LatentDecoder, LatentEncoder,
+    TinyAutoencoder, Weights,
 };
 use conditioning::{Prompts, TextEncoders};
 
@@ -226,6 +227,8 @@ pub struct StableDiffusion {
     /// The model's own VAE, both halves (the encoder for image-to-image).
     vae_decoder: Box<dyn LatentDecoder>,
     vae_encoder: Box<dyn LatentEncoder>,
+    /// The same VAE, to set its tiling ([`Self::set_vae_tiling`]).
+    vae: KlAutoencoder,
     /// Decodes instead of the VAE when set (a tiny autoencoder: fast final decode and previews).
     fast_decoder: Option<Box<dyn LatentDecoder>>,
     scheduler_config: serde_json::Value,
@@ -373,7 +376,8 @@ impl StableDiffusion {
             denoiser: Some(Box::new(unet)),
             native,
             vae_decoder: Box::new(vae.clone()),
-            vae_encoder: Box::new(vae),
+            vae_encoder: Box::new(vae.clone()),
+            vae,
             fast_decoder: None,
             scheduler_config,
             device: options.device.clone(),
@@ -641,6 +645,22 @@ impl StableDiffusion {
                 })
             },
         )
+    }
+
+    /// Tiles the VAE's decodes and encodes as `tiling` says from now on (at load:
+    /// [`LoadOptions::vae_tiling`]); a tile size or overlap out of range is an error.
+    pub fn set_vae_tiling(&mut self, tiling: &vae_tiling::VaeTilingOptions) -> Result<()> {
+        self.vae.set_tiling(tiling.resolve(self.vae.config())?);
+        Ok(())
+    }
+
+    /// Tiles the VAE's decodes and encodes with exactly these tiles from now on (diffusers'
+    /// `enable_tiling()` with its attributes set by hand); `None` turns tiling off.
+    pub fn set_vae_tiles(&mut self, tiles: Option<sdrs_vae::VaeTiling>) {
+        self.vae.set_tiling(match tiles {
+            Some(tiles) => vae_tiling::VaeTilingPolicy::Always(tiles),
+            None => vae_tiling::VaeTilingPolicy::Off,
+        });
     }
 
     /// Decodes with a tiny autoencoder (TAESD and kin) instead of the full VAE from now on; its

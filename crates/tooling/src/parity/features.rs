@@ -14,6 +14,7 @@ impl Runner<'_> {
         };
         let _ = &dir;
         self.inpainting_cases(&dir)?;
+        self.tiled_vae_cases(&dir)?;
         Ok(())
     }
 }

@@ -26,6 +26,7 @@ use crate::tolerances::{self, CaseKind};
 
 mod features;
 mod inpainting;
+mod tiled_vae;
 
 /// Where and in which dtype to run the checks.
 #[derive(Debug, Clone)]
