@@ -211,6 +211,7 @@ mod tests {
             target_size: None,
             aesthetic_score: 7.0,
             negative_aesthetic_score: 2.0,
+            batch_size: 1,
         }
     }
 
