@@ -117,7 +117,27 @@ impl VaeTiling {
                 expected: format!("a positive multiple of {factor} (the VAE's scale factor)"),
             });
         }
-        Self::new(size, size / factor, overlap)
+        let tiling = Self::new(size, size / factor, overlap)?;
+        // diffusers' blending lines the tiles up only when the kept part of a decoded tile is
+        // its stride in pixels (and the same for encoding); other settings would give an image
+        // of another size, so they are refused here, where a user chooses them.
+        let latent = size / factor;
+        let decode_stride = truncate(latent as f64 * (1.0 - overlap)) * factor;
+        let decode_kept = size - truncate(size as f64 * overlap);
+        let encode_stride = truncate(size as f64 * (1.0 - overlap));
+        let encode_kept = (latent - truncate(latent as f64 * overlap)) * factor;
+        if decode_stride != decode_kept || encode_stride != encode_kept {
+            return Err(Error::InvalidParameter {
+                name: "tile overlap",
+                value: format!("{overlap} with {size}-pixel tiles"),
+                expected: format!(
+                    "an overlap whose blend is a whole number of latents on both sides of the \
+                     VAE (such as 0.25 with tiles of a multiple of {})",
+                    4 * factor
+                ),
+            });
+        }
+        Ok(tiling)
     }
 
     /// `tile_sample_min_size`, in pixels.
@@ -307,6 +327,11 @@ mod tests {
         let defaults = VaeTiling::from_config(&config).unwrap();
         assert_eq!((defaults.sample_size(), defaults.latent_size()), (32, 4));
         assert_eq!(defaults.overlap(), 0.25);
+        // Tiles that would not line up (the kept part of a tile is not its stride) are refused
+        // where a user picks them: 0.3 of 128 pixels blends 38, a stride of 11 latents is 88.
+        let text = message(VaeTiling::for_tile_size(&config, Some(128), 0.3));
+        assert!(text.contains("0.3 with 128-pixel tiles"), "{text}");
+        assert!(VaeTiling::for_tile_size(&config, Some(128), 0.5).is_ok());
     }
 
     #[test]
