@@ -180,6 +180,24 @@ pub struct GenerateArgs {
     /// file, for chrome://tracing or Perfetto (default: the file `SDRS_TRACE` names, else none).
     #[arg(long)]
     pub trace: Option<PathBuf>,
+
+    /// Merge a LoRA into the UNet and text encoders: `file.safetensors` or
+    /// `file.safetensors:WEIGHT` (default weight 1). Repeatable. kohya/A1111 (LoCon included),
+    /// diffusers/PEFT, LyCORIS LoHa and LoKr files; the prompt's `<lora:name:weight>` tags add
+    /// more from --lora-model-dir.
+    #[arg(long = "lora", value_parser = crate::lora::parse_lora)]
+    pub lora: Vec<sdrs_pipeline::LoraFile>,
+
+    /// Where the prompt's `<lora:name>` / `<lora:name:weight>` tags are looked up
+    /// (`name.safetensors`). Default: a `loras` folder beside the model (for a local model),
+    /// else `./loras`.
+    #[arg(long = "lora-model-dir")]
+    pub lora_model_dir: Option<PathBuf>,
+
+    /// Merge the modules of a LoRA that match a layer and ignore the rest, instead of refusing
+    /// a LoRA with modules this model does not have.
+    #[arg(long = "lora-ignore-unmatched")]
+    pub lora_ignore_unmatched: bool,
 }
 
 /// A sampler as `--sampling-method` names it, with the schedule its label implies
@@ -342,6 +360,14 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Some(reference) => Some(plan_refiner(reference, &args, &settings, &options)?),
         None => None,
     };
+    let loras = crate::lora::resolve(
+        &args.prompt,
+        &args.lora,
+        args.lora_model_dir.as_deref(),
+        &args.model,
+    )?;
+    // The refiner (planned above) gets no LoRAs: they are made for the base model.
+    let options = options.with_loras(loras.files.clone(), args.lora_ignore_unmatched);
     let mut pipeline = load_model(&args.model, args.config.as_deref(), &options)?;
     if let (Some(refiner), Some(reference)) = (&refiner, &args.refiner) {
         refiner
@@ -355,7 +381,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Some(path) => Some(read_init_image(path)?),
         None => None,
     };
-    let request = build_request(&pipeline, &args, &settings, init)?;
+    let mut request = build_request(&pipeline, &args, &settings, init)?;
+    request.prompt = loras.prompt.clone();
 
     let started = Instant::now();
     let (image, steps) = sample(pipeline, &request, refiner.as_ref(), &args)?;
@@ -364,7 +391,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         "generated in {elapsed:.1}s: {steps} denoising steps ({} including text encoding and decoding)",
         crate::progress::speed_text(steps as f64 / elapsed.max(1e-9))
     );
-    let path = pending.write(&image, &parameters(&args, &settings, &request))?;
+    let mut parameters = parameters(&args, &settings, &request);
+    if let Some(hashes) = loras.hashes()? {
+        parameters.extra.push(("Lora hashes".to_string(), hashes));
+    }
+    let path = pending.write(&image, &parameters)?;
     eprintln!("saved {}", path.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -44,11 +44,14 @@ pub enum CaseKind {
     /// `gguf/blocks.gguf` decodes and `coreml/kmeans` lookup tables and indices: formats and
     /// algorithms with one right answer, computed without the models.
     BitExact,
+    /// `features/reference/lora_*.json` `fused`: a layer weight with a LoRA merged, against
+    /// diffusers' `fuse_lora`.
+    LoraMerge,
 }
 
 impl CaseKind {
     /// Every kind, in the order of [`TABLE`].
-    pub const ALL: [CaseKind; 11] = [
+    pub const ALL: [CaseKind; 12] = [
         CaseKind::Tokenizer,
         CaseKind::TextEncoder,
         CaseKind::Unet,
@@ -60,6 +63,7 @@ impl CaseKind {
         CaseKind::Rng,
         CaseKind::Pipeline,
         CaseKind::BitExact,
+        CaseKind::LoraMerge,
     ];
 }
 
@@ -104,7 +108,7 @@ impl Tolerance {
 }
 
 /// Every parity tolerance.
-pub const TABLE: [Tolerance; 11] = [
+pub const TABLE: [Tolerance; 12] = [
     // Token ids are integers and no dtype is involved: every id must be equal.
     Tolerance {
         kind: CaseKind::Tokenizer,
@@ -213,6 +217,16 @@ pub const TABLE: [Tolerance; 11] = [
         f16: 0.0,
         bf16: 0.0,
     },
+    // 1e-5 in every dtype: the merge is computed in f32 whatever the model computes in (the case
+    // reads the weights in f32), on weights of ~0.1 changed by ~10%; f32 products of rank-4 to
+    // rank-8 factors round at ~1e-8.
+    Tolerance {
+        kind: CaseKind::LoraMerge,
+        measure: Measure::MaxAbsDiff,
+        f32: 1e-5,
+        f16: 1e-5,
+        bf16: 1e-5,
+    },
 ];
 
 /// The row of `kind`, if the table has one.
@@ -231,7 +245,12 @@ mod tests {
 
     /// The case kinds the parity runner names in its source (`CaseKind::X`).
     fn kinds_the_runner_names() -> Vec<String> {
-        let source = include_str!("parity.rs");
+        let source = [
+            include_str!("parity/mod.rs"),
+            include_str!("parity/features.rs"),
+            include_str!("parity/lora.rs"),
+        ]
+        .concat();
         let mut kinds: Vec<String> = source
             .split("CaseKind::")
             .skip(1)

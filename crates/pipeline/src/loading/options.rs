@@ -24,6 +24,10 @@ pub struct LoadOptions {
     pub quantize: Option<sdrs_quant::QuantSpec>,
     /// Per-layer bit widths for [`Self::quantize`] (a mixed-bit recipe).
     pub recipe: Option<Arc<crate::loading::quantize::Recipe>>,
+    /// LoRA / LyCORIS files merged into the UNet and text encoders as they load, in order.
+    pub loras: Vec<crate::loading::lora::LoraFile>,
+    /// Merge what matches and ignore a LoRA's modules that match no layer (else an error).
+    pub lora_ignore_unmatched: bool,
 }
 
 impl LoadOptions {
@@ -41,6 +45,8 @@ impl LoadOptions {
             threads: None,
             quantize: None,
             recipe: None,
+            loras: Vec::new(),
+            lora_ignore_unmatched: false,
         }
     }
 
@@ -64,6 +70,18 @@ impl LoadOptions {
     ) -> Self {
         self.quantize = spec;
         self.recipe = recipe;
+        self
+    }
+
+    /// The same options merging `loras` (see [`Self::loras`]); `ignore_unmatched` merges what
+    /// matches instead of refusing modules that match no layer.
+    pub fn with_loras(
+        mut self,
+        loras: Vec<crate::loading::lora::LoraFile>,
+        ignore_unmatched: bool,
+    ) -> Self {
+        self.loras = loras;
+        self.lora_ignore_unmatched = ignore_unmatched;
         self
     }
 

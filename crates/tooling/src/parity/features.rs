@@ -12,7 +12,7 @@ impl Runner<'_> {
         let Some(dir) = self.extended_set(extended, "features", CaseKind::Pipeline) else {
             return Ok(());
         };
-        let _ = &dir;
+        self.lora_cases(&dir)?;
         Ok(())
     }
 }
