@@ -4,6 +4,7 @@ mod bad_input;
 mod bench;
 mod generate;
 mod hub;
+mod lora;
 mod parity;
 mod quantize;
 mod roundtrip;

@@ -16,12 +16,12 @@ pub use pipeline as stable_diffusion;
 pub use pipeline::{components, preview, refiner};
 
 pub use builtin::BuiltinModel;
-pub use loading::{addnet_hash, LoraFile};
 pub use device::{
     dtype_name, gpu_memory_in_use, parse_device, parse_dtype, resolve_dtype, DeviceChoice,
     DeviceSelection, DtypeChoice, GpuMemoryPeak,
 };
 pub use error::{Error, Result};
+pub use loading::{addnet_hash, LoraFile};
 pub use model_files::ModelFiles;
 pub use pipeline::components::{
     AddedConditions, Denoiser, LatentDecoder, LatentEncoder, PromptEncoder, TextEmbeddings,

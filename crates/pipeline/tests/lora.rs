@@ -31,8 +31,14 @@ fn lora_files(dir: &Path) -> [PathBuf; 3] {
     write(
         &locon,
         vec![
-            ("lora_unet_conv_in.lora_down.weight".into(), randn(&[2, 4, 3, 3], 1)),
-            ("lora_unet_conv_in.lora_up.weight".into(), randn(&[32, 2, 1, 1], 2)),
+            (
+                "lora_unet_conv_in.lora_down.weight".into(),
+                randn(&[2, 4, 3, 3], 1),
+            ),
+            (
+                "lora_unet_conv_in.lora_up.weight".into(),
+                randn(&[32, 2, 1, 1], 2),
+            ),
             ("lora_unet_conv_in.alpha".into(), scalar(1.0)),
             (
                 "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(),
@@ -126,7 +132,12 @@ fn set_loras_goes_from_base_to_each_form_and_back_to_base() {
             &LoadOptions::default().with_loras(loras.to_vec(), false),
         )
         .unwrap();
-        assert_eq!(max_difference(&image(&fresh), &with), 0.0, "{}", file.display());
+        assert_eq!(
+            max_difference(&image(&fresh), &with),
+            0.0,
+            "{}",
+            file.display()
+        );
         pipeline.set_loras(&[]).unwrap();
         assert_eq!(max_difference(&image(&pipeline), &base), 0.0);
     }
@@ -152,9 +163,11 @@ fn a_failed_change_keeps_the_former_loras() {
     );
     let model = fixtures().join("tiny-sd15");
     let loras = [LoraFile::new(&locon, 1.0)];
-    let mut pipeline =
-        StableDiffusion::load(&model, &LoadOptions::default().with_loras(loras.to_vec(), false))
-            .unwrap();
+    let mut pipeline = StableDiffusion::load(
+        &model,
+        &LoadOptions::default().with_loras(loras.to_vec(), false),
+    )
+    .unwrap();
     let before = image(&pipeline);
     // SD1.5 has no second text encoder: its modules match nothing.
     match pipeline.set_loras(&[LoraFile::new(&odd, 1.0)]) {

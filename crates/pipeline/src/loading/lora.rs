@@ -92,12 +92,12 @@ pub fn addnet_hash(path: &Path) -> Result<String> {
     let mut file = File::open(path).map_err(io)?;
     let mut header = [0u8; 8];
     file.read_exact(&mut header).map_err(io)?;
-    let offset = u64::from_le_bytes(header).checked_add(8).ok_or_else(|| {
-        Error::Io {
+    let offset = u64::from_le_bytes(header)
+        .checked_add(8)
+        .ok_or_else(|| Error::Io {
             path: path.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, "header length overflows"),
-        }
-    })?;
+        })?;
     file.seek(SeekFrom::Start(offset)).map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
@@ -295,9 +295,7 @@ impl UnetBlocks {
     pub fn of(config: &UNet2DConditionConfig) -> Result<Self> {
         let blocks = config.down_block_types.len();
         Ok(Self {
-            layers_per_block: config
-                .layers_per_block
-                .expand("layers_per_block", blocks)?,
+            layers_per_block: config.layers_per_block.expand("layers_per_block", blocks)?,
         })
     }
 }
@@ -433,16 +431,21 @@ struct PeftConfig {
 
 /// Reads the per-component `lora_alpha` and `use_rslora` of PEFT's metadata, refusing what it
 /// cannot reproduce (DoRA, per-module alpha patterns).
-fn peft_configs(path: &Path, metadata: &HashMap<String, String>) -> Result<HashMap<String, PeftConfig>> {
+fn peft_configs(
+    path: &Path,
+    metadata: &HashMap<String, String>,
+) -> Result<HashMap<String, PeftConfig>> {
     let mut configs = HashMap::new();
     let Some(text) = metadata.get("lora_adapter_metadata") else {
         return Ok(configs);
     };
-    let json: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        lora_error(path, format!("its lora_adapter_metadata is not JSON: {e}"))
-    })?;
+    let json: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| lora_error(path, format!("its lora_adapter_metadata is not JSON: {e}")))?;
     let Some(object) = json.as_object() else {
-        return Err(lora_error(path, "its lora_adapter_metadata is not a JSON object"));
+        return Err(lora_error(
+            path,
+            "its lora_adapter_metadata is not a JSON object",
+        ));
     };
     for component in COMPONENTS {
         let field = |name: &str| object.get(&format!("{component}.{name}"));
@@ -489,13 +492,12 @@ impl Adapter {
                 what: "a LoRA (.safetensors)".to_string(),
             });
         }
-        let tensors = TensorFiles::open(std::slice::from_ref(path)).map_err(|source| {
-            Error::Weights {
+        let tensors =
+            TensorFiles::open(std::slice::from_ref(path)).map_err(|source| Error::Weights {
                 component: "LoRA",
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         let peft = peft_configs(path, tensors.metadata())?;
         let mut groups: BTreeMap<String, HashMap<&'static str, Tensor>> = BTreeMap::new();
         let mut unknown = Vec::new();
@@ -594,11 +596,17 @@ fn module_delta(
         None => None,
     };
     let rank_of = |t: &Tensor| t.dims().first().copied().unwrap_or(0);
-    let (delta, rank) = if let (Some(down), Some(up)) = (parts.remove(".lora_down.weight"), parts.remove(".lora_up.weight")) {
+    let (delta, rank) = if let (Some(down), Some(up)) = (
+        parts.remove(".lora_down.weight"),
+        parts.remove(".lora_up.weight"),
+    ) {
         let rank = rank_of(&down);
         let mid = parts.remove(".lora_mid.weight");
         (Delta::Lora { down, up, mid }, Some(rank))
-    } else if let (Some(down), Some(up)) = (parts.remove(".lora_A.weight"), parts.remove(".lora_B.weight")) {
+    } else if let (Some(down), Some(up)) = (
+        parts.remove(".lora_A.weight"),
+        parts.remove(".lora_B.weight"),
+    ) {
         let rank = rank_of(&down);
         if alpha.is_some() {
             return Err(lora_error(
@@ -620,7 +628,14 @@ fn module_delta(
         if !parts.is_empty() {
             return Err(unused(path, prefix, &found(&parts)));
         }
-        return Ok((Delta::Lora { down, up, mid: None }, alpha / denominator));
+        return Ok((
+            Delta::Lora {
+                down,
+                up,
+                mid: None,
+            },
+            alpha / denominator,
+        ));
     } else if let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
         parts.remove(".hada_w1_a"),
         parts.remove(".hada_w1_b"),
@@ -648,27 +663,39 @@ fn module_delta(
         )
     } else if parts.keys().any(|k| k.starts_with(".lokr_")) {
         let mut rank = None;
-        let w1 = match (parts.remove(".lokr_w1"), parts.remove(".lokr_w1_a"), parts.remove(".lokr_w1_b")) {
+        let w1 = match (
+            parts.remove(".lokr_w1"),
+            parts.remove(".lokr_w1_a"),
+            parts.remove(".lokr_w1_b"),
+        ) {
             (Some(w1), None, None) => Factor::Full(w1),
             (None, Some(a), Some(b)) => {
                 rank = Some(rank_of(&b));
                 Factor::LowRank(a, b)
             }
-            _ => return Err(lora_error(
-                path,
-                format!("{prefix}: LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b"),
-            )),
+            _ => {
+                return Err(lora_error(
+                    path,
+                    format!("{prefix}: LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b"),
+                ))
+            }
         };
-        let w2 = match (parts.remove(".lokr_w2"), parts.remove(".lokr_w2_a"), parts.remove(".lokr_w2_b")) {
+        let w2 = match (
+            parts.remove(".lokr_w2"),
+            parts.remove(".lokr_w2_a"),
+            parts.remove(".lokr_w2_b"),
+        ) {
             (Some(w2), None, None) => Factor::Full(w2),
             (None, Some(a), Some(b)) => {
                 rank = Some(rank_of(&b));
                 Factor::LowRank(a, b)
             }
-            _ => return Err(lora_error(
-                path,
-                format!("{prefix}: LoKr needs lokr_w2, or lokr_w2_a and lokr_w2_b"),
-            )),
+            _ => {
+                return Err(lora_error(
+                    path,
+                    format!("{prefix}: LoKr needs lokr_w2, or lokr_w2_a and lokr_w2_b"),
+                ))
+            }
         };
         let t2 = parts.remove(".lokr_t2");
         if t2.is_some() && !matches!(w2, Factor::LowRank(..)) {
@@ -835,7 +862,10 @@ impl LoraSet {
             .iter()
             .map(|file| Adapter::open(file, &blocks))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Arc::new(Self::from_adapters(adapters, ignore_unmatched))))
+        Ok(Some(Arc::new(Self::from_adapters(
+            adapters,
+            ignore_unmatched,
+        ))))
     }
 
     fn from_adapters(adapters: Vec<Adapter>, ignore_unmatched: bool) -> Self {
@@ -866,9 +896,7 @@ impl LoraSet {
     fn entries(&self, component: &str, name: &str) -> Option<&[(usize, usize)]> {
         let key = request_key(component, name)?;
         let component = COMPONENTS.iter().find(|c| **c == component)?;
-        self.index
-            .get(&(*component, key))
-            .map(Vec::as_slice)
+        self.index.get(&(*component, key)).map(Vec::as_slice)
     }
 
     /// `component`'s builder `inner` with the deltas merged into the weights they change.
@@ -900,7 +928,12 @@ impl LoraSet {
     }
 
     /// `weight` (`[out, ...]`) plus every adapter's scaled delta for it, in f32.
-    fn merge(&self, name: &str, weight: Tensor, entries: &[(usize, usize)]) -> candle_core::Result<Tensor> {
+    fn merge(
+        &self,
+        name: &str,
+        weight: Tensor,
+        entries: &[(usize, usize)],
+    ) -> candle_core::Result<Tensor> {
         let mut merged = weight;
         let shape = merged.shape().clone();
         let rows = shape.dims().first().copied().unwrap_or(0);
@@ -948,8 +981,7 @@ impl LoraSet {
                 .modules
                 .iter()
                 .filter(|m| {
-                    !built.contains(&m.component)
-                        || !asked.contains(&(m.component, m.key.clone()))
+                    !built.contains(&m.component) || !asked.contains(&(m.component, m.key.clone()))
                 })
                 .map(|m| m.file_prefix.clone())
                 .collect();
@@ -1001,9 +1033,17 @@ impl SimpleBackend for MergingBackend {
             .to_device(device)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let Some(entries) = self.set.entries(self.component, name) else {
-            return self.inner.get_unchecked_dtype(name, dtype)?.to_device(device);
+            return self
+                .inner
+                .get_unchecked_dtype(name, dtype)?
+                .to_device(device);
         };
         self.set.record(self.component, name);
         let weight = self.inner.get_unchecked_dtype(name, DType::F32)?;
@@ -1026,7 +1066,11 @@ struct WithoutMerged {
 }
 
 impl QuantizedSource for WithoutMerged {
-    fn get(&self, name: &str, shape: &Shape) -> Option<candle_core::Result<Arc<dyn QuantizedMatrix>>> {
+    fn get(
+        &self,
+        name: &str,
+        shape: &Shape,
+    ) -> Option<candle_core::Result<Arc<dyn QuantizedMatrix>>> {
         if self.set.entries(self.component, name).is_some() {
             return None;
         }
@@ -1091,31 +1135,59 @@ mod tests {
         let sdxl = blocks(&[2, 2, 2]);
         for (sgm, diffusers) in [
             ("input_blocks_0_0", "conv_in"),
-            ("input_blocks_1_0_in_layers_2", "down_blocks_0_resnets_0_conv1"),
-            ("input_blocks_2_0_out_layers_3", "down_blocks_0_resnets_1_conv2"),
+            (
+                "input_blocks_1_0_in_layers_2",
+                "down_blocks_0_resnets_0_conv1",
+            ),
+            (
+                "input_blocks_2_0_out_layers_3",
+                "down_blocks_0_resnets_1_conv2",
+            ),
             ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
-            ("input_blocks_4_0_skip_connection", "down_blocks_1_resnets_0_conv_shortcut"),
+            (
+                "input_blocks_4_0_skip_connection",
+                "down_blocks_1_resnets_0_conv_shortcut",
+            ),
             (
                 "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
                 "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
             ),
-            ("input_blocks_8_1_proj_out", "down_blocks_2_attentions_1_proj_out"),
-            ("middle_block_0_emb_layers_1", "mid_block_resnets_0_time_emb_proj"),
+            (
+                "input_blocks_8_1_proj_out",
+                "down_blocks_2_attentions_1_proj_out",
+            ),
+            (
+                "middle_block_0_emb_layers_1",
+                "mid_block_resnets_0_time_emb_proj",
+            ),
             ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"),
             ("middle_block_2_in_layers_2", "mid_block_resnets_1_conv1"),
-            ("output_blocks_0_0_in_layers_2", "up_blocks_0_resnets_0_conv1"),
+            (
+                "output_blocks_0_0_in_layers_2",
+                "up_blocks_0_resnets_0_conv1",
+            ),
             ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),
-            ("output_blocks_3_0_skip_connection", "up_blocks_1_resnets_0_conv_shortcut"),
+            (
+                "output_blocks_3_0_skip_connection",
+                "up_blocks_1_resnets_0_conv_shortcut",
+            ),
             (
                 "output_blocks_5_1_transformer_blocks_1_ff_net_2",
                 "up_blocks_1_attentions_2_transformer_blocks_1_ff_net_2",
             ),
-            ("output_blocks_8_0_out_layers_3", "up_blocks_2_resnets_2_conv2"),
+            (
+                "output_blocks_8_0_out_layers_3",
+                "up_blocks_2_resnets_2_conv2",
+            ),
             ("time_embed_0", "time_embedding_linear_1"),
             ("label_emb_0_2", "add_embedding_linear_2"),
             ("out_2", "conv_out"),
         ] {
-            assert_eq!(sgm_to_diffusers(sgm, &sdxl).as_deref(), Some(diffusers), "{sgm}");
+            assert_eq!(
+                sgm_to_diffusers(sgm, &sdxl).as_deref(),
+                Some(diffusers),
+                "{sgm}"
+            );
         }
         // An up block without attention has its upsampler at `.1` (SD1.5's first up block).
         let sd15 = blocks(&[2, 2, 2, 2]);
@@ -1128,9 +1200,18 @@ mod tests {
             Some("down_blocks_3_resnets_1_conv1")
         );
         // Diffusers names are not sgm names; indexes past the layout are none.
-        assert_eq!(sgm_to_diffusers("down_blocks_0_resnets_0_conv1", &sdxl), None);
-        assert_eq!(sgm_to_diffusers("input_blocks_9_0_in_layers_2", &sdxl), None);
-        assert_eq!(sgm_to_diffusers("output_blocks_9_0_in_layers_2", &sdxl), None);
+        assert_eq!(
+            sgm_to_diffusers("down_blocks_0_resnets_0_conv1", &sdxl),
+            None
+        );
+        assert_eq!(
+            sgm_to_diffusers("input_blocks_9_0_in_layers_2", &sdxl),
+            None
+        );
+        assert_eq!(
+            sgm_to_diffusers("output_blocks_9_0_in_layers_2", &sdxl),
+            None
+        );
     }
 
     #[test]
@@ -1204,9 +1285,18 @@ mod tests {
             dir.path(),
             "a.safetensors",
             &[
-                (&format!("{key}.lora_down.weight"), down.to_dtype(DType::F16).unwrap()),
-                (&format!("{key}.lora_up.weight"), up.to_dtype(DType::F16).unwrap()),
-                (&format!("{key}.alpha"), Tensor::new(1f32, &Device::Cpu).unwrap()),
+                (
+                    &format!("{key}.lora_down.weight"),
+                    down.to_dtype(DType::F16).unwrap(),
+                ),
+                (
+                    &format!("{key}.lora_up.weight"),
+                    up.to_dtype(DType::F16).unwrap(),
+                ),
+                (
+                    &format!("{key}.alpha"),
+                    Tensor::new(1f32, &Device::Cpu).unwrap(),
+                ),
             ],
             None,
         );
@@ -1233,7 +1323,11 @@ mod tests {
             &[1.5, 2.5, 0.5, 3.5, 4.5, 2.5],
         );
         // Two files add their deltas.
-        let set = open(&[LoraFile::new(&path, 1.0), LoraFile::new(&path, -1.0)], false).unwrap();
+        let set = open(
+            &[LoraFile::new(&path, 1.0), LoraFile::new(&path, -1.0)],
+            false,
+        )
+        .unwrap();
         close(&values(&merged(&set, "unet", name, &base)), &[0.5; 6]);
     }
 
@@ -1270,11 +1364,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = "text_encoder.text_model.encoder.layers.0.mlp.fc1";
         let tensors = [
-            (format!("{key}.lora_A.weight"), t(&[1., 1., 1., 1.], &[2, 2])),
-            (format!("{key}.lora_B.weight"), t(&[1., 0., 0., 1.], &[2, 2])),
+            (
+                format!("{key}.lora_A.weight"),
+                t(&[1., 1., 1., 1.], &[2, 2]),
+            ),
+            (
+                format!("{key}.lora_B.weight"),
+                t(&[1., 0., 0., 1.], &[2, 2]),
+            ),
         ];
-        let tensors: Vec<(&str, Tensor)> =
-            tensors.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let tensors: Vec<(&str, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
         let metadata = HashMap::from([(
             "lora_adapter_metadata".to_string(),
             r#"{"text_encoder.r": 2, "text_encoder.lora_alpha": 1.0}"#.to_string(),
@@ -1284,9 +1386,15 @@ mod tests {
         let base = t(&[0.; 4], &[2, 2]);
         let name = "text_model.encoder.layers.0.mlp.fc1.weight";
         let set = open(&[LoraFile::new(&with, 1.0)], false).unwrap();
-        close(&values(&merged(&set, "text_encoder", name, &base)), &[0.5; 4]);
+        close(
+            &values(&merged(&set, "text_encoder", name, &base)),
+            &[0.5; 4],
+        );
         let set = open(&[LoraFile::new(&without, 1.0)], false).unwrap();
-        close(&values(&merged(&set, "text_encoder", name, &base)), &[1.0; 4]);
+        close(
+            &values(&merged(&set, "text_encoder", name, &base)),
+            &[1.0; 4],
+        );
         // rsLoRA divides by the square root of the rank.
         let metadata = HashMap::from([(
             "lora_adapter_metadata".to_string(),
@@ -1318,7 +1426,10 @@ mod tests {
             .check_matched(&["text_encoder", "unet"])
             .unwrap_err()
             .to_string();
-        assert!(message.contains(key) && message.contains("u.safetensors"), "{message}");
+        assert!(
+            message.contains(key) && message.contains("u.safetensors"),
+            "{message}"
+        );
         let set = open(&[LoraFile::new(&path, 1.0)], true).unwrap();
         set.check_matched(&["text_encoder", "unet"]).unwrap();
     }
@@ -1337,15 +1448,24 @@ mod tests {
             ],
             None,
         );
-        let message = open(&[LoraFile::new(&dora, 1.0)], false).err().unwrap().to_string();
-        assert!(message.contains("DoRA") && message.contains(key), "{message}");
+        let message = open(&[LoraFile::new(&dora, 1.0)], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains("DoRA") && message.contains(key),
+            "{message}"
+        );
         let odd = write(
             dir.path(),
             "o.safetensors",
             &[("lora_unet_conv_in.oft_blocks", t(&[1.], &[1]))],
             None,
         );
-        let message = open(&[LoraFile::new(&odd, 1.0)], false).err().unwrap().to_string();
+        let message = open(&[LoraFile::new(&odd, 1.0)], false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(message.contains("oft_blocks"), "{message}");
         let half = write(
             dir.path(),
@@ -1353,7 +1473,10 @@ mod tests {
             &[(&format!("{key}.lora_down.weight"), t(&[1., 1.], &[1, 2]))],
             None,
         );
-        let message = open(&[LoraFile::new(&half, 1.0)], false).err().unwrap().to_string();
+        let message = open(&[LoraFile::new(&half, 1.0)], false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(message.contains("lora_down"), "{message}");
     }
 
@@ -1371,7 +1494,10 @@ mod tests {
                 (&format!("{key}.hada_w1_b"), t(&w1b, &[2, 2])),
                 (&format!("{key}.hada_w2_a"), t(&w2a, &[2, 2])),
                 (&format!("{key}.hada_w2_b"), t(&w2b, &[2, 2])),
-                (&format!("{key}.alpha"), Tensor::new(1f32, &Device::Cpu).unwrap()),
+                (
+                    &format!("{key}.alpha"),
+                    Tensor::new(1f32, &Device::Cpu).unwrap(),
+                ),
             ],
             None,
         );
@@ -1400,7 +1526,8 @@ mod tests {
                     let mut sum = 0.0;
                     for ii in 0..i {
                         for jj in 0..j {
-                            sum += tv[(ii * j + jj) * k * k + kk] * bv[jj * r + rr] * av[ii * p + pp];
+                            sum +=
+                                tv[(ii * j + jj) * k * k + kk] * bv[jj * r + rr] * av[ii * p + pp];
                         }
                     }
                     expected[(pp * r + rr) * k * k + kk] = sum;
@@ -1422,7 +1549,10 @@ mod tests {
             &[
                 (&format!("{key}.lokr_w1"), w1.clone()),
                 (&format!("{key}.lokr_w2"), w2.clone()),
-                (&format!("{key}.alpha"), Tensor::new(8f32, &Device::Cpu).unwrap()),
+                (
+                    &format!("{key}.alpha"),
+                    Tensor::new(8f32, &Device::Cpu).unwrap(),
+                ),
             ],
             None,
         );
@@ -1430,7 +1560,10 @@ mod tests {
         let base = t(&[0.; 8], &[2, 4]);
         // kron([[1, 2]], I2) = [[1, 0, 2, 0], [0, 1, 0, 2]]; no low-rank factor: scale 1.
         let expected = [1., 0., 2., 0., 0., 1., 0., 2.];
-        close(&values(&merged(&set, "unet", "conv_in.weight", &base)), &expected);
+        close(
+            &values(&merged(&set, "unet", "conv_in.weight", &base)),
+            &expected,
+        );
         // w2 as a rank-1 product [[1], [1]] @ [[1, 1]] with alpha 0.5: scale 0.5.
         let low = write(
             dir.path(),
@@ -1439,7 +1572,10 @@ mod tests {
                 (&format!("{key}.lokr_w1"), w1),
                 (&format!("{key}.lokr_w2_a"), t(&[1., 1.], &[2, 1])),
                 (&format!("{key}.lokr_w2_b"), t(&[1., 1.], &[1, 2])),
-                (&format!("{key}.alpha"), Tensor::new(0.5f32, &Device::Cpu).unwrap()),
+                (
+                    &format!("{key}.alpha"),
+                    Tensor::new(0.5f32, &Device::Cpu).unwrap(),
+                ),
             ],
             None,
         );
@@ -1458,7 +1594,10 @@ mod tests {
             dir.path(),
             "s.safetensors",
             &[
-                (&format!("{key}.lora_down.weight"), t(&[1., 1., 1.], &[1, 3])),
+                (
+                    &format!("{key}.lora_down.weight"),
+                    t(&[1., 1., 1.], &[1, 3]),
+                ),
                 (&format!("{key}.lora_up.weight"), t(&[1., 1.], &[2, 1])),
             ],
             None,
@@ -1471,7 +1610,10 @@ mod tests {
             .get((2, 2), "conv_in.weight")
             .unwrap_err()
             .to_string();
-        assert!(message.contains(key) && message.contains("[2, 3]"), "{message}");
+        assert!(
+            message.contains(key) && message.contains("[2, 3]"),
+            "{message}"
+        );
     }
 
     #[test]

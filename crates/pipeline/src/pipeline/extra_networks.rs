@@ -81,21 +81,20 @@ fn parse_tag(text: &str) -> Result<Option<(PromptLora, usize)>> {
     if name.is_empty() {
         return Err(bad("a LoRA name: <lora:name> or <lora:name:weight>"));
     }
-    let multiplier = match parts.as_slice() {
-        [_] => 1.0,
-        [_, weight] => weight
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|w| w.is_finite())
-            .ok_or_else(|| bad("a number as the weight: <lora:name:0.8>"))?,
-        _ => {
-            return Err(bad(
+    let multiplier =
+        match parts.as_slice() {
+            [_] => 1.0,
+            [_, weight] => weight
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|w| w.is_finite())
+                .ok_or_else(|| bad("a number as the weight: <lora:name:0.8>"))?,
+            _ => return Err(bad(
                 "<lora:name> or <lora:name:weight> (separate text-encoder and UNet weights are \
                  not supported)",
-            ))
-        }
-    };
+            )),
+        };
     Ok(Some((
         PromptLora {
             name: name.to_string(),
@@ -130,7 +129,10 @@ mod tests {
         let (text, loras) =
             extract_loras("a cat <lora:style_a:0.8>, sitting <lyco:b> <lora:c: 1.5 >").unwrap();
         assert_eq!(text, "a cat , sitting  ");
-        assert_eq!(loras, vec![lora("style_a", 0.8), lora("b", 1.0), lora("c", 1.5)]);
+        assert_eq!(
+            loras,
+            vec![lora("style_a", 0.8), lora("b", 1.0), lora("c", 1.5)]
+        );
     }
 
     #[test]
@@ -160,8 +162,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("style.safetensors"), b"x").unwrap();
         let file = lora("style", 0.5).resolve(dir.path()).unwrap();
-        assert_eq!(file, LoraFile::new(dir.path().join("style.safetensors"), 0.5));
-        let message = lora("other", 1.0).resolve(dir.path()).unwrap_err().to_string();
+        assert_eq!(
+            file,
+            LoraFile::new(dir.path().join("style.safetensors"), 0.5)
+        );
+        let message = lora("other", 1.0)
+            .resolve(dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("other.safetensors"), "{message}");
     }
 

@@ -6,9 +6,9 @@
 //! latent decoder and encoder); loading builds the candle ones from a model's files.
 
 pub mod components;
-pub mod extra_networks;
 mod conditioning;
 mod denoise;
+pub mod extra_networks;
 pub(crate) mod family;
 pub mod preview;
 pub mod refiner;
@@ -406,7 +406,12 @@ impl StableDiffusion {
             };
             let unet = if touched("unet") {
                 built.push("unet");
-                Some(components::load_unet(files, weights, &options, new.as_ref())?)
+                Some(components::load_unet(
+                    files,
+                    weights,
+                    &options,
+                    new.as_ref(),
+                )?)
             } else {
                 None
             };

@@ -131,7 +131,10 @@ impl Runner<'_> {
     ) {
         let records = info["fused"].as_array().cloned().unwrap_or_default();
         if records.is_empty() {
-            self.fail(&format!("{set}:fused"), "the reference lists no fused weights");
+            self.fail(
+                &format!("{set}:fused"),
+                "the reference lists no fused weights",
+            );
             return;
         }
         for record in records {
@@ -153,7 +156,11 @@ fn field_error(key: &str, field: &str, expected: &str) -> Error {
 }
 
 /// The LoRA files and multipliers a case names (`adapters`, `adapter_weights`, the `files` map).
-fn case_loras(dir: &Path, info: &serde_json::Value, case: &serde_json::Value) -> Result<Vec<LoraFile>> {
+fn case_loras(
+    dir: &Path,
+    info: &serde_json::Value,
+    case: &serde_json::Value,
+) -> Result<Vec<LoraFile>> {
     let key = case["key"].as_str().unwrap_or_default();
     let adapters = case["adapters"]
         .as_array()
@@ -162,7 +169,11 @@ fn case_loras(dir: &Path, info: &serde_json::Value, case: &serde_json::Value) ->
         .as_array()
         .ok_or_else(|| field_error(key, "adapter_weights", "a list of numbers"))?;
     if adapters.len() != weights.len() {
-        return Err(field_error(key, "adapter_weights", "one weight per adapter"));
+        return Err(field_error(
+            key,
+            "adapter_weights",
+            "one weight per adapter",
+        ));
     }
     adapters
         .iter()
@@ -192,7 +203,11 @@ fn lora_request(
 ) -> Result<Request> {
     let scheduler = case["scheduler_config"].clone();
     if !scheduler.is_object() {
-        return Err(field_error(key, "scheduler_config", "a diffusers scheduler config"));
+        return Err(field_error(
+            key,
+            "scheduler_config",
+            "a diffusers scheduler config",
+        ));
     }
     let prompt = case["prompt"]
         .as_str()
@@ -206,7 +221,10 @@ fn lora_request(
     request.guidance_scale = case["guidance_scale"]
         .as_f64()
         .ok_or_else(|| field_error(key, "guidance_scale", "a number"))?;
-    for (field, value) in [("height", &mut request.height), ("width", &mut request.width)] {
+    for (field, value) in [
+        ("height", &mut request.height),
+        ("width", &mut request.width),
+    ] {
         *value = case[field]
             .as_u64()
             .ok_or_else(|| field_error(key, field, "a whole number"))? as usize;
@@ -234,11 +252,14 @@ fn embeddings_diff(
         get(reference, &format!("{key}_prompt_embeds"))?,
     )?;
     if let Some(expected) = reference.get(&format!("{key}_pooled_prompt_embeds")) {
-        let added = conditioning.added.as_ref().ok_or_else(|| Error::InvalidParameter {
-            name: "conditioning",
-            value: key.to_string(),
-            expected: "SDXL's pooled embedding, as the reference has one".to_string(),
-        })?;
+        let added = conditioning
+            .added
+            .as_ref()
+            .ok_or_else(|| Error::InvalidParameter {
+                name: "conditioning",
+                value: key.to_string(),
+                expected: "SDXL's pooled embedding, as the reference has one".to_string(),
+            })?;
         diff = diff.max(max_abs_diff(&last(&added.text_embeds)?, expected)?);
     }
     Ok(diff)
@@ -274,9 +295,8 @@ fn fused_diff(
     let (vb, _) = var_builder(component, &files, DType::F32, &Device::Cpu)?;
     let name = format!("{module}.weight");
     let loaded = vb.get(original.shape(), &name)?;
-    let set = LoraSet::open(&[LoraFile::new(dir.join(file), scale)], &unet, true)?.ok_or_else(
-        || field_error(prefix, "file", "a LoRA file"),
-    )?;
+    let set = LoraSet::open(&[LoraFile::new(dir.join(file), scale)], &unet, true)?
+        .ok_or_else(|| field_error(prefix, "file", "a LoRA file"))?;
     let merged = set.wrap(component, vb).get(fused.shape(), &name)?;
     Ok(max_abs_diff(&loaded, original)?.max(max_abs_diff(&merged, fused)?))
 }
