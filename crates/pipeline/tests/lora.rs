@@ -20,8 +20,13 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
+/// [`randn`] three times larger: a LoHa's delta is a product of four factors.
+fn big(shape: &[usize], seed: u64) -> Tensor {
+    (randn(shape, seed) * 3.0).unwrap()
+}
+
 fn write(path: &Path, tensors: Vec<(String, Tensor)>) {
-    safetensors::tensor::serialize_to_file(tensors, &None, path).unwrap();
+    safetensors::tensor::serialize_to_file(tensors, None, path).unwrap();
 }
 
 /// The three forms, each changing conv_in, one attention projection and a text-encoder layer.
@@ -55,18 +60,18 @@ fn lora_files(dir: &Path) -> [PathBuf; 3] {
     write(
         &loha,
         vec![
-            (format!("{q}.hada_w1_a"), randn(&[32, 2], 5)),
-            (format!("{q}.hada_w1_b"), randn(&[2, 32], 6)),
-            (format!("{q}.hada_w2_a"), randn(&[32, 2], 7)),
-            (format!("{q}.hada_w2_b"), randn(&[2, 32], 8)),
+            (format!("{q}.hada_w1_a"), big(&[32, 2], 5)),
+            (format!("{q}.hada_w1_b"), big(&[2, 32], 6)),
+            (format!("{q}.hada_w2_a"), big(&[32, 2], 7)),
+            (format!("{q}.hada_w2_b"), big(&[2, 32], 8)),
             (format!("{q}.alpha"), scalar(2.0)),
             // Tucker form on a 3x3 convolution.
-            ("lora_unet_conv_in.hada_t1".into(), randn(&[2, 2, 3, 3], 9)),
-            ("lora_unet_conv_in.hada_w1_a".into(), randn(&[2, 32], 10)),
-            ("lora_unet_conv_in.hada_w1_b".into(), randn(&[2, 4], 11)),
-            ("lora_unet_conv_in.hada_t2".into(), randn(&[2, 2, 3, 3], 12)),
-            ("lora_unet_conv_in.hada_w2_a".into(), randn(&[2, 32], 13)),
-            ("lora_unet_conv_in.hada_w2_b".into(), randn(&[2, 4], 14)),
+            ("lora_unet_conv_in.hada_t1".into(), big(&[2, 2, 3, 3], 9)),
+            ("lora_unet_conv_in.hada_w1_a".into(), big(&[2, 32], 10)),
+            ("lora_unet_conv_in.hada_w1_b".into(), big(&[2, 4], 11)),
+            ("lora_unet_conv_in.hada_t2".into(), big(&[2, 2, 3, 3], 12)),
+            ("lora_unet_conv_in.hada_w2_a".into(), big(&[2, 32], 13)),
+            ("lora_unet_conv_in.hada_w2_b".into(), big(&[2, 4], 14)),
         ],
     );
     let lokr = dir.join("lokr.safetensors");

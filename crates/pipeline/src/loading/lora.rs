@@ -1101,7 +1101,7 @@ mod tests {
             .iter()
             .map(|(n, t)| (n.to_string(), t.clone()))
             .collect();
-        safetensors::tensor::serialize_to_file(data, &metadata, &path).unwrap();
+        safetensors::tensor::serialize_to_file(data, metadata, &path).unwrap();
         path
     }
 
