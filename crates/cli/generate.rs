@@ -585,6 +585,8 @@ fn flag_for(parameter: &str) -> Option<&'static str> {
         "clip skip" => "--clip-skip",
         "refiner switch" | "denoising start" | "denoising end" => "--refiner-start",
         "threads" => "--threads",
+        "LoRA" | "LoRA weight" => "--lora",
+        "prompt LoRA tag" => "--prompt",
         _ => return None,
     })
 }

@@ -990,7 +990,8 @@ impl LoraSet {
                     path: adapter.path.clone(),
                     message: format!(
                         "{} of its modules match no layer of this model: {} (a LoRA for \
-                         another model family? --lora-ignore-unmatched merges the rest)",
+                         another model family? ignoring unmatched modules, \
+                         --lora-ignore-unmatched, merges the rest)",
                         unmatched.len(),
                         listed(&unmatched)
                     ),
