@@ -200,6 +200,24 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub vae_tiling: crate::vae_tiling::VaeTilingArgs,
+
+    /// Merge a LoRA into the UNet and text encoders: `file.safetensors` or
+    /// `file.safetensors:WEIGHT` (default weight 1). Repeatable. kohya/A1111 (LoCon included),
+    /// diffusers/PEFT, LyCORIS LoHa and LoKr files; the prompt's `<lora:name:weight>` tags add
+    /// more from --lora-model-dir.
+    #[arg(long = "lora", value_parser = crate::lora::parse_lora)]
+    pub lora: Vec<sdrs_pipeline::LoraFile>,
+
+    /// Where the prompt's `<lora:name>` / `<lora:name:weight>` tags are looked up
+    /// (`name.safetensors`). Default: a `loras` folder beside the model (for a local model),
+    /// else `./loras`.
+    #[arg(long = "lora-model-dir")]
+    pub lora_model_dir: Option<PathBuf>,
+
+    /// Merge the modules of a LoRA that match a layer and ignore the rest, instead of refusing
+    /// a LoRA with modules this model does not have.
+    #[arg(long = "lora-ignore-unmatched")]
+    pub lora_ignore_unmatched: bool,
 }
 
 /// A sampler as `--sampling-method` names it, with the schedule its label implies
@@ -366,6 +384,14 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Some(reference) => Some(plan_refiner(reference, &args, &settings, &options)?),
         None => None,
     };
+    let loras = crate::lora::resolve(
+        &args.prompt,
+        &args.lora,
+        args.lora_model_dir.as_deref(),
+        &args.model,
+    )?;
+    // The refiner (planned above) gets no LoRAs: they are made for the base model.
+    let options = options.with_loras(loras.files.clone(), args.lora_ignore_unmatched);
     let mut pipeline = load_model(&args.model, args.config.as_deref(), &options)?;
     if let (Some(refiner), Some(reference)) = (&refiner, &args.refiner) {
         refiner
@@ -383,7 +409,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Some(path) => Some(read_mask(path)?),
         None => None,
     };
-    let request = build_request(&pipeline, &args, &settings, init, mask)?;
+    let mut request = build_request(&pipeline, &args, &settings, init, mask)?;
+    request.prompt = loras.prompt.clone();
     let requests = batch_requests(&request, args.batch_count as usize)?;
 
     let started = Instant::now();
@@ -399,6 +426,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         "generated {what} in {elapsed:.1}s: {steps} denoising steps ({} including text encoding and decoding)",
         crate::progress::speed_text(steps as f64 / elapsed.max(1e-9))
     );
+    let lora_hashes = loras.hashes()?;
     let mut pending = pending.into_iter();
     for (batch, (request, images)) in requests.iter().zip(&batches).enumerate() {
         for position in 0..request.batch_size {
@@ -407,6 +435,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
                 bail!("no output was reserved for image {index}");
             };
             let mut parameters = parameters(&args, &settings, request);
+            if let Some(hashes) = &lora_hashes {
+                parameters.extra.push(("Lora hashes".to_string(), hashes.clone()));
+            }
             parameters.seed = request.image_seed(position).unwrap_or(settings.seed);
             if request.batch_size > 1 {
                 parameters
@@ -688,6 +719,8 @@ fn flag_for(parameter: &str) -> Option<&'static str> {
         "batch size" => "--batch-size",
         "VAE tile size" => "--vae-tile-size",
         "VAE tile overlap" => "--vae-tile-overlap",
+        "LoRA" | "LoRA weight" => "--lora",
+        "prompt LoRA tag" => "--prompt",
         _ => return None,
     })
 }

@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod hub;
 mod input;
+mod lora;
 mod output;
 mod parity;
 mod progress;

@@ -6,6 +6,7 @@ mod bench;
 mod generate;
 mod hub;
 mod inpaint;
+mod lora;
 mod parity;
 mod quantize;
 mod roundtrip;

@@ -73,6 +73,11 @@ pub enum Error {
         supported: String,
     },
 
+    /// A LoRA file sdrs cannot merge: a layout it does not know, DoRA, or modules that match no
+    /// layer of the model.
+    #[error("LoRA {path}: {message}")]
+    Lora { path: PathBuf, message: String },
+
     /// A model of the wrong family for its role: a refiner that is not one, or a base model a
     /// refiner cannot finish.
     #[error("{role} {path} is {found}, not {expected}")]

@@ -21,6 +21,7 @@ pub use device::{
     DeviceSelection, DtypeChoice, GpuMemoryPeak,
 };
 pub use error::{Error, Result};
+pub use loading::{addnet_hash, LoraFile};
 pub use model_files::ModelFiles;
 pub use pipeline::components::{
     AddedConditions, Denoiser, LatentDecoder, LatentEncoder, PromptEncoder, TextEmbeddings,

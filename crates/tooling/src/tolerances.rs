@@ -44,11 +44,14 @@ pub enum CaseKind {
     /// `gguf/blocks.gguf` decodes and `coreml/kmeans` lookup tables and indices: formats and
     /// algorithms with one right answer, computed without the models.
     BitExact,
+    /// `features/reference/lora_*.json` `fused`: a layer weight with a LoRA merged, against
+    /// diffusers' `fuse_lora`.
+    LoraMerge,
 }
 
 impl CaseKind {
     /// Every kind, in the order of [`TABLE`].
-    pub const ALL: [CaseKind; 11] = [
+    pub const ALL: [CaseKind; 12] = [
         CaseKind::Tokenizer,
         CaseKind::TextEncoder,
         CaseKind::Unet,
@@ -60,6 +63,7 @@ impl CaseKind {
         CaseKind::Rng,
         CaseKind::Pipeline,
         CaseKind::BitExact,
+        CaseKind::LoraMerge,
     ];
 }
 
@@ -104,7 +108,7 @@ impl Tolerance {
 }
 
 /// Every parity tolerance.
-pub const TABLE: [Tolerance; 11] = [
+pub const TABLE: [Tolerance; 12] = [
     // Token ids are integers and no dtype is involved: every id must be equal.
     Tolerance {
         kind: CaseKind::Tokenizer,
@@ -212,6 +216,16 @@ pub const TABLE: [Tolerance; 11] = [
         f32: 0.0,
         f16: 0.0,
         bf16: 0.0,
+    },
+    // 1e-5 in every dtype: the merge is computed in f32 whatever the model computes in (the case
+    // reads the weights in f32), on weights of ~0.1 changed by ~10%; f32 products of rank-4 to
+    // rank-8 factors round at ~1e-8.
+    Tolerance {
+        kind: CaseKind::LoraMerge,
+        measure: Measure::MaxAbsDiff,
+        f32: 1e-5,
+        f16: 1e-5,
+        bf16: 1e-5,
     },
 ];
 

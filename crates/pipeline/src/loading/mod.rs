@@ -8,12 +8,14 @@
 //! - [`single_file`] and [`checkpoint`]: the key plan of a single-file checkpoint and its
 //!   execution on the file's tensors.
 //! - [`options`]: [`LoadOptions`], how a pipeline is loaded and computes.
+//! - [`lora`]: LoRA / LyCORIS adapters merged into the weights as they load.
 //! - [`quantize`]: weights quantized as they load (`--quantize`); [`export`]: a model's files
 //!   and tensors for rewriting (`sdrs quantize`).
 
 pub mod builtin;
 pub mod checkpoint;
 pub mod export;
+pub mod lora;
 pub mod model_files;
 pub mod options;
 pub mod quantize;
@@ -21,4 +23,5 @@ pub mod single_file;
 pub mod tensor_files;
 pub mod weights;
 
+pub use lora::{addnet_hash, LoraFile};
 pub use options::LoadOptions;

@@ -27,6 +27,10 @@ pub struct LoadOptions {
     /// When the VAE decodes and encodes in tiles (default: only when the untiled pass would not
     /// fit in memory).
     pub vae_tiling: crate::pipeline::vae_tiling::VaeTilingOptions,
+    /// LoRA / LyCORIS files merged into the UNet and text encoders as they load, in order.
+    pub loras: Vec<crate::loading::lora::LoraFile>,
+    /// Merge what matches and ignore a LoRA's modules that match no layer (else an error).
+    pub lora_ignore_unmatched: bool,
 }
 
 impl LoadOptions {
@@ -45,6 +49,8 @@ impl LoadOptions {
             quantize: None,
             recipe: None,
             vae_tiling: Default::default(),
+            loras: Vec::new(),
+            lora_ignore_unmatched: false,
         }
     }
 
@@ -77,6 +83,18 @@ impl LoadOptions {
     ) -> Self {
         self.quantize = spec;
         self.recipe = recipe;
+        self
+    }
+
+    /// The same options merging `loras` (see [`Self::loras`]); `ignore_unmatched` merges what
+    /// matches instead of refusing modules that match no layer.
+    pub fn with_loras(
+        mut self,
+        loras: Vec<crate::loading::lora::LoraFile>,
+        ignore_unmatched: bool,
+    ) -> Self {
+        self.loras = loras;
+        self.lora_ignore_unmatched = ignore_unmatched;
         self
     }
 

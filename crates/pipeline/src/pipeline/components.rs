@@ -19,6 +19,7 @@ use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::loading::lora::LoraSet;
 use crate::loading::quantize::{Chain, QuantizeAtLoad, QUANTIZED_COMPONENTS};
 use crate::model_files::ModelFiles;
 use crate::random_weights::RandomWeights;
@@ -486,13 +487,16 @@ impl Weights {
     /// The weights of `component` as a `VarBuilder`, the file they come from (for messages),
     /// and where its quantized layer weights come from: a GGUF file's blocks, a quantized
     /// folder's matrices, and what `options` asks to quantize at load (in that order). The
-    /// component's config comes from `files` (a single checkpoint has none of its own).
+    /// component's config comes from `files` (a single checkpoint has none of its own). With
+    /// `loras`, the layers they change load dense with the deltas merged (quantized at load
+    /// after merging; the stored quantized sources do not answer for them).
     fn component(
         &self,
         files: &ModelFiles,
         component: &'static str,
         dtype: DType,
         options: &LoadOptions,
+        loras: Option<&Arc<LoraSet>>,
     ) -> Result<ComponentWeights> {
         let device = &options.device;
         let variant = options.variant.as_deref();
@@ -515,6 +519,16 @@ impl Weights {
                 RandomWeights::for_component(*seed, component).into_var_builder(dtype, device),
                 PathBuf::from("<random weights>"),
             ),
+        };
+        let (vb, mut sources) = match loras.filter(|loras| loras.touches(component)) {
+            Some(loras) => (
+                loras.wrap(component, vb),
+                sources
+                    .into_iter()
+                    .map(|source| loras.without_merged(component, source))
+                    .collect(),
+            ),
+            None => (vb, sources),
         };
         if let Some(spec) = options.quantize {
             if QUANTIZED_COMPONENTS.contains(&component) {
@@ -556,7 +570,7 @@ pub(crate) struct CandleComponents {
 
 impl CandleComponents {
     /// Builds the text encoders `family` has, the UNet and the VAE, in `options`' dtype (the VAE
-    /// in f32 where diffusers upcasts it).
+    /// in f32 where diffusers upcasts it), with `options`' LoRAs merged.
     pub fn load(
         files: &ModelFiles,
         family: ModelFamily,
@@ -565,58 +579,20 @@ impl CandleComponents {
     ) -> Result<Self> {
         let device = &options.device;
         let dtype = options.dtype;
-        let load = |component: &'static str,
-                    dtype: DType|
-         -> Result<(sdrs_kernels::VarBuilder<'static>, PathBuf)> {
-            let _span = tracing::info_span!("load_weights", component).entered();
-            let weights = weights.component(files, component, dtype, options)?;
-            let mut vb = sdrs_kernels::VarBuilder::new(weights.vb, options.kernels);
-            if let Some(source) = weights.quantized {
-                vb = vb.with_quantized(source);
-            }
-            Ok((vb, weights.path))
-        };
-        let text_encoder =
-            |tokenizer: &str, encoder: &'static str| -> Result<Box<dyn PromptEncoder>> {
-                let tokenizer = files.tokenizer(tokenizer)?;
-                let config = files.text_config(encoder)?;
-                let (vb, path) = load(encoder, dtype)?;
-                let model = ClipTextModel::new(vb, &config)
-                    .map_err(|e| with_weights_context(encoder, path, e))?;
-                Ok(Box::new(ClipPromptEncoder::new(
-                    encoder, tokenizer, model, device,
-                )))
-            };
-        let text = match family {
-            ModelFamily::Sd => TextEncoders::Sd(text_encoder("tokenizer", "text_encoder")?),
-            ModelFamily::SdxlBase | ModelFamily::SdxlRefiner => {
-                let index = files
-                    .optional_json("model_index.json")?
-                    .unwrap_or(serde_json::Value::Null);
-                let mut encoders = Vec::new();
-                if family == ModelFamily::SdxlBase {
-                    encoders.push(text_encoder("tokenizer", "text_encoder")?);
-                }
-                encoders.push(text_encoder("tokenizer_2", "text_encoder_2")?);
-                TextEncoders::Sdxl {
-                    encoders,
-                    // diffusers' defaults: base true, refiner false.
-                    force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"]
-                        .as_bool()
-                        .unwrap_or(family == ModelFamily::SdxlBase),
-                    requires_aesthetics_score: family == ModelFamily::SdxlRefiner,
-                }
-            }
-        };
-
-        let unet_config = files.unet_config()?;
-        let (vb, path) = load("unet", dtype)?;
-        let unet = UNet2DConditionModel::new(vb, &unet_config)
-            .map_err(|e| with_weights_context("unet", path, e))?;
+        let loras = LoraSet::open(
+            &options.loras,
+            &files.unet_config()?,
+            options.lora_ignore_unmatched,
+        )?;
+        let text = load_text_encoders(files, family, weights, options, loras.as_ref())?;
+        let unet = load_unet(files, weights, options, loras.as_ref())?;
+        if let Some(loras) = &loras {
+            loras.check_matched(&lora_components(family))?;
+        }
 
         let vae_config = files.vae_config()?;
         let vae_dtype = vae_dtype(dtype, &vae_config);
-        let (vb, path) = load("vae", vae_dtype)?;
+        let (vb, path) = load_component(files, weights, "vae", vae_dtype, options, None)?;
         let vae = AutoencoderKL::new(vb, &vae_config)
             .map_err(|e| with_weights_context("vae", path, e))?;
         let vae = KlAutoencoder::new(vae, vae_dtype, device);
@@ -624,10 +600,94 @@ impl CandleComponents {
 
         Ok(Self {
             text,
-            unet: UNetDenoiser::new(unet, dtype, device),
+            unet,
             vae,
         })
     }
+}
+
+/// The components of a `family` model a LoRA can change: its text encoders and the UNet.
+pub(crate) fn lora_components(family: ModelFamily) -> Vec<&'static str> {
+    match family {
+        ModelFamily::Sd => vec!["text_encoder", "unet"],
+        ModelFamily::SdxlBase => vec!["text_encoder", "text_encoder_2", "unet"],
+        ModelFamily::SdxlRefiner => vec!["text_encoder_2", "unet"],
+    }
+}
+
+/// One component's builder (see [`Weights::component`]) with the kernel options, and the file
+/// its weights come from.
+fn load_component(
+    files: &ModelFiles,
+    weights: &Weights,
+    component: &'static str,
+    dtype: DType,
+    options: &LoadOptions,
+    loras: Option<&Arc<LoraSet>>,
+) -> Result<(sdrs_kernels::VarBuilder<'static>, PathBuf)> {
+    let _span = tracing::info_span!("load_weights", component).entered();
+    let weights = weights.component(files, component, dtype, options, loras)?;
+    let mut vb = sdrs_kernels::VarBuilder::new(weights.vb, options.kernels);
+    if let Some(source) = weights.quantized {
+        vb = vb.with_quantized(source);
+    }
+    Ok((vb, weights.path))
+}
+
+/// The text encoders `family` has, with `loras` merged.
+pub(crate) fn load_text_encoders(
+    files: &ModelFiles,
+    family: ModelFamily,
+    weights: &Weights,
+    options: &LoadOptions,
+    loras: Option<&Arc<LoraSet>>,
+) -> Result<TextEncoders> {
+    let (device, dtype) = (&options.device, options.dtype);
+    let text_encoder = |tokenizer: &str, encoder: &'static str| -> Result<Box<dyn PromptEncoder>> {
+        let tokenizer = files.tokenizer(tokenizer)?;
+        let config = files.text_config(encoder)?;
+        let (vb, path) = load_component(files, weights, encoder, dtype, options, loras)?;
+        let model =
+            ClipTextModel::new(vb, &config).map_err(|e| with_weights_context(encoder, path, e))?;
+        Ok(Box::new(ClipPromptEncoder::new(
+            encoder, tokenizer, model, device,
+        )))
+    };
+    Ok(match family {
+        ModelFamily::Sd => TextEncoders::Sd(text_encoder("tokenizer", "text_encoder")?),
+        ModelFamily::SdxlBase | ModelFamily::SdxlRefiner => {
+            let index = files
+                .optional_json("model_index.json")?
+                .unwrap_or(serde_json::Value::Null);
+            let mut encoders = Vec::new();
+            if family == ModelFamily::SdxlBase {
+                encoders.push(text_encoder("tokenizer", "text_encoder")?);
+            }
+            encoders.push(text_encoder("tokenizer_2", "text_encoder_2")?);
+            TextEncoders::Sdxl {
+                encoders,
+                // diffusers' defaults: base true, refiner false.
+                force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"]
+                    .as_bool()
+                    .unwrap_or(family == ModelFamily::SdxlBase),
+                requires_aesthetics_score: family == ModelFamily::SdxlRefiner,
+            }
+        }
+    })
+}
+
+/// The UNet, with `loras` merged.
+pub(crate) fn load_unet(
+    files: &ModelFiles,
+    weights: &Weights,
+    options: &LoadOptions,
+    loras: Option<&Arc<LoraSet>>,
+) -> Result<UNetDenoiser> {
+    let unet_config = files.unet_config()?;
+    let (vb, path) = load_component(files, weights, "unet", options.dtype, options, loras)?;
+    let unet = UNet2DConditionModel::new(vb, &unet_config)
+        .map_err(|e| with_weights_context("unet", path, e))?;
+    Ok(UNetDenoiser::new(unet, options.dtype, &options.device))
 }
 
 /// The dtype the VAE of a model computing in `dtype` runs in: f32 when the model is f16 and the

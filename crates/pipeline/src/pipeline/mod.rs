@@ -8,6 +8,7 @@
 pub mod components;
 mod conditioning;
 mod denoise;
+pub mod extra_networks;
 pub(crate) mod family;
 pub mod inpaint;
 pub mod preview;
@@ -39,7 +40,7 @@ pub use family::ModelFamily;
 pub use inpaint::Inpainting;
 pub use refiner::Refiner;
 
-pub use crate::loading::LoadOptions;
+pub use crate::loading::{LoadOptions, LoraFile};
 pub use sdrs_kernels::dispatch::{activation_dtype, small_model_dtype as tiny_autoencoder_dtype};
 
 /// Where the denoising starts from.
@@ -237,6 +238,15 @@ pub struct StableDiffusion {
     kernels: KernelOptions,
     /// This pipeline's CPU workers: every computation runs inside it.
     pool: Arc<rayon::ThreadPool>,
+    /// What the components were loaded from, to reload them with other LoRAs.
+    source: Source,
+}
+
+/// Where a pipeline's components come from and how they were loaded.
+struct Source {
+    files: ModelFiles,
+    weights: Weights,
+    options: LoadOptions,
 }
 
 impl StableDiffusion {
@@ -251,8 +261,8 @@ impl StableDiffusion {
         }
         Self::load_with(
             root,
-            &ModelFiles::Folder(root.to_path_buf()),
-            &Weights::Folder(root.to_path_buf()),
+            ModelFiles::Folder(root.to_path_buf()),
+            Weights::Folder(root.to_path_buf()),
             options,
         )
     }
@@ -288,8 +298,8 @@ impl StableDiffusion {
         }
         Self::load_with(
             config_dir,
-            &ModelFiles::Folder(config_dir.to_path_buf()),
-            &Weights::Checkpoint(checkpoint),
+            ModelFiles::Folder(config_dir.to_path_buf()),
+            Weights::Checkpoint(checkpoint),
             options,
         )
     }
@@ -308,8 +318,8 @@ impl StableDiffusion {
             })?;
         Self::load_with(
             &path,
-            &ModelFiles::Builtin(model),
-            &Weights::Checkpoint(checkpoint),
+            ModelFiles::Builtin(model),
+            Weights::Checkpoint(checkpoint),
             options,
         )
         .map_err(|source| match source {
@@ -348,22 +358,22 @@ impl StableDiffusion {
     /// the real shapes and pipeline with no weight files.
     pub fn random(files: &ModelFiles, seed: u64, options: &LoadOptions) -> Result<Self> {
         let root = files.location("").join("<random weights>");
-        Self::load_with(&root, files, &Weights::Random(seed), options)
+        Self::load_with(&root, files.clone(), Weights::Random(seed), options)
     }
 
     /// `root` is what [`Self::root`] reports: the folder, or the single checkpoint file.
     fn load_with(
         root: &Path,
-        files: &ModelFiles,
-        weights: &Weights,
+        files: ModelFiles,
+        weights: Weights,
         options: &LoadOptions,
     ) -> Result<Self> {
         let _span = tracing::info_span!("load_model").entered();
-        let family = ModelFamily::detect_in(files)?;
+        let family = ModelFamily::detect_in(&files)?;
         let pool = options.thread_pool()?;
-        let native = NativeSize::of(files)?;
+        let native = NativeSize::of(&files)?;
         let CandleComponents { text, unet, vae } =
-            CandleComponents::load(files, family, weights, options)?;
+            CandleComponents::load(&files, family, &weights, options)?;
         let scheduler_config = files.json("scheduler/scheduler_config.json")?;
         let latent_channels = LatentDecoder::latent_channels(&vae);
         inpaint::is_inpainting_unet(unet.in_channels(), latent_channels)?;
@@ -384,7 +394,92 @@ impl StableDiffusion {
             dtype: options.dtype,
             kernels: options.kernels,
             pool,
+            source: Source {
+                files,
+                weights,
+                options: options.clone(),
+            },
         })
+    }
+
+    /// The LoRAs merged into this pipeline's weights.
+    pub fn loras(&self) -> &[LoraFile] {
+        &self.source.options.loras
+    }
+
+    /// Merges `loras` instead of the LoRAs loaded so far (none: the model's own weights): the
+    /// text encoders and the UNet that either set changes are rebuilt from the model's weights
+    /// (the VAE stays), so the result is exactly what loading with `loras` gives. While the new
+    /// components build, the old ones are still held (peak: both). On an error the pipeline
+    /// keeps its former LoRAs.
+    pub fn set_loras(&mut self, loras: &[LoraFile]) -> Result<()> {
+        if self.text.is_none() || self.denoiser.is_none() {
+            return Err(Error::Released {
+                component: "text encoders or UNet",
+            });
+        }
+        let mut options = self.source.options.clone();
+        options.loras = loras.to_vec();
+        let Source { files, weights, .. } = &self.source;
+        let pool = self.pool.clone();
+        let old = crate::loading::lora::LoraSet::open(
+            &self.source.options.loras,
+            &files.unet_config()?,
+            true,
+        )?;
+        let (text, unet) = pool.install(|| -> Result<_> {
+            let new = crate::loading::lora::LoraSet::open(
+                &options.loras,
+                &files.unet_config()?,
+                options.lora_ignore_unmatched,
+            )?;
+            let touched = |component: &str| {
+                [&old, &new]
+                    .iter()
+                    .any(|set| set.as_ref().is_some_and(|set| set.touches(component)))
+            };
+            let mut built = Vec::new();
+            let all = components::lora_components(self.family);
+            let text_touched = all
+                .iter()
+                .any(|c| c.starts_with("text_encoder") && touched(c));
+            let text = if text_touched {
+                built.extend(all.iter().filter(|c| c.starts_with("text_encoder")));
+                Some(components::load_text_encoders(
+                    files,
+                    self.family,
+                    weights,
+                    &options,
+                    new.as_ref(),
+                )?)
+            } else {
+                None
+            };
+            let unet = if touched("unet") {
+                built.push("unet");
+                Some(components::load_unet(
+                    files,
+                    weights,
+                    &options,
+                    new.as_ref(),
+                )?)
+            } else {
+                None
+            };
+            if let Some(new) = &new {
+                // A component the new set changes is always among those rebuilt.
+                new.check_matched(&built)?;
+            }
+            Ok((text, unet))
+        })?;
+        if let Some(text) = text {
+            self.text = Some(text);
+        }
+        if let Some(unet) = unet {
+            self.denoiser = Some(Box::new(unet));
+        }
+        self.source.options = options;
+        Ok(())
     }
 
     /// The kernel options every layer of this pipeline computes with.

@@ -12,9 +12,9 @@ impl Runner<'_> {
         let Some(dir) = self.extended_set(extended, "features", CaseKind::Pipeline) else {
             return Ok(());
         };
-        let _ = &dir;
         self.inpainting_cases(&dir)?;
         self.tiled_vae_cases(&dir)?;
+        self.lora_cases(&dir)?;
         Ok(())
     }
 }

@@ -27,6 +27,7 @@ use crate::tolerances::{self, CaseKind};
 mod features;
 mod inpainting;
 mod tiled_vae;
+mod lora;
 
 /// Where and in which dtype to run the checks.
 #[derive(Debug, Clone)]
