@@ -7,12 +7,14 @@
 //! - [`weights`] and [`tensor_files`]: a component's weight files opened as a `VarBuilder`.
 //! - [`single_file`] and [`checkpoint`]: the key plan of a single-file checkpoint and its
 //!   execution on the file's tensors.
+//! - [`embeddings`]: textual-inversion embedding files (A1111, diffusers, SDXL layouts).
 //! - [`options`]: [`LoadOptions`], how a pipeline is loaded and computes.
 //! - [`quantize`]: weights quantized as they load (`--quantize`); [`export`]: a model's files
 //!   and tensors for rewriting (`sdrs quantize`).
 
 pub mod builtin;
 pub mod checkpoint;
+pub mod embeddings;
 pub mod export;
 pub mod model_files;
 pub mod options;

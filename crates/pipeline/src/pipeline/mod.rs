@@ -11,6 +11,7 @@ mod denoise;
 pub(crate) mod family;
 pub mod preview;
 pub mod refiner;
+mod textual_inversion;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -190,6 +191,8 @@ pub struct StableDiffusion {
     kernels: KernelOptions,
     /// This pipeline's CPU workers: every computation runs inside it.
     pool: Arc<rayon::ThreadPool>,
+    /// The textual-inversion embeddings loaded into the text encoders, in load order.
+    embeddings: Vec<crate::loading::embeddings::LoadedEmbedding>,
 }
 
 impl StableDiffusion {
@@ -333,6 +336,7 @@ impl StableDiffusion {
             dtype: options.dtype,
             kernels: options.kernels,
             pool,
+            embeddings: Vec::new(),
         })
     }
 
