@@ -176,6 +176,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub recipe: Option<PathBuf>,
 
+    /// A folder of textual-inversion embeddings (`.safetensors`, `.pt`, `.bin`, sub-folders
+    /// too), each used in prompts by its file stem, as AUTOMATIC1111 loads them; the image's
+    /// parameters record the `TI hashes` of those the prompts use. Default: an `embeddings`
+    /// folder beside a local model (next to its folder or checkpoint) when there is one.
+    #[arg(long)]
+    pub embedding_dir: Option<PathBuf>,
+
     /// Write a Chrome trace of the run (text encoding, each step, the decode...) to this JSON
     /// file, for chrome://tracing or Perfetto (default: the file `SDRS_TRACE` names, else none).
     #[arg(long)]
@@ -351,11 +358,32 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if let Some(reference) = &args.vae {
         attach_tiny_autoencoder(&mut pipeline, reference, &options)?;
     }
+    let embedding_dir =
+        crate::embeddings::embedding_dir(args.embedding_dir.as_deref(), &args.model);
+    if let Some(dir) = &embedding_dir {
+        let loaded = crate::embeddings::load(&mut pipeline, dir)?;
+        let names: Vec<&str> = loaded.iter().map(|e| e.token.as_str()).collect();
+        eprintln!(
+            "textual inversion embeddings loaded ({}): {}",
+            names.len(),
+            names.join(", ")
+        );
+    }
     let init = match &args.init_img {
         Some(path) => Some(read_init_image(path)?),
         None => None,
     };
     let request = build_request(&pipeline, &args, &settings, init)?;
+    let others = [
+        &args.negative_prompt,
+        &args.prompt_2,
+        &args.negative_prompt_2,
+    ];
+    let texts: Vec<&str> = std::iter::once(&args.prompt)
+        .chain(others.into_iter().flatten())
+        .map(String::as_str)
+        .collect();
+    let ti_hashes = crate::embeddings::ti_hashes(&pipeline.embeddings_used(&texts));
 
     let started = Instant::now();
     let (image, steps) = sample(pipeline, &request, refiner.as_ref(), &args)?;
@@ -364,7 +392,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         "generated in {elapsed:.1}s: {steps} denoising steps ({} including text encoding and decoding)",
         crate::progress::speed_text(steps as f64 / elapsed.max(1e-9))
     );
-    let path = pending.write(&image, &parameters(&args, &settings, &request))?;
+    let mut parameters = parameters(&args, &settings, &request);
+    parameters.extra.extend(ti_hashes);
+    let path = pending.write(&image, &parameters)?;
     eprintln!("saved {}", path.display());
     Ok(ExitCode::SUCCESS)
 }

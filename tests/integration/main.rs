@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod bench;
+mod embeddings;
 mod generate;
 mod hub;
 mod parity;

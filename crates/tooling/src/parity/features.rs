@@ -12,6 +12,7 @@ impl Runner<'_> {
         let Some(dir) = self.extended_set(extended, "features", CaseKind::Pipeline) else {
             return Ok(());
         };
+        self.textual_inversion_cases(&dir)?;
         let _ = &dir;
         Ok(())
     }

@@ -25,6 +25,7 @@ use sdrs_taesd::AutoencoderTiny;
 use crate::tolerances::{self, CaseKind};
 
 mod features;
+mod textual_inversion;
 
 /// Where and in which dtype to run the checks.
 #[derive(Debug, Clone)]
