@@ -193,6 +193,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub recipe: Option<PathBuf>,
 
+    /// A folder of textual-inversion embeddings (`.safetensors`, `.pt`, `.bin`, sub-folders
+    /// too), each used in prompts by its file stem, as AUTOMATIC1111 loads them; the image's
+    /// parameters record the `TI hashes` of those the prompts use. Default: an `embeddings`
+    /// folder beside a local model (next to its folder or checkpoint) when there is one.
+    #[arg(long)]
+    pub embedding_dir: Option<PathBuf>,
+
     /// Write a Chrome trace of the run (text encoding, each step, the decode...) to this JSON
     /// file, for chrome://tracing or Perfetto (default: the file `SDRS_TRACE` names, else none).
     #[arg(long)]
@@ -401,6 +408,17 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if let Some(reference) = &args.vae {
         attach_tiny_autoencoder(&mut pipeline, reference, &options)?;
     }
+    let embedding_dir =
+        crate::embeddings::embedding_dir(args.embedding_dir.as_deref(), &args.model);
+    if let Some(dir) = &embedding_dir {
+        let loaded = crate::embeddings::load(&mut pipeline, dir)?;
+        let names: Vec<&str> = loaded.iter().map(|e| e.token.as_str()).collect();
+        eprintln!(
+            "textual inversion embeddings loaded ({}): {}",
+            names.len(),
+            names.join(", ")
+        );
+    }
     let init = match &args.init_img {
         Some(path) => Some(read_init_image(path)?),
         None => None,
@@ -412,6 +430,16 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let mut request = build_request(&pipeline, &args, &settings, init, mask)?;
     request.prompt = loras.prompt.clone();
     let requests = batch_requests(&request, args.batch_count as usize)?;
+    let others = [
+        &args.negative_prompt,
+        &args.prompt_2,
+        &args.negative_prompt_2,
+    ];
+    let texts: Vec<&str> = std::iter::once(&args.prompt)
+        .chain(others.into_iter().flatten())
+        .map(String::as_str)
+        .collect();
+    let ti_hashes = crate::embeddings::ti_hashes(&pipeline.embeddings_used(&texts));
 
     let started = Instant::now();
     let (batches, steps) = sample(pipeline, &requests, refiner.as_ref(), &args)?;
@@ -438,6 +466,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             if let Some(hashes) = &lora_hashes {
                 parameters.extra.push(("Lora hashes".to_string(), hashes.clone()));
             }
+            parameters.extra.extend(ti_hashes.iter().cloned());
             parameters.seed = request.image_seed(position).unwrap_or(settings.seed);
             if request.batch_size > 1 {
                 parameters

@@ -57,6 +57,22 @@ pub enum Error {
     )]
     InvalidMaxLength { found: usize, origin: String },
 
+    /// A textual-inversion token name the tokenizer cannot add.
+    #[error("cannot add the token {token:?}: expected {expected}")]
+    InvalidAddedToken { token: String, expected: String },
+
+    /// A textual-inversion token name that the tokenizer already has.
+    #[error("the token {token:?} is already {what} (id {id}); give the embedding another name")]
+    AddedTokenExists {
+        token: String,
+        id: u32,
+        what: &'static str,
+    },
+
+    /// Extra token-embedding rows that do not fit the text encoder.
+    #[error("invalid token embeddings of shape {shape:?}: expected {expected}")]
+    InvalidTokenEmbeddings { shape: Vec<usize>, expected: String },
+
     /// Tokenizing a prompt failed.
     #[error("cannot tokenize {prompt:?}: {source}")]
     Encode {

@@ -17,6 +17,11 @@ use crate::error::{Error, Result};
 struct ClipTextEmbeddings {
     token_embedding: Embedding,
     position_embedding: Embedding,
+    /// Rows after the checkpoint's vocabulary (textual-inversion embeddings): the row of id
+    /// `vocab_size + i` is row `i`, in the token embedding's dtype. Kept apart so that adding
+    /// rows never copies the vocabulary's table (diffusers' `resize_token_embeddings` does).
+    extra_tokens: Option<Tensor>,
+    vocab_size: usize,
 }
 
 impl ClipTextEmbeddings {
@@ -32,13 +37,79 @@ impl ClipTextEmbeddings {
                 cfg.hidden_size,
                 vb.pp("position_embedding").candle().clone(),
             )?,
+            extra_tokens: None,
+            vocab_size: cfg.vocab_size,
         })
+    }
+
+    /// The number of extra rows.
+    fn num_extra(&self) -> usize {
+        self.extra_tokens
+            .as_ref()
+            .map_or(0, |t| t.dim(0).unwrap_or(0))
+    }
+
+    /// Appends `rows` (`[n, hidden]`) after the extra rows already there.
+    fn add_rows(&mut self, rows: &Tensor) -> Result<()> {
+        let table = self.token_embedding.embeddings();
+        let hidden = table.dim(1)?;
+        match rows.dims() {
+            [n, h] if *n > 0 && *h == hidden => {}
+            dims => {
+                return Err(Error::InvalidTokenEmbeddings {
+                    shape: dims.to_vec(),
+                    expected: format!(
+                        "[n, {hidden}] with n >= 1: this text encoder's hidden size is {hidden}"
+                    ),
+                })
+            }
+        }
+        let rows = rows.to_device(table.device())?.to_dtype(table.dtype())?;
+        self.extra_tokens = Some(match &self.extra_tokens {
+            Some(extra) => Tensor::cat(&[extra, &rows], 0)?,
+            None => rows,
+        });
+        Ok(())
+    }
+
+    /// The token embeddings of `input_ids` (u32), looking ids past the vocabulary up in the
+    /// extra rows.
+    fn token_embeddings(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let Some(extra) = &self.extra_tokens else {
+            return Ok(self.token_embedding.forward(input_ids)?);
+        };
+        let vocab = self.vocab_size as u32;
+        let is_extra = input_ids.ge(vocab)?;
+        if is_extra
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()?
+            == 0
+        {
+            return Ok(self.token_embedding.forward(input_ids)?);
+        }
+        // Each id looked up in both tables (0 standing in where it is not that table's), then
+        // the right one picked per position.
+        let zeros = input_ids.zeros_like()?;
+        let base_ids = is_extra.where_cond(&zeros, input_ids)?;
+        // u32 arithmetic: the shift is applied where it cannot underflow (the other positions
+        // hold `vocab` first, so they become row 0).
+        let vocab_ids = Tensor::full(vocab, input_ids.shape(), input_ids.device())?;
+        let extra_ids = (is_extra.where_cond(input_ids, &vocab_ids)? - &vocab_ids)?;
+        let base = self.token_embedding.forward(&base_ids)?;
+        let hidden = extra.dim(1)?;
+        let (batch, seq) = input_ids.dims2()?;
+        let added = extra
+            .index_select(&extra_ids.flatten_all()?, 0)?
+            .reshape((batch, seq, hidden))?;
+        let mask = is_extra.unsqueeze(2)?.broadcast_as((batch, seq, hidden))?;
+        Ok(mask.where_cond(&added, &base)?)
     }
 
     fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let seq_len = input_ids.dim(1)?;
         let position_ids = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
-        let tokens = self.token_embedding.forward(input_ids)?;
+        let tokens = self.token_embeddings(input_ids)?;
         let positions = self.position_embedding.forward(&position_ids)?;
         // The pipeline's activation dtype for these weights (f32 on the CPU, whose kernels take
         // half-precision weights with f32 inputs).
@@ -222,6 +293,26 @@ impl ClipTextModel {
         self.layers.len()
     }
 
+    /// Appends token-embedding rows (`[n, hidden_size]`, textual-inversion vectors) after the
+    /// vocabulary and the rows added before: the ids from `vocab_size() + added` on. Returns
+    /// the first new id. Only the new rows are stored; the checkpoint's table is not copied.
+    pub fn add_token_embeddings(&mut self, rows: &Tensor) -> Result<u32> {
+        let first = self.vocab_size();
+        self.embeddings.add_rows(rows)?;
+        Ok(first as u32)
+    }
+
+    /// The ids the model can embed: the checkpoint's `vocab_size` plus the rows added by
+    /// [`Self::add_token_embeddings`].
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size + self.embeddings.num_extra()
+    }
+
+    /// The width of the token embeddings (`hidden_size`).
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
     /// Whether the checkpoint has a `text_projection` (so `text_embeds` is computed).
     pub fn has_projection(&self) -> bool {
         self.text_projection.is_some()
@@ -323,11 +414,13 @@ impl ClipTextModel {
         }
         let ids = input_ids.to_dtype(DType::U32)?;
         let rows = ids.to_vec2::<u32>()?;
-        let vocab_size = self.config.vocab_size;
+        let vocab_size = self.vocab_size();
         if let Some(&bad) = rows.iter().flatten().find(|&&id| id as usize >= vocab_size) {
             return Err(Error::InvalidInputIds {
                 shape,
-                expected: format!("ids below vocab_size ({vocab_size}), found {bad}"),
+                expected: format!(
+                    "ids below vocab_size ({vocab_size}, added embeddings included), found {bad}"
+                ),
             });
         }
         Ok((ids, rows))
@@ -484,6 +577,57 @@ mod tests {
         let pooled1 = out.last_hidden_state.get(1).unwrap().get(2).unwrap();
         assert_eq!(diff(&out.pooled.get(0).unwrap(), &pooled0), 0.0);
         assert_eq!(diff(&out.pooled.get(1).unwrap(), &pooled1), 0.0);
+    }
+
+    #[test]
+    fn added_token_rows_embed_the_ids_after_the_vocabulary() {
+        let mut model = tiny_model("gelu", false);
+        let ids = Tensor::new(&[[8u32, 10, 11, 1, 9]], &Device::Cpu).unwrap();
+        assert!(matches!(
+            model.forward(&ids),
+            Err(Error::InvalidInputIds { .. })
+        ));
+        let rows = Tensor::randn(0f32, 1.0, (2, 8), &Device::Cpu).unwrap();
+        assert_eq!(model.add_token_embeddings(&rows).unwrap(), 10);
+        assert_eq!(model.vocab_size(), 12);
+        let wrong = Tensor::zeros((1, 7), DType::F32, &Device::Cpu).unwrap();
+        let err = model.add_token_embeddings(&wrong).unwrap_err();
+        assert!(err.to_string().contains("hidden size is 8"), "{err}");
+        assert_eq!(model.vocab_size(), 12);
+        let more = Tensor::randn(0f32, 1.0, (1, 8), &Device::Cpu).unwrap();
+        assert_eq!(model.add_token_embeddings(&more).unwrap(), 12);
+
+        let tokens = model.embeddings.token_embeddings(&ids).unwrap();
+        let row = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        let table = model.embeddings.token_embedding.embeddings().clone();
+        assert_eq!(
+            row(&tokens.get(0).unwrap().get(0).unwrap()),
+            row(&table.get(8).unwrap())
+        );
+        assert_eq!(
+            row(&tokens.get(0).unwrap().get(1).unwrap()),
+            row(&rows.get(0).unwrap())
+        );
+        assert_eq!(
+            row(&tokens.get(0).unwrap().get(2).unwrap()),
+            row(&rows.get(1).unwrap())
+        );
+        assert_eq!(
+            row(&tokens.get(0).unwrap().get(3).unwrap()),
+            row(&table.get(1).unwrap())
+        );
+        let with_third = Tensor::new(&[[8u32, 12, 9]], &Device::Cpu).unwrap();
+        let tokens = model.embeddings.token_embeddings(&with_third).unwrap();
+        assert_eq!(
+            row(&tokens.get(0).unwrap().get(1).unwrap()),
+            row(&more.get(0).unwrap())
+        );
+        assert!(model.forward(&ids).is_ok());
+        let past = Tensor::new(&[[8u32, 13, 9]], &Device::Cpu).unwrap();
+        assert!(matches!(
+            model.forward(&past),
+            Err(Error::InvalidInputIds { .. })
+        ));
     }
 
     #[test]

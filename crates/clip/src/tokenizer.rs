@@ -103,6 +103,10 @@ pub struct ClipTokenizer {
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
+    /// Tokens added after the vocabulary for textual-inversion embeddings: the id of each
+    /// embedding's name and the ids it stands for in a prompt (its own, then those of
+    /// `name_1` .. `name_{n-1}`).
+    expansions: HashMap<u32, Vec<u32>>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -249,10 +253,13 @@ impl ClipTokenizer {
             bos_id,
             eos_id,
             pad_id,
+            expansions: HashMap::new(),
         })
     }
 
-    /// The prompt's BPE ids without begin/end tokens.
+    /// The prompt's BPE ids without begin/end tokens. Added tokens are matched as whole strings
+    /// before BPE, and an embedding's name becomes the ids of all its vectors (diffusers'
+    /// `maybe_convert_prompt` rewrites `T` as `T T_1 ... T_{n-1}` before tokenizing).
     fn encode_body(&self, prompt: &str) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
@@ -261,7 +268,97 @@ impl ClipTokenizer {
                 prompt: prompt.to_string(),
                 source,
             })?;
-        Ok(encoding.get_ids().to_vec())
+        let ids = encoding.get_ids();
+        if self.expansions.is_empty() {
+            return Ok(ids.to_vec());
+        }
+        let mut expanded = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.expansions.get(id) {
+                Some(all) => expanded.extend_from_slice(all),
+                None => expanded.push(*id),
+            }
+        }
+        Ok(expanded)
+    }
+
+    /// Adds a textual-inversion embedding of `num_vectors` vectors under the name `token`, as
+    /// diffusers' `load_textual_inversion` does: the tokens `token`, `token_1`, ...,
+    /// `token_{n-1}` get the next ids after the vocabulary (and the tokens added before), in that
+    /// order, and are matched as whole strings (after the same lowercasing as the prompt) before
+    /// BPE; `token` in a prompt stands for all of them. Returns the ids, one per vector.
+    ///
+    /// A name (or one of its `_i` forms) that is already a token of the vocabulary or already
+    /// added is an error, and nothing is added then.
+    pub fn add_embedding_token(&mut self, token: &str, num_vectors: usize) -> Result<Vec<u32>> {
+        if token.trim().is_empty() || token.trim() != token {
+            return Err(Error::InvalidAddedToken {
+                token: token.to_string(),
+                expected: "a name that is not empty and neither starts nor ends with whitespace"
+                    .to_string(),
+            });
+        }
+        if num_vectors == 0 {
+            return Err(Error::InvalidAddedToken {
+                token: token.to_string(),
+                expected: "an embedding of at least one vector (this one has none)".to_string(),
+            });
+        }
+        let names: Vec<String> = std::iter::once(token.to_string())
+            .chain((1..num_vectors).map(|i| format!("{token}_{i}")))
+            .collect();
+        for name in &names {
+            if let Some(id) = self.tokenizer.token_to_id(name) {
+                let what = if id >= self.tokenizer.get_vocab_size(false) as u32 {
+                    "an added token"
+                } else {
+                    "a token of the vocabulary"
+                };
+                return Err(Error::AddedTokenExists {
+                    token: name.clone(),
+                    id,
+                    what,
+                });
+            }
+        }
+        let first = self.tokenizer.get_vocab_size(true) as u32;
+        let added: Vec<AddedToken> = names
+            .iter()
+            .map(|name| AddedToken::from(name.as_str(), false))
+            .collect();
+        self.tokenizer
+            .add_tokens(added)
+            .map_err(|source| Error::Tokenizer {
+                origin: format!("the embedding token {token:?}"),
+                source,
+            })?;
+        let ids = names
+            .iter()
+            .map(|name| {
+                self.tokenizer
+                    .token_to_id(name)
+                    .ok_or_else(|| Error::InvalidAddedToken {
+                        token: name.clone(),
+                        expected: "a token the tokenizer accepts".to_string(),
+                    })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        // The text encoder's extra rows are indexed by these ids, so they must follow on.
+        let expected: Vec<u32> = (first..first + names.len() as u32).collect();
+        if ids != expected {
+            return Err(Error::InvalidAddedToken {
+                token: token.to_string(),
+                expected: format!("the ids {expected:?} after the vocabulary, got {ids:?}"),
+            });
+        }
+        self.expansions.insert(ids[0], ids.clone());
+        Ok(ids)
+    }
+
+    /// The number of ids the tokenizer can produce: the vocabulary and every added token
+    /// (transformers' `len(tokenizer)`).
+    pub fn len_with_added(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
     }
 
     /// `bos + tokens + eos`, truncated to `max_length` (keeping `eos` last) and padded to
@@ -501,6 +598,70 @@ mod tests {
         let special = SpecialTokens::from_configs(Some(&config), None);
         assert_eq!(special.max_length, CLIP_CONTEXT_LENGTH);
         assert_eq!(SpecialTokens::from_configs(None, None).pad, DEFAULT_PAD);
+    }
+
+    #[test]
+    fn embedding_tokens_get_the_next_ids_and_expand_in_prompts() {
+        let (vocab, merges) = tiny_vocab();
+        let mut tok =
+            ClipTokenizer::from_vocab_merges(&vocab, &merges, "<|endoftext|>", 12).unwrap();
+        assert_eq!(tok.len_with_added(), 12);
+        assert_eq!(
+            tok.add_embedding_token("<Emb>", 3).unwrap(),
+            vec![12, 13, 14]
+        );
+        assert_eq!(tok.add_embedding_token("one", 1).unwrap(), vec![15]);
+        assert_eq!(tok.len_with_added(), 16);
+        // Matched whole before BPE, after the prompt's lowercasing, glued to other text or not;
+        // the name stands for all its vectors, each time it appears.
+        assert_eq!(
+            tok.encode_untruncated("a <emb> cat<EMB>").unwrap(),
+            vec![10, 4, 12, 13, 14, 7, 12, 13, 14, 11]
+        );
+        assert_eq!(
+            tok.encode_untruncated("one a").unwrap(),
+            vec![10, 15, 4, 11]
+        );
+        // A form `_i` typed alone is that one vector.
+        assert_eq!(tok.encode_untruncated("<emb>_2").unwrap(), vec![10, 14, 11]);
+        // The expansion happens before truncation, which keeps eos last.
+        assert_eq!(
+            tok.encode("<emb> <emb> <emb> <emb>").unwrap(),
+            vec![10, 12, 13, 14, 12, 13, 14, 12, 13, 14, 12, 11]
+        );
+    }
+
+    #[test]
+    fn embedding_tokens_already_known_are_errors() {
+        let (vocab, merges) = tiny_vocab();
+        let mut tok =
+            ClipTokenizer::from_vocab_merges(&vocab, &merges, "<|endoftext|>", 8).unwrap();
+        let err = tok.add_embedding_token("cat</w>", 1).unwrap_err();
+        assert!(
+            matches!(&err, Error::AddedTokenExists { token, id: 7, what } if token == "cat</w>" && what.contains("vocabulary")),
+            "{err}"
+        );
+        tok.add_embedding_token("x", 2).unwrap();
+        let err = tok.add_embedding_token("x", 1).unwrap_err();
+        assert!(
+            matches!(&err, Error::AddedTokenExists { id: 12, what, .. } if what.contains("added")),
+            "{err}"
+        );
+        // A two-vector `y` adds `y_1` too, so a later embedding named `y_1` collides.
+        tok.add_embedding_token("y", 2).unwrap();
+        let err = tok.add_embedding_token("y_1", 1).unwrap_err();
+        assert!(
+            matches!(err, Error::AddedTokenExists { id: 15, .. }),
+            "{err}"
+        );
+        // Nothing of a refused embedding is added.
+        let err = tok.add_embedding_token("z", 0).unwrap_err();
+        assert!(matches!(err, Error::InvalidAddedToken { .. }), "{err}");
+        assert!(matches!(
+            tok.add_embedding_token(" z", 1),
+            Err(Error::InvalidAddedToken { .. })
+        ));
+        assert_eq!(tok.len_with_added(), 16);
     }
 
     #[test]

@@ -96,6 +96,10 @@ pub enum Error {
         expected: String,
     },
 
+    /// A textual-inversion embedding file that cannot be read or does not fit the model.
+    #[error("cannot load the textual-inversion embedding {path}: {reason}")]
+    Embedding { path: PathBuf, reason: String },
+
     /// An unknown or unavailable device.
     #[error("device {value:?}: {reason}")]
     Device { value: String, reason: String },

@@ -7,6 +7,7 @@
 //! - [`weights`] and [`tensor_files`]: a component's weight files opened as a `VarBuilder`.
 //! - [`single_file`] and [`checkpoint`]: the key plan of a single-file checkpoint and its
 //!   execution on the file's tensors.
+//! - [`embeddings`]: textual-inversion embedding files (A1111, diffusers, SDXL layouts).
 //! - [`options`]: [`LoadOptions`], how a pipeline is loaded and computes.
 //! - [`lora`]: LoRA / LyCORIS adapters merged into the weights as they load.
 //! - [`quantize`]: weights quantized as they load (`--quantize`); [`export`]: a model's files
@@ -14,6 +15,7 @@
 
 pub mod builtin;
 pub mod checkpoint;
+pub mod embeddings;
 pub mod export;
 pub mod lora;
 pub mod model_files;

@@ -57,6 +57,12 @@ pub trait PromptEncoder: Send + Sync {
     /// hidden state `layer` names and, with `pooled`, the projected pooled embedding (an error
     /// when the encoder has no projection).
     fn encode(&self, prompt: &str, layer: TextLayer, pooled: bool) -> Result<TextEmbeddings>;
+
+    /// Adds a textual-inversion embedding: `vectors` `[n, hidden]` under the name `token`, which
+    /// then stands for its `n` vectors in prompts (see `ClipTokenizer::add_embedding_token`).
+    /// Returns the token ids it was given. A `hidden` that is not the encoder's width, or a name
+    /// the tokenizer already has, is an error, and nothing is added then.
+    fn add_embedding(&mut self, token: &str, vectors: &Tensor) -> Result<Vec<u32>>;
 }
 
 /// SDXL's extra conditions (diffusers' `added_cond_kwargs`).
@@ -202,6 +208,40 @@ impl PromptEncoder for ClipPromptEncoder {
             hidden_state,
             pooled: Some(embeds),
         })
+    }
+
+    fn add_embedding(&mut self, token: &str, vectors: &Tensor) -> Result<Vec<u32>> {
+        let hidden = self.model.hidden_size();
+        let dims = vectors.dims().to_vec();
+        if !matches!(dims.as_slice(), [n, d] if *n > 0 && *d == hidden) {
+            return Err(Error::InvalidParameter {
+                name: "embedding",
+                value: format!("{token:?} of shape {dims:?}"),
+                expected: format!(
+                    "[n, {hidden}] vectors: {} has hidden size {hidden}, the embedding {}",
+                    self.component,
+                    dims.last().copied().unwrap_or(0)
+                ),
+            });
+        }
+        // Added on a copy first, so that a refused token leaves the encoder as it was.
+        let mut tokenizer = self.tokenizer.clone();
+        let ids = tokenizer.add_embedding_token(token, dims[0])?;
+        let next_row = self.model.vocab_size() as u32;
+        if ids[0] != next_row {
+            return Err(Error::InvalidParameter {
+                name: "embedding",
+                value: format!("{token:?} (token id {})", ids[0]),
+                expected: format!(
+                    "the next id of {}, {next_row}: its tokenizer and its token embeddings \
+                     have different sizes",
+                    self.component
+                ),
+            });
+        }
+        self.model.add_token_embeddings(vectors)?;
+        self.tokenizer = tokenizer;
+        Ok(ids)
     }
 }
 

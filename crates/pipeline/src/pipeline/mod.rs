@@ -14,6 +14,7 @@ pub mod inpaint;
 pub mod preview;
 pub mod refiner;
 pub mod vae_tiling;
+mod textual_inversion;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -238,6 +239,8 @@ pub struct StableDiffusion {
     kernels: KernelOptions,
     /// This pipeline's CPU workers: every computation runs inside it.
     pool: Arc<rayon::ThreadPool>,
+    /// The textual-inversion embeddings loaded into the text encoders, in load order.
+    embeddings: Vec<crate::loading::embeddings::LoadedEmbedding>,
     /// What the components were loaded from, to reload them with other LoRAs.
     source: Source,
 }
@@ -399,6 +402,7 @@ impl StableDiffusion {
                 weights,
                 options: options.clone(),
             },
+            embeddings: Vec::new(),
         })
     }
 
@@ -472,6 +476,7 @@ impl StableDiffusion {
             }
             Ok((text, unet))
         })?;
+        let text_rebuilt = text.is_some();
         if let Some(text) = text {
             self.text = Some(text);
         }
@@ -479,6 +484,10 @@ impl StableDiffusion {
             self.denoiser = Some(Box::new(unet));
         }
         self.source.options = options;
+        if text_rebuilt {
+            // The rebuilt text encoders get the embeddings the old ones had, under the same ids.
+            self.reload_embeddings()?;
+        }
         Ok(())
     }
 

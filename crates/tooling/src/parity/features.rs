@@ -15,6 +15,7 @@ impl Runner<'_> {
         self.inpainting_cases(&dir)?;
         self.tiled_vae_cases(&dir)?;
         self.lora_cases(&dir)?;
+        self.textual_inversion_cases(&dir)?;
         Ok(())
     }
 }

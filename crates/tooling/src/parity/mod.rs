@@ -28,6 +28,7 @@ mod features;
 mod inpainting;
 mod tiled_vae;
 mod lora;
+mod textual_inversion;
 
 /// Where and in which dtype to run the checks.
 #[derive(Debug, Clone)]
