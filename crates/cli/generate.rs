@@ -464,7 +464,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             };
             let mut parameters = parameters(&args, &settings, request);
             if let Some(hashes) = &lora_hashes {
-                parameters.extra.push(("Lora hashes".to_string(), hashes.clone()));
+                parameters
+                    .extra
+                    .push(("Lora hashes".to_string(), hashes.clone()));
             }
             parameters.extra.extend(ti_hashes.iter().cloned());
             parameters.seed = request.image_seed(position).unwrap_or(settings.seed);

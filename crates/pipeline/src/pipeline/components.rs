@@ -638,11 +638,7 @@ impl CandleComponents {
         let vae = KlAutoencoder::new(vae, vae_dtype, device);
         vae.set_tiling(options.vae_tiling.resolve(&vae_config)?);
 
-        Ok(Self {
-            text,
-            unet,
-            vae,
-        })
+        Ok(Self { text, unet, vae })
     }
 }
 

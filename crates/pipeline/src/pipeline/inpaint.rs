@@ -196,7 +196,9 @@ impl Inpainting {
             Ok(Tensor::cat(&rows, 0)?)
         };
         let image_latents = if images.iter().all(|i| i.image_latents.is_some()) {
-            Some(stack(&|i| i.image_latents.clone().unwrap_or_else(|| i.noise.clone()))?)
+            Some(stack(&|i| {
+                i.image_latents.clone().unwrap_or_else(|| i.noise.clone())
+            })?)
         } else {
             None
         };

@@ -13,8 +13,8 @@ pub(crate) mod family;
 pub mod inpaint;
 pub mod preview;
 pub mod refiner;
-pub mod vae_tiling;
 mod textual_inversion;
+pub mod vae_tiling;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -26,9 +26,9 @@ use crate::tolerances::{self, CaseKind};
 
 mod features;
 mod inpainting;
-mod tiled_vae;
 mod lora;
 mod textual_inversion;
+mod tiled_vae;
 
 /// Where and in which dtype to run the checks.
 #[derive(Debug, Clone)]
