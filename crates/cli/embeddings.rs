@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use sdrs_pipeline::loading::embeddings::LoadedEmbedding;
+use sdrs_pipeline::stable_diffusion::EmbeddingDir;
 use sdrs_pipeline::StableDiffusion;
 
 /// The folder to load embeddings from: `--embedding-dir`, else an `embeddings` folder beside a
@@ -23,8 +24,9 @@ pub fn embedding_dir(explicit: Option<&Path>, model: &str) -> Option<PathBuf> {
     beside.is_dir().then_some(beside)
 }
 
-/// Loads the embeddings of `dir` into `pipeline`; returns them.
-pub fn load(pipeline: &mut StableDiffusion, dir: &Path) -> Result<Vec<LoadedEmbedding>> {
+/// Loads the embeddings of `dir` into `pipeline`; returns those loaded and the files skipped
+/// (not embeddings for this model), with the reason.
+pub fn load(pipeline: &mut StableDiffusion, dir: &Path) -> Result<EmbeddingDir> {
     pipeline
         .load_embedding_dir(dir)
         .with_context(|| format!("--embedding-dir {}", dir.display()))

@@ -411,13 +411,16 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let embedding_dir =
         crate::embeddings::embedding_dir(args.embedding_dir.as_deref(), &args.model);
     if let Some(dir) = &embedding_dir {
-        let loaded = crate::embeddings::load(&mut pipeline, dir)?;
-        let names: Vec<&str> = loaded.iter().map(|e| e.token.as_str()).collect();
+        let report = crate::embeddings::load(&mut pipeline, dir)?;
+        let names: Vec<&str> = report.loaded.iter().map(|e| e.token.as_str()).collect();
         eprintln!(
             "textual inversion embeddings loaded ({}): {}",
             names.len(),
             names.join(", ")
         );
+        for (path, reason) in &report.skipped {
+            eprintln!("skipped the embedding {}: {reason}", path.display());
+        }
     }
     let init = match &args.init_img {
         Some(path) => Some(read_init_image(path)?),

@@ -113,7 +113,7 @@ fn embeddings_beside_the_model_are_used_by_file_stem_and_their_hashes_recorded()
 }
 
 #[test]
-fn an_embedding_for_another_model_is_an_error_naming_the_file() {
+fn an_embedding_for_another_model_is_skipped_naming_the_file_and_why() {
     let Some(dir) = extended_fixtures("features/embeddings") else {
         return;
     };
@@ -133,19 +133,24 @@ fn an_embedding_for_another_model_is_an_error_naming_the_file() {
     let embeddings = tmp.path().join("embeddings");
     std::fs::create_dir(&embeddings).unwrap();
     std::fs::copy(&sdxl[0], embeddings.join(sdxl[0].file_name().unwrap())).unwrap();
-    let out = tmp.path().join("out.png");
     let model = crate::util::fixtures().join("tiny-sd15");
-    let output = generate(
-        &model,
-        "a cat",
-        &out,
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let output = generate(&model, "a cat", &out, extra);
+        assert!(output.status.success(), "{}", stderr(&output));
+        (read_png(&out).2, stderr(&output))
+    };
+    // As AUTOMATIC1111 does, an SDXL embedding is skipped by an SD1.5 model, with the reason.
+    let (pixels, log) = run(
+        "with.png",
         &["--embedding-dir", embeddings.to_str().unwrap()],
     );
-    assert!(!output.status.success());
-    let log = stderr(&output);
     assert!(
-        log.contains("--embedding-dir") && log.contains("clip_l") && log.contains(&stem(&sdxl[0])),
+        log.contains("skipped the embedding")
+            && log.contains("clip_l")
+            && log.contains(&stem(&sdxl[0])),
         "{log}"
     );
-    assert!(!out.exists());
+    let (plain, _) = run("without.png", &[]);
+    assert_eq!(pixels, plain, "a skipped embedding changes nothing");
 }

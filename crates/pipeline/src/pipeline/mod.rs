@@ -40,6 +40,7 @@ pub use conditioning::{Conditioning, MicroConditioning};
 pub use family::ModelFamily;
 pub use inpaint::Inpainting;
 pub use refiner::Refiner;
+pub use textual_inversion::EmbeddingDir;
 
 pub use crate::loading::{LoadOptions, LoraFile};
 pub use sdrs_kernels::dispatch::{activation_dtype, small_model_dtype as tiny_autoencoder_dtype};

@@ -15,6 +15,15 @@ use super::components::PromptEncoder;
 use super::conditioning::TextEncoders;
 use super::{ModelFamily, StableDiffusion};
 
+/// What [`StableDiffusion::load_embedding_dir`] did with a folder's files.
+#[derive(Debug, Clone, Default)]
+pub struct EmbeddingDir {
+    /// The embeddings loaded, in load order.
+    pub loaded: Vec<LoadedEmbedding>,
+    /// The files skipped, with the reason: not an embedding for this model.
+    pub skipped: Vec<(std::path::PathBuf, String)>,
+}
+
 impl StableDiffusion {
     /// Loads the embedding file `path` (any layout of [`crate::loading::embeddings`]) under the
     /// name `token`. A name already loaded or in the vocabulary, vectors of another width than
@@ -26,21 +35,26 @@ impl StableDiffusion {
 
     /// Loads every embedding file (`.safetensors`, `.pt`, `.bin`) in `dir` and its sub-folders,
     /// each named after its file stem as AUTOMATIC1111 names them, in the order of their paths.
-    /// The first file that does not load stops the loading with its error (those before it stay
-    /// loaded).
-    pub fn load_embedding_dir(&mut self, dir: &Path) -> Result<Vec<LoadedEmbedding>> {
+    /// As AUTOMATIC1111 does, a file that is not an embedding for this model (another family's,
+    /// another width, a layout it cannot read) is skipped, with the reason; any other error (a
+    /// name that is already a token) stops the loading (those before it stay loaded).
+    pub fn load_embedding_dir(&mut self, dir: &Path) -> Result<EmbeddingDir> {
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
                 what: "a folder of textual-inversion embeddings".to_string(),
             });
         }
-        let mut loaded = Vec::new();
+        let mut report = EmbeddingDir::default();
         for path in embedding_files_in(dir)? {
             let name = embedding_name(&path)?;
-            loaded.push(self.load_embedding(&name, &path)?.clone());
+            match self.load_embedding(&name, &path) {
+                Ok(loaded) => report.loaded.push(loaded.clone()),
+                Err(Error::Embedding { path, reason }) => report.skipped.push((path, reason)),
+                Err(error) => return Err(error),
+            }
         }
-        Ok(loaded)
+        Ok(report)
     }
 
     /// Loads the embeddings loaded so far again, from their files, in their order (into text
@@ -175,7 +189,9 @@ mod tests {
             &dir.path().join("a-thing.safetensors"),
             &[("<x>", vectors(1, hidden))],
         );
-        let loaded = pipeline.load_embedding_dir(dir.path()).unwrap();
+        let report = pipeline.load_embedding_dir(dir.path()).unwrap();
+        assert!(report.skipped.is_empty());
+        let loaded = report.loaded;
         let summary: Vec<(&str, usize, &Vec<Vec<u32>>)> = loaded
             .iter()
             .map(|e| (e.token.as_str(), e.num_vectors, &e.ids))
