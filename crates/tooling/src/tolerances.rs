@@ -231,7 +231,10 @@ mod tests {
 
     /// The case kinds the parity runner names in its source (`CaseKind::X`).
     fn kinds_the_runner_names() -> Vec<String> {
-        let source = include_str!("parity.rs");
+        let source = concat!(
+            include_str!("parity/mod.rs"),
+            include_str!("parity/features.rs"),
+        );
         let mut kinds: Vec<String> = source
             .split("CaseKind::")
             .skip(1)
