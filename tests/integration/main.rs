@@ -5,6 +5,7 @@ mod bench;
 mod generate;
 mod hub;
 mod parity;
+mod prompt_syntax;
 mod quantize;
 mod roundtrip;
 mod trace;

@@ -12,7 +12,7 @@ impl Runner<'_> {
         let Some(dir) = self.extended_set(extended, "features", CaseKind::Pipeline) else {
             return Ok(());
         };
-        let _ = &dir;
+        self.prompt_weighting_cases(&dir)?;
         Ok(())
     }
 }
