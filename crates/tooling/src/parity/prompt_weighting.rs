@@ -234,8 +234,12 @@ impl Runner<'_> {
             },
         };
         let unweighted = unweighted_states(&encoders.encoders, prompt, layer)?;
-        let mut unweighted_checks =
-            vec![("unweighted", unweighted, format!("{tensor}_unweighted"))];
+        within(
+            &unweighted,
+            reference,
+            &format!("{tensor}_unweighted"),
+            text_tolerance,
+        )?;
         let pipeline = self.pipeline(family.folder(), false)?;
         let request = Self::prompt_request(pipeline, prompt, clip_skip, PromptSyntax::A1111);
         let conditioning = pipeline.encode_prompts(&request)?;
@@ -248,11 +252,8 @@ impl Runner<'_> {
                     value: "no pooled embedding".to_string(),
                     expected: "SDXL's pooled projection".to_string(),
                 })?;
-            let pooled = added.text_embeds.clone();
-            unweighted_checks.push(("pooled", pooled, format!("{tensor}_pooled")));
-        }
-        for (what, ours, name) in unweighted_checks {
-            within(what, &ours, get(reference, &name)?, text_tolerance, &name)?;
+            let pooled = format!("{tensor}_pooled");
+            within(&added.text_embeds, reference, &pooled, text_tolerance)?;
         }
         max_abs_diff(
             &conditioning.embeddings,
@@ -331,60 +332,37 @@ impl Runner<'_> {
         request.negative_prompt = Some(negative);
         request.clip_skip = clip_skip;
         request.prompt_syntax = PromptSyntax::A1111;
-        request.steps = image["num_inference_steps"]
-            .as_u64()
-            .ok_or_else(|| field_error("num_inference_steps", "a whole number"))?
-            as usize;
+        let whole = |field: &str| -> Result<usize> {
+            let value = image[field].as_u64();
+            value
+                .map(|v| v as usize)
+                .ok_or_else(|| field_error(field, "a whole number"))
+        };
+        request.steps = whole("num_inference_steps")?;
+        request.height = whole("height")?;
+        request.width = whole("width")?;
         request.guidance_scale = image["guidance_scale"]
             .as_f64()
             .ok_or_else(|| field_error("guidance_scale", "a number"))?;
-        request.height = image["height"]
-            .as_u64()
-            .ok_or_else(|| field_error("height", "a whole number"))?
-            as usize;
-        request.width = image["width"]
-            .as_u64()
-            .ok_or_else(|| field_error("width", "a whole number"))?
-            as usize;
         request.seed = image["generator_seed"].as_u64();
         request.latents = reference.get(&format!("{key}_latents")).cloned();
 
         let conditioning = pipeline.encode_prompts(&request)?;
+        // The rows are the negative branch, then the positive one.
         let mut checks = vec![(
             "prompt_embeds",
-            conditioning.embeddings.get(1)?,
-            format!("{key}_prompt_embeds"),
+            conditioning.embeddings.clone(),
+            weighted_tolerance,
         )];
-        checks.push((
-            "negative_prompt_embeds",
-            conditioning.embeddings.get(0)?,
-            format!("{key}_negative_prompt_embeds"),
-        ));
         if let Some(added) = &conditioning.added {
-            checks.push((
-                "pooled_prompt_embeds",
-                added.text_embeds.get(1)?,
-                format!("{key}_pooled_prompt_embeds"),
-            ));
-            checks.push((
-                "negative_pooled_prompt_embeds",
-                added.text_embeds.get(0)?,
-                format!("{key}_negative_pooled_prompt_embeds"),
-            ));
+            let pooled = added.text_embeds.clone();
+            checks.push(("pooled_prompt_embeds", pooled, text_tolerance));
         }
-        for (what, ours, tensor) in checks {
-            let bound = if what.contains("pooled") {
-                text_tolerance
-            } else {
-                weighted_tolerance
-            };
-            within(
-                what,
-                &ours.unsqueeze(0)?,
-                get(reference, &tensor)?,
-                bound,
-                &tensor,
-            )?;
+        for (name, rows, bound) in checks {
+            for (row, branch) in [(0, "negative_"), (1, "")] {
+                let tensor = format!("{key}_{branch}{name}");
+                within(&rows.get(row)?.unsqueeze(0)?, reference, &tensor, bound)?;
+            }
         }
         let output = pipeline.generate(&request, &mut |_| {})?;
         max_abs_diff(&output, get(reference, &format!("{key}_image"))?)
@@ -465,14 +443,19 @@ fn weights_diff(chunk: &PromptChunk, expected: &Value) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// An error naming `what` when `ours` is further than `bound` from `expected` (`name`).
-fn within(what: &str, ours: &Tensor, expected: &Tensor, bound: f64, name: &str) -> Result<()> {
-    let diff = max_abs_diff(ours, expected)?;
+/// An error naming the reference tensor `name` when `ours` is further than `bound` from it.
+fn within(
+    ours: &Tensor,
+    reference: &HashMap<String, Tensor>,
+    name: &str,
+    bound: f64,
+) -> Result<()> {
+    let diff = max_abs_diff(ours, get(reference, name)?)?;
     if diff > bound {
         return Err(Error::InvalidParameter {
             name: "conditioning",
-            value: format!("{what} max|diff| {diff:.3e}"),
-            expected: format!("within {bound:e} of {name}"),
+            value: format!("max|diff| {diff:.3e} from {name}"),
+            expected: format!("within {bound:e}"),
         });
     }
     Ok(())
