@@ -278,9 +278,10 @@ fn weighted_rows<const N: usize>(
 }
 
 /// One prompt in A1111's syntax encoded by one encoder: its chunks ([`prompt_chunks`]) encoded
-/// one by one and weighted ([`emphasize_chunk`]), concatenated along the tokens, `[1, 77 * chunks, C]`;
-/// with `pooled`, the pooled projection of the first chunk (unweighted), as A1111 takes it.
-pub fn encode_weighted(
+/// one by one and weighted ([`emphasize_chunk`]), concatenated along the tokens,
+/// `[1, 77 * chunks, C]`; with `pooled`, the pooled projection of the first chunk (unweighted),
+/// as A1111 takes it.
+fn encode_weighted(
     encoder: &dyn PromptEncoder,
     prompt: &str,
     layer: TextLayer,
@@ -306,6 +307,7 @@ pub fn encode_weighted(
 /// A1111's emphasis of one chunk's hidden state `z` `[1, tokens, C]` by the chunk's weights
 /// ([`emphasize`]), computed on the CPU in f32 and returned in `z`'s dtype on its device.
 fn emphasize_chunk(z: &Tensor, chunk: &PromptChunk) -> Result<Tensor> {
+    // Left as it is, without the round trip through the CPU.
     if chunk.is_unweighted() {
         return Ok(z.clone());
     }

@@ -286,7 +286,8 @@ impl Chunker<'_> {
             self.last_comma = Some(self.tokens.len());
         } else if let Some(comma) = self.last_comma {
             // A full chunk with a comma among its last tokens ends at the comma; the tokens after
-            // it move on to the next chunk. (A comma arriving at a full chunk only starts the next.)
+            // it move on to the next chunk. (A comma arriving at a full chunk just starts the
+            // next one.)
             if self.tokens.len() == length && length - comma <= COMMA_PADDING_BACKTRACK {
                 let moved = self.tokens.split_off(comma + 1);
                 let moved_weights = self.weights.split_off(comma + 1);
