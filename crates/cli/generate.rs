@@ -13,8 +13,8 @@ use sdrs_kernels::KernelOptions;
 use sdrs_pipeline::loading::quantize::Recipe;
 use sdrs_pipeline::stable_diffusion::tiny_autoencoder_dtype;
 use sdrs_pipeline::{
-    DeviceChoice, DtypeChoice, InitImage, LoadOptions, Refiner, Request, StableDiffusion,
-    StepProgress,
+    DeviceChoice, DtypeChoice, InitImage, LoadOptions, PromptSyntax, Refiner, Request,
+    StableDiffusion, StepProgress,
 };
 use sdrs_quant::QuantSpec;
 use sdrs_schedulers::{Sampler, SigmaSchedule};
@@ -145,6 +145,12 @@ pub struct GenerateArgs {
     #[arg(long = "clip-skip")]
     pub clip_skip: Option<usize>,
 
+    /// How prompts are read: `a1111` (AUTOMATIC1111's `(word)`, `[word]`, `(word:1.3)` weights,
+    /// `\(` escapes, `BREAK`, and prompts of any length in 75-token chunks) or `plain`
+    /// (diffusers': the text as it is, cut at 77 tokens).
+    #[arg(long = "prompt-syntax", default_value = "a1111", value_parser = parse_prompt_syntax)]
+    pub prompt_syntax: PromptSyntax,
+
     /// Decode with a tiny autoencoder (TAESD, TAESDXL, ...): `taesd`, `taesdxl`, a Hugging Face
     /// repo id, or a folder in the diffusers layout or with the original
     /// `*_encoder/_decoder.safetensors` files.
@@ -256,6 +262,11 @@ pub fn parse_sampler(name: &str) -> Result<SamplerName, String> {
         sampler,
         implied_schedule,
     })
+}
+
+/// clap's parser for `--prompt-syntax`.
+pub fn parse_prompt_syntax(name: &str) -> Result<PromptSyntax, String> {
+    PromptSyntax::from_name(name).map_err(|e| e.to_string())
 }
 
 /// clap's parser for `--scheduler`.
@@ -615,6 +626,7 @@ fn build_request(
         request.guidance_scale = scale;
     }
     request.clip_skip = args.clip_skip;
+    request.prompt_syntax = args.prompt_syntax;
     request.seed = Some(settings.seed);
     request.batch_size = args.batch_size as usize;
     request.original_size = args.original_size.map(|(w, h)| (h, w));
@@ -714,6 +726,11 @@ fn parameters(args: &GenerateArgs, settings: &Settings, request: &Request) -> Pa
             ""
         };
         extra.push(("Quantization".to_string(), format!("{spec}{recipe}")));
+    }
+    if args.prompt_syntax != PromptSyntax::default() {
+        // Not an AUTOMATIC1111 field: says the prompt above is not to be read in its syntax.
+        let syntax = args.prompt_syntax.name().to_string();
+        extra.push(("Prompt syntax".to_string(), syntax));
     }
     if let Some(refiner) = &args.refiner {
         extra.push(("Refiner".to_string(), model_name(refiner)));
@@ -1111,6 +1128,22 @@ mod tests {
         assert_eq!(args.init_img, Some(PathBuf::from("in.png")));
         assert_eq!(args.strength, 0.5);
         assert_eq!(args.refiner.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn prompt_syntax_defaults_to_a1111_and_takes_plain() {
+        assert_eq!(parse(&[]).prompt_syntax, PromptSyntax::A1111);
+        let args = parse(&["--prompt-syntax", "plain"]);
+        assert_eq!(args.prompt_syntax, PromptSyntax::Plain);
+        assert_eq!(
+            parse(&["--prompt-syntax", "A1111"]).prompt_syntax,
+            PromptSyntax::A1111
+        );
+        let error = parse_error(&["--prompt-syntax", "compel"]);
+        assert!(
+            error.contains("compel") && error.contains("a1111 or plain"),
+            "{error}"
+        );
     }
 
     #[test]

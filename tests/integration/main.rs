@@ -9,6 +9,7 @@ mod hub;
 mod inpaint;
 mod lora;
 mod parity;
+mod prompt_syntax;
 mod quantize;
 mod roundtrip;
 mod trace;

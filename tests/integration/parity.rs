@@ -77,6 +77,20 @@ fn parity_passes_every_supported_case() {
             .count();
         assert!(exact >= 15, "{exact} k-means tables identical:\n{text}");
     }
+    if extended_fixtures("features").is_some() {
+        for prefix in [
+            "prompt_parser:",
+            "prompt_weighting:sd15:",
+            "prompt_weighting:sdxl:",
+            "prompt_weighting:image:",
+        ] {
+            let passed = lines
+                .iter()
+                .filter(|l| l.starts_with(prefix) && l.ends_with("pass"))
+                .count();
+            assert!(passed > 0, "no {prefix} case passed:\n{text}");
+        }
+    }
     for name in MUST_PASS {
         let line = verdict(name);
         assert!(line.ends_with("pass"), "{line}");

@@ -361,6 +361,13 @@ impl ClipTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// The prompt's ids without begin/end tokens, neither truncated nor padded:
+    /// `tokenizer(prompt, truncation=False, add_special_tokens=False)`, what AUTOMATIC1111
+    /// tokenizes each weighted piece of a prompt with.
+    pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.encode_body(prompt)
+    }
+
     /// `bos + tokens + eos`, truncated to `max_length` (keeping `eos` last) and padded to
     /// `max_length` with the pad id: `tokenizer(prompt, padding="max_length",
     /// max_length=tokenizer.model_max_length, truncation=True)`.

@@ -13,7 +13,7 @@ pub use loading::{builtin, checkpoint, model_files, single_file, tensor_files, w
 
 /// The pipeline module under its earlier name (`sdrs_pipeline::stable_diffusion::...`).
 pub use pipeline as stable_diffusion;
-pub use pipeline::{components, preview, refiner, vae_tiling};
+pub use pipeline::{components, preview, prompt, refiner, vae_tiling};
 
 pub use builtin::BuiltinModel;
 pub use device::{
@@ -28,6 +28,6 @@ pub use pipeline::components::{
     TextLayer,
 };
 pub use pipeline::{
-    Conditioning, InitImage, LoadOptions, MicroConditioning, ModelFamily, NativeSize, Refiner,
-    Request, StableDiffusion, StepProgress,
+    Conditioning, InitImage, LoadOptions, MicroConditioning, ModelFamily, NativeSize, PromptSyntax,
+    Refiner, Request, StableDiffusion, StepProgress,
 };

@@ -28,6 +28,7 @@ use crate::weights::{find_weights, var_builder};
 use super::conditioning::TextEncoders;
 use super::family::ModelFamily;
 use super::vae_tiling::{VaePass, VaeTilingPolicy};
+use super::prompt::TokenRules;
 use crate::loading::LoadOptions;
 
 /// Which hidden state of a text encoder a pipeline conditions on.
@@ -63,6 +64,16 @@ pub trait PromptEncoder: Send + Sync {
     /// Returns the token ids it was given. A `hidden` that is not the encoder's width, or a name
     /// the tokenizer already has, is an error, and nothing is added then.
     fn add_embedding(&mut self, token: &str, vectors: &Tensor) -> Result<Vec<u32>>;
+
+    /// The ids of `text` without begin/end tokens, neither truncated nor padded.
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>>;
+
+    /// The special ids and the context length, for cutting a long prompt into chunks.
+    fn token_rules(&self) -> TokenRules;
+
+    /// Encodes ids the caller tokenized (one chunk: at most the encoder's context), as
+    /// [`Self::encode`] encodes a prompt's.
+    fn encode_ids(&self, ids: &[u32], layer: TextLayer, pooled: bool) -> Result<TextEmbeddings>;
 }
 
 /// SDXL's extra conditions (diffusers' `added_cond_kwargs`).
@@ -126,6 +137,7 @@ pub struct ClipPromptEncoder {
     /// The model folder's component name (`text_encoder_2`), for messages.
     component: &'static str,
     tokenizer: ClipTokenizer,
+    rules: TokenRules,
     model: ClipTextModel,
     device: Device,
 }
@@ -137,18 +149,22 @@ impl ClipPromptEncoder {
         model: ClipTextModel,
         device: &Device,
     ) -> Self {
+        let rules = TokenRules {
+            bos: tokenizer.bos_id(),
+            eos: tokenizer.eos_id(),
+            // The pad token's id is A1111's `id_pad`: CLIP's tokenizers pad with `eos`, the
+            // OpenCLIP encoders' (SD2.x, SDXL's second) with `!`, id 0, as A1111 pads them.
+            pad: tokenizer.pad_id(),
+            comma: tokenizer.token_to_id(",</w>"),
+            context_length: tokenizer.max_length(),
+        };
         Self {
             component,
             tokenizer,
+            rules,
             model,
             device: device.clone(),
         }
-    }
-
-    fn ids(&self, prompt: &str) -> Result<Tensor> {
-        let ids = self.tokenizer.encode(prompt)?;
-        let len = ids.len();
-        Ok(Tensor::from_vec(ids, (1, len), &self.device)?)
     }
 
     /// The index into `hidden_states` (0: the embeddings, `i`: layer `i`) of the state
@@ -168,7 +184,19 @@ impl ClipPromptEncoder {
 
 impl PromptEncoder for ClipPromptEncoder {
     fn encode(&self, prompt: &str, layer: TextLayer, pooled: bool) -> Result<TextEmbeddings> {
-        let ids = self.ids(prompt)?;
+        self.encode_ids(&self.tokenizer.encode(prompt)?, layer, pooled)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.tokenize(text)?)
+    }
+
+    fn token_rules(&self) -> TokenRules {
+        self.rules
+    }
+
+    fn encode_ids(&self, ids: &[u32], layer: TextLayer, pooled: bool) -> Result<TextEmbeddings> {
+        let ids = Tensor::from_slice(ids, (1, ids.len()), &self.device)?;
         if !pooled {
             // Only the layers up to the one used are run.
             let hidden_state = match layer {

@@ -2,12 +2,18 @@
 //! encoders (any [`PromptEncoder`]): SD1.x/2.x take the last (or clip-skipped) hidden state; SDXL
 //! concatenates both encoders' penultimate states and adds the second encoder's pooled projection
 //! and the micro-conditioning time ids (`pipeline_stable_diffusion_xl.py`, `..._img2img.py`).
+//! With AUTOMATIC1111's prompt syntax each prompt is encoded chunk by chunk with its weights
+//! (`modules/sd_hijack_clip.py`, the "Original" emphasis of `modules/sd_emphasis.py`) and the
+//! negative and positive conditioning are padded to the same length with the encoded empty prompt
+//! (`pad_cond_uncond` of `modules/sd_samplers_cfg_denoiser.py`).
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
-use super::components::{AddedConditions, PromptEncoder, TextLayer};
+use super::components::{AddedConditions, PromptEncoder, TextEmbeddings, TextLayer};
+use super::prompt::{emphasize, prompt_chunks, PromptChunk};
+use super::PromptSyntax;
 
 /// The model family's text side.
 pub(crate) enum TextEncoders {
@@ -30,6 +36,7 @@ pub(crate) struct Prompts<'a> {
     pub negative: Option<&'a str>,
     pub negative_2: Option<&'a str>,
     pub clip_skip: Option<usize>,
+    pub syntax: PromptSyntax,
     /// Whether the unconditional (negative) branch is needed at all.
     pub guided: bool,
 }
@@ -98,17 +105,26 @@ impl TextEncoders {
                 let layer = TextLayer::Normalized {
                     clip_skip: prompts.clip_skip.unwrap_or(1),
                 };
-                let embed = |prompt: &str| -> Result<Tensor> {
-                    Ok(encoder.encode(prompt, layer, false)?.hidden_state)
-                };
                 let mut rows = Vec::new();
                 if prompts.guided {
-                    // diffusers encodes a missing negative prompt as the empty string.
-                    rows.push(embed(prompts.negative.unwrap_or(""))?);
+                    // diffusers (and A1111) encode a missing negative prompt as the empty string.
+                    rows.push([prompts.negative.unwrap_or("")]);
                 }
-                rows.push(embed(prompts.prompt)?);
+                rows.push([prompts.prompt]);
+                let embeddings = match prompts.syntax {
+                    PromptSyntax::Plain => {
+                        let states = rows
+                            .iter()
+                            .map(|[prompt]| Ok(encoder.encode(prompt, layer, false)?.hidden_state))
+                            .collect::<Result<Vec<_>>>()?;
+                        Tensor::cat(&states, 0)?
+                    }
+                    PromptSyntax::A1111 => {
+                        weighted_rows(&[encoder.as_ref()], &rows, layer, false)?.0
+                    }
+                };
                 Ok(Conditioning {
-                    embeddings: Tensor::cat(&rows, 0)?.to_device(device)?.to_dtype(dtype)?,
+                    embeddings: embeddings.to_device(device)?.to_dtype(dtype)?,
                     added: None,
                 })
             }
@@ -118,36 +134,56 @@ impl TextEncoders {
                 requires_aesthetics_score,
             } => {
                 let skip = prompts.clip_skip.unwrap_or(2);
-                let (embeds, pooled) = sdxl_encode(
-                    encoders,
-                    [prompts.prompt, prompts.prompt_2.unwrap_or(prompts.prompt)],
-                    skip,
-                )?;
+                let positive = [prompts.prompt, prompts.prompt_2.unwrap_or(prompts.prompt)];
                 let (positive_ids, negative_ids) = if *requires_aesthetics_score {
                     refiner_time_ids(micro)
                 } else {
                     (base_time_ids(micro), base_time_ids(micro))
                 };
-                if !prompts.guided {
-                    return finish(embeds, pooled, positive_ids, dtype, device);
-                }
-                let (neg_embeds, neg_pooled) =
-                    if prompts.negative.is_none() && *force_zeros_for_empty_prompt {
-                        (embeds.zeros_like()?, pooled.zeros_like()?)
-                    } else {
-                        let negative = prompts.negative.unwrap_or("");
-                        let negative_2 = prompts.negative_2.unwrap_or(negative);
-                        // diffusers conditions the negative branch on the penultimate layer
-                        // whatever the clip skip.
-                        sdxl_encode(encoders, [negative, negative_2], 2)?
-                    };
-                finish(
-                    Tensor::cat(&[neg_embeds, embeds], 0)?,
-                    Tensor::cat(&[neg_pooled, pooled], 0)?,
-                    [negative_ids, positive_ids].concat(),
-                    dtype,
-                    device,
-                )
+                let zeroed = prompts.negative.is_none() && *force_zeros_for_empty_prompt;
+                let negative = prompts.negative.unwrap_or("");
+                let negative = [negative, prompts.negative_2.unwrap_or(negative)];
+                let (embeds, pooled) = match prompts.syntax {
+                    PromptSyntax::Plain => {
+                        let (embeds, pooled) = sdxl_encode(encoders, positive, skip)?;
+                        if !prompts.guided {
+                            (embeds, pooled)
+                        } else if zeroed {
+                            with_zeros_first(embeds, pooled)?
+                        } else {
+                            // diffusers conditions the negative branch on the penultimate layer
+                            // whatever the clip skip.
+                            let (neg_embeds, neg_pooled) = sdxl_encode(encoders, negative, 2)?;
+                            (
+                                Tensor::cat(&[neg_embeds, embeds], 0)?,
+                                Tensor::cat(&[neg_pooled, pooled], 0)?,
+                            )
+                        }
+                    }
+                    PromptSyntax::A1111 => {
+                        let encoders: Vec<&dyn PromptEncoder> =
+                            encoders.iter().map(|e| e.as_ref()).collect();
+                        let layer = TextLayer::Raw { clip_skip: skip };
+                        let rows: &[[&str; 2]] = if prompts.guided && !zeroed {
+                            &[negative, positive]
+                        } else {
+                            &[positive]
+                        };
+                        let (embeds, pooled) = weighted_rows(&encoders, rows, layer, true)?;
+                        let pooled = pooled.ok_or_else(missing_text_encoder_2)?;
+                        if prompts.guided && zeroed {
+                            with_zeros_first(embeds, pooled)?
+                        } else {
+                            (embeds, pooled)
+                        }
+                    }
+                };
+                let time_ids = if prompts.guided {
+                    [negative_ids, positive_ids].concat()
+                } else {
+                    positive_ids
+                };
+                finish(embeds, pooled, time_ids, dtype, device)
             }
         }
     }
@@ -169,11 +205,133 @@ fn sdxl_encode(
         states.push(encoded.hidden_state);
         pooled = encoded.pooled;
     }
-    let pooled = pooled.ok_or_else(|| Error::MissingFile {
+    let pooled = pooled.ok_or_else(missing_text_encoder_2)?;
+    Ok((Tensor::cat(&states, 2)?, pooled))
+}
+
+fn missing_text_encoder_2() -> Error {
+    Error::MissingFile {
         path: "text_encoder_2".into(),
         what: "an SDXL model needs text_encoder_2 with its text_projection".to_string(),
-    })?;
-    Ok((Tensor::cat(&states, 2)?, pooled))
+    }
+}
+
+/// SDXL's zeroed negative branch (`force_zeros_for_empty_prompt` without a negative prompt)
+/// before the positive one.
+fn with_zeros_first(embeds: Tensor, pooled: Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((
+        Tensor::cat(&[embeds.zeros_like()?, embeds], 0)?,
+        Tensor::cat(&[pooled.zeros_like()?, pooled], 0)?,
+    ))
+}
+
+/// A1111's conditioning of rows of prompts (the negative, then the positive), each row one
+/// prompt per encoder: each prompt encoded by [`encode_weighted`], every encoder's states padded
+/// at the end to the longest with copies of its encoding of the empty prompt (A1111 pads the
+/// shorter of the negative and positive conditioning so; the same padding lines up SDXL's two
+/// encoders when their prompts have different chunk counts), then concatenated along the
+/// features. Returns `[rows, tokens, features]` and, with `pooled`, the last encoder's pooled
+/// projection of each row's first chunk, `[rows, D]`.
+fn weighted_rows<const N: usize>(
+    encoders: &[&dyn PromptEncoder],
+    rows: &[[&str; N]],
+    layer: TextLayer,
+    pooled: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let last = encoders.len().saturating_sub(1);
+    let mut states: Vec<Vec<Tensor>> = Vec::new();
+    let mut pools = Vec::new();
+    for row in rows {
+        let mut row_states = Vec::new();
+        for (index, (encoder, prompt)) in encoders.iter().zip(row).enumerate() {
+            let encoded = encode_weighted(*encoder, prompt, layer, pooled && index == last)?;
+            row_states.push(encoded.hidden_state);
+            pools.extend(encoded.pooled);
+        }
+        states.push(row_states);
+    }
+    let tokens = states
+        .iter()
+        .flatten()
+        .map(|state| state.dim(1))
+        .collect::<candle_core::Result<Vec<_>>>()?
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    for (index, encoder) in encoders.iter().enumerate() {
+        let mut empty: Option<Tensor> = None;
+        for row in &mut states {
+            let missing = tokens - row[index].dim(1)?;
+            if missing == 0 {
+                continue;
+            }
+            let empty = match &empty {
+                Some(empty) => empty,
+                None => empty.insert(encode_weighted(*encoder, "", layer, false)?.hidden_state),
+            };
+            let copies = missing / empty.dim(1)?;
+            let padding = empty.repeat((1, copies, 1))?;
+            row[index] = Tensor::cat(&[&row[index], &padding], 1)?;
+        }
+    }
+    let rows = states
+        .iter()
+        .map(|row| Tensor::cat(row, 2))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let pooled = match pools.len() {
+        0 => None,
+        _ => Some(Tensor::cat(&pools, 0)?),
+    };
+    Ok((Tensor::cat(&rows, 0)?, pooled))
+}
+
+/// One prompt in A1111's syntax encoded by one encoder: its chunks ([`prompt_chunks`]) encoded
+/// one by one and weighted ([`emphasize_chunk`]), concatenated along the tokens,
+/// `[1, 77 * chunks, C]`; with `pooled`, the pooled projection of the first chunk (unweighted),
+/// as A1111 takes it.
+fn encode_weighted(
+    encoder: &dyn PromptEncoder,
+    prompt: &str,
+    layer: TextLayer,
+    pooled: bool,
+) -> Result<TextEmbeddings> {
+    let rules = encoder.token_rules();
+    let chunks = prompt_chunks(prompt, &rules, |text| encoder.tokenize(text))?;
+    let mut states = Vec::with_capacity(chunks.len());
+    let mut first_pooled = None;
+    for (index, chunk) in chunks.iter().enumerate() {
+        let encoded = encoder.encode_ids(&chunk.model_ids(&rules), layer, pooled && index == 0)?;
+        if index == 0 {
+            first_pooled = encoded.pooled;
+        }
+        states.push(emphasize_chunk(&encoded.hidden_state, chunk)?);
+    }
+    Ok(TextEmbeddings {
+        hidden_state: Tensor::cat(&states, 1)?,
+        pooled: first_pooled,
+    })
+}
+
+/// A1111's emphasis of one chunk's hidden state `z` `[1, tokens, C]` by the chunk's weights
+/// ([`emphasize`]), computed on the CPU in f32 and returned in `z`'s dtype on its device.
+fn emphasize_chunk(z: &Tensor, chunk: &PromptChunk) -> Result<Tensor> {
+    // Left as it is, without the round trip through the CPU.
+    if chunk.is_unweighted() {
+        return Ok(z.clone());
+    }
+    let (_, tokens, _) = z.dims3()?;
+    if tokens != chunk.weights.len() {
+        return Err(Error::InvalidParameter {
+            name: "prompt chunk",
+            value: format!("{} weights", chunk.weights.len()),
+            expected: format!("one per token of the encoder's {tokens}"),
+        });
+    }
+    let mut values = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    emphasize(&mut values, &chunk.weights);
+    Ok(Tensor::from_vec(values, z.shape(), &Device::Cpu)?
+        .to_dtype(z.dtype())?
+        .to_device(z.device())?)
 }
 
 /// `(h, w, top, left, target_h, target_w)`: the SDXL base model's time ids.

@@ -12,6 +12,7 @@ pub mod extra_networks;
 pub(crate) mod family;
 pub mod inpaint;
 pub mod preview;
+pub mod prompt;
 pub mod refiner;
 mod textual_inversion;
 pub mod vae_tiling;
@@ -58,6 +59,43 @@ pub enum InitImage {
     Latents(Tensor),
 }
 
+/// How the prompts of a request are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PromptSyntax {
+    /// AUTOMATIC1111's: `(text)`, `[text]`, `(text:w)` weights, `\(` escapes and `BREAK`; a prompt
+    /// of any length, in chunks of 75 tokens ([`prompt`]). A prompt with none of these and at
+    /// most 75 tokens is encoded exactly as [`Self::Plain`] encodes it.
+    #[default]
+    A1111,
+    /// diffusers': the text as it is, truncated to the text encoder's 77 tokens.
+    Plain,
+}
+
+impl PromptSyntax {
+    /// Every syntax, by [`Self::name`].
+    pub const ALL: [PromptSyntax; 2] = [PromptSyntax::A1111, PromptSyntax::Plain];
+
+    /// `a1111` or `plain`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptSyntax::A1111 => "a1111",
+            PromptSyntax::Plain => "plain",
+        }
+    }
+
+    /// The syntax [`Self::name`] calls `name` (case-insensitive).
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|syntax| syntax.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| Error::InvalidParameter {
+                name: "prompt syntax",
+                value: name.to_string(),
+                expected: "a1111 or plain".to_string(),
+            })
+    }
+}
+
 /// One generation request. [`Request::new`] fills in diffusers' defaults for a model.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -67,6 +105,9 @@ pub struct Request {
     /// `None` is not the same as `""` for SDXL models with `force_zeros_for_empty_prompt`.
     pub negative_prompt: Option<String>,
     pub negative_prompt_2: Option<String>,
+    /// How the prompts are read: AUTOMATIC1111's weights and long prompts (the default), or
+    /// diffusers' plain text.
+    pub prompt_syntax: PromptSyntax,
     pub width: usize,
     pub height: usize,
     pub steps: usize,
@@ -117,6 +158,7 @@ impl Request {
             prompt_2: None,
             negative_prompt: None,
             negative_prompt_2: None,
+            prompt_syntax: PromptSyntax::default(),
             width: size,
             height: size,
             steps: 25,
@@ -643,6 +685,7 @@ impl StableDiffusion {
                 negative: request.negative_prompt.as_deref(),
                 negative_2: request.negative_prompt_2.as_deref(),
                 clip_skip: request.clip_skip,
+                syntax: request.prompt_syntax,
                 guided: request.guidance_scale > 1.0,
             };
             let text = self.text.as_ref().ok_or(Error::Released {

@@ -193,6 +193,7 @@ mod tests {
             prompt_2: None,
             negative_prompt: Some("fog".to_string()),
             negative_prompt_2: None,
+            prompt_syntax: Default::default(),
             width: 64,
             height: 64,
             steps: 10,

@@ -16,6 +16,7 @@ impl Runner<'_> {
         self.tiled_vae_cases(&dir)?;
         self.lora_cases(&dir)?;
         self.textual_inversion_cases(&dir)?;
+        self.prompt_weighting_cases(&dir)?;
         Ok(())
     }
 }

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use sdrs_pipeline::stable_diffusion::{activation_dtype, tiny_autoencoder_dtype};
-use sdrs_pipeline::stable_diffusion::{InitImage, LoadOptions, Request, StableDiffusion};
+use sdrs_pipeline::stable_diffusion::{
+    InitImage, LoadOptions, PromptSyntax, Request, StableDiffusion,
+};
 use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
 use sdrs_pipeline::{Error, Result};
 use sdrs_taesd::AutoencoderTiny;
@@ -29,6 +31,7 @@ mod inpainting;
 mod lora;
 mod textual_inversion;
 mod tiled_vae;
+mod prompt_weighting;
 
 /// Where and in which dtype to run the checks.
 #[derive(Debug, Clone)]
@@ -915,6 +918,8 @@ fn case_request(
         scheduler,
     );
     request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
+    // The references are diffusers': its prompts are plain text, whatever brackets they hold.
+    request.prompt_syntax = PromptSyntax::Plain;
     request.steps = case["steps"]
         .as_u64()
         .ok_or_else(|| field_error("steps", "a whole number"))? as usize;
