@@ -27,8 +27,8 @@ use crate::weights::{find_weights, var_builder};
 
 use super::conditioning::TextEncoders;
 use super::family::ModelFamily;
-use super::vae_tiling::{VaePass, VaeTilingPolicy};
 use super::prompt::TokenRules;
+use super::vae_tiling::{VaePass, VaeTilingPolicy};
 use crate::loading::LoadOptions;
 
 /// Which hidden state of a text encoder a pipeline conditions on.

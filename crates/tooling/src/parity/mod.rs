@@ -29,9 +29,9 @@ use crate::tolerances::{self, CaseKind};
 mod features;
 mod inpainting;
 mod lora;
+mod prompt_weighting;
 mod textual_inversion;
 mod tiled_vae;
-mod prompt_weighting;
 
 /// Where and in which dtype to run the checks.
 #[derive(Debug, Clone)]
