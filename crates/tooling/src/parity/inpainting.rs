@@ -12,7 +12,7 @@ use sdrs_pipeline::stable_diffusion::{InitImage, Inpainting, LoadOptions, Reques
 use sdrs_pipeline::weights::read_json;
 use sdrs_pipeline::{Error, Result, StableDiffusion};
 
-use super::{get, max_abs_diff, CaseResult, Outcome, Runner};
+use super::{diffusers_request, get, max_abs_diff, CaseResult, Outcome, Runner};
 use crate::tolerances::CaseKind;
 
 /// The intermediates of a case: the reference's tensor suffix, the kind whose bound it is held
@@ -181,7 +181,7 @@ fn inpainting_request(
             expected: "a diffusers scheduler config".to_string(),
         });
     }
-    let mut request = Request::new(
+    let mut request = diffusers_request(
         pipeline,
         case["prompt"].as_str().unwrap_or_default(),
         scheduler,

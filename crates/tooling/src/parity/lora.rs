@@ -12,7 +12,7 @@ use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
 use sdrs_pipeline::{Error, LoraFile, Result};
 use sdrs_unet::UNet2DConditionConfig;
 
-use super::{get, max_abs_diff, CaseResult, Outcome, Runner};
+use super::{diffusers_request, get, max_abs_diff, CaseResult, Outcome, Runner};
 use crate::tolerances::CaseKind;
 
 /// The reference files and the tiny model each is made with.
@@ -212,7 +212,7 @@ fn lora_request(
     let prompt = case["prompt"]
         .as_str()
         .ok_or_else(|| field_error(key, "prompt", "a string"))?;
-    let mut request = Request::new(pipeline, prompt, scheduler);
+    let mut request = diffusers_request(pipeline, prompt, scheduler);
     request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
     request.steps = case["num_inference_steps"]
         .as_u64()

@@ -912,14 +912,12 @@ fn case_request(
             )?
         }
     };
-    let mut request = Request::new(
+    let mut request = diffusers_request(
         pipeline,
         case["prompt"].as_str().unwrap_or_default(),
         scheduler,
     );
     request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
-    // The references are diffusers': its prompts are plain text, whatever brackets they hold.
-    request.prompt_syntax = PromptSyntax::Plain;
     request.steps = case["steps"]
         .as_u64()
         .ok_or_else(|| field_error("steps", "a whole number"))? as usize;
@@ -946,6 +944,18 @@ fn case_request(
         request.width = width as usize;
     }
     Ok(request)
+}
+
+/// A request for a reference made by diffusers: its defaults for `pipeline`, and the prompts read
+/// as diffusers reads them, plain text (whatever brackets they hold), cut at 77 tokens.
+fn diffusers_request(
+    pipeline: &StableDiffusion,
+    prompt: &str,
+    scheduler: serde_json::Value,
+) -> Request {
+    let mut request = Request::new(pipeline, prompt, scheduler);
+    request.prompt_syntax = PromptSyntax::Plain;
+    request
 }
 
 /// `torch.Generator('cpu').manual_seed(77)` -> 77.

@@ -13,7 +13,7 @@ use sdrs_pipeline::stable_diffusion::{LoadOptions, Request, StableDiffusion};
 use sdrs_pipeline::weights::read_json;
 use sdrs_pipeline::{Error, Result};
 
-use super::{get, ids_diff, max_abs_diff, CaseResult, Outcome, Runner};
+use super::{diffusers_request, get, ids_diff, max_abs_diff, CaseResult, Outcome, Runner};
 use crate::tolerances::CaseKind;
 
 /// What one `<key>_<suffix>` reference tensor is checked as.
@@ -334,7 +334,7 @@ fn textual_inversion_request(
     let prompt = case["prompt"]
         .as_str()
         .ok_or_else(|| field_error(key, "prompt", "a prompt"))?;
-    let mut request = Request::new(pipeline, prompt, scheduler);
+    let mut request = diffusers_request(pipeline, prompt, scheduler);
     request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
     request.steps = case["num_inference_steps"]
         .as_u64()

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sdrs_pipeline::stable_diffusion::{activation_dtype, LoadOptions, Request, StableDiffusion};
+use sdrs_pipeline::stable_diffusion::{activation_dtype, LoadOptions, StableDiffusion};
 use sdrs_pipeline::weights::read_json;
 use sdrs_pipeline::{Error, Result};
 use sdrs_vae::VaeTiling;
 
-use super::{get, max_abs_diff, CaseResult, Outcome, Runner};
+use super::{diffusers_request, get, max_abs_diff, CaseResult, Outcome, Runner};
 use crate::tolerances::CaseKind;
 
 /// The `VaeTiling` of a case's `tile_sample_min_size`, `tile_latent_min_size` and
@@ -153,7 +153,7 @@ impl Runner<'_> {
             .filter(|c| c.is_object())
             .cloned()
             .ok_or_else(|| field_error("scheduler_config", "a scheduler config"))?;
-        let mut request = Request::new(
+        let mut request = diffusers_request(
             &pipeline,
             case["prompt"].as_str().unwrap_or_default(),
             scheduler,
