@@ -663,40 +663,22 @@ fn module_delta(
         )
     } else if parts.keys().any(|k| k.starts_with(".lokr_")) {
         let mut rank = None;
-        let w1 = match (
-            parts.remove(".lokr_w1"),
-            parts.remove(".lokr_w1_a"),
-            parts.remove(".lokr_w1_b"),
-        ) {
-            (Some(w1), None, None) => Factor::Full(w1),
-            (None, Some(a), Some(b)) => {
-                rank = Some(rank_of(&b));
-                Factor::LowRank(a, b)
-            }
-            _ => {
-                return Err(lora_error(
+        // Each Kronecker factor is whole (`lokr_wN`) or low-rank (`lokr_wN_a @ lokr_wN_b`).
+        let mut factor = |n: u32, [whole, a, b]: [&'static str; 3]| -> Result<Factor> {
+            match (parts.remove(whole), parts.remove(a), parts.remove(b)) {
+                (Some(w), None, None) => Ok(Factor::Full(w)),
+                (None, Some(a), Some(b)) => {
+                    rank = Some(rank_of(&b));
+                    Ok(Factor::LowRank(a, b))
+                }
+                _ => Err(lora_error(
                     path,
-                    format!("{prefix}: LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b"),
-                ))
+                    format!("{prefix}: LoKr needs lokr_w{n}, or lokr_w{n}_a and lokr_w{n}_b"),
+                )),
             }
         };
-        let w2 = match (
-            parts.remove(".lokr_w2"),
-            parts.remove(".lokr_w2_a"),
-            parts.remove(".lokr_w2_b"),
-        ) {
-            (Some(w2), None, None) => Factor::Full(w2),
-            (None, Some(a), Some(b)) => {
-                rank = Some(rank_of(&b));
-                Factor::LowRank(a, b)
-            }
-            _ => {
-                return Err(lora_error(
-                    path,
-                    format!("{prefix}: LoKr needs lokr_w2, or lokr_w2_a and lokr_w2_b"),
-                ))
-            }
-        };
+        let w1 = factor(1, [".lokr_w1", ".lokr_w1_a", ".lokr_w1_b"])?;
+        let w2 = factor(2, [".lokr_w2", ".lokr_w2_a", ".lokr_w2_b"])?;
         let t2 = parts.remove(".lokr_t2");
         if t2.is_some() && !matches!(w2, Factor::LowRank(..)) {
             return Err(lora_error(

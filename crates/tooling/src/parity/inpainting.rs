@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use sdrs_pipeline::stable_diffusion::{InitImage, Inpainting, LoadOptions, Request};
 use sdrs_pipeline::weights::read_json;
 use sdrs_pipeline::{Error, Result, StableDiffusion};
@@ -46,13 +46,7 @@ impl Runner<'_> {
     pub(super) fn inpainting_cases(&mut self, dir: &Path) -> Result<()> {
         let info = read_json(&dir.join("reference/inpainting.json"))?;
         let path = dir.join("reference/inpainting.safetensors");
-        let reference = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| {
-            Error::Weights {
-                component: "reference",
-                path: path.clone(),
-                source,
-            }
-        })?;
+        let reference = super::load_reference(&path)?;
         let cases = info["cases"].as_array().cloned().unwrap_or_default();
         if cases.is_empty() {
             self.push(CaseResult {

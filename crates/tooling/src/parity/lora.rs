@@ -49,11 +49,7 @@ impl Runner<'_> {
 
     fn features_reference(&self, dir: &Path, set: &str) -> Result<HashMap<String, Tensor>> {
         let path = dir.join("reference").join(format!("{set}.safetensors"));
-        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| Error::Weights {
-            component: "reference",
-            path,
-            source,
-        })
+        super::load_reference(&path)
     }
 
     /// The tiny model `name` beside the features folder (where the feature fixtures were made

@@ -126,6 +126,15 @@ pub fn run(
     Ok(runner.results)
 }
 
+/// The tensors of a reference file (`reference.safetensors` and kin).
+fn load_reference(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|source| Error::Weights {
+        component: "reference",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// The max |a - b| over two tensors of the same shape, in f64; a shape mismatch is an error.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.dims() != b.dims() {
@@ -205,11 +214,7 @@ impl Runner<'_> {
 
     fn reference(&self, file: &str) -> Result<HashMap<String, Tensor>> {
         let path = self.fixtures.join("reference").join(file);
-        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| Error::Weights {
-            component: "reference",
-            path,
-            source,
-        })
+        load_reference(&path)
     }
 
     fn tokenizer_cases(&mut self) -> Result<()> {
@@ -350,13 +355,7 @@ impl Runner<'_> {
         let psnr_tolerance_db = self.tolerance(CaseKind::RoundTripPsnr)?;
         let dir = self.fixtures.join("real-taef2");
         let path = dir.join("reference.safetensors");
-        let reference = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| {
-            Error::Weights {
-                component: "reference",
-                path,
-                source,
-            }
-        })?;
+        let reference = load_reference(&path)?;
         let device = self.options.device.clone();
         let dtype = tiny_autoencoder_dtype(self.options.dtype, &device);
         let model = AutoencoderTiny::from_dir(&dir, dtype, &device, self.options.kernels)?;
@@ -712,13 +711,7 @@ impl Runner<'_> {
         };
         let info = read_json(&dir.join("reference.json"))?;
         let path = dir.join("reference.safetensors");
-        let reference = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| {
-            Error::Weights {
-                component: "reference",
-                path: path.clone(),
-                source,
-            }
-        })?;
+        let reference = load_reference(&path)?;
         let blocks = dir.join(info["blocks"]["file"].as_str().unwrap_or("blocks.gguf"));
         let names: Vec<String> = info["blocks"]["tensors"]
             .as_array()

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use sdrs_pipeline::loading::embeddings::{read_embedding_file, EmbeddingFile, EmbeddingVectors};
 use sdrs_pipeline::stable_diffusion::{LoadOptions, Request, StableDiffusion};
 use sdrs_pipeline::weights::read_json;
@@ -73,14 +73,7 @@ impl Runner<'_> {
         let read = || -> Result<(serde_json::Value, HashMap<String, Tensor>)> {
             let info = read_json(&dir.join("reference/textual_inversion.json"))?;
             let path = dir.join("reference/textual_inversion.safetensors");
-            let reference =
-                candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| {
-                    Error::Weights {
-                        component: "reference",
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
+            let reference = super::load_reference(&path)?;
             Ok((info, reference))
         };
         let (info, reference) = match read() {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use sdrs_pipeline::stable_diffusion::{activation_dtype, LoadOptions, StableDiffusion};
 use sdrs_pipeline::weights::read_json;
 use sdrs_pipeline::{Error, Result};
@@ -56,13 +56,7 @@ impl Runner<'_> {
             return Ok(());
         }
         let path = dir.join("reference/tiled_vae.safetensors");
-        let reference = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|source| {
-            Error::Weights {
-                component: "reference",
-                path,
-                source,
-            }
-        })?;
+        let reference = super::load_reference(&path)?;
         let (dtype, device) = (self.options.dtype, &self.options.device);
         let vae_kind = match activation_dtype(dtype, device) {
             DType::F16 | DType::BF16 => CaseKind::VaeHalfActivations,
