@@ -20,7 +20,7 @@ use super::{ModelFamily, StableDiffusion};
 pub struct EmbeddingDir {
     /// The embeddings loaded, in load order.
     pub loaded: Vec<LoadedEmbedding>,
-    /// The files skipped, with the reason: not an embedding for this model.
+    /// The files skipped, with the reason: not an embedding for this model, or a name in use.
     pub skipped: Vec<(std::path::PathBuf, String)>,
 }
 
@@ -35,9 +35,9 @@ impl StableDiffusion {
 
     /// Loads every embedding file (`.safetensors`, `.pt`, `.bin`) in `dir` and its sub-folders,
     /// each named after its file stem as AUTOMATIC1111 names them, in the order of their paths.
-    /// As AUTOMATIC1111 does, a file that is not an embedding for this model (another family's,
-    /// another width, a layout it cannot read) is skipped, with the reason; any other error (a
-    /// name that is already a token) stops the loading (those before it stay loaded).
+    /// As AUTOMATIC1111 does, a file that cannot be used is skipped, with the reason: not an
+    /// embedding for this model (another family's, another width, a layout it cannot read), or
+    /// a name that is already a token of the vocabulary or already loaded.
     pub fn load_embedding_dir(&mut self, dir: &Path) -> Result<EmbeddingDir> {
         if !dir.is_dir() {
             return Err(Error::MissingFile {
@@ -51,7 +51,9 @@ impl StableDiffusion {
             match self.load_embedding(&name, &path) {
                 Ok(loaded) => report.loaded.push(loaded.clone()),
                 Err(Error::Embedding { path, reason }) => report.skipped.push((path, reason)),
-                Err(error) => return Err(error),
+                // A name the tokenizer already has (a word such as `style`): the file is left
+                // out with the reason, as one unusable file does not stop AUTOMATIC1111 either.
+                Err(error) => report.skipped.push((path, error.to_string())),
             }
         }
         Ok(report)
@@ -189,8 +191,19 @@ mod tests {
             &dir.path().join("a-thing.safetensors"),
             &[("<x>", vectors(1, hidden))],
         );
+        // A file named after a word of the vocabulary is left out, with the reason.
+        save(
+            &dir.path().join("cat.safetensors"),
+            &[("emb_params", vectors(1, hidden))],
+        );
         let report = pipeline.load_embedding_dir(dir.path()).unwrap();
-        assert!(report.skipped.is_empty());
+        assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
+        assert!(report.skipped[0].0.ends_with("cat.safetensors"));
+        assert!(
+            report.skipped[0].1.contains("a token of the vocabulary"),
+            "{:?}",
+            report.skipped
+        );
         let loaded = report.loaded;
         let summary: Vec<(&str, usize, &Vec<Vec<u32>>)> = loaded
             .iter()
