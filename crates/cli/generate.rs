@@ -702,10 +702,18 @@ fn sample(
         (Some(refiner), [request]) => refiner
             .generate_once(pipeline, request, &mut on_step)
             .map(|i| vec![i]),
-        (None, _) => requests
-            .iter()
-            .map(|request| pipeline.generate(request, &mut on_step))
-            .collect(),
+        (None, _) => {
+            // One model for every batch, kept loaded between them.
+            let mut images = Vec::with_capacity(requests.len());
+            for request in requests {
+                images.push(
+                    pipeline
+                        .generate(request, &mut on_step)
+                        .map_err(with_flag)?,
+                );
+            }
+            Ok(images)
+        }
         (Some(refiner), _) => refiner.generate_all_once(pipeline, requests, &mut on_step),
     }
     .map_err(with_flag)?;
