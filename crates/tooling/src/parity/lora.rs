@@ -12,7 +12,7 @@ use sdrs_pipeline::weights::{find_weights, read_json, var_builder};
 use sdrs_pipeline::{Error, LoraFile, Result};
 use sdrs_unet::UNet2DConditionConfig;
 
-use super::{diffusers_request, get, max_abs_diff, CaseResult, Outcome, Runner};
+use super::{get, max_abs_diff, CaseResult, Outcome, Runner};
 use crate::tolerances::CaseKind;
 
 /// The reference files and the tiny model each is made with.
@@ -197,34 +197,7 @@ fn lora_request(
     case: &serde_json::Value,
     reference: &HashMap<String, Tensor>,
 ) -> Result<Request> {
-    let scheduler = case["scheduler_config"].clone();
-    if !scheduler.is_object() {
-        return Err(field_error(
-            key,
-            "scheduler_config",
-            "a diffusers scheduler config",
-        ));
-    }
-    let prompt = case["prompt"]
-        .as_str()
-        .ok_or_else(|| field_error(key, "prompt", "a string"))?;
-    let mut request = diffusers_request(pipeline, prompt, scheduler);
-    request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
-    request.steps = case["num_inference_steps"]
-        .as_u64()
-        .ok_or_else(|| field_error(key, "num_inference_steps", "a whole number"))?
-        as usize;
-    request.guidance_scale = case["guidance_scale"]
-        .as_f64()
-        .ok_or_else(|| field_error(key, "guidance_scale", "a number"))?;
-    for (field, value) in [
-        ("height", &mut request.height),
-        ("width", &mut request.width),
-    ] {
-        *value = case[field]
-            .as_u64()
-            .ok_or_else(|| field_error(key, field, "a whole number"))? as usize;
-    }
+    let mut request = super::json_case_request(pipeline, "lora reference field", key, case)?;
     match case["generator_seed"].as_u64() {
         Some(seed) => request.seed = Some(seed),
         None => request.latents = Some(get(reference, "latents")?.clone()),

@@ -951,6 +951,51 @@ fn diffusers_request(
     request
 }
 
+/// The diffusers request of a feature reference case (a `cases` entry of `lora_sd15.json`,
+/// `textual_inversion.json`, ...): its scheduler config, prompts, steps, guidance scale and size;
+/// the caller adds the latents or seed. `what` names the reference in the error for a missing
+/// or mistyped field.
+fn json_case_request(
+    pipeline: &StableDiffusion,
+    what: &'static str,
+    key: &str,
+    case: &serde_json::Value,
+) -> Result<Request> {
+    let field_error = |field: &str, expected: &str| Error::InvalidParameter {
+        name: what,
+        value: format!("{key}.{field}"),
+        expected: expected.to_string(),
+    };
+    let scheduler = case["scheduler_config"].clone();
+    if !scheduler.is_object() {
+        return Err(field_error(
+            "scheduler_config",
+            "a diffusers scheduler config",
+        ));
+    }
+    let prompt = case["prompt"]
+        .as_str()
+        .ok_or_else(|| field_error("prompt", "a string"))?;
+    let mut request = diffusers_request(pipeline, prompt, scheduler);
+    request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
+    request.steps = case["num_inference_steps"]
+        .as_u64()
+        .ok_or_else(|| field_error("num_inference_steps", "a whole number"))?
+        as usize;
+    request.guidance_scale = case["guidance_scale"]
+        .as_f64()
+        .ok_or_else(|| field_error("guidance_scale", "a number"))?;
+    for (field, value) in [
+        ("height", &mut request.height),
+        ("width", &mut request.width),
+    ] {
+        *value = case[field]
+            .as_u64()
+            .ok_or_else(|| field_error(field, "a whole number"))? as usize;
+    }
+    Ok(request)
+}
+
 /// `torch.Generator('cpu').manual_seed(77)` -> 77.
 fn parse_manual_seed(text: &str) -> Option<u64> {
     let start = text.find("manual_seed(")? + "manual_seed(".len();

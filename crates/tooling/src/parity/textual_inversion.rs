@@ -13,7 +13,7 @@ use sdrs_pipeline::stable_diffusion::{LoadOptions, Request, StableDiffusion};
 use sdrs_pipeline::weights::read_json;
 use sdrs_pipeline::{Error, Result};
 
-use super::{diffusers_request, get, ids_diff, max_abs_diff, CaseResult, Outcome, Runner};
+use super::{get, ids_diff, max_abs_diff, CaseResult, Outcome, Runner};
 use crate::tolerances::CaseKind;
 
 /// What one `<key>_<suffix>` reference tensor is checked as.
@@ -320,28 +320,8 @@ fn textual_inversion_request(
     reference: &HashMap<String, Tensor>,
 ) -> Result<Request> {
     let key = case["key"].as_str().unwrap_or_default();
-    let scheduler = case["scheduler_config"].clone();
-    if !scheduler.is_object() {
-        return Err(field_error(key, "scheduler_config", "a scheduler config"));
-    }
-    let prompt = case["prompt"]
-        .as_str()
-        .ok_or_else(|| field_error(key, "prompt", "a prompt"))?;
-    let mut request = diffusers_request(pipeline, prompt, scheduler);
-    request.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
-    request.steps = case["num_inference_steps"]
-        .as_u64()
-        .ok_or_else(|| field_error(key, "num_inference_steps", "a whole number"))?
-        as usize;
-    request.guidance_scale = case["guidance_scale"]
-        .as_f64()
-        .ok_or_else(|| field_error(key, "guidance_scale", "a number"))?;
-    request.height = case["height"]
-        .as_u64()
-        .ok_or_else(|| field_error(key, "height", "a whole number"))? as usize;
-    request.width = case["width"]
-        .as_u64()
-        .ok_or_else(|| field_error(key, "width", "a whole number"))? as usize;
+    let mut request =
+        super::json_case_request(pipeline, "textual_inversion.json field", key, case)?;
     request.latents = reference.get(&format!("{key}_latents")).cloned();
     Ok(request)
 }
