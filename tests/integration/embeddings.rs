@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::util::{copy_model, extended_fixtures, read_png, sdrs, stderr};
+use crate::util::{copy_model, extended_fixtures, generate_small, read_png, stderr};
 
 /// The SD1.5 embedding files of the extended set, or `None` when it is absent.
 fn sd15_embeddings() -> Option<Vec<PathBuf>> {
@@ -29,30 +29,6 @@ fn stem(path: &Path) -> String {
     path.file_stem().unwrap().to_str().unwrap().to_string()
 }
 
-fn generate(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "generate",
-        "-m",
-        model.to_str().unwrap(),
-        "-p",
-        prompt,
-        "--steps",
-        "2",
-        "-W",
-        "64",
-        "-H",
-        "64",
-        "-s",
-        "7",
-        "--device",
-        "cpu",
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    sdrs(&args)
-}
-
 #[test]
 fn embeddings_beside_the_model_are_used_by_file_stem_and_their_hashes_recorded() {
     let Some(files) = sd15_embeddings() else {
@@ -70,7 +46,7 @@ fn embeddings_beside_the_model_are_used_by_file_stem_and_their_hashes_recorded()
 
     // Found beside the model without the flag.
     let with = dir.path().join("with.png");
-    let output = generate(&model, &prompt, &with, &[]);
+    let output = generate_small(&model, &prompt, &with, &[]);
     assert!(output.status.success(), "{}", stderr(&output));
     let log = stderr(&output);
     assert!(
@@ -100,7 +76,7 @@ fn embeddings_beside_the_model_are_used_by_file_stem_and_their_hashes_recorded()
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let without = dir.path().join("without.png");
-    let output = generate(
+    let output = generate_small(
         &model,
         &prompt,
         &without,
@@ -136,7 +112,7 @@ fn an_embedding_for_another_model_is_skipped_naming_the_file_and_why() {
     let model = crate::util::fixtures().join("tiny-sd15");
     let run = |name: &str, extra: &[&str]| {
         let out = tmp.path().join(name);
-        let output = generate(&model, "a cat", &out, extra);
+        let output = generate_small(&model, "a cat", &out, extra);
         assert!(output.status.success(), "{}", stderr(&output));
         (read_png(&out).2, stderr(&output))
     };

@@ -3,36 +3,7 @@
 //! flag merge the same file, the PNG records `Lora hashes` as AUTOMATIC1111 does, weight 0 is
 //! the base image, and unknown names and mismatched LoRAs are refused by name.
 
-use crate::util::{copy_model, extended_fixtures, read_png, sdrs, stderr};
-
-fn generate(
-    model: &std::path::Path,
-    prompt: &str,
-    extra: &[&str],
-    out: &std::path::Path,
-) -> std::process::Output {
-    let mut args = vec![
-        "generate",
-        "-m",
-        model.to_str().unwrap(),
-        "-p",
-        prompt,
-        "--steps",
-        "2",
-        "-W",
-        "64",
-        "-H",
-        "64",
-        "-s",
-        "7",
-        "--device",
-        "cpu",
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    sdrs(&args)
-}
+use crate::util::{copy_model, extended_fixtures, generate_small, read_png, stderr};
 
 #[test]
 fn prompt_tags_and_the_flag_merge_loras_and_record_their_hashes() {
@@ -53,7 +24,7 @@ fn prompt_tags_and_the_flag_merge_loras_and_record_their_hashes() {
 
     let run = |name: &str, prompt: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let output = generate(&model, prompt, extra, &out);
+        let output = generate_small(&model, prompt, &out, extra);
         assert!(output.status.success(), "{}", stderr(&output));
         read_png(&out)
     };
@@ -75,7 +46,7 @@ fn prompt_tags_and_the_flag_merge_loras_and_record_their_hashes() {
 
     // A name not in the folder, and an SDXL LoRA on an SD1.5 model, are refused by name.
     let out = dir.path().join("bad.png");
-    let output = generate(&model, "a fox <lora:missing>", &[], &out);
+    let output = generate_small(&model, "a fox <lora:missing>", &out, &[]);
     assert!(!output.status.success());
     assert!(
         stderr(&output).contains("missing.safetensors"),
@@ -83,7 +54,7 @@ fn prompt_tags_and_the_flag_merge_loras_and_record_their_hashes() {
         stderr(&output)
     );
     let sdxl = features.join("lora/sdxl_kohya_attn_r8.safetensors");
-    let output = generate(&model, "a fox", &["--lora", sdxl.to_str().unwrap()], &out);
+    let output = generate_small(&model, "a fox", &out, &["--lora", sdxl.to_str().unwrap()]);
     assert!(!output.status.success());
     assert!(
         stderr(&output).contains("sdxl_kohya_attn_r8"),

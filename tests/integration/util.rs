@@ -93,3 +93,28 @@ pub fn read_png(path: &Path) -> (u32, u32, Vec<u8>, String) {
         .unwrap_or_default();
     (info.width, info.height, buf, text)
 }
+
+/// `sdrs generate` of a 64x64 image in 2 steps, seed 7, on the CPU, with `extra` flags.
+pub fn generate_small(model: &Path, prompt: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        prompt,
+        "--steps",
+        "2",
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "-s",
+        "7",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    sdrs(&args)
+}
