@@ -2,11 +2,12 @@
 //!
 //! On every OS: `.mlpackage` folders read and written ([`package`], [`blob`], [`value`]), their
 //! MIL program walked ([`program`]) and every compressed constant form coremltools writes
-//! materialised ([`decode`]).
+//! materialised ([`decode`]); models and resources folders described ([`inspect`]).
 
 pub mod blob;
 pub mod decode;
 pub mod error;
+pub mod inspect;
 pub mod package;
 pub mod program;
 pub mod value;
