@@ -1,6 +1,7 @@
 //! `sdrs`: the command-line front end (generate images, check parity against diffusers).
 
 mod bench;
+mod coreml;
 mod embeddings;
 mod generate;
 mod hub;
@@ -47,6 +48,8 @@ enum Command {
     Pull(hub::PullArgs),
     /// List the models in the Hugging Face cache with their revisions and sizes on disk.
     Models(hub::ModelsArgs),
+    /// Apple Core ML models: inspect, chunk and palettize `.mlpackage` files (on every OS).
+    Coreml(coreml::CoremlArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Quantize(args) => quantize::run(*args),
         Command::Pull(args) => hub::run_pull(args),
         Command::Models(args) => hub::run_models(args),
+        Command::Coreml(args) => coreml::run(args),
     };
     match result {
         Ok(code) => code,
