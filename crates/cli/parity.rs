@@ -21,7 +21,7 @@ pub struct ParityArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 
-    /// The extended fixture sets (`gguf/`, `coreml/kmeans/`), kept outside the repository
+    /// The extended fixture sets (`gguf/`, `coreml/`, `features/`), kept outside the repository
     /// (default: `SDRS_FIXTURES`, else `../shared/fixtures`). A missing set is reported as
     /// skipped, or fails the run when `CI=true`.
     #[arg(long)]

@@ -26,6 +26,7 @@ use sdrs_taesd::AutoencoderTiny;
 
 use crate::tolerances::{self, CaseKind};
 
+mod coreml;
 mod features;
 mod inpainting;
 mod lora;
@@ -122,6 +123,7 @@ pub fn run(
         runner.gguf_cases(extended)?;
         runner.kmeans_cases(extended)?;
         runner.feature_cases(extended)?;
+        runner.coreml_cases(extended)?;
     }
     Ok(runner.results)
 }
