@@ -2,12 +2,14 @@
 //!
 //! On every OS: `.mlpackage` folders read and written ([`package`], [`blob`], [`value`]), their
 //! MIL program walked ([`program`]) and every compressed constant form coremltools writes
-//! materialised ([`decode`]).
+//! materialised ([`decode`]); weights palettized or linearly quantized as coremltools'
+//! `optimize.coreml` does it ([`palettize`]).
 
 pub mod blob;
 pub mod decode;
 pub mod error;
 pub mod package;
+pub mod palettize;
 pub mod program;
 pub mod value;
 

@@ -1,0 +1,1188 @@
+//! Weight compression of an ML program as coremltools 9.0's `optimize.coreml` passes do it
+//! (`_quantization_passes.py`: `palettize_weights`, `linear_quantize_weights`; `optimize/_utils.py`:
+//! `infer_block_sizes`, `compute_qparams_by_dtype`, `pack_elements_into_bits`).
+//!
+//! - Palettization (k-means, 1/2/3/4/6/8 bits): per tensor as the iOS16 `constexpr_lut_to_dense`
+//!   (attributes `lut`, packed `indices`, `shape`) before iOS18, as the iOS18 form (inputs `indices`
+//!   uint{n} of the weight's shape, `lut` [G0, .., Gr-1, 2^n, 1]) from the iOS18 opset on, where it
+//!   may also be per grouped channel (groups of output channels).
+//! - Linear symmetric quantization: int8 per channel as the iOS16 `constexpr_affine_dequantize`;
+//!   from iOS18 on `constexpr_blockwise_shift_scale` (int8 or int4, per channel or per block along
+//!   the input channels).
+//! - Mixed bits: a per-weight palettization width (a recipe), other weights left as they are.
+//!
+//! A weight is compressed as coremltools chooses: a `const` of at least 10 fp16/fp32 elements
+//! (what it would keep in weight.bin) of more than `weight_threshold` elements and rank above 1,
+//! consumed by some op, whose input/output channel axes its consumers agree on. The new op takes
+//! the const's place, is named `<const name>_palettized` / `_quantized`, and its consumers read it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use coreml_proto::proto::mil_spec::{
+    argument::{binding::Binding, Binding as ArgBinding},
+    Argument, Block, DataType, NamedValueType, Operation, Value,
+};
+use coreml_proto::proto::Model;
+use half::f16;
+
+use crate::blob::BlobFile;
+use crate::decode::is_constexpr;
+use crate::error::{Error, Result};
+use crate::package::{model_type_name, program_of_mut, write_package, MlPackage};
+use crate::program::{const_producers, const_val, input_arg, input_var_names, op_name, Arg};
+use crate::value::{
+    dtype_bits, dtype_name, immediate_value, make_tensor_type, pack_bits, read_value, tensor_type,
+    TensorData, Values,
+};
+
+/// coremltools' default `weight_threshold`: weights of at most this many elements stay dense.
+pub const DEFAULT_WEIGHT_THRESHOLD: usize = 2048;
+
+/// Palettization widths coremltools accepts (`palettize_weights._SUPPORTED_NBITS`).
+pub const PALETTE_BITS: [u32; 6] = [1, 2, 3, 4, 6, 8];
+
+/// The width a recipe uses for "leave this weight in fp16".
+pub const RECIPE_KEEP_BITS: u32 = 16;
+
+/// How many lookup tables a palettized weight gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    /// One table for the whole tensor.
+    PerTensor,
+    /// One table per `group_size` output channels (iOS18 opset only).
+    PerGroupedChannel { group_size: usize },
+}
+
+/// The integer type of linear quantization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearDtype {
+    Int8,
+    Int4,
+}
+
+impl LinearDtype {
+    fn bits(self) -> u32 {
+        match self {
+            LinearDtype::Int8 => 8,
+            LinearDtype::Int4 => 4,
+        }
+    }
+}
+
+/// What to do to the weights.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mode {
+    /// k-means palettization with `nbits`-bit indices.
+    Palettize {
+        nbits: u32,
+        granularity: Granularity,
+    },
+    /// Linear symmetric quantization; `block_size` None is per output channel, `Some(b)` blocks of
+    /// `b` input channels (iOS18 opset only).
+    Linear {
+        dtype: LinearDtype,
+        block_size: Option<usize>,
+    },
+    /// Per-tensor k-means palettization at a width per weight.
+    Recipe(Recipe),
+}
+
+/// Palettization widths by `const` op name; [`RECIPE_KEEP_BITS`] (16) keeps a weight in fp16,
+/// weights the recipe does not name are left as they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recipe {
+    pub bits: BTreeMap<String, u32>,
+}
+
+impl Recipe {
+    /// Reads a JSON object `{"<const op name>": bits, ...}`.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(crate::error::io(path))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| crate::error::format(path, format!("not JSON: {e}")))?;
+        let obj = json.as_object().ok_or_else(|| {
+            crate::error::format(
+                path,
+                "expected an object mapping weight (const op) names to bits",
+            )
+        })?;
+        let mut bits = BTreeMap::new();
+        for (name, v) in obj {
+            let b = v
+                .as_u64()
+                .and_then(|b| u32::try_from(b).ok())
+                .filter(|b| PALETTE_BITS.contains(b) || *b == RECIPE_KEEP_BITS)
+                .ok_or_else(|| {
+                    crate::error::format(
+                        path,
+                        format!("{name}: {v} bits; expected one of {} or 16", bits_list()),
+                    )
+                })?;
+            bits.insert(name.clone(), b);
+        }
+        Ok(Self { bits })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompressOptions {
+    pub mode: Mode,
+    /// Weights of at most this many elements stay dense (coremltools: 2048).
+    pub weight_threshold: usize,
+}
+
+impl CompressOptions {
+    pub fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            weight_threshold: DEFAULT_WEIGHT_THRESHOLD,
+        }
+    }
+}
+
+/// A weight coremltools would have considered but left dense, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub weight: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompressReport {
+    /// Weights replaced by a `constexpr_*` op.
+    pub compressed: usize,
+    /// Weight-file-sized constants left as they were (small, unconsumed, not selected, skipped).
+    pub kept: usize,
+    /// Bytes of every constant of the program before and after (packed sizes).
+    pub weight_bytes_before: u64,
+    pub weight_bytes_after: u64,
+    /// Compressed tensors clustered entirely by the coremltools-identical k-means path (fp16,
+    /// every clustered group of at least 10,000 elements).
+    pub exact_kmeans: usize,
+    /// Weights large enough to compress that were left dense as coremltools leaves them
+    /// (channel count not divisible by the group or block, ambiguous channel axis, ...).
+    pub skipped: Vec<Skipped>,
+}
+
+fn bits_list() -> String {
+    PALETTE_BITS
+        .iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads `src`, compresses its weights and writes the result as `dest` (atomically).
+pub fn compress_package(src: &Path, dest: &Path, opts: &CompressOptions) -> Result<CompressReport> {
+    if same_path(src, dest) {
+        return Err(Error::InvalidParameter {
+            name: "dest",
+            value: dest.display().to_string(),
+            expected: "a path other than the source package (it is rewritten from it)".into(),
+        });
+    }
+    let MlPackage {
+        mut model, weights, ..
+    } = MlPackage::open(src)?;
+    let report = compress_program(&mut model, weights.as_ref(), opts)?;
+    write_package(&mut model, weights.as_ref(), dest)?;
+    Ok(report)
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| -> Option<std::path::PathBuf> {
+        if let Ok(c) = p.canonicalize() {
+            return Some(c);
+        }
+        let parent = match p.parent() {
+            Some(x) if !x.as_os_str().is_empty() => x.canonicalize().ok()?,
+            _ => std::env::current_dir().ok()?,
+        };
+        Some(parent.join(p.file_name()?))
+    };
+    match (canon(a), canon(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The compression of one weight.
+#[derive(Clone, Copy, Debug)]
+enum Plan {
+    Lut {
+        nbits: u32,
+        group_size: Option<usize>,
+    },
+    Linear {
+        bits: u32,
+        block_size: Option<usize>,
+    },
+}
+
+/// The op forms an opset allows: iOS16 (CoreML6), iOS17 (CoreML7) or iOS18+ (CoreML8+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Target {
+    ios18: bool,
+}
+
+fn target_of(opset: &str, spec: i32) -> Result<Target> {
+    let level = opset
+        .strip_prefix("CoreML")
+        .and_then(|n| n.parse::<u32>().ok());
+    let (ios16, ios18) = match level {
+        Some(n) => (n >= 6, n >= 8),
+        None => (spec >= 7, spec >= 9),
+    };
+    if !ios16 {
+        return Err(Error::Unsupported {
+            what: format!("opset {opset} (specification version {spec})"),
+            reason: "compressed weights need the iOS16 opset (CoreML6, specification 7) or later"
+                .into(),
+        });
+    }
+    Ok(Target { ios18 })
+}
+
+fn needs_ios18(what: &str, opset: &str, spec: i32) -> Error {
+    Error::Unsupported {
+        what: format!("{what} on opset {opset} (specification version {spec})"),
+        reason: "it is supported since iOS18 (opset CoreML8, specification 9), as in \
+                 coremltools: re-convert the model with minimum_deployment_target iOS18"
+            .into(),
+    }
+}
+
+fn validate(opts: &CompressOptions) -> Result<()> {
+    match &opts.mode {
+        Mode::Palettize { nbits, granularity } => {
+            if !PALETTE_BITS.contains(nbits) {
+                return Err(Error::InvalidParameter {
+                    name: "nbits",
+                    value: nbits.to_string(),
+                    expected: format!("one of {}", bits_list()),
+                });
+            }
+            if let Granularity::PerGroupedChannel { group_size: 0 } = granularity {
+                return Err(Error::InvalidParameter {
+                    name: "group_size",
+                    value: "0".into(),
+                    expected: "at least 1 output channel per group".into(),
+                });
+            }
+        }
+        Mode::Linear {
+            block_size: Some(0),
+            ..
+        } => {
+            return Err(Error::InvalidParameter {
+                name: "block_size",
+                value: "0".into(),
+                expected: "at least 1 input channel per block".into(),
+            });
+        }
+        Mode::Linear { .. } => {}
+        Mode::Recipe(r) => {
+            if let Some((name, b)) = r
+                .bits
+                .iter()
+                .find(|(_, b)| !PALETTE_BITS.contains(b) && **b != RECIPE_KEEP_BITS)
+            {
+                return Err(Error::InvalidParameter {
+                    name: "recipe bits",
+                    value: format!("{name}: {b}"),
+                    expected: format!("one of {} or 16 (left fp16)", bits_list()),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_target(opts: &CompressOptions, target: Target, opset: &str, spec: i32) -> Result<()> {
+    if target.ios18 {
+        return Ok(());
+    }
+    match &opts.mode {
+        Mode::Palettize { nbits, granularity } => {
+            if let Granularity::PerGroupedChannel { .. } = granularity {
+                return Err(needs_ios18(
+                    "per_grouped_channel palettization",
+                    opset,
+                    spec,
+                ));
+            }
+            if *nbits == 3 {
+                return Err(needs_ios18("3-bit palettization", opset, spec));
+            }
+        }
+        Mode::Linear { dtype, block_size } => {
+            if block_size.is_some() {
+                return Err(needs_ios18("per_block quantization", opset, spec));
+            }
+            if *dtype == LinearDtype::Int4 {
+                return Err(needs_ios18("4-bit quantization", opset, spec));
+            }
+        }
+        Mode::Recipe(r) => {
+            if let Some((name, _)) = r.bits.iter().find(|(_, b)| **b == 3) {
+                return Err(needs_ios18(
+                    &format!("3-bit palettization (recipe entry {name})"),
+                    opset,
+                    spec,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Compresses the weights of an in-memory model; `weights` is the weight.bin its constants refer
+/// to. The model is only changed when the whole program could be compressed.
+pub fn compress_program(
+    model: &mut Model,
+    weights: Option<&BlobFile>,
+    opts: &CompressOptions,
+) -> Result<CompressReport> {
+    validate(opts)?;
+    let spec = model.specification_version;
+    let type_name = model_type_name(model);
+    let mut work = model.clone();
+    let program = program_of_mut(&mut work).ok_or_else(|| Error::Unsupported {
+        what: "model".into(),
+        reason: format!(
+            "not an ML program (model type {type_name}); only ML programs are compressed"
+        ),
+    })?;
+    let mut report = CompressReport::default();
+    let mut names: Vec<String> = program.functions.keys().cloned().collect();
+    names.sort();
+    let mut recipe_seen: HashSet<String> = HashSet::new();
+    for fname in names {
+        let Some(f) = program.functions.get_mut(&fname) else {
+            continue;
+        };
+        let opset = f.opset.clone();
+        let target = target_of(&opset, spec)?;
+        check_target(opts, target, &opset, spec)?;
+        let Some(block) = f.block_specializations.get_mut(&opset) else {
+            return Err(Error::Unsupported {
+                what: format!("function {fname}"),
+                reason: format!("no block for its opset {opset}"),
+            });
+        };
+        if let Some(op) = block.operations.iter().find(|op| is_constexpr(op)) {
+            let n = block
+                .operations
+                .iter()
+                .filter(|op| is_constexpr(op))
+                .count();
+            return Err(Error::Unsupported {
+                what: format!("op {} ({})", op_name(op), op.r#type),
+                reason: format!(
+                    "the model is already compressed ({n} constexpr_* ops in function {fname}); \
+                     refusing to compress it again (coremltools would leave those ops as they are \
+                     and compress only the dense consts): start from the uncompressed model"
+                ),
+            });
+        }
+        report.weight_bytes_before += block_bytes(block);
+        compress_block(block, weights, opts, target, &mut report, &mut recipe_seen)?;
+        report.weight_bytes_after += block_bytes(block);
+    }
+    if let Mode::Recipe(r) = &opts.mode {
+        if let Some(missing) = r.bits.keys().find(|k| !recipe_seen.contains(*k)) {
+            return Err(Error::InvalidParameter {
+                name: "recipe",
+                value: missing.clone(),
+                expected: "names of const ops of the model".into(),
+            });
+        }
+    }
+    *model = work;
+    Ok(report)
+}
+
+/// Which plan a const gets under the options (None: not selected).
+fn plan_for(opts: &CompressOptions, name: &str) -> Option<Plan> {
+    match &opts.mode {
+        Mode::Palettize { nbits, granularity } => Some(Plan::Lut {
+            nbits: *nbits,
+            group_size: match granularity {
+                Granularity::PerTensor => None,
+                Granularity::PerGroupedChannel { group_size } => Some(*group_size),
+            },
+        }),
+        Mode::Linear { dtype, block_size } => Some(Plan::Linear {
+            bits: dtype.bits(),
+            block_size: *block_size,
+        }),
+        Mode::Recipe(r) => match r.bits.get(name) {
+            Some(&b) if b != RECIPE_KEEP_BITS => Some(Plan::Lut {
+                nbits: b,
+                group_size: None,
+            }),
+            _ => None,
+        },
+    }
+}
+
+struct Replacement {
+    index: usize,
+    op: Operation,
+    old: String,
+    new: String,
+}
+
+fn compress_block(
+    block: &mut Block,
+    weights: Option<&BlobFile>,
+    opts: &CompressOptions,
+    target: Target,
+    report: &mut CompressReport,
+    recipe_seen: &mut HashSet<String>,
+) -> Result<()> {
+    let mut replacements = Vec::new();
+    {
+        let consts = const_producers(block);
+        let mut consumers: HashMap<&str, Vec<&Operation>> = HashMap::new();
+        for op in &block.operations {
+            let mut used: Vec<&str> = input_var_names(op);
+            for inner in &op.blocks {
+                nested_uses(inner, &mut used);
+            }
+            used.sort_unstable();
+            used.dedup();
+            for name in used {
+                consumers.entry(name).or_default().push(op);
+            }
+        }
+        let block_outputs: HashSet<&str> = block.outputs.iter().map(|s| s.as_str()).collect();
+
+        for (index, op) in block.operations.iter().enumerate() {
+            let Some(val) = const_val(op) else { continue };
+            let name = op_name(op).to_string();
+            if let Mode::Recipe(r) = &opts.mode {
+                if r.bits.contains_key(&name) {
+                    recipe_seen.insert(name.clone());
+                }
+            }
+            let Some(out) = op.outputs.first().map(|o| o.name.as_str()) else {
+                continue;
+            };
+            let Some((dtype, shape)) = val.r#type.as_ref().and_then(tensor_type) else {
+                continue;
+            };
+            let numel: usize = shape.iter().product();
+            // coremltools' `is_valid_op`: what `should_use_weight_file` (at its default iOS15
+            // specification) would keep in weight.bin.
+            let weight_file = numel >= 10
+                && matches!(
+                    dtype,
+                    DataType::Float16 | DataType::Float32 | DataType::Uint8 | DataType::Int8
+                );
+            if !weight_file {
+                continue;
+            }
+            let Some(plan) = plan_for(opts, &name) else {
+                report.kept += 1;
+                continue;
+            };
+            let users = consumers.get(out).map(|v| v.as_slice()).unwrap_or(&[]);
+            if users.is_empty() || block_outputs.contains(out) {
+                // coremltools leaves consts that feed nothing or the block's outputs.
+                report.kept += 1;
+                continue;
+            }
+            if shape.len() <= 1 || numel <= opts.weight_threshold {
+                report.kept += 1;
+                continue;
+            }
+            if !matches!(dtype, DataType::Float16 | DataType::Float32) {
+                skip(
+                    report,
+                    &name,
+                    format!(
+                        "{} weight; only fp16 and fp32 weights are compressed",
+                        dtype_name(dtype)
+                    ),
+                );
+                continue;
+            }
+            let Some((in_axis, out_axis)) = channel_axes(out, shape.len(), users, &consts, weights)
+            else {
+                skip(
+                    report,
+                    &name,
+                    "its consumers disagree on the input/output channel axes".into(),
+                );
+                continue;
+            };
+            let data = read_value(val, weights)?;
+            let new_name = match plan {
+                Plan::Lut { .. } => format!("{name}_palettized"),
+                Plan::Linear { .. } => format!("{name}_quantized"),
+            };
+            let built = match plan {
+                Plan::Lut { nbits, group_size } => {
+                    palettize_op(&data, nbits, group_size, out_axis, target, &new_name)?
+                }
+                Plan::Linear { bits, block_size } => quantize_op(
+                    &data, bits, block_size, in_axis, out_axis, target, &new_name,
+                )?,
+            };
+            match built {
+                Built::Op { op: new_op, exact } => {
+                    report.compressed += 1;
+                    if exact {
+                        report.exact_kmeans += 1;
+                    }
+                    replacements.push(Replacement {
+                        index,
+                        op: new_op,
+                        old: out.to_string(),
+                        new: new_name,
+                    });
+                }
+                Built::Skip(reason) => skip(report, &name, reason),
+            }
+        }
+    }
+    let mut renames = HashMap::new();
+    for r in replacements {
+        block.operations[r.index] = r.op;
+        renames.insert(r.old, r.new);
+    }
+    rename_uses(block, &renames);
+    Ok(())
+}
+
+fn skip(report: &mut CompressReport, name: &str, reason: String) {
+    report.kept += 1;
+    report.skipped.push(Skipped {
+        weight: name.to_string(),
+        reason,
+    });
+}
+
+fn nested_uses<'a>(block: &'a Block, used: &mut Vec<&'a str>) {
+    for op in &block.operations {
+        used.extend(input_var_names(op));
+        for inner in &op.blocks {
+            nested_uses(inner, used);
+        }
+    }
+    used.extend(block.outputs.iter().map(|s| s.as_str()));
+}
+
+fn rename_uses(block: &mut Block, renames: &HashMap<String, String>) {
+    if renames.is_empty() {
+        return;
+    }
+    for op in &mut block.operations {
+        for arg in op.inputs.values_mut() {
+            for b in &mut arg.arguments {
+                if let Some(Binding::Name(n)) = &mut b.binding {
+                    if let Some(new) = renames.get(n.as_str()) {
+                        *n = new.clone();
+                    }
+                }
+            }
+        }
+        for inner in &mut op.blocks {
+            rename_uses(inner, renames);
+            for o in &mut inner.outputs {
+                if let Some(new) = renames.get(o.as_str()) {
+                    *o = new.clone();
+                }
+            }
+        }
+    }
+}
+
+/// The (input, output) channel axes of a weight, as `select_input_output_channel_axis` picks
+/// them from its consumers: conv_transpose [Cin, Cout, ..], matmul by its transpose flags, every
+/// other op [Cout, Cin, ..]. None when the consumers disagree.
+fn channel_axes(
+    var: &str,
+    rank: usize,
+    users: &[&Operation],
+    consts: &HashMap<&str, &Operation>,
+    weights: Option<&BlobFile>,
+) -> Option<(usize, usize)> {
+    let flag = |op: &Operation, param: &str| -> bool {
+        let v = match input_arg(op, param) {
+            Some(Arg::Value(v)) => read_value(v, weights).ok(),
+            Some(Arg::Var(n)) => consts
+                .get(n)
+                .and_then(|c| const_val(c))
+                .and_then(|v| read_value(v, weights).ok()),
+            None => None,
+        };
+        matches!(v.map(|t| t.values), Some(Values::Bool(b)) if b.first() == Some(&true))
+    };
+    let is_var =
+        |op: &Operation, param: &str| matches!(input_arg(op, param), Some(Arg::Var(n)) if n == var);
+    let r = rank as i64;
+    let mut axes: HashSet<(i64, i64)> = HashSet::new();
+    for op in users {
+        let (out, inp) = match op.r#type.as_str() {
+            "conv_transpose" => (1, 0),
+            "matmul" if is_var(op, "y") => match flag(op, "transpose_y") {
+                true => (-2, -1),
+                false => (-1, -2),
+            },
+            "matmul" => match flag(op, "transpose_x") {
+                true => (-1, -2),
+                false => (-2, -1),
+            },
+            _ => (0, 1),
+        };
+        let norm = |a: i64| if a < 0 { a + r } else { a };
+        axes.insert((norm(inp), norm(out)));
+    }
+    if axes.len() != 1 {
+        return None;
+    }
+    let (inp, out) = axes.into_iter().next()?;
+    Some((usize::try_from(inp).ok()?, usize::try_from(out).ok()?))
+}
+
+enum Built {
+    Op { op: Operation, exact: bool },
+    Skip(String),
+}
+
+fn string_value(s: &str) -> Result<Value> {
+    immediate_value(&TensorData {
+        dtype: DataType::String,
+        shape: vec![],
+        values: Values::Str(vec![s.to_string()]),
+    })
+}
+
+fn new_op(
+    op_type: &str,
+    name: &str,
+    dtype: DataType,
+    shape: &[usize],
+    attributes: Vec<(&str, TensorData)>,
+    inputs: Vec<(&str, TensorData)>,
+) -> Result<Operation> {
+    let mut attrs = HashMap::new();
+    attrs.insert("name".to_string(), string_value(name)?);
+    for (k, v) in attributes {
+        attrs.insert(k.to_string(), immediate_value(&v)?);
+    }
+    let mut ins = HashMap::new();
+    for (k, v) in inputs {
+        ins.insert(
+            k.to_string(),
+            Argument {
+                arguments: vec![ArgBinding {
+                    binding: Some(Binding::Value(immediate_value(&v)?)),
+                }],
+            },
+        );
+    }
+    Ok(Operation {
+        r#type: op_type.to_string(),
+        inputs: ins,
+        outputs: vec![NamedValueType {
+            name: name.to_string(),
+            r#type: Some(make_tensor_type(dtype, shape)),
+        }],
+        blocks: vec![],
+        attributes: attrs,
+    })
+}
+
+fn uint_dtype(nbits: u32) -> Option<DataType> {
+    Some(match nbits {
+        1 => DataType::Uint1,
+        2 => DataType::Uint2,
+        3 => DataType::Uint3,
+        4 => DataType::Uint4,
+        6 => DataType::Uint6,
+        8 => DataType::Uint8,
+        _ => return None,
+    })
+}
+
+/// Strides of a C-order shape.
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// For each element of the array with axes 0 and `axis` swapped (C order), its flat index in
+/// the original array.
+fn swapped_order(shape: &[usize], axis: usize) -> Vec<usize> {
+    let mut sw = shape.to_vec();
+    sw.swap(0, axis);
+    let orig = strides(shape);
+    let mut st = orig.clone();
+    st.swap(0, axis);
+    let n: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; sw.len()];
+    for _ in 0..n {
+        out.push(idx.iter().zip(&st).map(|(i, s)| i * s).sum());
+        for d in (0..sw.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < sw[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+/// k-means of one group: the table (in the weight's dtype) and an index per element; `exact`
+/// when coremltools' own path (kmeans1d on fp16 of >= 10,000 elements) applies.
+fn kmeans_group(values: &Values, nbits: u32) -> Result<(Values, Vec<u8>, bool)> {
+    match values {
+        Values::F16(w) => {
+            let (lut, idx) = sdrs_quant::kmeans::palettize_f16(w, nbits)?;
+            let exact = w.len() >= sdrs_quant::kmeans::COREMLTOOLS_EXACT_MIN_ELEMENTS;
+            Ok((Values::F16(lut), idx, exact))
+        }
+        Values::F32(w) => {
+            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+                return Err(Error::InvalidParameter {
+                    name: "weight",
+                    value: format!("{} at element {i}", w[i]),
+                    expected: "finite values to palettize".into(),
+                });
+            }
+            // np.unique: ascending, -0 and +0 one value.
+            let canon = |v: f32| if v == 0.0 { 0.0f32 } else { v };
+            let mut distinct: Vec<f32> = w.iter().map(|&v| canon(v)).collect();
+            distinct.sort_by(|a, b| a.total_cmp(b));
+            distinct.dedup();
+            let mut counts = vec![0f64; distinct.len()];
+            let mut slot = Vec::with_capacity(w.len());
+            for &v in w {
+                let s = distinct
+                    .binary_search_by(|d| d.total_cmp(&canon(v)))
+                    .unwrap_or(0);
+                counts[s] += 1.0;
+                slot.push(s);
+            }
+            let values: Vec<f64> = distinct.iter().map(|&v| v as f64).collect();
+            let lut_len = 1usize << nbits;
+            let k = values.len().min(lut_len);
+            let (clusters, centroids) = sdrs_quant::kmeans::cluster(&values, &counts, k)?;
+            let mut lut = vec![0f32; lut_len];
+            for (l, c) in lut.iter_mut().zip(&centroids) {
+                *l = *c as f32;
+            }
+            let idx = slot.iter().map(|&s| clusters[s] as u8).collect();
+            Ok((Values::F32(lut), idx, false))
+        }
+        _ => Err(Error::Unsupported {
+            what: "weight".into(),
+            reason: "only fp16 and fp32 weights are palettized".into(),
+        }),
+    }
+}
+
+fn select(values: &Values, order: &[usize]) -> Values {
+    match values {
+        Values::F16(v) => Values::F16(order.iter().map(|&i| v[i]).collect()),
+        Values::F32(v) => Values::F32(order.iter().map(|&i| v[i]).collect()),
+        other => other.clone(),
+    }
+}
+
+fn slice(values: &Values, from: usize, to: usize) -> Values {
+    match values {
+        Values::F16(v) => Values::F16(v[from..to].to_vec()),
+        Values::F32(v) => Values::F32(v[from..to].to_vec()),
+        other => other.clone(),
+    }
+}
+
+fn concat(parts: Vec<Values>) -> Values {
+    let mut it = parts.into_iter();
+    let Some(mut first) = it.next() else {
+        return Values::F16(vec![]);
+    };
+    for p in it {
+        match (&mut first, p) {
+            (Values::F16(a), Values::F16(b)) => a.extend(b),
+            (Values::F32(a), Values::F32(b)) => a.extend(b),
+            _ => {}
+        }
+    }
+    first
+}
+
+/// `palettize_weights.grouped_channelwise_compress` (mode kmeans) and the op it becomes.
+fn palettize_op(
+    data: &TensorData,
+    nbits: u32,
+    group_size: Option<usize>,
+    channel_axis: usize,
+    target: Target,
+    name: &str,
+) -> Result<Built> {
+    let shape = &data.shape;
+    let rank = shape.len();
+    let channel_axis = if channel_axis < rank { channel_axis } else { 0 };
+    let channels = shape[channel_axis];
+    let group = group_size.unwrap_or(channels);
+    if group == 0 || !channels.is_multiple_of(group) {
+        return Ok(Built::Skip(format!(
+            "{channels} channels along axis {channel_axis} are not divisible by the group size {group}"
+        )));
+    }
+    let groups = channels / group;
+    let order = (channel_axis != 0).then(|| swapped_order(shape, channel_axis));
+    let swapped = match &order {
+        Some(o) => select(&data.values, o),
+        None => data.values.clone(),
+    };
+    let numel = data.numel();
+    let per_group = numel / groups.max(1);
+    let mut luts = Vec::with_capacity(groups);
+    let mut indices_swapped: Vec<u8> = Vec::with_capacity(numel);
+    let mut exact = true;
+    for g in 0..groups {
+        let part = slice(&swapped, g * per_group, (g + 1) * per_group);
+        let (lut, idx, ex) = kmeans_group(&part, nbits)?;
+        exact &= ex;
+        luts.push(lut);
+        indices_swapped.extend(idx);
+    }
+    let indices: Vec<i64> = match &order {
+        Some(o) => {
+            let mut back = vec![0i64; numel];
+            for (k, &orig) in o.iter().enumerate() {
+                back[orig] = indices_swapped[k] as i64;
+            }
+            back
+        }
+        None => indices_swapped.iter().map(|&i| i as i64).collect(),
+    };
+    let lut_values = concat(luts);
+    let entries = 1usize << nbits;
+
+    let op = if target.ios18 {
+        let idx_dtype = uint_dtype(nbits).ok_or_else(|| Error::InvalidParameter {
+            name: "nbits",
+            value: nbits.to_string(),
+            expected: format!("one of {}", bits_list()),
+        })?;
+        let mut lut_shape = vec![1usize; rank + 2];
+        lut_shape[channel_axis] = groups;
+        lut_shape[rank] = entries;
+        lut_shape[rank + 1] = 1;
+        // The groups are stacked along axis 0 and then swapped to the channel axis; the other
+        // axes are 1, so the stacked order is already the final one.
+        new_op(
+            "constexpr_lut_to_dense",
+            name,
+            data.dtype,
+            shape,
+            vec![],
+            vec![
+                (
+                    "indices",
+                    TensorData {
+                        dtype: idx_dtype,
+                        shape: shape.clone(),
+                        values: Values::Int(indices),
+                    },
+                ),
+                (
+                    "lut",
+                    TensorData {
+                        dtype: data.dtype,
+                        shape: lut_shape,
+                        values: lut_values,
+                    },
+                ),
+            ],
+        )?
+    } else {
+        let (packed, _) = pack_bits(&indices, nbits);
+        new_op(
+            "constexpr_lut_to_dense",
+            name,
+            data.dtype,
+            shape,
+            vec![
+                (
+                    "indices",
+                    TensorData {
+                        dtype: DataType::Uint8,
+                        shape: vec![packed.len()],
+                        values: Values::Int(packed.into_iter().map(|b| b as i64).collect()),
+                    },
+                ),
+                (
+                    "lut",
+                    TensorData {
+                        dtype: data.dtype,
+                        shape: vec![entries],
+                        values: lut_values,
+                    },
+                ),
+                (
+                    "shape",
+                    TensorData {
+                        dtype: DataType::Uint32,
+                        shape: vec![rank],
+                        values: Values::Int(shape.iter().map(|&d| d as i64).collect()),
+                    },
+                ),
+            ],
+            vec![],
+        )?
+    };
+    Ok(Built::Op { op, exact })
+}
+
+/// `linear_quantize_weights` in mode linear_symmetric (`compute_qparams_by_dtype`,
+/// `quantize_weight_by_dtype`) and the op it becomes. The arithmetic runs in the weight's dtype
+/// as numpy runs it: `scale = (max - min) / (qmax - qmin)` with `max = -min = max |w|`, then
+/// `round_half_even(w / scale)` clipped to `[-(2^(b-1) - 1), 2^(b-1) - 1]`.
+#[allow(clippy::too_many_arguments)]
+fn quantize_op(
+    data: &TensorData,
+    bits: u32,
+    block_size: Option<usize>,
+    in_axis: usize,
+    out_axis: usize,
+    target: Target,
+    name: &str,
+) -> Result<Built> {
+    let shape = &data.shape;
+    let rank = shape.len();
+    let mut blocks = vec![0usize; rank];
+    if let Some(b) = block_size {
+        if in_axis < rank {
+            blocks[in_axis] = b;
+        }
+    }
+    if out_axis < rank {
+        blocks[out_axis] = 1;
+    }
+    let mut scale_shape = Vec::with_capacity(rank);
+    for (axis, (&d, &b)) in shape.iter().zip(&blocks).enumerate() {
+        if b > 0 {
+            if !d.is_multiple_of(b) {
+                return Ok(Built::Skip(format!(
+                    "axis {axis} of size {d} is not divisible by the block size {b}"
+                )));
+            }
+            scale_shape.push(d / b);
+        } else {
+            scale_shape.push(1);
+        }
+    }
+    let qmax = (1i64 << (bits - 1)) - 1;
+    let qrange = (2 * qmax) as f32;
+    let numel = data.numel();
+    let st = strides(shape);
+    let sst = strides(&scale_shape);
+    let cell_of = |flat: usize| -> usize {
+        let mut cell = 0;
+        for d in 0..rank {
+            let i = (flat / st[d]) % shape[d];
+            if let Some(block) = i.checked_div(blocks[d]) {
+                cell += block * sst[d];
+            }
+        }
+        cell
+    };
+    let cells: usize = scale_shape.iter().product();
+    let cell_index: Vec<usize> = (0..numel).map(cell_of).collect();
+    let mut max_abs = vec![0f32; cells];
+    let w: Vec<f32> = match &data.values {
+        Values::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        Values::F32(v) => v.clone(),
+        _ => {
+            return Ok(Built::Skip(format!(
+                "{} weight; only fp16 and fp32 weights are quantized",
+                dtype_name(data.dtype)
+            )))
+        }
+    };
+    if w.iter().any(|v| v.is_infinite()) {
+        return Ok(Built::Skip(
+            "it holds inf/-inf, which quantization does not support".into(),
+        ));
+    }
+    for (k, &v) in w.iter().enumerate() {
+        let c = cell_index[k];
+        if v.abs() > max_abs[c] {
+            max_abs[c] = v.abs();
+        }
+    }
+    let is_f16 = data.dtype == DataType::Float16;
+    // Rounds an f32 result to the weight's dtype, as numpy's half loops do after computing in
+    // f32.
+    let round_to = |x: f32| -> f32 {
+        if is_f16 {
+            f16::from_f32(x).to_f32()
+        } else {
+            x
+        }
+    };
+    let scale: Vec<f32> = max_abs
+        .iter()
+        .map(|&m| round_to(round_to(m - (-m)) / qrange))
+        .collect();
+    let q: Vec<i64> = w
+        .iter()
+        .zip(&cell_index)
+        .map(|(&v, &c)| {
+            let r = round_to(v / scale[c]).round_ties_even();
+            // A zero scale gives NaN (0/0); numpy's cast of it to an integer gives 0 on the
+            // platforms coremltools runs on.
+            if r.is_nan() {
+                0
+            } else {
+                (r.clamp(-(qmax as f32), qmax as f32)) as i64
+            }
+        })
+        .collect();
+    let scale_values = if is_f16 {
+        Values::F16(scale.iter().map(|&s| f16::from_f32(s)).collect())
+    } else {
+        Values::F32(scale)
+    };
+    let q_dtype = if bits == 8 {
+        DataType::Int8
+    } else {
+        DataType::Int4
+    };
+    let op = if target.ios18 {
+        new_op(
+            "constexpr_blockwise_shift_scale",
+            name,
+            data.dtype,
+            shape,
+            vec![],
+            vec![
+                (
+                    "data",
+                    TensorData {
+                        dtype: q_dtype,
+                        shape: shape.clone(),
+                        values: Values::Int(q),
+                    },
+                ),
+                (
+                    "scale",
+                    TensorData {
+                        dtype: data.dtype,
+                        shape: scale_shape,
+                        values: scale_values,
+                    },
+                ),
+            ],
+        )?
+    } else {
+        // `ios18_quant_params_to_ios16`: the axis is the first non-1 axis of the scale, scale
+        // and a zero zero_point squeezed to rank 0 or 1.
+        let non_single: Vec<usize> = scale_shape
+            .iter()
+            .enumerate()
+            .filter(|(_, &d)| d > 1)
+            .map(|(i, _)| i)
+            .collect();
+        if non_single.len() > 1 {
+            return Ok(Built::Skip(format!(
+                "scale of shape {scale_shape:?} has more than one axis above 1 (iOS16 affine form)"
+            )));
+        }
+        let axis = non_single.first().copied().unwrap_or(0);
+        let squeezed: Vec<usize> = scale_shape.iter().copied().filter(|&d| d != 1).collect();
+        let n = cells;
+        new_op(
+            "constexpr_affine_dequantize",
+            name,
+            data.dtype,
+            shape,
+            vec![
+                (
+                    "quantized_data",
+                    TensorData {
+                        dtype: q_dtype,
+                        shape: shape.clone(),
+                        values: Values::Int(q),
+                    },
+                ),
+                (
+                    "zero_point",
+                    TensorData {
+                        dtype: q_dtype,
+                        shape: squeezed.clone(),
+                        values: Values::Int(vec![0; n]),
+                    },
+                ),
+                (
+                    "scale",
+                    TensorData {
+                        dtype: data.dtype,
+                        shape: squeezed,
+                        values: scale_values,
+                    },
+                ),
+                (
+                    "axis",
+                    TensorData {
+                        dtype: DataType::Int32,
+                        shape: vec![],
+                        values: Values::Int(vec![axis as i64]),
+                    },
+                ),
+            ],
+            vec![],
+        )?
+    };
+    Ok(Built::Op { op, exact: false })
+}
+
+/// Bytes of the constants a block stores (const values and constexpr operands, sub-byte types
+/// packed), names and other string attributes aside.
+fn block_bytes(block: &Block) -> u64 {
+    let size = |v: &Value| -> u64 {
+        match v.r#type.as_ref().and_then(tensor_type) {
+            Some((DataType::String, _)) | None => 0,
+            Some((dtype, shape)) => {
+                let n: u64 = shape.iter().map(|&d| d as u64).product();
+                (n * dtype_bits(dtype) as u64).div_ceil(8)
+            }
+        }
+    };
+    let mut total = 0u64;
+    for op in &block.operations {
+        if op.r#type == "const" {
+            if let Some(v) = const_val(op) {
+                total += size(v);
+            }
+        } else if is_constexpr(op) {
+            for (k, v) in &op.attributes {
+                if k != "name" {
+                    total += size(v);
+                }
+            }
+            for arg in op.inputs.values() {
+                for b in &arg.arguments {
+                    if let Some(Binding::Value(v)) = &b.binding {
+                        total += size(v);
+                    }
+                }
+            }
+        }
+    }
+    total
+}
