@@ -462,14 +462,18 @@ fn compress_block(
         for (index, op) in block.operations.iter().enumerate() {
             let Some(val) = const_val(op) else { continue };
             let name = op_name(op).to_string();
-            if let Mode::Recipe(r) = &opts.mode {
-                if r.bits.contains_key(&name) {
-                    recipe_seen.insert(name.clone());
-                }
-            }
             let Some(out) = op.outputs.first().map(|o| o.name.as_str()) else {
                 continue;
             };
+            // A recipe names a weight by its const op's name or, failing that, its output var.
+            let recipe_key = match &opts.mode {
+                Mode::Recipe(r) if r.bits.contains_key(&name) => Some(name.as_str()),
+                Mode::Recipe(r) if r.bits.contains_key(out) => Some(out),
+                _ => None,
+            };
+            if let Some(k) = recipe_key {
+                recipe_seen.insert(k.to_string());
+            }
             let Some((dtype, shape)) = val.r#type.as_ref().and_then(tensor_type) else {
                 continue;
             };
@@ -484,7 +488,7 @@ fn compress_block(
             if !weight_file {
                 continue;
             }
-            let Some(plan) = plan_for(opts, &name) else {
+            let Some(plan) = plan_for(opts, recipe_key.unwrap_or(&name)) else {
                 report.kept += 1;
                 continue;
             };
@@ -525,12 +529,17 @@ fn compress_block(
             };
             let built = match plan {
                 Plan::Lut { nbits, group_size } => {
-                    palettize_op(&data, nbits, group_size, out_axis, target, &new_name)?
+                    palettize_op(&data, nbits, group_size, out_axis, target, &new_name)
                 }
                 Plan::Linear { bits, block_size } => quantize_op(
                     &data, bits, block_size, in_axis, out_axis, target, &new_name,
-                )?,
-            };
+                ),
+            }
+            .map_err(|e| Error::Op {
+                op: name.clone(),
+                op_type: op.r#type.clone(),
+                reason: format!("cannot compress this weight: {e}"),
+            })?;
             match built {
                 Built::Op { op: new_op, exact } => {
                     report.compressed += 1;

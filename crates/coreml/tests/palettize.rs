@@ -8,8 +8,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use coreml_proto::proto::mil_spec::{value, Block, Operation, Value};
-use coreml_proto::proto::Model;
+use coreml_proto::proto::mil_spec::argument::{binding::Binding, Binding as ArgBinding};
+use coreml_proto::proto::mil_spec::{
+    value, Argument, Block, DataType, Function, NamedValueType, Operation, Program, Value,
+};
+use coreml_proto::proto::{model, Model};
 use half::f16;
 use sdrs_coreml::blob::BlobFile;
 use sdrs_coreml::palettize::{
@@ -17,7 +20,7 @@ use sdrs_coreml::palettize::{
     Mode, Recipe,
 };
 use sdrs_coreml::program::{const_producers, const_val, input_var_names, main_block, op_name, Arg};
-use sdrs_coreml::value::{read_value, unpack_bits, TensorData, Values};
+use sdrs_coreml::value::{make_tensor_type, read_value, unpack_bits, TensorData, Values};
 use sdrs_coreml::{decode, MlPackage};
 
 fn fixture_dir(sub: &str) -> Option<PathBuf> {
@@ -254,8 +257,7 @@ fn compare(
             } else {
                 1
             };
-            original.dtype == coreml_proto::proto::mil_spec::DataType::Float16
-                && original.numel() / groups >= 10_000
+            original.dtype == DataType::Float16 && original.numel() / groups >= 10_000
         } else {
             true
         };
@@ -656,4 +658,296 @@ fn recipes_are_read_from_a_json_object_of_bits() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing.json"), "{e}");
+}
+
+// Small programs built here, for the cases the fixture models do not have: fp32 weights, tables
+// padded with zeros, conv_transpose and matmul channel axes, weights whose consumers disagree.
+
+fn name_attr(name: &str) -> Value {
+    sdrs_coreml::value::immediate_value(&TensorData {
+        dtype: DataType::String,
+        shape: vec![],
+        values: Values::Str(vec![name.into()]),
+    })
+    .unwrap()
+}
+
+fn var(name: &str) -> Argument {
+    Argument {
+        arguments: vec![ArgBinding {
+            binding: Some(Binding::Name(name.into())),
+        }],
+    }
+}
+
+fn literal_bool(b: bool) -> Argument {
+    let v = sdrs_coreml::value::immediate_value(&TensorData {
+        dtype: DataType::Bool,
+        shape: vec![],
+        values: Values::Bool(vec![b]),
+    })
+    .unwrap();
+    Argument {
+        arguments: vec![ArgBinding {
+            binding: Some(Binding::Value(v)),
+        }],
+    }
+}
+
+/// A `main` of one const weight `w` read (as `weight`, or `y` for matmul) by each consumer.
+fn tiny_model(spec: i32, opset: &str, w: &TensorData, consumers: &[&str]) -> Model {
+    let mut ops = vec![Operation {
+        r#type: "const".into(),
+        outputs: vec![NamedValueType {
+            name: "w".into(),
+            r#type: Some(make_tensor_type(w.dtype, &w.shape)),
+        }],
+        attributes: [
+            ("name".to_string(), name_attr("w")),
+            (
+                "val".to_string(),
+                sdrs_coreml::value::immediate_value(w).unwrap(),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    }];
+    let mut outputs = vec![];
+    for (i, ty) in consumers.iter().enumerate() {
+        let out = format!("y{i}");
+        let mut inputs: HashMap<String, Argument> = HashMap::new();
+        inputs.insert("x".into(), var("x"));
+        if *ty == "matmul" {
+            inputs.insert("y".into(), var("w"));
+            inputs.insert("transpose_x".into(), literal_bool(false));
+            inputs.insert("transpose_y".into(), literal_bool(false));
+        } else {
+            inputs.insert("weight".into(), var("w"));
+        }
+        ops.push(Operation {
+            r#type: ty.to_string(),
+            inputs,
+            outputs: vec![NamedValueType {
+                name: out.clone(),
+                r#type: Some(make_tensor_type(w.dtype, &[1])),
+            }],
+            attributes: [("name".to_string(), name_attr(&out))]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        });
+        outputs.push(out);
+    }
+    let block = Block {
+        outputs,
+        operations: ops,
+        ..Default::default()
+    };
+    let function = Function {
+        inputs: vec![NamedValueType {
+            name: "x".into(),
+            r#type: Some(make_tensor_type(w.dtype, &[1])),
+        }],
+        opset: opset.into(),
+        block_specializations: [(opset.to_string(), block)].into_iter().collect(),
+        ..Default::default()
+    };
+    Model {
+        specification_version: spec,
+        r#type: Some(model::Type::MlProgram(Program {
+            version: 1,
+            functions: [("main".to_string(), function)].into_iter().collect(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn fp16(shape: &[usize], v: &[f32]) -> TensorData {
+    TensorData {
+        dtype: DataType::Float16,
+        shape: shape.to_vec(),
+        values: Values::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+    }
+}
+
+fn compressed_op(model: &Model) -> (&Operation, TensorData) {
+    let block = block_of(model);
+    let op = block
+        .operations
+        .iter()
+        .find(|op| decode::is_constexpr(op))
+        .expect("a compressed weight");
+    let dense = decode::materialize(op, &const_producers(block), None).unwrap();
+    (op, dense)
+}
+
+fn opts(mode: Mode) -> CompressOptions {
+    CompressOptions::new(mode)
+}
+
+#[test]
+fn a_weight_with_few_values_gets_a_zero_padded_table_and_stays_exact() {
+    let levels = [-0.5f32, 0.25, 1.0];
+    let v: Vec<f32> = (0..4096).map(|i| levels[(i * 7 + i / 5) % 3]).collect();
+    let w = fp16(&[64, 64, 1, 1], &v);
+    let mut m = tiny_model(7, "CoreML6", &w, &["conv"]);
+    let mode = Mode::Palettize {
+        nbits: 4,
+        granularity: Granularity::PerTensor,
+    };
+    let r = compress_program(&mut m, None, &opts(mode)).unwrap();
+    assert_eq!((r.compressed, r.exact_kmeans), (1, 0));
+    let (op, dense) = compressed_op(&m);
+    assert_eq!(op.outputs[0].name, "w_palettized");
+    let lut = read_value(&op.attributes["lut"], None).unwrap();
+    let want: Vec<f32> = levels.iter().copied().chain([0.0; 13]).collect();
+    assert_eq!(f32s(&lut), want);
+    assert_eq!(dense, w);
+    // The consumer reads the new var.
+    assert_eq!(
+        input_var_names(&block_of(&m).operations[1]),
+        vec!["w_palettized", "x"]
+    );
+}
+
+#[test]
+fn fp32_weights_palettize_per_group_and_quantize_per_block() {
+    let v = noise(32 * 128, 1);
+    let w = TensorData {
+        dtype: DataType::Float32,
+        shape: vec![32, 128],
+        values: Values::F32(v.clone()),
+    };
+    let mut m = tiny_model(9, "CoreML8", &w, &["linear"]);
+    let mode = Mode::Palettize {
+        nbits: 2,
+        granularity: Granularity::PerGroupedChannel { group_size: 8 },
+    };
+    compress_program(&mut m, None, &opts(mode)).unwrap();
+    let (op, dense) = compressed_op(&m);
+    let ops = operands(op, None);
+    assert_eq!(ops["lut"].shape, vec![4, 1, 4, 1]);
+    assert_eq!(ops["lut"].dtype, DataType::Float32);
+    assert_eq!(ops["indices"].dtype, DataType::Uint2);
+    assert_eq!(dense.dtype, DataType::Float32);
+    let lut = f32s(&ops["lut"]);
+    let got = f32s(&dense);
+    for (k, x) in got.iter().enumerate() {
+        let g = k / (8 * 128);
+        assert!(lut[g * 4..g * 4 + 4].contains(x), "element {k}");
+    }
+    // Two-bit tables of uniform noise: well under the spread of the values.
+    assert!(sse(&got, &v) / (v.len() as f64) < 0.03);
+
+    let mut m = tiny_model(9, "CoreML8", &w, &["linear"]);
+    let mode = Mode::Linear {
+        dtype: LinearDtype::Int4,
+        block_size: Some(32),
+    };
+    compress_program(&mut m, None, &opts(mode)).unwrap();
+    let (op, dense) = compressed_op(&m);
+    let ops = operands(op, None);
+    assert_eq!(op.r#type, "constexpr_blockwise_shift_scale");
+    assert_eq!(ops["scale"].shape, vec![32, 4]);
+    assert_eq!(ops["data"].dtype, DataType::Int4);
+    let scale = f32s(&ops["scale"]);
+    for (k, (x, y)) in f32s(&dense).iter().zip(&v).enumerate() {
+        let s = scale[(k / 128) * 4 + (k % 128) / 32];
+        assert!((x - y).abs() <= s / 2.0 + 1e-6, "element {k}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn conv_transpose_and_matmul_weights_use_their_own_channel_axes() {
+    // conv_transpose weights are [Cin, Cout, kh, kw]: groups and scales run along axis 1.
+    let v = noise(16 * 32 * 9, 2);
+    let w = fp16(&[16, 32, 3, 3], &v);
+    let mut m = tiny_model(9, "CoreML8", &w, &["conv_transpose"]);
+    let mode = Mode::Palettize {
+        nbits: 4,
+        granularity: Granularity::PerGroupedChannel { group_size: 8 },
+    };
+    compress_program(&mut m, None, &opts(mode)).unwrap();
+    let (op, dense) = compressed_op(&m);
+    let ops = operands(op, None);
+    assert_eq!(ops["lut"].shape, vec![1, 4, 1, 1, 16, 1]);
+    let Values::F16(wv) = &w.values else {
+        unreachable!()
+    };
+    let lut = bits16(&ops["lut"]);
+    for g in 0..4 {
+        // k-means depends on the multiset of a group's values only.
+        let members: Vec<usize> = (0..wv.len()).filter(|k| (k / 9) % 32 / 8 == g).collect();
+        let group: Vec<f16> = members.iter().map(|&k| wv[k]).collect();
+        let (want, idx) = sdrs_quant::kmeans::palettize_f16(&group, 4).unwrap();
+        let want: Vec<u16> = want.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(&lut[g * 16..g * 16 + 16], &want[..], "group {g}");
+        let dense = bits16(&dense);
+        for (j, &k) in members.iter().enumerate() {
+            assert_eq!(dense[k], want[idx[j] as usize], "element {k}");
+        }
+    }
+
+    let mut m = tiny_model(7, "CoreML6", &w, &["conv_transpose"]);
+    let mode = Mode::Linear {
+        dtype: LinearDtype::Int8,
+        block_size: None,
+    };
+    compress_program(&mut m, None, &opts(mode.clone())).unwrap();
+    let (op, _) = compressed_op(&m);
+    let ops = operands(op, None);
+    assert_eq!(ops["scale"].shape, vec![32]);
+    assert_eq!(ops["zero_point"].shape, vec![32]);
+    assert_eq!(ops["axis"].values, Values::Int(vec![1]));
+
+    // matmul's y without transpose is [K, N]: output channels on the last axis.
+    let w = fp16(&[64, 96], &noise(64 * 96, 3));
+    let mut m = tiny_model(7, "CoreML6", &w, &["matmul"]);
+    compress_program(&mut m, None, &opts(mode.clone())).unwrap();
+    let (op, _) = compressed_op(&m);
+    let ops = operands(op, None);
+    assert_eq!(ops["scale"].shape, vec![96]);
+    assert_eq!(ops["axis"].values, Values::Int(vec![1]));
+
+    // Consumers that disagree on the axes leave the weight dense, named in the report.
+    let w = fp16(&[64, 64, 1, 1], &noise(4096, 4));
+    let mut m = tiny_model(7, "CoreML6", &w, &["conv", "conv_transpose"]);
+    let r = compress_program(&mut m, None, &opts(mode)).unwrap();
+    assert_eq!(r.compressed, 0);
+    assert_eq!(r.skipped.len(), 1);
+    assert_eq!(r.skipped[0].weight, "w");
+    assert!(r.skipped[0].reason.contains("axes"), "{:?}", r.skipped);
+}
+
+#[test]
+fn the_weight_threshold_is_exclusive() {
+    let w = fp16(&[64, 64], &noise(4096, 5));
+    let mode = Mode::Palettize {
+        nbits: 6,
+        granularity: Granularity::PerTensor,
+    };
+    for (threshold, compressed) in [(4096, 0), (4095, 1)] {
+        let mut m = tiny_model(7, "CoreML6", &w, &["linear"]);
+        let o = CompressOptions {
+            mode: mode.clone(),
+            weight_threshold: threshold,
+        };
+        let r = compress_program(&mut m, None, &o).unwrap();
+        assert_eq!((r.compressed, r.kept), (compressed, 1 - compressed));
+    }
 }
