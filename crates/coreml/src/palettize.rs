@@ -175,11 +175,11 @@ fn bits_list() -> String {
 
 /// Reads `src`, compresses its weights and writes the result as `dest` (atomically).
 pub fn compress_package(src: &Path, dest: &Path, opts: &CompressOptions) -> Result<CompressReport> {
-    if same_path(src, dest) {
+    if overlaps(src, dest) {
         return Err(Error::InvalidParameter {
             name: "dest",
             value: dest.display().to_string(),
-            expected: "a path other than the source package (it is rewritten from it)".into(),
+            expected: "a path outside the source package (it is rewritten from it)".into(),
         });
     }
     let MlPackage {
@@ -190,7 +190,9 @@ pub fn compress_package(src: &Path, dest: &Path, opts: &CompressOptions) -> Resu
     Ok(report)
 }
 
-fn same_path(a: &Path, b: &Path) -> bool {
+/// Whether `dest` is `src` or lies inside it (paths compared once resolved; `dest` need not
+/// exist).
+fn overlaps(src: &Path, dest: &Path) -> bool {
     let canon = |p: &Path| -> Option<std::path::PathBuf> {
         if let Ok(c) = p.canonicalize() {
             return Some(c);
@@ -201,9 +203,9 @@ fn same_path(a: &Path, b: &Path) -> bool {
         };
         Some(parent.join(p.file_name()?))
     };
-    match (canon(a), canon(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
+    match (canon(src), canon(dest)) {
+        (Some(x), Some(y)) => y.starts_with(&x),
+        _ => src == dest,
     }
 }
 
@@ -354,10 +356,28 @@ pub fn compress_program(
             "not an ML program (model type {type_name}); only ML programs are compressed"
         ),
     })?;
+    if let Mode::Recipe(r) = &opts.mode {
+        // Checked before any clustering, so that a mistyped name fails at once.
+        let mut known: HashSet<&str> = HashSet::new();
+        for f in program.functions.values() {
+            for block in f.block_specializations.values() {
+                for op in block.operations.iter().filter(|op| op.r#type == "const") {
+                    known.insert(op_name(op));
+                    known.extend(op.outputs.iter().map(|o| o.name.as_str()));
+                }
+            }
+        }
+        if let Some(missing) = r.bits.keys().find(|k| !known.contains(k.as_str())) {
+            return Err(Error::InvalidParameter {
+                name: "recipe",
+                value: missing.clone(),
+                expected: "names of const ops (weights) of the model".into(),
+            });
+        }
+    }
     let mut report = CompressReport::default();
     let mut names: Vec<String> = program.functions.keys().cloned().collect();
     names.sort();
-    let mut recipe_seen: HashSet<String> = HashSet::new();
     for fname in names {
         let Some(f) = program.functions.get_mut(&fname) else {
             continue;
@@ -387,17 +407,8 @@ pub fn compress_program(
             });
         }
         report.weight_bytes_before += block_bytes(block);
-        compress_block(block, weights, opts, target, &mut report, &mut recipe_seen)?;
+        compress_block(block, weights, opts, target, &mut report)?;
         report.weight_bytes_after += block_bytes(block);
-    }
-    if let Mode::Recipe(r) = &opts.mode {
-        if let Some(missing) = r.bits.keys().find(|k| !recipe_seen.contains(*k)) {
-            return Err(Error::InvalidParameter {
-                name: "recipe",
-                value: missing.clone(),
-                expected: "names of const ops of the model".into(),
-            });
-        }
     }
     *model = work;
     Ok(report)
@@ -440,7 +451,6 @@ fn compress_block(
     opts: &CompressOptions,
     target: Target,
     report: &mut CompressReport,
-    recipe_seen: &mut HashSet<String>,
 ) -> Result<()> {
     let mut replacements = Vec::new();
     {
@@ -471,9 +481,6 @@ fn compress_block(
                 Mode::Recipe(r) if r.bits.contains_key(out) => Some(out),
                 _ => None,
             };
-            if let Some(k) = recipe_key {
-                recipe_seen.insert(k.to_string());
-            }
             let Some((dtype, shape)) = val.r#type.as_ref().and_then(tensor_type) else {
                 continue;
             };

@@ -531,6 +531,11 @@ fn compress_package_writes_a_package_that_reopens() {
 
     let e = compress_package(&src, &src, &opts).unwrap_err().to_string();
     assert!(e.contains("dest"), "{e}");
+    let e = compress_package(&src, &src.join("Inner.mlpackage"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dest"), "{e}");
+    assert!(!src.join("Inner.mlpackage").exists());
     let e = compress_package(&dest, &out.path().join("Again.mlpackage"), &opts)
         .unwrap_err()
         .to_string();
