@@ -24,7 +24,12 @@ use coreml_proto::proto::mil_spec::{
     Argument, Block, DataType, NamedValueType, Operation, Value,
 };
 use coreml_proto::proto::Model;
-use half::f16;
+
+mod linear;
+mod lut;
+
+use linear::quantize_op;
+use lut::palettize_op;
 
 use crate::blob::BlobFile;
 use crate::decode::is_constexpr;
@@ -32,8 +37,8 @@ use crate::error::{Error, Result};
 use crate::package::{model_type_name, program_of_mut, write_package, MlPackage};
 use crate::program::{const_producers, const_val, input_arg, input_var_names, op_name, Arg};
 use crate::value::{
-    dtype_bits, dtype_name, immediate_value, make_tensor_type, pack_bits, read_value, tensor_type,
-    TensorData, Values,
+    dtype_bits, dtype_name, immediate_value, make_tensor_type, read_value, tensor_type, TensorData,
+    Values,
 };
 
 /// coremltools' default `weight_threshold`: weights of at most this many elements stay dense.
@@ -165,7 +170,7 @@ pub struct CompressReport {
     pub skipped: Vec<Skipped>,
 }
 
-fn bits_list() -> String {
+pub(super) fn bits_list() -> String {
     PALETTE_BITS
         .iter()
         .map(|b| b.to_string())
@@ -224,8 +229,8 @@ enum Plan {
 
 /// The op forms an opset allows: iOS16 (CoreML6), iOS17 (CoreML7) or iOS18+ (CoreML8+).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Target {
-    ios18: bool,
+pub(super) struct Target {
+    pub(super) ios18: bool,
 }
 
 fn target_of(opset: &str, spec: i32) -> Result<Target> {
@@ -664,7 +669,7 @@ fn channel_axes(
     Some((usize::try_from(inp).ok()?, usize::try_from(out).ok()?))
 }
 
-enum Built {
+pub(super) enum Built {
     Op { op: Operation, exact: bool },
     Skip(String),
 }
@@ -677,7 +682,7 @@ fn string_value(s: &str) -> Result<Value> {
     })
 }
 
-fn new_op(
+pub(super) fn new_op(
     op_type: &str,
     name: &str,
     dtype: DataType,
@@ -713,458 +718,13 @@ fn new_op(
     })
 }
 
-fn uint_dtype(nbits: u32) -> Option<DataType> {
-    Some(match nbits {
-        1 => DataType::Uint1,
-        2 => DataType::Uint2,
-        3 => DataType::Uint3,
-        4 => DataType::Uint4,
-        6 => DataType::Uint6,
-        8 => DataType::Uint8,
-        _ => return None,
-    })
-}
-
 /// Strides of a C-order shape.
-fn strides(shape: &[usize]) -> Vec<usize> {
+pub(super) fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
         s[i] = s[i + 1] * shape[i + 1];
     }
     s
-}
-
-/// For each element of the array with axes 0 and `axis` swapped (C order), its flat index in
-/// the original array.
-fn swapped_order(shape: &[usize], axis: usize) -> Vec<usize> {
-    let mut sw = shape.to_vec();
-    sw.swap(0, axis);
-    let orig = strides(shape);
-    let mut st = orig.clone();
-    st.swap(0, axis);
-    let n: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(n);
-    let mut idx = vec![0usize; sw.len()];
-    for _ in 0..n {
-        out.push(idx.iter().zip(&st).map(|(i, s)| i * s).sum());
-        for d in (0..sw.len()).rev() {
-            idx[d] += 1;
-            if idx[d] < sw[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    out
-}
-
-/// k-means of one group: the table (in the weight's dtype) and an index per element; `exact`
-/// when coremltools' own path (kmeans1d on fp16 of >= 10,000 elements) applies.
-fn kmeans_group(values: &Values, nbits: u32) -> Result<(Values, Vec<u8>, bool)> {
-    match values {
-        Values::F16(w) => {
-            let (lut, idx) = sdrs_quant::kmeans::palettize_f16(w, nbits)?;
-            let exact = w.len() >= sdrs_quant::kmeans::COREMLTOOLS_EXACT_MIN_ELEMENTS;
-            Ok((Values::F16(lut), idx, exact))
-        }
-        Values::F32(w) => {
-            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-                return Err(Error::InvalidParameter {
-                    name: "weight",
-                    value: format!("{} at element {i}", w[i]),
-                    expected: "finite values to palettize".into(),
-                });
-            }
-            // np.unique: ascending, -0 and +0 one value.
-            let canon = |v: f32| if v == 0.0 { 0.0f32 } else { v };
-            let mut distinct: Vec<f32> = w.iter().map(|&v| canon(v)).collect();
-            distinct.sort_by(|a, b| a.total_cmp(b));
-            distinct.dedup();
-            let mut counts = vec![0f64; distinct.len()];
-            let mut slot = Vec::with_capacity(w.len());
-            for &v in w {
-                let s = distinct
-                    .binary_search_by(|d| d.total_cmp(&canon(v)))
-                    .unwrap_or(0);
-                counts[s] += 1.0;
-                slot.push(s);
-            }
-            let values: Vec<f64> = distinct.iter().map(|&v| v as f64).collect();
-            let lut_len = 1usize << nbits;
-            let k = values.len().min(lut_len);
-            let (clusters, centroids) = sdrs_quant::kmeans::cluster(&values, &counts, k)?;
-            let mut lut = vec![0f32; lut_len];
-            for (l, c) in lut.iter_mut().zip(&centroids) {
-                *l = *c as f32;
-            }
-            let idx = slot.iter().map(|&s| clusters[s] as u8).collect();
-            Ok((Values::F32(lut), idx, false))
-        }
-        _ => Err(Error::Unsupported {
-            what: "weight".into(),
-            reason: "only fp16 and fp32 weights are palettized".into(),
-        }),
-    }
-}
-
-fn select(values: &Values, order: &[usize]) -> Values {
-    match values {
-        Values::F16(v) => Values::F16(order.iter().map(|&i| v[i]).collect()),
-        Values::F32(v) => Values::F32(order.iter().map(|&i| v[i]).collect()),
-        other => other.clone(),
-    }
-}
-
-fn slice(values: &Values, from: usize, to: usize) -> Values {
-    match values {
-        Values::F16(v) => Values::F16(v[from..to].to_vec()),
-        Values::F32(v) => Values::F32(v[from..to].to_vec()),
-        other => other.clone(),
-    }
-}
-
-fn concat(parts: Vec<Values>) -> Values {
-    let mut it = parts.into_iter();
-    let Some(mut first) = it.next() else {
-        return Values::F16(vec![]);
-    };
-    for p in it {
-        match (&mut first, p) {
-            (Values::F16(a), Values::F16(b)) => a.extend(b),
-            (Values::F32(a), Values::F32(b)) => a.extend(b),
-            _ => {}
-        }
-    }
-    first
-}
-
-/// `palettize_weights.grouped_channelwise_compress` (mode kmeans) and the op it becomes.
-fn palettize_op(
-    data: &TensorData,
-    nbits: u32,
-    group_size: Option<usize>,
-    channel_axis: usize,
-    target: Target,
-    name: &str,
-) -> Result<Built> {
-    let shape = &data.shape;
-    let rank = shape.len();
-    let channel_axis = if channel_axis < rank { channel_axis } else { 0 };
-    let channels = shape[channel_axis];
-    let group = group_size.unwrap_or(channels);
-    if group == 0 || !channels.is_multiple_of(group) {
-        return Ok(Built::Skip(format!(
-            "{channels} channels along axis {channel_axis} are not divisible by the group size {group}"
-        )));
-    }
-    let groups = channels / group;
-    let order = (channel_axis != 0).then(|| swapped_order(shape, channel_axis));
-    let swapped = match &order {
-        Some(o) => select(&data.values, o),
-        None => data.values.clone(),
-    };
-    let numel = data.numel();
-    let per_group = numel / groups.max(1);
-    let mut luts = Vec::with_capacity(groups);
-    let mut indices_swapped: Vec<u8> = Vec::with_capacity(numel);
-    let mut exact = true;
-    for g in 0..groups {
-        let part = slice(&swapped, g * per_group, (g + 1) * per_group);
-        let (lut, idx, ex) = kmeans_group(&part, nbits)?;
-        exact &= ex;
-        luts.push(lut);
-        indices_swapped.extend(idx);
-    }
-    let indices: Vec<i64> = match &order {
-        Some(o) => {
-            let mut back = vec![0i64; numel];
-            for (k, &orig) in o.iter().enumerate() {
-                back[orig] = indices_swapped[k] as i64;
-            }
-            back
-        }
-        None => indices_swapped.iter().map(|&i| i as i64).collect(),
-    };
-    let lut_values = concat(luts);
-    let entries = 1usize << nbits;
-
-    let op = if target.ios18 {
-        let idx_dtype = uint_dtype(nbits).ok_or_else(|| Error::InvalidParameter {
-            name: "nbits",
-            value: nbits.to_string(),
-            expected: format!("one of {}", bits_list()),
-        })?;
-        let mut lut_shape = vec![1usize; rank + 2];
-        lut_shape[channel_axis] = groups;
-        lut_shape[rank] = entries;
-        lut_shape[rank + 1] = 1;
-        // The groups are stacked along axis 0 and then swapped to the channel axis; the other
-        // axes are 1, so the stacked order is already the final one.
-        new_op(
-            "constexpr_lut_to_dense",
-            name,
-            data.dtype,
-            shape,
-            vec![],
-            vec![
-                (
-                    "indices",
-                    TensorData {
-                        dtype: idx_dtype,
-                        shape: shape.clone(),
-                        values: Values::Int(indices),
-                    },
-                ),
-                (
-                    "lut",
-                    TensorData {
-                        dtype: data.dtype,
-                        shape: lut_shape,
-                        values: lut_values,
-                    },
-                ),
-            ],
-        )?
-    } else {
-        let (packed, _) = pack_bits(&indices, nbits);
-        new_op(
-            "constexpr_lut_to_dense",
-            name,
-            data.dtype,
-            shape,
-            vec![
-                (
-                    "indices",
-                    TensorData {
-                        dtype: DataType::Uint8,
-                        shape: vec![packed.len()],
-                        values: Values::Int(packed.into_iter().map(|b| b as i64).collect()),
-                    },
-                ),
-                (
-                    "lut",
-                    TensorData {
-                        dtype: data.dtype,
-                        shape: vec![entries],
-                        values: lut_values,
-                    },
-                ),
-                (
-                    "shape",
-                    TensorData {
-                        dtype: DataType::Uint32,
-                        shape: vec![rank],
-                        values: Values::Int(shape.iter().map(|&d| d as i64).collect()),
-                    },
-                ),
-            ],
-            vec![],
-        )?
-    };
-    Ok(Built::Op { op, exact })
-}
-
-/// `linear_quantize_weights` in mode linear_symmetric (`compute_qparams_by_dtype`,
-/// `quantize_weight_by_dtype`) and the op it becomes. The arithmetic runs in the weight's dtype
-/// as numpy runs it: `scale = (max - min) / (qmax - qmin)` with `max = -min = max |w|`, then
-/// `round_half_even(w / scale)` clipped to `[-(2^(b-1) - 1), 2^(b-1) - 1]`.
-#[allow(clippy::too_many_arguments)]
-fn quantize_op(
-    data: &TensorData,
-    bits: u32,
-    block_size: Option<usize>,
-    in_axis: usize,
-    out_axis: usize,
-    target: Target,
-    name: &str,
-) -> Result<Built> {
-    let shape = &data.shape;
-    let rank = shape.len();
-    let mut blocks = vec![0usize; rank];
-    if let Some(b) = block_size {
-        if in_axis < rank {
-            blocks[in_axis] = b;
-        }
-    }
-    if out_axis < rank {
-        blocks[out_axis] = 1;
-    }
-    let mut scale_shape = Vec::with_capacity(rank);
-    for (axis, (&d, &b)) in shape.iter().zip(&blocks).enumerate() {
-        if b > 0 {
-            if !d.is_multiple_of(b) {
-                return Ok(Built::Skip(format!(
-                    "axis {axis} of size {d} is not divisible by the block size {b}"
-                )));
-            }
-            scale_shape.push(d / b);
-        } else {
-            scale_shape.push(1);
-        }
-    }
-    let qmax = (1i64 << (bits - 1)) - 1;
-    let qrange = (2 * qmax) as f32;
-    let numel = data.numel();
-    let st = strides(shape);
-    let sst = strides(&scale_shape);
-    let cell_of = |flat: usize| -> usize {
-        let mut cell = 0;
-        for d in 0..rank {
-            let i = (flat / st[d]) % shape[d];
-            if let Some(block) = i.checked_div(blocks[d]) {
-                cell += block * sst[d];
-            }
-        }
-        cell
-    };
-    let cells: usize = scale_shape.iter().product();
-    let cell_index: Vec<usize> = (0..numel).map(cell_of).collect();
-    let mut max_abs = vec![0f32; cells];
-    let w: Vec<f32> = match &data.values {
-        Values::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        Values::F32(v) => v.clone(),
-        _ => {
-            return Ok(Built::Skip(format!(
-                "{} weight; only fp16 and fp32 weights are quantized",
-                dtype_name(data.dtype)
-            )))
-        }
-    };
-    if w.iter().any(|v| v.is_infinite()) {
-        return Ok(Built::Skip(
-            "it holds inf/-inf, which quantization does not support".into(),
-        ));
-    }
-    for (k, &v) in w.iter().enumerate() {
-        let c = cell_index[k];
-        if v.abs() > max_abs[c] {
-            max_abs[c] = v.abs();
-        }
-    }
-    let is_f16 = data.dtype == DataType::Float16;
-    // Rounds an f32 result to the weight's dtype, as numpy's half loops do after computing in
-    // f32.
-    let round_to = |x: f32| -> f32 {
-        if is_f16 {
-            f16::from_f32(x).to_f32()
-        } else {
-            x
-        }
-    };
-    let scale: Vec<f32> = max_abs
-        .iter()
-        .map(|&m| round_to(round_to(m - (-m)) / qrange))
-        .collect();
-    let q: Vec<i64> = w
-        .iter()
-        .zip(&cell_index)
-        .map(|(&v, &c)| {
-            let r = round_to(v / scale[c]).round_ties_even();
-            // A zero scale gives NaN (0/0); numpy's cast of it to an integer gives 0 on the
-            // platforms coremltools runs on.
-            if r.is_nan() {
-                0
-            } else {
-                (r.clamp(-(qmax as f32), qmax as f32)) as i64
-            }
-        })
-        .collect();
-    let scale_values = if is_f16 {
-        Values::F16(scale.iter().map(|&s| f16::from_f32(s)).collect())
-    } else {
-        Values::F32(scale)
-    };
-    let q_dtype = if bits == 8 {
-        DataType::Int8
-    } else {
-        DataType::Int4
-    };
-    let op = if target.ios18 {
-        new_op(
-            "constexpr_blockwise_shift_scale",
-            name,
-            data.dtype,
-            shape,
-            vec![],
-            vec![
-                (
-                    "data",
-                    TensorData {
-                        dtype: q_dtype,
-                        shape: shape.clone(),
-                        values: Values::Int(q),
-                    },
-                ),
-                (
-                    "scale",
-                    TensorData {
-                        dtype: data.dtype,
-                        shape: scale_shape,
-                        values: scale_values,
-                    },
-                ),
-            ],
-        )?
-    } else {
-        // `ios18_quant_params_to_ios16`: the axis is the first non-1 axis of the scale, scale
-        // and a zero zero_point squeezed to rank 0 or 1.
-        let non_single: Vec<usize> = scale_shape
-            .iter()
-            .enumerate()
-            .filter(|(_, &d)| d > 1)
-            .map(|(i, _)| i)
-            .collect();
-        if non_single.len() > 1 {
-            return Ok(Built::Skip(format!(
-                "scale of shape {scale_shape:?} has more than one axis above 1 (iOS16 affine form)"
-            )));
-        }
-        let axis = non_single.first().copied().unwrap_or(0);
-        let squeezed: Vec<usize> = scale_shape.iter().copied().filter(|&d| d != 1).collect();
-        let n = cells;
-        new_op(
-            "constexpr_affine_dequantize",
-            name,
-            data.dtype,
-            shape,
-            vec![
-                (
-                    "quantized_data",
-                    TensorData {
-                        dtype: q_dtype,
-                        shape: shape.clone(),
-                        values: Values::Int(q),
-                    },
-                ),
-                (
-                    "zero_point",
-                    TensorData {
-                        dtype: q_dtype,
-                        shape: squeezed.clone(),
-                        values: Values::Int(vec![0; n]),
-                    },
-                ),
-                (
-                    "scale",
-                    TensorData {
-                        dtype: data.dtype,
-                        shape: squeezed,
-                        values: scale_values,
-                    },
-                ),
-                (
-                    "axis",
-                    TensorData {
-                        dtype: DataType::Int32,
-                        shape: vec![],
-                        values: Values::Int(vec![axis as i64]),
-                    },
-                ),
-            ],
-            vec![],
-        )?
-    };
-    Ok(Built::Op { op, exact: false })
 }
 
 /// Bytes of the constants a block stores (const values and constexpr operands, sub-byte types
