@@ -2,13 +2,15 @@
 //!
 //! On every OS: `.mlpackage` folders read and written ([`package`], [`blob`], [`value`]), their
 //! MIL program walked ([`program`]) and every compressed constant form coremltools writes
-//! materialised ([`decode`]); models and resources folders described ([`inspect`]).
+//! materialised ([`decode`]); models and resources folders described ([`inspect`]); weights
+//! palettized or linearly quantized as coremltools' `optimize.coreml` does it ([`palettize`]).
 
 pub mod blob;
 pub mod decode;
 pub mod error;
 pub mod inspect;
 pub mod package;
+pub mod palettize;
 pub mod program;
 pub mod value;
 
