@@ -2,11 +2,23 @@
 //! `coreml_decode:<package>:<weight>`: every compressed constant recorded in
 //! `compressed/<package>.decoded.safetensors` materialises bit for bit as coremltools
 //! materialised it (the case's difference is the number of differing values).
+//! `coreml_palettize:<package>`: the package's base compressed by sdrs with the settings
+//! `compressed/compressed.json` records for it: the same weights compressed, each bit for bit
+//! where coremltools' result is deterministic (linear quantization; k-means per table of at least
+//! 10,000 fp16 values) and with no larger squared error elsewhere (coremltools clusters small
+//! tables with scikit-learn's randomly seeded k-means); the difference is the number of weights
+//! that break this.
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use sdrs_coreml::program::{const_producers, main_block};
-use sdrs_coreml::value::Values;
+use coreml_proto::proto::mil_spec::{DataType, Operation};
+use sdrs_coreml::palettize::{
+    compress_program, CompressOptions, Granularity, LinearDtype, Mode, Recipe,
+    DEFAULT_WEIGHT_THRESHOLD, RECIPE_KEEP_BITS,
+};
+use sdrs_coreml::program::{const_producers, const_val, main_block, op_name};
+use sdrs_coreml::value::{read_value, TensorData, Values};
 use sdrs_coreml::{decode, MlPackage};
 use sdrs_pipeline::{Error, Result};
 
@@ -28,7 +40,33 @@ impl Runner<'_> {
         let Some(dir) = self.extended_set(extended, "coreml/compressed", CaseKind::BitExact) else {
             return Ok(());
         };
-        self.coreml_decode_cases(&dir)
+        self.coreml_decode_cases(&dir)?;
+        self.coreml_palettize_cases(&dir)
+    }
+
+    fn coreml_palettize_cases(&mut self, dir: &Path) -> Result<()> {
+        let info = sdrs_pipeline::weights::read_json(&dir.join("compressed.json"))?;
+        let models = info["models"].as_object().cloned().unwrap_or_default();
+        let threshold = info["weight_threshold"]
+            .as_u64()
+            .map_or(DEFAULT_WEIGHT_THRESHOLD, |t| t as usize);
+        if models.is_empty() {
+            self.push(super::CaseResult {
+                name: "coreml_palettize".to_string(),
+                max_diff: None,
+                tolerance: 0.0,
+                outcome: super::Outcome::Fail(Some("compressed.json lists no models".into())),
+            });
+        }
+        let root = dir.parent().unwrap_or(dir).to_path_buf();
+        for (stem, entry) in models {
+            self.case(
+                format!("coreml_palettize:{stem}"),
+                CaseKind::BitExact,
+                |_| palettize_diff(&root, dir, &stem, &entry, threshold),
+            );
+        }
+        Ok(())
     }
 
     fn coreml_decode_cases(&mut self, dir: &Path) -> Result<()> {
@@ -144,4 +182,183 @@ fn decode_diff(pkg: &MlPackage, reference: &Path, name: &str) -> Result<f64> {
         .chunks_exact(2)
         .map(|c| u16::from_le_bytes([c[0], c[1]]));
     Ok(ours.iter().zip(theirs).filter(|(a, b)| **a != *b).count() as f64)
+}
+
+/// The settings coremltools was run with, from a `compressed.json` entry's description (e.g.
+/// "palettize_weights kmeans nbits=6 per_tensor") or its mixed-bit recipe.
+fn recorded_options(
+    stem: &str,
+    entry: &serde_json::Value,
+    threshold: usize,
+) -> Result<CompressOptions> {
+    let bad = |what: &str| Error::InvalidParameter {
+        name: "compressed.json description",
+        value: format!("{stem}: {}", entry["description"]),
+        expected: what.to_string(),
+    };
+    let how = entry["description"].as_str().unwrap_or_default();
+    let number = |key: &str| -> Option<usize> {
+        let rest = &how[how.find(key)? + key.len()..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    };
+    let mode = if let Some(recipe) = entry["recipe_nbits_by_const_name"].as_object() {
+        let mut bits = std::collections::BTreeMap::new();
+        for (name, b) in recipe {
+            let b = b.as_u64().ok_or_else(|| bad("recipe bits as numbers"))? as u32;
+            bits.insert(name.clone(), if b >= 16 { RECIPE_KEEP_BITS } else { b });
+        }
+        Mode::Recipe(Recipe { bits })
+    } else if how.contains("palettize_weights") {
+        let nbits = number("nbits=").ok_or_else(|| bad("nbits=N"))? as u32;
+        let granularity = if how.contains("per_grouped_channel") {
+            Granularity::PerGroupedChannel {
+                group_size: number("group_size=").ok_or_else(|| bad("group_size=G"))?,
+            }
+        } else {
+            Granularity::PerTensor
+        };
+        Mode::Palettize { nbits, granularity }
+    } else if how.contains("linear_quantize_weights") && how.contains("linear_symmetric") {
+        let dtype = if how.contains("int4") {
+            LinearDtype::Int4
+        } else {
+            LinearDtype::Int8
+        };
+        let block_size = if how.contains("per_block") {
+            Some(number("block_size=").ok_or_else(|| bad("block_size=B"))?)
+        } else {
+            None
+        };
+        Mode::Linear { dtype, block_size }
+    } else {
+        return Err(bad(
+            "palettize_weights or linear_quantize_weights linear_symmetric",
+        ));
+    };
+    Ok(CompressOptions {
+        mode,
+        weight_threshold: threshold,
+    })
+}
+
+fn f16_bits(t: &TensorData) -> Option<Vec<u16>> {
+    match &t.values {
+        Values::F16(v) => Some(v.iter().map(|x| x.to_bits()).collect()),
+        _ => None,
+    }
+}
+
+fn squared_error(a: &TensorData, b: &TensorData) -> f64 {
+    let (Some(a), Some(b)) = (a.values.to_f32(), b.values.to_f32()) else {
+        return f64::INFINITY;
+    };
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum()
+}
+
+/// The number of weights whose compression differs from coremltools' (see the module doc).
+fn palettize_diff(
+    root: &Path,
+    dir: &Path,
+    stem: &str,
+    entry: &serde_json::Value,
+    threshold: usize,
+) -> Result<f64> {
+    let opts = recorded_options(stem, entry, threshold)?;
+    let base_path = root.join(entry["base"].as_str().unwrap_or_default());
+    let base = MlPackage::open(&base_path).map_err(|e| coreml_error(&base_path, e))?;
+    let theirs_path = dir.join(format!("{stem}.mlpackage"));
+    let theirs = MlPackage::open(&theirs_path).map_err(|e| coreml_error(&theirs_path, e))?;
+    let mut ours = base.model.clone();
+    compress_program(&mut ours, base.weights.as_ref(), &opts)
+        .map_err(|e| coreml_error(&base_path, e))?;
+    let block = |m: &coreml_proto::proto::Model, p: &Path| -> Result<_> {
+        let program = sdrs_coreml::package::program_of(m)
+            .ok_or_else(|| coreml_error(p, "not an ML program"))?;
+        Ok(main_block(program)
+            .map_err(|e| coreml_error(p, e))?
+            .2
+            .clone())
+    };
+    let (ob, tb, bb) = (
+        block(&ours, &base_path)?,
+        block(&theirs.model, &theirs_path)?,
+        block(&base.model, &base_path)?,
+    );
+    let compressed = |b: &coreml_proto::proto::mil_spec::Block| -> HashMap<String, Operation> {
+        b.operations
+            .iter()
+            .filter(|op| decode::is_constexpr(op))
+            .map(|op| (op.outputs[0].name.clone(), op.clone()))
+            .collect()
+    };
+    let (oc, tc) = (compressed(&ob), compressed(&tb));
+    let originals: HashMap<&str, &Operation> = bb
+        .operations
+        .iter()
+        .filter(|op| op.r#type == "const")
+        .map(|op| (op_name(op), op))
+        .collect();
+    let (ocp, tcp) = (const_producers(&ob), const_producers(&tb));
+    let mut failures = oc.keys().filter(|k| !tc.contains_key(*k)).count();
+    for (name, t) in &tc {
+        let Some(o) = oc.get(name) else {
+            failures += 1;
+            continue;
+        };
+        let om = decode::materialize(o, &ocp, base.weights.as_ref())
+            .map_err(|e| coreml_error(&base_path, e))?;
+        let tm = decode::materialize(t, &tcp, theirs.weights.as_ref())
+            .map_err(|e| coreml_error(&theirs_path, e))?;
+        if om.shape != tm.shape || om.dtype != tm.dtype {
+            failures += 1;
+            continue;
+        }
+        let dense = op_name(t)
+            .strip_suffix("_palettized")
+            .or_else(|| op_name(t).strip_suffix("_quantized"))
+            .unwrap_or(op_name(t));
+        let original = originals
+            .get(dense)
+            .and_then(|c| const_val(c))
+            .map(|v| read_value(v, base.weights.as_ref()))
+            .transpose()
+            .map_err(|e| coreml_error(&base_path, e))?;
+        let Some(original) = original else {
+            failures += 1;
+            continue;
+        };
+        let exact = if t.r#type == "constexpr_lut_to_dense" {
+            // One table per group (an iOS18 lut's leading axes), else one per tensor.
+            let tables = sdrs_coreml::program::input_arg(t, "lut")
+                .and_then(|_| {
+                    let lut =
+                        sdrs_coreml::program::const_input(t, "lut", &tcp, theirs.weights.as_ref())
+                            .ok()?;
+                    Some(
+                        lut.shape[..lut.shape.len().saturating_sub(2)]
+                            .iter()
+                            .product::<usize>(),
+                    )
+                })
+                .unwrap_or(1)
+                .max(1);
+            original.dtype == DataType::Float16
+                && original.numel() / tables >= sdrs_quant::kmeans::COREMLTOOLS_EXACT_MIN_ELEMENTS
+        } else {
+            true
+        };
+        let ok = if exact {
+            f16_bits(&om).is_some() && f16_bits(&om) == f16_bits(&tm)
+        } else {
+            squared_error(&om, &original) <= squared_error(&tm, &original)
+        };
+        if !ok {
+            failures += 1;
+        }
+    }
+    Ok(failures as f64)
 }
