@@ -2,9 +2,11 @@
 //!
 //! On every OS: `.mlpackage` folders read and written ([`package`], [`blob`], [`value`]), their
 //! MIL program walked ([`program`]) and every compressed constant form coremltools writes
-//! materialised ([`decode`]).
+//! materialised ([`decode`]); a program split into chunks as coremltools' `bisect_model` splits
+//! it ([`chunk`]).
 
 pub mod blob;
+pub mod chunk;
 pub mod decode;
 pub mod error;
 pub mod package;
