@@ -101,9 +101,9 @@ pub struct ChunkedModel {
     pub const_bytes: Vec<u64>,
 }
 
-/// The main block's ops as pymil's milproto loader creates them: every proto op, and before each
-/// non-constant op one extra `const` op per argument bound to a literal value (the loader turns
-/// those into `mb.const`).
+/// The main block's ops as pymil's milproto loader creates them: every proto op, each preceded by
+/// one `const` op per value it is loaded with (see `extra_consts`), and what pymil derives from
+/// them (consumers, inferred values).
 pub struct OpList<'a> {
     block: &'a Block,
     /// Per entry: the proto op it is or belongs to, and its dense bytes.
@@ -437,6 +437,12 @@ struct Plan<'a> {
 fn plan<'a>(list: &OpList<'a>, cuts: &[usize]) -> Result<Vec<Plan<'a>>> {
     let block = list.block;
     let n_ops = block.operations.len();
+    if n_ops == 0 {
+        return Err(Error::Unsupported {
+            what: "program".into(),
+            reason: "its main block has no ops".into(),
+        });
+    }
     let mut plans = Vec::with_capacity(cuts.len() + 1);
     let mut lo: Option<usize> = None;
     for j in 0..=cuts.len() {
@@ -446,10 +452,8 @@ fn plan<'a>(list: &OpList<'a>, cuts: &[usize]) -> Result<Vec<Plan<'a>>> {
         } else {
             cuts[j]
         };
-        let cut_set: HashSet<&str> = match lo {
-            Some(lo) => list.crossing(lo).into_iter().collect(),
-            None => HashSet::new(),
-        };
+        let crossing_in = lo.map(|lo| list.crossing(lo)).unwrap_or_default();
+        let cut_set: HashSet<&str> = crossing_in.iter().copied().collect();
         let outputs: Vec<&str> = if last {
             Vec::new()
         } else {
@@ -475,7 +479,7 @@ fn plan<'a>(list: &OpList<'a>, cuts: &[usize]) -> Result<Vec<Plan<'a>>> {
         }
         // State updates are kept by coremltools' dead code elimination whether read or not.
         let from = lo.map_or(0, |l| l + 1);
-        for op in &block.operations[from..=hi.min(n_ops.saturating_sub(1))] {
+        for op in &block.operations[from..=hi] {
             if op.r#type == "coreml_update_state" {
                 roots.extend(op.outputs.iter().map(|o| o.name.as_str()));
             }
@@ -539,14 +543,10 @@ fn plan<'a>(list: &OpList<'a>, cuts: &[usize]) -> Result<Vec<Plan<'a>>> {
             .copied()
             .filter(|n| lo.is_none() || used_inputs.contains(n))
             .collect();
-        let cut_inputs = match lo {
-            Some(lo) => list
-                .crossing(lo)
-                .into_iter()
-                .filter(|v| used_cut.contains(v))
-                .collect(),
-            None => Vec::new(),
-        };
+        let cut_inputs = crossing_in
+            .into_iter()
+            .filter(|v| used_cut.contains(v))
+            .collect();
         plans.push(Plan {
             ops,
             original_inputs,
@@ -1016,4 +1016,168 @@ pub fn chunk_package(src: &Path, out_dir: &Path, opts: &ChunkOptions) -> Result<
         cut_tensors: chunked.cut_tensors,
         chunks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coreml_proto::proto::mil_spec::{argument, Argument, Function, Program};
+    use coreml_proto::proto::{model, ModelDescription};
+    use half::f16;
+
+    fn fp16(n: usize) -> TensorData {
+        TensorData {
+            dtype: DataType::Float16,
+            shape: vec![n],
+            values: Values::F16(vec![f16::from_f32(0.5); n]),
+        }
+    }
+
+    enum A {
+        Var(&'static str),
+        Lit(TensorData),
+    }
+
+    fn op(ty: &str, out: &str, n: usize, args: &[(&str, A)]) -> Operation {
+        let mut o = Operation {
+            r#type: ty.into(),
+            ..Default::default()
+        };
+        for (param, a) in args {
+            let binding = match a {
+                A::Var(name) => Binding::Name(name.to_string()),
+                A::Lit(t) => Binding::Value(immediate_value(t).unwrap()),
+            };
+            o.inputs.insert(
+                param.to_string(),
+                Argument {
+                    arguments: vec![argument::Binding {
+                        binding: Some(binding),
+                    }],
+                },
+            );
+        }
+        o.outputs.push(NamedValueType {
+            name: out.into(),
+            r#type: Some(make_tensor_type(DataType::Float16, &[n])),
+        });
+        o.attributes.insert("name".into(), name_value(out).unwrap());
+        o
+    }
+
+    fn weight(out: &str, n: usize) -> Operation {
+        let mut o = op("const", out, n, &[]);
+        o.attributes
+            .insert("val".into(), immediate_value(&fp16(n)).unwrap());
+        o
+    }
+
+    /// x -> a = x + w1 -> b = a * a -> c = b + w2 -> d = c * literal -> e = d + c.
+    fn model() -> Model {
+        let n = 4;
+        let ops = vec![
+            weight("w1", 100),
+            op("add", "a", n, &[("x", A::Var("x")), ("y", A::Var("w1"))]),
+            op("mul", "b", n, &[("x", A::Var("a")), ("y", A::Var("a"))]),
+            weight("w2", 100),
+            op("add", "c", n, &[("x", A::Var("b")), ("y", A::Var("w2"))]),
+            op(
+                "mul",
+                "d",
+                n,
+                &[("x", A::Var("c")), ("y", A::Lit(fp16(50)))],
+            ),
+            op("add", "e", n, &[("x", A::Var("d")), ("y", A::Var("c"))]),
+        ];
+        let block = Block {
+            outputs: vec!["e".into()],
+            operations: ops,
+            ..Default::default()
+        };
+        let input = NamedValueType {
+            name: "x".into(),
+            r#type: Some(make_tensor_type(DataType::Float16, &[n])),
+        };
+        let f = Function {
+            inputs: vec![input],
+            opset: "CoreML6".into(),
+            block_specializations: [("CoreML6".to_string(), block)].into_iter().collect(),
+            ..Default::default()
+        };
+        let program = Program {
+            version: 1,
+            functions: [("main".to_string(), f)].into_iter().collect(),
+            ..Default::default()
+        };
+        Model {
+            specification_version: 7,
+            description: Some(ModelDescription {
+                input: vec![feature("x", DataType::Float16, &[n]).unwrap()],
+                output: vec![feature("e", DataType::Float16, &[n]).unwrap()],
+                ..Default::default()
+            }),
+            r#type: Some(model::Type::MlProgram(program)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn incision_counts_literals_as_consts_and_double_reads_as_two_consumers() {
+        let m = model();
+        let (_, block) = main_parts(&m).unwrap();
+        // 200 + 200 weight bytes and a 100-byte literal: half is reached at w2, `c` has two
+        // readers, the literal is an op of its own before `d`.
+        assert_eq!(const_bytes(block), 500);
+        let inc = bisect_point(block).unwrap();
+        assert_eq!((inc.name.as_str(), inc.index, inc.n_ops), ("d", 6, 8));
+
+        let chunked = chunk_model(&m, &ChunkOptions::default()).unwrap();
+        let names: Vec<_> = chunked.cut_tensors[0]
+            .iter()
+            .map(|c| c.0.as_str())
+            .collect();
+        assert_eq!(names, ["c", "d"]);
+        assert_eq!(chunked.const_bytes, vec![500, 0]);
+        let (f1, b1) = main_parts(&chunked.models[0]).unwrap();
+        let types: Vec<_> = b1.operations.iter().map(|o| o.r#type.as_str()).collect();
+        assert_eq!(
+            types,
+            ["const", "add", "mul", "const", "add", "mul", "const", "const", "cast", "cast"]
+        );
+        assert_eq!(b1.outputs, ["c", "d"]);
+        assert_eq!(f1[0].name, "x");
+        let renamed: Vec<_> = b1
+            .operations
+            .iter()
+            .map(|o| o.outputs[0].name.as_str())
+            .collect();
+        assert_eq!(&renamed[4..6], ["c_1", "d_1"]);
+        let (f2, b2) = main_parts(&chunked.models[1]).unwrap();
+        let inputs: Vec<_> = f2.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(inputs, ["c", "d"]);
+        let types: Vec<_> = b2.operations.iter().map(|o| o.r#type.as_str()).collect();
+        assert_eq!(types, ["const", "const", "cast", "cast", "add"]);
+        assert_eq!(b2.outputs, ["e"]);
+        let d = chunked.models[1].description.as_ref().unwrap();
+        assert_eq!(d.input.len(), 2);
+        assert_eq!(d.output[0].name, "e");
+    }
+
+    #[test]
+    fn too_many_chunks_and_empty_programs_are_errors() {
+        let m = model();
+        let many = ChunkOptions {
+            chunks: Some(6),
+            ..Default::default()
+        };
+        assert!(chunk_model(&m, &many).is_err());
+        assert!(bisect_point(&Block::default()).is_err());
+        let one = ChunkOptions {
+            chunks: Some(1),
+            ..Default::default()
+        };
+        let whole = chunk_model(&m, &one).unwrap();
+        assert_eq!(whole.models.len(), 1);
+        assert_eq!(whole.const_bytes, vec![500]);
+    }
 }
