@@ -9,6 +9,7 @@ pub mod decode;
 pub mod error;
 pub mod package;
 pub mod program;
+pub mod runtime;
 pub mod value;
 
 pub use error::{Error, Result};
