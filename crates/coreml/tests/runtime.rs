@@ -215,6 +215,9 @@ fn compiled_bundles_are_described_by_their_metadata_and_chunks_win() {
     );
 }
 
+/// The models a folder has, whether it has the tokenizer files, the file its error must name.
+type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a str);
+
 #[test]
 fn missing_pieces_are_errors_naming_the_file_expected() {
     let Some(coreml) = fixture_dir("coreml") else {
@@ -225,7 +228,7 @@ fn missing_pieces_are_errors_naming_the_file_expected() {
         ("Unet", "sd15__Unet"),
         ("VAEDecoder", "sd15__VAEDecoder"),
     ];
-    let cases: [(&[(&str, &str)], bool, &str); 5] = [
+    let cases: [Case; 5] = [
         (&full[1..], true, "TextEncoder.mlmodelc"),
         (&[full[0], full[2]], true, "Unet.mlmodelc"),
         (&full[..2], true, "VAEDecoder.mlmodelc"),
