@@ -1,6 +1,7 @@
 //! `sdrs`: the command-line front end (generate images, check parity against diffusers).
 
 mod bench;
+mod coreml_backend;
 mod embeddings;
 mod generate;
 mod hub;
