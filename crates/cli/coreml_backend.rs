@@ -200,7 +200,7 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
-    #[cfg(target_vendor = "apple")]
+    #[cfg(all(feature = "coreml", target_vendor = "apple"))]
     #[test]
     fn flags_core_ml_cannot_honour_are_refused_by_name() {
         let message = check(&parse(&["--backend", "coreml", "--quantize", "int8"]))

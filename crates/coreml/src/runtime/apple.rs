@@ -263,6 +263,7 @@ impl AppleModel {
                 ),
             )
         })?;
+        // SAFETY: read-only property.
         let shape: Vec<usize> = unsafe { ml.shape() }
             .to_vec()
             .iter()
