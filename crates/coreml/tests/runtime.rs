@@ -213,6 +213,39 @@ fn compiled_bundles_are_described_by_their_metadata_and_chunks_win() {
         Resources::discover(sdxl.path()).unwrap().kind,
         BundleKind::SdxlRefiner
     );
+    // A UNet conditioned on 5 time ids (the aesthetic score) is a refiner's.
+    let refiner = compiled_folder(
+        &coreml,
+        &[
+            ("TextEncoder2", "sdxl__TextEncoder2"),
+            ("TextEncoder", "sdxl__TextEncoder"),
+            ("Unet", "sdxl__Unet"),
+            ("VAEDecoder", "sdxl__VAEDecoder"),
+        ],
+        true,
+    );
+    let metadata = refiner.path().join("Unet.mlmodelc/metadata.json");
+    let text = std::fs::read_to_string(&metadata).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for input in json[0]["inputSchema"].as_array_mut().unwrap() {
+        if input["name"] == "time_ids" {
+            let shape = input["shape"].as_str().unwrap().replace(", 6]", ", 5]");
+            assert!(shape.ends_with(", 5]"), "{shape}");
+            input["shape"] = serde_json::Value::String(shape);
+        }
+    }
+    std::fs::write(&metadata, serde_json::to_string(&json).unwrap()).unwrap();
+    let found = Resources::discover(refiner.path()).unwrap();
+    assert_eq!(found.kind, BundleKind::SdxlRefiner);
+    assert_eq!(
+        found.unet[0]
+            .describe()
+            .unwrap()
+            .input("time_ids")
+            .unwrap()
+            .shape[1],
+        5
+    );
 }
 
 /// The models a folder has, whether it has the tokenizer files, the file its error must name.

@@ -37,8 +37,9 @@ impl ModelFile {
                 ModelDescription::from_metadata_json(&self.path.join("metadata.json"))
             }
             ModelFormat::Package => {
-                let package = MlPackage::open(&self.path)?;
-                ModelDescription::from_spec(&package.model, &self.path)
+                // The spec alone: a real UNet's weight file is gigabytes.
+                let (model, _) = MlPackage::read_spec(&self.path)?;
+                ModelDescription::from_spec(&model, &self.path)
             }
         }
     }
@@ -166,7 +167,15 @@ impl Resources {
                 });
             }
         }
+        // The refiner conditions on 5 time ids (the aesthetic score instead of the target size)
+        // and has only the second text encoder; an unreadable description is reported when the
+        // model loads, not here.
+        let aesthetic = unet[0].describe().ok().is_some_and(|d| {
+            d.input("time_ids")
+                .is_some_and(|f| f.shape.last() == Some(&5))
+        });
         let kind = match (&text_encoder, &text_encoder_2) {
+            (_, Some(_)) if aesthetic => BundleKind::SdxlRefiner,
             (Some(_), Some(_)) => BundleKind::Sdxl,
             (None, Some(_)) => BundleKind::SdxlRefiner,
             _ => BundleKind::Sd,

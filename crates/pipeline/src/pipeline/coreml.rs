@@ -318,7 +318,12 @@ impl CoreMlComponents {
             Ok(factory(file)?)
         };
         let mut text = Vec::new();
-        if let Some(file) = &resources.text_encoder {
+        // The refiner conditions on the second encoder alone.
+        let first = match resources.kind {
+            BundleKind::SdxlRefiner => None,
+            BundleKind::Sd | BundleKind::Sdxl => resources.text_encoder.as_ref(),
+        };
+        if let Some(file) = first {
             text.push(CoreMlPromptEncoder::new(
                 build(file)?,
                 resources,
@@ -784,24 +789,121 @@ mod tests {
         assert!(message.contains("TextEncoder"), "{message}");
     }
 
+    fn zeros_factory(file: &ModelFile) -> sdrs_coreml::Result<Arc<dyn CoreMlModel>> {
+        let description = file.describe()?;
+        Ok(Arc::new(Zeros {
+            name: file.name.clone(),
+            inputs: description.inputs,
+            outputs: description.outputs,
+            calls: AtomicUsize::new(0),
+            fed: Mutex::new(Vec::new()),
+        }))
+    }
+
     #[test]
-    fn lora_embeddings_and_vae_tiling_are_refused() {
+    fn a_refiner_folder_conditions_on_the_second_encoder_and_the_aesthetic_score() {
         let Some(coreml) = fixture_dir("coreml") else {
             return;
         };
+        // Compiled bundles holding only metadata.json: the SDXL ones, with the UNet's inputs
+        // made a refiner's (one encoder's width, 5 time ids).
+        let dir = tempfile::tempdir().unwrap();
+        for (name, source) in [
+            ("TextEncoder2", "sdxl__TextEncoder2"),
+            ("Unet", "sdxl__Unet"),
+            ("VAEDecoder", "sdxl__VAEDecoder"),
+        ] {
+            let bundle = dir.path().join(format!("{name}.mlmodelc"));
+            std::fs::create_dir_all(&bundle).unwrap();
+            let text = std::fs::read_to_string(
+                coreml
+                    .join("metadata")
+                    .join(format!("{source}.metadata.json")),
+            )
+            .unwrap();
+            let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if name == "Unet" {
+                let width = |name: &str| {
+                    let desc = ModelFile {
+                        name: name.to_string(),
+                        path: coreml.join("sdxl").join(format!("{name}.mlpackage")),
+                        format: sdrs_coreml::runtime::ModelFormat::Package,
+                    }
+                    .describe()
+                    .unwrap();
+                    desc.outputs
+                        .iter()
+                        .find(|f| f.name == "hidden_embeds")
+                        .unwrap()
+                        .shape[2]
+                };
+                let (total, second) = (
+                    width("TextEncoder") + width("TextEncoder2"),
+                    width("TextEncoder2"),
+                );
+                for input in json[0]["inputSchema"].as_array_mut().unwrap() {
+                    let shape = input["shape"].as_str().unwrap().to_string();
+                    let shape = match input["name"].as_str().unwrap() {
+                        "time_ids" => shape.replace(", 6]", ", 5]"),
+                        "encoder_hidden_states" => {
+                            shape.replace(&format!(", {total}, 1,"), &format!(", {second}, 1,"))
+                        }
+                        _ => shape,
+                    };
+                    input["shape"] = serde_json::Value::String(shape);
+                }
+            }
+            std::fs::write(bundle.join("metadata.json"), json.to_string()).unwrap();
+        }
+        for file in ["vocab.json", "merges.txt"] {
+            std::fs::copy(coreml.join("sdxl").join(file), dir.path().join(file)).unwrap();
+        }
+        let built: Mutex<Vec<Arc<Zeros>>> = Mutex::new(Vec::new());
         let factory = |file: &ModelFile| -> sdrs_coreml::Result<Arc<dyn CoreMlModel>> {
             let description = file.describe()?;
-            Ok(Arc::new(Zeros {
+            let model = Arc::new(Zeros {
                 name: file.name.clone(),
                 inputs: description.inputs,
                 outputs: description.outputs,
                 calls: AtomicUsize::new(0),
                 fed: Mutex::new(Vec::new()),
-            }))
+            });
+            built.lock().unwrap().push(model.clone());
+            Ok(model)
+        };
+        let pipeline = StableDiffusion::load_coreml(
+            dir.path(),
+            &factory,
+            &LoadOptions::default(),
+            &CoreMlOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(pipeline.family(), ModelFamily::SdxlRefiner);
+        let mut request = Request::new(&pipeline, PROMPT, pipeline.scheduler_config().clone());
+        request.steps = 2;
+        request.seed = Some(3);
+        pipeline.generate(&request, &mut |_| {}).unwrap();
+        let unet = built
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "Unet")
+            .unwrap()
+            .clone();
+        assert!(unet.calls.load(Ordering::SeqCst) >= 2);
+        let fed = unet.fed.lock().unwrap();
+        let time_ids = fed.iter().find(|(name, _, _)| name == "time_ids").unwrap();
+        assert_eq!(time_ids.2[1], 5);
+    }
+
+    #[test]
+    fn lora_embeddings_and_vae_tiling_are_refused() {
+        let Some(coreml) = fixture_dir("coreml") else {
+            return;
         };
         let mut pipeline = StableDiffusion::load_coreml(
             &coreml.join("sd15"),
-            &factory,
+            &zeros_factory,
             &LoadOptions::default(),
             &CoreMlOptions::default(),
         )
