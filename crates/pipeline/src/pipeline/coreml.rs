@@ -367,7 +367,7 @@ fn family_of(kind: BundleKind) -> ModelFamily {
 
 impl StableDiffusion {
     /// A pipeline over the Core ML models of the resources folder `folder`, each built by
-    /// `factory` (Core ML's on Apple platforms: [`apple_factory`]); `options` gives the thread
+    /// `factory` (Core ML's on Apple platforms: `apple_factory`); `options` gives the thread
     /// pool and kernels of what still runs in candle (guidance, schedulers, previews). Its size
     /// is the compiled one; LoRAs, textual inversion and VAE tiling are errors.
     pub fn load_coreml(
