@@ -231,6 +231,16 @@ pub struct GenerateArgs {
     /// a LoRA with modules this model does not have.
     #[arg(long = "lora-ignore-unmatched")]
     pub lora_ignore_unmatched: bool,
+
+    /// What runs the models: candle (ours, on --device) or coreml (macOS/iOS: --model is an
+    /// Apple Core ML Stable Diffusion resources folder, at the size it was compiled for).
+    #[arg(long, default_value = "candle", value_parser = crate::coreml_backend::parse_backend)]
+    pub backend: crate::coreml_backend::Backend,
+
+    /// With --backend coreml: the processors Core ML may use (all, cpu-and-ne, cpu-and-gpu,
+    /// cpu-only).
+    #[arg(long = "compute-units", default_value = "all", value_parser = crate::coreml_backend::parse_compute_units)]
+    pub compute_units: crate::coreml_backend::ComputeUnits,
 }
 
 /// A sampler as `--sampling-method` names it, with the schedule its label implies
@@ -390,6 +400,7 @@ impl Settings {
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    crate::coreml_backend::check(&args)?;
     let _trace = crate::trace::start(args.trace.as_deref())?;
     let kernels = crate::system::kernel_options(args.attention)?;
     let settings = Settings::resolve(&args, kernels, random_seed())?;
@@ -410,7 +421,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     )?;
     // The refiner (planned above) gets no LoRAs: they are made for the base model.
     let options = options.with_loras(loras.files.clone(), args.lora_ignore_unmatched);
-    let mut pipeline = load_model(&args.model, args.config.as_deref(), &options)?;
+    let mut pipeline = match args.backend {
+        crate::coreml_backend::Backend::Candle => {
+            load_model(&args.model, args.config.as_deref(), &options)?
+        }
+        crate::coreml_backend::Backend::CoreMl => crate::coreml_backend::load(&args, &options)?,
+    };
     if let (Some(refiner), Some(reference)) = (&refiner, &args.refiner) {
         refiner
             .check_base(&pipeline)
@@ -419,8 +435,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if let Some(reference) = &args.vae {
         attach_tiny_autoencoder(&mut pipeline, reference, &options)?;
     }
+    // Core ML's text encoders take no embeddings: no default folder is looked for.
     let embedding_dir =
-        crate::embeddings::embedding_dir(args.embedding_dir.as_deref(), &args.model);
+        crate::embeddings::embedding_dir(args.embedding_dir.as_deref(), &args.model)
+            .filter(|_| args.backend == crate::coreml_backend::Backend::Candle);
     if let Some(dir) = &embedding_dir {
         let report = crate::embeddings::load(&mut pipeline, dir)?;
         let names: Vec<&str> = report.loaded.iter().map(|e| e.token.as_str()).collect();
@@ -747,6 +765,7 @@ fn parameters(args: &GenerateArgs, settings: &Settings, request: &Request) -> Pa
             args.refiner_start.to_string(),
         ));
     }
+    extra.extend(crate::coreml_backend::parameters(args));
     Parameters {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone().unwrap_or_default(),

@@ -2,6 +2,7 @@
 
 mod bench;
 mod coreml;
+mod coreml_backend;
 mod embeddings;
 mod generate;
 mod hub;

@@ -36,6 +36,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A model of a resources folder that cannot run what it was given (a missing or mismatched
+    /// input, a batch or size it was not compiled for, an error Core ML reported).
+    #[error("{model}: {reason}")]
+    Model { model: String, reason: String },
+
+    /// A file or folder a resources folder must have and lacks.
+    #[error("{}: not found ({what})", path.display())]
+    Missing { path: PathBuf, what: String },
+
     #[error(transparent)]
     Quant(#[from] sdrs_quant::Error),
 }
@@ -50,6 +59,13 @@ pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Err
 pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
     Error::Format {
         path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn model(model: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::Model {
+        model: model.into(),
         reason: reason.into(),
     }
 }

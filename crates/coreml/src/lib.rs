@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod package;
 pub mod palettize;
 pub mod program;
+pub mod runtime;
 pub mod value;
 
 pub use error::{Error, Result};

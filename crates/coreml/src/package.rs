@@ -46,6 +46,27 @@ pub struct MlPackage {
 
 impl MlPackage {
     pub fn open(path: &Path) -> Result<Self> {
+        let (model, model_path) = Self::read_spec(path)?;
+        let data = path.join("Data");
+        let weights_path = model_path
+            .parent()
+            .map(|p| p.join("weights").join("weight.bin"))
+            .unwrap_or_else(|| data.join(WEIGHTS_PATH).join("weight.bin"));
+        let weights = if weights_path.is_file() {
+            Some(BlobFile::open(&weights_path)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            model,
+            weights,
+        })
+    }
+
+    /// The package's model protobuf alone (its description, its program), without reading the
+    /// weight file, and the path it was read from.
+    pub fn read_spec(path: &Path) -> Result<(Model, PathBuf)> {
         if !path.is_dir() {
             return Err(format(
                 path,
@@ -79,20 +100,7 @@ impl MlPackage {
         let bytes = std::fs::read(&model_path).map_err(io(&model_path))?;
         let model = Model::decode(bytes.as_slice())
             .map_err(|e| format(&model_path, format!("not a Core ML model protobuf: {e}")))?;
-        let weights_path = model_path
-            .parent()
-            .map(|p| p.join("weights").join("weight.bin"))
-            .unwrap_or_else(|| data.join(WEIGHTS_PATH).join("weight.bin"));
-        let weights = if weights_path.is_file() {
-            Some(BlobFile::open(&weights_path)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            path: path.to_path_buf(),
-            model,
-            weights,
-        })
+        Ok((model, model_path))
     }
 
     /// The ML program, or an error for other model types (neural networks, pipelines).

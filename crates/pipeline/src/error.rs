@@ -123,6 +123,10 @@ pub enum Error {
     #[error(transparent)]
     Taesd(#[from] sdrs_taesd::Error),
 
+    #[cfg(feature = "coreml")]
+    #[error(transparent)]
+    CoreMl(#[from] sdrs_coreml::Error),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

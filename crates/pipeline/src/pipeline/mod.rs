@@ -7,6 +7,8 @@
 
 pub mod components;
 mod conditioning;
+#[cfg(feature = "coreml")]
+pub mod coreml;
 mod denoise;
 pub mod extra_networks;
 pub(crate) mod family;
@@ -272,8 +274,8 @@ pub struct StableDiffusion {
     /// The model's own VAE, both halves (the encoder for image-to-image).
     vae_decoder: Box<dyn LatentDecoder>,
     vae_encoder: Box<dyn LatentEncoder>,
-    /// The same VAE, to set its tiling ([`Self::set_vae_tiling`]).
-    vae: KlAutoencoder,
+    /// The same VAE, to set its tiling ([`Self::set_vae_tiling`]); `None` for another backend's.
+    vae: Option<KlAutoencoder>,
     /// Decodes instead of the VAE when set (a tiny autoencoder: fast final decode and previews).
     fast_decoder: Option<Box<dyn LatentDecoder>>,
     scheduler_config: serde_json::Value,
@@ -284,8 +286,9 @@ pub struct StableDiffusion {
     pool: Arc<rayon::ThreadPool>,
     /// The textual-inversion embeddings loaded into the text encoders, in load order.
     embeddings: Vec<crate::loading::embeddings::LoadedEmbedding>,
-    /// What the components were loaded from, to reload them with other LoRAs.
-    source: Source,
+    /// What the components were loaded from, to reload them with other LoRAs; `None` for
+    /// components that cannot be rebuilt with them (Core ML's).
+    source: Option<Source>,
 }
 
 /// Where a pipeline's components come from and how they were loaded.
@@ -433,25 +436,27 @@ impl StableDiffusion {
             native,
             vae_decoder: Box::new(vae.clone()),
             vae_encoder: Box::new(vae.clone()),
-            vae,
+            vae: Some(vae),
             fast_decoder: None,
             scheduler_config,
             device: options.device.clone(),
             dtype: options.dtype,
             kernels: options.kernels,
             pool,
-            source: Source {
+            source: Some(Source {
                 files,
                 weights,
                 options: options.clone(),
-            },
+            }),
             embeddings: Vec::new(),
         })
     }
 
     /// The LoRAs merged into this pipeline's weights.
     pub fn loras(&self) -> &[LoraFile] {
-        &self.source.options.loras
+        self.source
+            .as_ref()
+            .map_or(&[], |source| &source.options.loras)
     }
 
     /// Merges `loras` instead of the LoRAs loaded so far (none: the model's own weights): the
@@ -465,12 +470,19 @@ impl StableDiffusion {
                 component: "text encoders or UNet",
             });
         }
-        let mut options = self.source.options.clone();
+        let Some(source) = &self.source else {
+            return Err(Error::InvalidParameter {
+                name: "LoRA",
+                value: format!("{} file(s)", loras.len()),
+                expected: "none: this pipeline's weights are compiled in (Core ML)".to_string(),
+            });
+        };
+        let mut options = source.options.clone();
         options.loras = loras.to_vec();
-        let Source { files, weights, .. } = &self.source;
+        let Source { files, weights, .. } = source;
         let pool = self.pool.clone();
         let old = crate::loading::lora::LoraSet::open(
-            &self.source.options.loras,
+            &source.options.loras,
             &files.unet_config()?,
             true,
         )?;
@@ -526,7 +538,9 @@ impl StableDiffusion {
         if let Some(unet) = unet {
             self.denoiser = Some(Box::new(unet));
         }
-        self.source.options = options;
+        if let Some(source) = &mut self.source {
+            source.options = options;
+        }
         if text_rebuilt {
             // The rebuilt text encoders get the embeddings the old ones had, under the same ids.
             self.reload_embeddings()?;
@@ -798,17 +812,24 @@ impl StableDiffusion {
     /// Tiles the VAE's decodes and encodes as `tiling` says from now on (at load:
     /// [`LoadOptions::vae_tiling`]); a tile size or overlap out of range is an error.
     pub fn set_vae_tiling(&mut self, tiling: &vae_tiling::VaeTilingOptions) -> Result<()> {
-        self.vae.set_tiling(tiling.resolve(self.vae.config())?);
+        let vae = self.vae.as_ref().ok_or_else(|| Error::InvalidParameter {
+            name: "VAE tiling",
+            value: "set".to_string(),
+            expected: "none: this pipeline's VAE runs whole (Core ML)".to_string(),
+        })?;
+        vae.set_tiling(tiling.resolve(vae.config())?);
         Ok(())
     }
 
     /// Tiles the VAE's decodes and encodes with exactly these tiles from now on (diffusers'
     /// `enable_tiling()` with its attributes set by hand); `None` turns tiling off.
     pub fn set_vae_tiles(&mut self, tiles: Option<sdrs_vae::VaeTiling>) {
-        self.vae.set_tiling(match tiles {
-            Some(tiles) => vae_tiling::VaeTilingPolicy::Always(tiles),
-            None => vae_tiling::VaeTilingPolicy::Off,
-        });
+        if let Some(vae) = &self.vae {
+            vae.set_tiling(match tiles {
+                Some(tiles) => vae_tiling::VaeTilingPolicy::Always(tiles),
+                None => vae_tiling::VaeTilingPolicy::Off,
+            });
+        }
     }
 
     /// Decodes with a tiny autoencoder (TAESD and kin) instead of the full VAE from now on; its
