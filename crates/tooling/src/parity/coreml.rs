@@ -8,11 +8,17 @@
 //! 10,000 fp16 values) and with no larger squared error elsewhere (coremltools clusters small
 //! tables with scikit-learn's randomly seeded k-means); the difference is the number of weights
 //! that break this.
+//! `coreml_chunk:<folder>`: each `*-chunked/` folder's source UNet cut in two by sdrs as
+//! coremltools' `bisect_model` cut it (`chunks.json`): the same incision op, the same tensors
+//! crossing the cut, each chunk's inputs and outputs (names, dtypes, shapes, as a set: coremltools
+//! orders them from a Python set), the same original inputs kept by chunk 2 and the same op counts
+//! and weight bytes per chunk; the difference is the number of facts that differ.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use coreml_proto::proto::mil_spec::{DataType, Operation};
+use sdrs_coreml::chunk::{chunk_model, ChunkOptions};
 use sdrs_coreml::palettize::{
     compress_program, CompressOptions, Granularity, LinearDtype, Mode, Recipe,
     DEFAULT_WEIGHT_THRESHOLD, RECIPE_KEEP_BITS,
@@ -41,7 +47,43 @@ impl Runner<'_> {
             return Ok(());
         };
         self.coreml_decode_cases(&dir)?;
-        self.coreml_palettize_cases(&dir)
+        self.coreml_palettize_cases(&dir)?;
+        let root = dir.parent().unwrap_or(&dir).to_path_buf();
+        self.coreml_chunk_cases(&root)
+    }
+
+    fn coreml_chunk_cases(&mut self, root: &Path) -> Result<()> {
+        let mut folders: Vec<_> = std::fs::read_dir(root)
+            .map_err(|source| Error::Io {
+                path: root.to_path_buf(),
+                source,
+            })?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("chunks.json").is_file())
+            .collect();
+        folders.sort();
+        if folders.is_empty() {
+            self.push(super::CaseResult {
+                name: "coreml_chunk".to_string(),
+                max_diff: None,
+                tolerance: 0.0,
+                outcome: super::Outcome::Fail(Some(format!(
+                    "no folder with a chunks.json in {}",
+                    root.display()
+                ))),
+            });
+        }
+        for folder in folders {
+            let name = folder
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            self.case(format!("coreml_chunk:{name}"), CaseKind::BitExact, |_| {
+                chunk_diff(root, &folder)
+            });
+        }
+        Ok(())
     }
 
     fn coreml_palettize_cases(&mut self, dir: &Path) -> Result<()> {
@@ -361,4 +403,126 @@ fn palettize_diff(
         }
     }
     Ok(failures as f64)
+}
+
+/// A model description's features as (name, dtype, shape), sorted.
+fn described(m: &coreml_proto::proto::Model, outputs: bool) -> Vec<(String, String, Vec<i64>)> {
+    use coreml_proto::proto::{array_feature_type::ArrayDataType, feature_type};
+    let Some(d) = &m.description else {
+        return vec![];
+    };
+    let list = if outputs { &d.output } else { &d.input };
+    let mut v: Vec<_> = list
+        .iter()
+        .map(
+            |f| match f.r#type.as_ref().and_then(|t| t.r#type.as_ref()) {
+                Some(feature_type::Type::MultiArrayType(a)) => (
+                    f.name.clone(),
+                    ArrayDataType::try_from(a.data_type)
+                        .map(|d| format!("{d:?}"))
+                        .unwrap_or_default(),
+                    a.shape.clone(),
+                ),
+                _ => (f.name.clone(), String::new(), vec![]),
+            },
+        )
+        .collect();
+    v.sort();
+    v
+}
+
+fn op_counts(m: &coreml_proto::proto::Model) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    if let Some(block) = sdrs_coreml::package::program_of(m)
+        .and_then(|p| main_block(p).ok())
+        .map(|(_, _, b)| b)
+    {
+        for op in &block.operations {
+            *counts.entry(op.r#type.clone()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// The number of facts of `chunks.json` and of coremltools' chunk packages that sdrs' two chunks
+/// of the same source do not reproduce.
+fn chunk_diff(root: &Path, folder: &Path) -> Result<f64> {
+    let info = sdrs_pipeline::weights::read_json(&folder.join("chunks.json"))?;
+    let src = root.join(info["source"].as_str().unwrap_or_default());
+    let pkg = MlPackage::open(&src).map_err(|e| coreml_error(&src, e))?;
+    let chunked =
+        chunk_model(&pkg.model, &ChunkOptions::default()).map_err(|e| coreml_error(&src, e))?;
+    let mut differ = 0usize;
+    let mut check = |same: bool| differ += usize::from(!same);
+    let inc = &info["incision_op"];
+    match chunked.incisions.as_slice() {
+        [got] => {
+            check(inc["name"].as_str() == Some(got.name.as_str()));
+            check(inc["type"].as_str() == Some(got.op_type.as_str()));
+            check(inc["index"].as_u64() == Some(got.index as u64));
+            check(inc["n_ops_in_main_block"].as_u64() == Some(got.n_ops as u64));
+        }
+        _ => check(false),
+    }
+    let want_cut: std::collections::BTreeSet<(String, String, Vec<usize>)> = info["cut_tensors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap_or_default().to_string(),
+                        c["mil_dtype"].as_str().unwrap_or_default().to_string(),
+                        c["shape"]
+                            .as_array()
+                            .map(|s| {
+                                s.iter()
+                                    .filter_map(|d| d.as_u64())
+                                    .map(|d| d as usize)
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let got_cut: std::collections::BTreeSet<_> = chunked
+        .cut_tensors
+        .first()
+        .map(|c| c.iter().cloned().collect())
+        .unwrap_or_default();
+    check(!want_cut.is_empty() && got_cut == want_cut);
+    check(chunked.models.len() == 2);
+    for (k, model) in chunked.models.iter().enumerate() {
+        let key = format!("chunk{}", k + 1);
+        let theirs_path = folder.join(format!("UnetChunk{}.mlpackage", k + 1));
+        let theirs = MlPackage::open(&theirs_path).map_err(|e| coreml_error(&theirs_path, e))?;
+        check(described(model, false) == described(&theirs.model, false));
+        check(described(model, true) == described(&theirs.model, true));
+        check(op_counts(model) == op_counts(&theirs.model));
+        check(info[&key]["const_weight_bytes"].as_u64() == chunked.const_bytes.get(k).copied());
+        if k == 1 {
+            let kept: Vec<String> = info["chunk2"]["original_inputs_kept"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let originals: Vec<String> = described(&pkg.model, false)
+                .into_iter()
+                .map(|f| f.0)
+                .collect();
+            let ours: Vec<String> = described(model, false)
+                .into_iter()
+                .map(|f| f.0)
+                .filter(|n| originals.contains(n))
+                .collect();
+            let mut kept_sorted = kept.clone();
+            kept_sorted.sort();
+            check(ours == kept_sorted);
+        }
+    }
+    Ok(differ as f64)
 }
