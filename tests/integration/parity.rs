@@ -77,6 +77,15 @@ fn parity_passes_every_supported_case() {
             .count();
         assert!(exact >= 15, "{exact} k-means tables identical:\n{text}");
     }
+    if extended_fixtures("coreml/compressed").is_some() {
+        for prefix in ["coreml_decode:", "coreml_palettize:", "coreml_chunk:"] {
+            let passed = lines
+                .iter()
+                .filter(|l| l.starts_with(prefix) && l.ends_with("pass"))
+                .count();
+            assert!(passed > 0, "no {prefix} case passed:\n{text}");
+        }
+    }
     if extended_fixtures("features").is_some() {
         for prefix in [
             "prompt_parser:",
