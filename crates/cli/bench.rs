@@ -230,7 +230,7 @@ pub fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
     let native = NativeSize::of(&files)?;
     let scale = native.vae_scale_factor;
     let size = args.size.unwrap_or(native.pixels);
-    if size == 0 || size % scale != 0 {
+    if size == 0 || !size.is_multiple_of(scale) {
         bail!("--size {size} must be a positive multiple of {scale}");
     }
     // Every part computes on the thread pool a pipeline loaded with these options has; a model

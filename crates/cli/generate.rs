@@ -698,7 +698,7 @@ fn sample(
         bar.set_position(p.step as u64);
         steps += 1;
         if let Some(path) = &args.preview {
-            let due = p.step as u64 % args.preview_every == 0 || p.step == p.total;
+            let due = (p.step as u64).is_multiple_of(args.preview_every) || p.step == p.total;
             if due && !preview_failed {
                 let written = p
                     .preview()

@@ -91,7 +91,7 @@ impl ClipTextConfig {
                 });
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::InvalidConfig {
                 name: "hidden_size",
                 value: self.hidden_size.to_string(),

@@ -141,7 +141,7 @@ impl TorchGenerator {
         for block in data.chunks_exact_mut(16) {
             normal_fill_16(block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             // torch re-draws the last 16 uniforms (overlapping the last full block) and
             // transforms them again.
             let tail = &mut data[n - 16..];

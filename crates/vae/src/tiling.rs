@@ -110,7 +110,7 @@ impl VaeTiling {
     ) -> Result<Self> {
         let factor = 1usize << config.block_out_channels.len().saturating_sub(1);
         let size = tile_size.unwrap_or(config.sample_size);
-        if size == 0 || size % factor != 0 {
+        if size == 0 || !size.is_multiple_of(factor) {
             return Err(Error::InvalidParameter {
                 name: "tile size",
                 value: size.to_string(),

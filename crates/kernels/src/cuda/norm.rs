@@ -83,7 +83,7 @@ impl CustomOp3 for GroupNormOp {
         }
         let (images, channels) = (dims[0], dims[1]);
         let groups = self.groups;
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("{OP}: {channels} channels cannot form {groups} groups");
         }
         for (storage, layout, what) in [(s2, l2, "weight"), (s3, l3, "bias")] {
