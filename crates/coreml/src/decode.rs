@@ -473,3 +473,74 @@ fn sparse_to_dense_ios16(
         values,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::immediate_value;
+
+    fn attr(
+        dtype: DataType,
+        shape: &[usize],
+        values: Values,
+    ) -> coreml_proto::proto::mil_spec::Value {
+        immediate_value(&TensorData {
+            dtype,
+            shape: shape.to_vec(),
+            values,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn ios16_sparse_to_dense_places_values_at_the_mask_bits_lsb_first() {
+        let mut op = Operation {
+            r#type: "constexpr_sparse_to_dense".into(),
+            ..Default::default()
+        };
+        let nz = [1.0f32, 2.0, 3.0].map(f16::from_f32).to_vec();
+        op.attributes.insert(
+            "nonzero_data".into(),
+            attr(DataType::Float16, &[3], Values::F16(nz)),
+        );
+        // Bits 0, 2 and 5 set.
+        op.attributes.insert(
+            "mask".into(),
+            attr(DataType::Uint8, &[1], Values::Int(vec![0b0010_0101])),
+        );
+        op.attributes.insert(
+            "shape".into(),
+            attr(DataType::Uint32, &[2], Values::Int(vec![2, 3])),
+        );
+        let t = materialize(&op, &HashMap::new(), None).unwrap();
+        assert_eq!(t.shape, vec![2, 3]);
+        assert_eq!(
+            t.values.to_f32().unwrap(),
+            vec![1.0, 0.0, 2.0, 0.0, 0.0, 3.0]
+        );
+        // A mask whose bit count does not match the values is refused.
+        op.attributes.insert(
+            "mask".into(),
+            attr(DataType::Uint8, &[1], Values::Int(vec![0b0000_0101])),
+        );
+        let e = materialize(&op, &HashMap::new(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 bits set for 3 values"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_constexpr_op_is_refused_with_the_forms_we_read() {
+        let op = Operation {
+            r#type: "constexpr_cast".into(),
+            ..Default::default()
+        };
+        let e = materialize(&op, &HashMap::new(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("constexpr_cast") && e.contains("decoded forms"),
+            "{e}"
+        );
+    }
+}
