@@ -62,20 +62,7 @@ pub fn files_in(dir: &Path) -> Vec<String> {
 /// The extended fixture set `name` (`SDRS_FIXTURES`, default `../shared/fixtures`), or `None`
 /// after printing `skipped: <path> not found`; under `CI=true` a missing set fails the test.
 pub fn extended_fixtures(name: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("SDRS_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
-    let dir = root.join(name);
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("CI").map_or(true, |v| v != "true"),
-        "{} not found (CI needs the extended fixtures)",
-        dir.display()
-    );
-    println!("skipped: {} not found", dir.display());
-    None
+    sdrs_fixtures::extended(name)
 }
 
 /// A PNG's width, height, pixels and `parameters` text chunk.

@@ -14,26 +14,7 @@ use sdrs_coreml::MlPackage;
 use serde_json::Value as Json;
 
 fn fixture_dir(sub: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("SDRS_FIXTURES").map_or_else(
-        || {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/fixtures"
-            ))
-        },
-        PathBuf::from,
-    );
-    let dir = root.join(sub);
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{} not found (CI=true requires the fixtures)",
-        dir.display()
-    );
-    println!("skipped: {} not found", dir.display());
-    None
+    sdrs_fixtures::extended(sub)
 }
 
 /// Every `*-chunked/` folder with a chunks.json, and the json.

@@ -377,26 +377,7 @@ pub(crate) mod tests {
     /// `<fixtures>/<sub>` when it exists; `None` (after saying so) when it does not, except on CI
     /// (`CI=true`), where the fixtures must be present.
     pub(crate) fn fixture_dir(sub: &str) -> Option<PathBuf> {
-        let root = std::env::var_os("SDRS_FIXTURES").map_or_else(
-            || {
-                PathBuf::from(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../../../shared/fixtures"
-                ))
-            },
-            PathBuf::from,
-        );
-        let dir = root.join(sub);
-        if dir.is_dir() {
-            return Some(dir);
-        }
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{} not found (CI=true requires the fixtures)",
-            dir.display()
-        );
-        println!("skipped: {} not found", dir.display());
-        None
+        sdrs_fixtures::extended(sub)
     }
 
     /// A safetensors tensor's dtype, shape and bytes.

@@ -73,20 +73,7 @@ fn a_larger_input_is_tiled_to_the_untiled_size() {
 }
 
 fn extended(name: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("SDRS_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
-    let dir = root.join(name);
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("CI").map_or(true, |v| v != "true"),
-        "{} not found (CI needs the extended fixtures)",
-        dir.display()
-    );
-    println!("skipped: {} not found", dir.display());
-    None
+    sdrs_fixtures::extended(name)
 }
 
 fn usize_at(case: &serde_json::Value, path: &[&str]) -> usize {

@@ -375,22 +375,7 @@ mod tests {
 
     /// The extended fixture set `name`, or `None` (skipped; a failure under `CI=true`).
     fn extended(name: &str) -> Option<PathBuf> {
-        let root = std::env::var_os("SDRS_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-            });
-        let dir = root.join(name);
-        if dir.is_dir() {
-            return Some(dir);
-        }
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "{} not found",
-            dir.display()
-        );
-        println!("skipped: {} not found", dir.display());
-        None
+        sdrs_fixtures::extended(name)
     }
 
     #[test]

@@ -18,26 +18,7 @@ use crate::Error;
 /// `$SDRS_FIXTURES/gguf` (default `<workspace>/../shared/fixtures/gguf`), `None` (after saying
 /// so) when absent, except under `CI=true`, where a missing fixture fails the test.
 fn fixtures() -> Option<PathBuf> {
-    let root = std::env::var_os("SDRS_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/fixtures"
-            ))
-        });
-    let dir = root.join("gguf");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "{} not found (CI=true: fixtures are required)",
-            dir.display()
-        );
-    }
-    eprintln!("skipped: {} not found", dir.display());
-    None
+    sdrs_fixtures::extended("gguf")
 }
 
 fn read(path: &Path) -> Vec<u8> {
