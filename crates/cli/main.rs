@@ -15,6 +15,7 @@ mod quantize;
 mod quantize_analyze;
 mod roundtrip;
 mod selfcheck;
+mod serve;
 mod system;
 mod trace;
 mod vae_tiling;
@@ -51,6 +52,8 @@ enum Command {
     Models(hub::ModelsArgs),
     /// Apple Core ML models: inspect, chunk and palettize `.mlpackage` files (on every OS).
     Coreml(coreml::CoremlArgs),
+    /// Serve loaded models over HTTP: AUTOMATIC1111's API, /api/generate and a web page.
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => hub::run_pull(args),
         Command::Models(args) => hub::run_models(args),
         Command::Coreml(args) => coreml::run(args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(code) => code,

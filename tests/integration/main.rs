@@ -12,6 +12,7 @@ mod parity;
 mod prompt_syntax;
 mod quantize;
 mod roundtrip;
+mod serve;
 mod trace;
 mod util;
 mod vae_tiling;
