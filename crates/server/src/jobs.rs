@@ -235,7 +235,7 @@ impl Queue {
                     id: job.id,
                     model: model.alias.clone(),
                     step: 0,
-                    steps: job.plan.steps * job.plan.n_iter,
+                    steps: job.plan.steps.saturating_mul(job.plan.n_iter),
                     started: Some(Instant::now()),
                     preview: None,
                     interrupt: interrupt.clone(),
@@ -243,7 +243,10 @@ impl Queue {
             }
             let queued_s = job.submitted.elapsed().as_secs_f64();
             let started = Instant::now();
-            let result = self.run(&model.pipeline, &job, &interrupt);
+            // A bug that panics inside a generation fails that request, not the whole model.
+            let run = std::panic::AssertUnwindSafe(|| self.run(&model.pipeline, &job, &interrupt));
+            let result = std::panic::catch_unwind(run)
+                .unwrap_or_else(|_| Err(Error::WorkerGone(model.alias.clone())));
             let generation_s = started.elapsed().as_secs_f64();
             let mut state = self.lock();
             state.running.retain(|r| r.id != job.id);
@@ -294,9 +297,9 @@ impl Queue {
                 output.interrupted = true;
                 break;
             }
-            let first = batch * plan.batch_size;
+            let first = batch.saturating_mul(plan.batch_size);
             request.seed = Some(plan.image_seed(first));
-            let done = batch * plan.steps;
+            let done = batch.saturating_mul(plan.steps);
             let mut on_step = |p: &StepProgress| {
                 let wanted = self.preview_wanted.load(Ordering::Relaxed);
                 let preview = if wanted && last_preview.elapsed().as_millis() >= 200 {
@@ -310,7 +313,7 @@ impl Queue {
                 };
                 let mut state = self.lock();
                 if let Some(running) = state.running.iter_mut().find(|r| r.id == job.id) {
-                    running.step = done + p.step;
+                    running.step = done.saturating_add(p.step);
                     if preview.is_some() {
                         running.preview = preview;
                     }

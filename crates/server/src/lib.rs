@@ -46,8 +46,8 @@ pub enum Error {
     /// The job did not finish within `--timeout`.
     #[error("the generation did not finish within {0} s")]
     Timeout(u64),
-    /// The model's worker is gone (it panicked or the server is shutting down).
-    #[error("the worker of model {0:?} stopped")]
+    /// The model's worker failed the job by panicking, or is gone.
+    #[error("the worker of model {0:?} failed (an internal error; the server carries on)")]
     WorkerGone(String),
     /// A listen address other than loopback without `--api-auth` or `--no-auth`.
     #[error(
