@@ -84,6 +84,7 @@ pub fn router(config: ServerConfig) -> Router {
         .route("/sdapi/v1/samplers", get(samplers))
         .route("/sdapi/v1/schedulers", get(schedulers))
         .route("/sdapi/v1/options", get(options).post(set_options))
+        .route("/sdapi/v1/scripts", get(scripts))
         .route("/api/generate", post(api_generate))
         .route("/api/queue", get(queue_view))
         .fallback(not_found)
@@ -465,6 +466,11 @@ async fn samplers() -> Json<Value> {
 
 async fn schedulers() -> Json<Value> {
     Json(a1111::schedulers())
+}
+
+/// No AUTOMATIC1111 scripts: webuiapi asks for the list when it connects.
+async fn scripts() -> Json<Value> {
+    Json(json!({"txt2img": [], "img2img": []}))
 }
 
 async fn options(State(app): State<App>) -> Json<Value> {

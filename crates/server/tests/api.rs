@@ -267,6 +267,8 @@ fn listing_endpoints_and_the_page_answer() {
         .any(|s| s["name"] == "DPM++ 2M"));
     let schedulers = get(addr, "/sdapi/v1/schedulers").json();
     assert_eq!(schedulers[0]["label"], "Automatic");
+    let scripts = get(addr, "/sdapi/v1/scripts").json();
+    assert_eq!(scripts, json!({"txt2img": [], "img2img": []}));
     let page = get(addr, "/");
     assert_eq!(page.status, 200);
     assert!(String::from_utf8_lossy(&page.body).contains("/sdapi/v1/txt2img"));
