@@ -163,6 +163,17 @@ pub struct Plan {
     pub unsupported: Vec<String>,
 }
 
+/// `prompt` without its `<lora:...>` tags, which are named in `unsupported`: no request reaches
+/// the file system, and `sdrs serve` has no LoRA folder yet. AUTOMATIC1111 too takes the tags out
+/// of the text and carries on when a LoRA is missing.
+pub fn without_loras(prompt: &str, unsupported: &mut Vec<String>) -> Result<String> {
+    let (text, loras) = sdrs_pipeline::pipeline::extra_networks::extract_loras(prompt)?;
+    for lora in loras {
+        unsupported.push(format!("<lora:{}> (no LoRA folder)", lora.name));
+    }
+    Ok(text)
+}
+
 /// The sampler and schedule for AUTOMATIC1111's `sampler_name` and `scheduler` (`Automatic`:
 /// the one the label implies, else Karras for DPM++ 2M, else the sampler's own, as `sdrs
 /// generate` picks).
@@ -411,6 +422,15 @@ mod tests {
             unsupported,
             ["restore_faces", "styles", "override_settings.sd_vae"]
         );
+    }
+
+    #[test]
+    fn lora_tags_are_taken_out_and_reported() {
+        let mut unsupported = Vec::new();
+        let text = without_loras("a cat <lora:style:0.5>, blue", &mut unsupported).unwrap();
+        assert_eq!(text, "a cat , blue");
+        assert_eq!(unsupported, ["<lora:style> (no LoRA folder)"]);
+        assert!(without_loras("a <lora:x:heavy>", &mut unsupported).is_err());
     }
 
     #[test]

@@ -261,9 +261,11 @@ impl Inner {
     fn plan(
         &self,
         params: &GenerationParams,
-        unsupported: Vec<String>,
+        mut unsupported: Vec<String>,
         img2img: bool,
     ) -> Result<(Plan, Option<Tensor>)> {
+        let prompt = a1111::without_loras(&params.prompt, &mut unsupported)?;
+        let negative_prompt = a1111::without_loras(&params.negative_prompt, &mut unsupported)?;
         let overrides = &params.override_settings;
         let checkpoint = match overrides.get("sd_model_checkpoint") {
             None => None,
@@ -311,8 +313,8 @@ impl Inner {
         let seed = u64::try_from(params.seed).unwrap_or_else(|_| a1111::random_seed());
         let plan = Plan {
             model: model.alias.clone(),
-            prompt: params.prompt.clone(),
-            negative_prompt: params.negative_prompt.clone(),
+            prompt,
+            negative_prompt,
             steps: params.steps,
             cfg_scale: params.cfg_scale,
             sampler,
@@ -556,10 +558,22 @@ async fn api_generate(
     let height = request.height.unwrap_or(model.default_size);
     let steps = request.steps.unwrap_or(25);
     a1111::check_limits(width, height, steps, 1, model.vae_factor, &app.limits)?;
+    // The app's answer has no `info`: a LoRA tag it cannot honour is refused, not dropped.
+    let mut loras = Vec::new();
+    let prompt = a1111::without_loras(&request.prompt, &mut loras)?;
+    let negative_prompt =
+        a1111::without_loras(&request.negative_prompt.unwrap_or_default(), &mut loras)?;
+    if let Some(lora) = loras.first() {
+        return Err(Error::InvalidField {
+            name: "prompt",
+            value: lora.clone(),
+            expected: "a prompt without LoRA tags (sdrs serve has no LoRA folder yet)".to_string(),
+        });
+    }
     let plan = Plan {
         model: model.alias.clone(),
-        prompt: request.prompt,
-        negative_prompt: request.negative_prompt.unwrap_or_default(),
+        prompt,
+        negative_prompt,
         steps,
         cfg_scale: model.default_cfg,
         sampler,

@@ -163,7 +163,7 @@ fn txt2img_answers_as_automatic1111_with_reproducible_pngs() {
     let reply = post(
         addr,
         "/sdapi/v1/txt2img",
-        &small(json!({"restore_faces": true, "eta": 1})),
+        &small(json!({"restore_faces": true, "eta": 1, "negative_prompt": "<lora:blur:0.5>"})),
     );
     assert_eq!(
         reply.status,
@@ -182,7 +182,11 @@ fn txt2img_answers_as_automatic1111_with_reproducible_pngs() {
     assert_eq!(info["seed"], 42);
     assert_eq!(info["all_seeds"], json!([42]));
     assert_eq!(info["infotexts"][0], text);
-    assert_eq!(info["unsupported"], json!(["restore_faces"]));
+    assert_eq!(
+        info["unsupported"],
+        json!(["restore_faces", "<lora:blur> (no LoRA folder)"])
+    );
+    assert_eq!(info["negative_prompt"], "");
     assert_eq!(answer["parameters"]["seed"], 42);
     assert_eq!(answer["parameters"]["steps"], 2);
 
@@ -350,6 +354,9 @@ fn api_generate_gives_the_image_of_its_seed() {
         decode(a1111.json()["images"][0].as_str().unwrap()).0,
         pixels
     );
+    let reply = post(addr, "/api/generate", &json!({"prompt": "x <lora:style>"}));
+    assert_eq!(reply.status, 422);
+    assert!(reply.json()["detail"].as_str().unwrap().contains("LoRA"));
     let reply = post(
         addr,
         "/api/generate",
