@@ -27,8 +27,9 @@ model=tests/fixtures/tiny-sd15
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
-  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    chromium chromium-driver >"$work/apt.log" 2>&1; then
+  # A fresh machine's package lists may be empty or stale: refresh them first.
+  if ! { $sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends chromium chromium-driver; } >"$work/apt.log" 2>&1; then
     if [ "${CI:-}" = true ]; then
       cat "$work/apt.log" >&2
       echo "cannot install chromium (CI=true requires the browser check)" >&2
