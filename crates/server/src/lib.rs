@@ -58,9 +58,10 @@ pub enum Error {
     /// `--api-auth` not of the form `user:password`.
     #[error("invalid --api-auth {0:?}: expected user:password")]
     BadCredentials(String),
-    /// The library refused or failed the generation.
+    /// The library refused or failed the generation (boxed: the library's error is large, and
+    /// every handler returns this type).
     #[error(transparent)]
-    Pipeline(#[from] sdrs_pipeline::Error),
+    Pipeline(Box<sdrs_pipeline::Error>),
     /// A sampler or schedule name the schedulers do not know.
     #[error(transparent)]
     Scheduler(#[from] sdrs_schedulers::Error),
@@ -72,13 +73,21 @@ pub enum Error {
     Encode(String),
 }
 
+impl From<sdrs_pipeline::Error> for Error {
+    fn from(e: sdrs_pipeline::Error) -> Self {
+        Error::Pipeline(Box::new(e))
+    }
+}
+
 impl Error {
     /// The HTTP status this error answers with.
     pub fn status(&self) -> u16 {
         match self {
             Error::BadJson(_) => 400,
             Error::InvalidField { .. } | Error::BadField { .. } | Error::Scheduler(_) => 422,
-            Error::Pipeline(sdrs_pipeline::Error::InvalidParameter { .. }) => 422,
+            Error::Pipeline(e) if matches!(**e, sdrs_pipeline::Error::InvalidParameter { .. }) => {
+                422
+            }
             Error::OverLimit { .. } => 413,
             Error::UnknownModel { .. } => 404,
             Error::QueueFull { .. } => 503,

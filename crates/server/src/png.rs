@@ -93,7 +93,7 @@ pub fn decode_init_image(
 
 impl From<candle_core::Error> for Error {
     fn from(error: candle_core::Error) -> Self {
-        Error::Pipeline(error.into())
+        Error::Pipeline(Box::new(error.into()))
     }
 }
 
