@@ -113,7 +113,7 @@ def client_checks(host, port):
     api.interrupt()
     job.join()
     images = len(outcome["result"].images)
-    check(outcome["result"].info["interrupted"] and 0 < images < 16,
+    check(outcome["result"].info["interrupted"] and images < 16,
           f"interrupt: the job stopped after {images} of 16 images")
     api.util_wait_for_ready(check_interval=0.1)
     print("ok: util_wait_for_ready returns once the queue is empty")

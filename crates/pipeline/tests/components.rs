@@ -143,3 +143,36 @@ fn refiner_clip_skip_zero_is_an_error_not_a_panic() {
     let message = pipeline.encode_prompts(&request).unwrap_err().to_string();
     assert!(message.contains("clip skip 0"), "{message}");
 }
+
+/// `Request::cancel` set from the progress callback (a server's interrupt, from another thread
+/// in practice) stops the generation after that step with `Error::Cancelled`; unset, the same
+/// request runs to its end.
+#[test]
+fn a_cancelled_request_stops_after_the_step_it_was_cancelled_at() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let pipeline = load("tiny-sd15");
+    let mut request = request(&pipeline);
+    request.steps = 5;
+    let cancel = Arc::new(AtomicBool::new(false));
+    request.cancel = Some(cancel.clone());
+    let mut steps = 0;
+    let result = pipeline.generate(&request, &mut |p| {
+        steps = p.step;
+        if p.step == 2 {
+            cancel.store(true, Ordering::SeqCst);
+        }
+    });
+    assert!(
+        matches!(result, Err(sdrs_pipeline::Error::Cancelled)),
+        "{result:?}"
+    );
+    assert_eq!(steps, 2, "no step ran after the cancel");
+    cancel.store(false, Ordering::SeqCst);
+    let mut steps = 0;
+    pipeline
+        .generate(&request, &mut |p| steps = p.step)
+        .unwrap();
+    // Every step of the schedule (PNDM's has one more than `steps`).
+    assert!(steps >= 5, "{steps} steps");
+}

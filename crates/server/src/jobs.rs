@@ -263,7 +263,12 @@ impl Queue {
         }
     }
 
-    fn run(&self, pipeline: &StableDiffusion, job: &Job, interrupt: &AtomicBool) -> Result<Output> {
+    fn run(
+        &self,
+        pipeline: &StableDiffusion,
+        job: &Job,
+        interrupt: &Arc<AtomicBool>,
+    ) -> Result<Output> {
         let plan = &job.plan;
         let scheduler = plan
             .sampler
@@ -276,6 +281,8 @@ impl Queue {
         request.guidance_scale = plan.cfg_scale;
         request.clip_skip = plan.clip_skip;
         request.batch_size = plan.batch_size;
+        // An interrupt stops the image being denoised at its next step, not only between images.
+        request.cancel = Some(interrupt.clone());
         if let Some(strength) = plan.strength {
             request.strength = strength;
         }
@@ -319,7 +326,13 @@ impl Queue {
                     }
                 }
             };
-            let images = pipeline.generate(&request, &mut on_step)?;
+            let images = match pipeline.generate(&request, &mut on_step) {
+                Err(sdrs_pipeline::Error::Cancelled) => {
+                    output.interrupted = true;
+                    break;
+                }
+                other => other?,
+            };
             for position in 0..plan.batch_size {
                 let seed = plan.image_seed(first + position);
                 let text = plan.infotext(seed, position);

@@ -483,7 +483,8 @@ fn progress_reports_steps_and_previews_and_interrupt_stops_the_job() {
     let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
     assert_eq!(info["interrupted"], true);
     let images = answer["images"].as_array().unwrap().len();
-    assert!((1..16).contains(&images), "{images} images");
+    // Stopped mid-image (the one being denoised is dropped) or between images.
+    assert!(images < 16, "{images} images");
     assert_eq!(
         get(addr, "/sdapi/v1/progress").json()["state"]["job_count"],
         0

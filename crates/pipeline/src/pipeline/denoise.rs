@@ -184,7 +184,8 @@ pub(super) fn run(
     conditioning: &Conditioning,
     guidance_scale: f64,
     noise: &mut dyn NoiseSource,
-    progress: &mut dyn FnMut(usize, f64, &Tensor),
+    // Called after each step; an error (a cancelled request) ends the loop with it.
+    progress: &mut dyn FnMut(usize, f64, &Tensor) -> Result<()>,
 ) -> Result<Tensor> {
     let mut latents = start.latents;
     let inpainting = start.inpainting.as_ref();
@@ -210,7 +211,7 @@ pub(super) fn run(
             latents = inpainting.blend(scheduler, &latents, next)?;
         }
         drop(entered);
-        progress(index + 1, t, &latents);
+        progress(index + 1, t, &latents)?;
     }
     Ok(latents)
 }

@@ -146,6 +146,9 @@ pub struct Request {
     /// draws from its own generator seeded `seed + i` (AUTOMATIC1111's rule), so each is the image
     /// that seed gives alone; explicit `latents` and init latents then have `batch_size` rows.
     pub batch_size: usize,
+    /// Stops the generation before its next denoising step once another thread sets it (a
+    /// server's interrupt): the call then returns [`Error::Cancelled`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The most images one request may batch together.
@@ -178,6 +181,7 @@ impl Request {
             crops_coords_top_left: (0, 0),
             target_size: None,
             aesthetic_score: 6.0,
+            cancel: None,
             negative_aesthetic_score: 2.5,
             batch_size: 1,
         }
@@ -804,7 +808,13 @@ impl StableDiffusion {
                     timestep,
                     latents,
                     pipeline: self,
-                })
+                });
+                match &request.cancel {
+                    Some(cancel) if cancel.load(std::sync::atomic::Ordering::SeqCst) => {
+                        Err(Error::Cancelled)
+                    }
+                    _ => Ok(()),
+                }
             },
         )
     }

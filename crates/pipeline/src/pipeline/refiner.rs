@@ -213,6 +213,7 @@ mod tests {
             aesthetic_score: 7.0,
             negative_aesthetic_score: 2.0,
             batch_size: 1,
+            cancel: None,
         }
     }
 
