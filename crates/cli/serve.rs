@@ -2,6 +2,7 @@
 //! `/api/generate` and a web page; see the `sdrs-server` crate).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,11 @@ pub struct ServeArgs {
     /// Send CORS headers allowing this origin (`*` for any); without it, no CORS headers.
     #[arg(long = "cors-allow-origin")]
     pub cors_allow_origin: Option<String>,
+
+    /// The LoRA folder: a prompt's `<lora:name:weight>` uses `name.safetensors` from it (names
+    /// only, no paths). Without it the tags are reported in `info` as not honoured.
+    #[arg(long = "lora-dir")]
+    pub lora_dir: Option<PathBuf>,
 
     /// Most generation requests waiting (beyond those running); more are answered 503 with
     /// Retry-After.
@@ -163,6 +169,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         },
         auth: args.api_auth.clone(),
         cors_allow_origin: args.cors_allow_origin.clone(),
+        lora_dir: args.lora_dir.clone(),
         log: Arc::new(move |line: &RequestLog| eprintln!("{}", log_line(line, json_log))),
     };
     let addr = SocketAddr::new(args.host, args.port);

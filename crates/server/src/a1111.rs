@@ -2,6 +2,9 @@
 //! fields with its defaults, resolved into a [`Plan`] for a loaded model, and the `parameters`
 //! infotext and `info` JSON it answers with.
 
+use std::path::Path;
+
+use sdrs_pipeline::LoraFile;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -161,15 +164,46 @@ pub struct Plan {
     pub strength: Option<f64>,
     pub clip_skip: Option<usize>,
     pub unsupported: Vec<String>,
+    /// The prompt's `<lora:name:weight>` tags, resolved in the server's `--lora-dir`.
+    pub loras: Vec<LoraFile>,
 }
 
-/// `prompt` without its `<lora:...>` tags, which are named in `unsupported`: no request reaches
-/// the file system, and `sdrs serve` has no LoRA folder yet. AUTOMATIC1111 too takes the tags out
-/// of the text and carries on when a LoRA is missing.
-pub fn without_loras(prompt: &str, unsupported: &mut Vec<String>) -> Result<String> {
-    let (text, loras) = sdrs_pipeline::pipeline::extra_networks::extract_loras(prompt)?;
-    for lora in loras {
-        unsupported.push(format!("<lora:{}> (no LoRA folder)", lora.name));
+/// `prompt` without its `<lora:...>` tags. With a LoRA folder (`--lora-dir`) each tag names a
+/// file `<name>.safetensors` directly in it (a name with a path in it is refused, so no request
+/// reaches another file), added to `loras`; a file that is not there is named in `unsupported`
+/// and skipped, as AUTOMATIC1111 carries on without a missing LoRA. Without a folder every tag is
+/// named in `unsupported`.
+pub fn take_loras(
+    prompt: &str,
+    lora_dir: Option<&Path>,
+    unsupported: &mut Vec<String>,
+    loras: &mut Vec<LoraFile>,
+) -> Result<String> {
+    let (text, tags) = sdrs_pipeline::pipeline::extra_networks::extract_loras(prompt)?;
+    for tag in tags {
+        let Some(dir) = lora_dir else {
+            unsupported.push(format!(
+                "<lora:{}> (no LoRA folder: sdrs serve --lora-dir)",
+                tag.name
+            ));
+            continue;
+        };
+        let plain = !tag.name.is_empty()
+            && tag.name != "."
+            && tag.name != ".."
+            && !tag.name.contains(['/', '\\', ':', '\0']);
+        if !plain {
+            return Err(Error::InvalidField {
+                name: "prompt",
+                value: format!("<lora:{}>", tag.name),
+                expected: "a LoRA name: a file name in the server's LoRA folder, without a path"
+                    .to_string(),
+            });
+        }
+        match tag.resolve(dir) {
+            Ok(file) => loras.push(file),
+            Err(_) => unsupported.push(format!("<lora:{}> (not in the LoRA folder)", tag.name)),
+        }
     }
     Ok(text)
 }
@@ -427,10 +461,44 @@ mod tests {
     #[test]
     fn lora_tags_are_taken_out_and_reported() {
         let mut unsupported = Vec::new();
-        let text = without_loras("a cat <lora:style:0.5>, blue", &mut unsupported).unwrap();
+        let mut loras = Vec::new();
+        let text = take_loras(
+            "a cat <lora:style:0.5>, blue",
+            None,
+            &mut unsupported,
+            &mut loras,
+        )
+        .unwrap();
         assert_eq!(text, "a cat , blue");
-        assert_eq!(unsupported, ["<lora:style> (no LoRA folder)"]);
-        assert!(without_loras("a <lora:x:heavy>", &mut unsupported).is_err());
+        assert_eq!(
+            unsupported,
+            ["<lora:style> (no LoRA folder: sdrs serve --lora-dir)"]
+        );
+        assert!(take_loras("a <lora:x:heavy>", None, &mut unsupported, &mut loras).is_err());
+        // With a folder: a file in it is used, a missing one reported, a path refused.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("style.safetensors"), b"").unwrap();
+        let mut unsupported = Vec::new();
+        let text = take_loras(
+            "a <lora:style:0.5> <lora:gone>",
+            Some(dir.path()),
+            &mut unsupported,
+            &mut loras,
+        )
+        .unwrap();
+        assert_eq!(text.trim(), "a");
+        assert_eq!(
+            loras,
+            [LoraFile::new(dir.path().join("style.safetensors"), 0.5)]
+        );
+        assert_eq!(unsupported, ["<lora:gone> (not in the LoRA folder)"]);
+        for name in ["../style", "/etc/x", "..", "a\\b"] {
+            let prompt = format!("<lora:{name}>");
+            assert!(
+                take_loras(&prompt, Some(dir.path()), &mut unsupported, &mut loras).is_err(),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ struct Inner {
     cors: Option<String>,
     log: Arc<dyn Fn(&RequestLog) + Send + Sync>,
     requests: AtomicU64,
+    lora_dir: Option<std::path::PathBuf>,
 }
 
 type App = Arc<Inner>;
@@ -72,6 +73,7 @@ pub fn router(config: ServerConfig) -> Router {
         cors: config.cors_allow_origin,
         log: config.log,
         requests: AtomicU64::new(0),
+        lora_dir: config.lora_dir,
     });
     Router::new()
         .route("/", get(page))
@@ -264,8 +266,11 @@ impl Inner {
         mut unsupported: Vec<String>,
         img2img: bool,
     ) -> Result<(Plan, Option<Tensor>)> {
-        let prompt = a1111::without_loras(&params.prompt, &mut unsupported)?;
-        let negative_prompt = a1111::without_loras(&params.negative_prompt, &mut unsupported)?;
+        let dir = self.lora_dir.as_deref();
+        let mut loras = Vec::new();
+        let prompt = a1111::take_loras(&params.prompt, dir, &mut unsupported, &mut loras)?;
+        let negative_prompt =
+            a1111::take_loras(&params.negative_prompt, dir, &mut unsupported, &mut loras)?;
         let overrides = &params.override_settings;
         let checkpoint = match overrides.get("sd_model_checkpoint") {
             None => None,
@@ -327,6 +332,7 @@ impl Inner {
             strength,
             clip_skip,
             unsupported,
+            loras,
         };
         Ok((plan, init))
     }
@@ -559,15 +565,16 @@ async fn api_generate(
     let steps = request.steps.unwrap_or(25);
     a1111::check_limits(width, height, steps, 1, model.vae_factor, &app.limits)?;
     // The app's answer has no `info`: a LoRA tag it cannot honour is refused, not dropped.
-    let mut loras = Vec::new();
-    let prompt = a1111::without_loras(&request.prompt, &mut loras)?;
-    let negative_prompt =
-        a1111::without_loras(&request.negative_prompt.unwrap_or_default(), &mut loras)?;
-    if let Some(lora) = loras.first() {
+    let dir = app.lora_dir.as_deref();
+    let (mut unhonoured, mut loras) = (Vec::new(), Vec::new());
+    let prompt = a1111::take_loras(&request.prompt, dir, &mut unhonoured, &mut loras)?;
+    let negative = request.negative_prompt.unwrap_or_default();
+    let negative_prompt = a1111::take_loras(&negative, dir, &mut unhonoured, &mut loras)?;
+    if let Some(lora) = unhonoured.first() {
         return Err(Error::InvalidField {
             name: "prompt",
             value: lora.clone(),
-            expected: "a prompt without LoRA tags (sdrs serve has no LoRA folder yet)".to_string(),
+            expected: "LoRA tags naming files of the server's --lora-dir".to_string(),
         });
     }
     let plan = Plan {
@@ -589,6 +596,7 @@ async fn api_generate(
         strength: None,
         clip_skip: None,
         unsupported: Vec::new(),
+        loras,
     };
     let output = app.run(plan.clone(), None).await?;
     let image = output.images.first().map(|png| png::to_base64(png));

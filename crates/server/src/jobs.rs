@@ -222,7 +222,7 @@ impl Queue {
         }
     }
 
-    fn work(&self, model: Model, jobs: mpsc::Receiver<Job>) {
+    fn work(&self, mut model: Model, jobs: mpsc::Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
             let interrupt = Arc::new(AtomicBool::new(false));
             {
@@ -244,7 +244,8 @@ impl Queue {
             let queued_s = job.submitted.elapsed().as_secs_f64();
             let started = Instant::now();
             // A bug that panics inside a generation fails that request, not the whole model.
-            let run = std::panic::AssertUnwindSafe(|| self.run(&model.pipeline, &job, &interrupt));
+            let run =
+                std::panic::AssertUnwindSafe(|| self.run(&mut model.pipeline, &job, &interrupt));
             let result = std::panic::catch_unwind(run)
                 .unwrap_or_else(|_| Err(Error::WorkerGone(model.alias.clone())));
             let generation_s = started.elapsed().as_secs_f64();
@@ -265,11 +266,16 @@ impl Queue {
 
     fn run(
         &self,
-        pipeline: &StableDiffusion,
+        pipeline: &mut StableDiffusion,
         job: &Job,
         interrupt: &Arc<AtomicBool>,
     ) -> Result<Output> {
         let plan = &job.plan;
+        // The request's LoRAs merged into the loaded weights (rebuilding only what they touch);
+        // the next request without them goes back to the model's own weights.
+        if pipeline.loras() != plan.loras.as_slice() {
+            pipeline.set_loras(&plan.loras)?;
+        }
         let scheduler = plan
             .sampler
             .config(pipeline.scheduler_config(), plan.schedule)?;

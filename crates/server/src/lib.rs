@@ -151,6 +151,9 @@ pub struct ServerConfig {
     pub cors_allow_origin: Option<String>,
     /// Called once per request when it is answered.
     pub log: Arc<dyn Fn(&RequestLog) + Send + Sync>,
+    /// Where `<lora:name:weight>` tags find `name.safetensors`; tags are reported as unsupported
+    /// without it.
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 /// Serves `config` on `addr` until the process ends; `on_listening` is told the bound address

@@ -25,6 +25,7 @@ struct Setup {
     limits: Limits,
     auth: Option<(String, String)>,
     cors: Option<String>,
+    lora_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Setup {
@@ -35,6 +36,7 @@ impl Default for Setup {
             limits: Limits::default(),
             auth: None,
             cors: None,
+            lora_dir: None,
         }
     }
 }
@@ -56,6 +58,7 @@ fn start(setup: Setup) -> SocketAddr {
         auth: setup.auth,
         cors_allow_origin: setup.cors,
         log: Arc::new(|_| {}),
+        lora_dir: setup.lora_dir,
     };
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -184,7 +187,7 @@ fn txt2img_answers_as_automatic1111_with_reproducible_pngs() {
     assert_eq!(info["infotexts"][0], text);
     assert_eq!(
         info["unsupported"],
-        json!(["restore_faces", "<lora:blur> (no LoRA folder)"])
+        json!(["restore_faces", "<lora:blur> (no LoRA folder: sdrs serve --lora-dir)"])
     );
     assert_eq!(info["negative_prompt"], "");
     assert_eq!(answer["parameters"]["seed"], 42);
@@ -641,4 +644,54 @@ fn cors_headers_only_with_an_allowed_origin() {
         b"",
     );
     assert!(other.header("access-control-allow-origin").is_none());
+}
+
+/// `<lora:name:weight>` in a prompt merges `name.safetensors` of `--lora-dir` for that request
+/// only: the image changes, the next request without the tag is the model's own again, a missing
+/// LoRA is reported in `info`, and a name with a path is refused.
+#[test]
+fn prompt_lora_tags_use_the_lora_folder_for_that_request_only() {
+    let Some(features) = sdrs_fixtures::extended("features/lora") else {
+        return;
+    };
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        features.join("sd15_kohya_attn_r8.safetensors"),
+        folder.path().join("style.safetensors"),
+    )
+    .unwrap();
+    let addr = start(Setup {
+        lora_dir: Some(folder.path().to_path_buf()),
+        ..Setup::default()
+    });
+    let image = |prompt: &str| {
+        let answer = post(addr, "/sdapi/v1/txt2img", &small(json!({"prompt": prompt}))).json();
+        let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
+        (decode(answer["images"][0].as_str().unwrap()).0, info)
+    };
+    let (plain, _) = image("a lighthouse at dusk");
+    let (styled, info) = image("a lighthouse at dusk <lora:style:1.5>");
+    assert_ne!(plain, styled, "the LoRA changes the image");
+    assert!(
+        !info["unsupported"].to_string().contains("style"),
+        "{}",
+        info["unsupported"]
+    );
+    let (again, _) = image("a lighthouse at dusk");
+    assert_eq!(
+        plain, again,
+        "without the tag the model's own weights are back"
+    );
+    let (_, info) = image("a lighthouse at dusk <lora:missing>");
+    assert!(
+        info["unsupported"].to_string().contains("<lora:missing>"),
+        "{}",
+        info["unsupported"]
+    );
+    let reply = post(
+        addr,
+        "/sdapi/v1/txt2img",
+        &small(json!({"prompt": "x <lora:../style>"})),
+    );
+    assert_eq!(reply.status, 422);
 }
