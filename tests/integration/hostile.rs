@@ -217,3 +217,58 @@ fn vae_scaling_factor_zero_is_refused() {
     let message = generate_fails(&model, &[]);
     assert!(message.contains("scaling_factor"), "{message}");
 }
+
+/// A copy of the tiny model whose `component/config.json` is `edit`ed.
+fn with_config(
+    dir: &Path,
+    component: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> std::path::PathBuf {
+    let model = copy_model("tiny-sd15", dir);
+    let path = model.join(component).join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
+    model
+}
+
+#[test]
+fn unet_layers_per_block_one_billion_is_refused_before_allocating() {
+    for layers in [1_000_000_000u64, u64::MAX] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = with_config(dir.path(), "unet", |c| {
+            c["layers_per_block"] = serde_json::json!(layers)
+        });
+        let message = generate_fails(&model, &[]);
+        assert!(
+            message.contains("layers_per_block") && message.contains(&layers.to_string()),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn scheduler_num_train_timesteps_one_trillion_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = with_config(dir.path(), "unet", |_| {});
+    let path = model.join("scheduler/scheduler_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["num_train_timesteps"] = serde_json::json!(1_000_000_000_000u64);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let message = generate_fails(&model, &[]);
+    assert!(message.contains("num_train_timesteps"), "{message}");
+}
+
+#[test]
+fn unet_config_that_is_a_json_array_says_not_a_json_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model("tiny-sd15", dir.path());
+    std::fs::write(model.join("unet/config.json"), "[4, 4, 32]").unwrap();
+    let message = generate_fails(&model, &[]);
+    assert!(
+        message.contains("not a JSON object") && message.contains("unet/config.json"),
+        "{message}"
+    );
+}

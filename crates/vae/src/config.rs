@@ -80,6 +80,14 @@ impl AutoencoderKLConfig {
             path: path.to_path_buf(),
             source,
         })?;
+        // serde reads a struct from a JSON array too (field by field), which would turn a
+        // mangled config into a confusing shape mismatch later.
+        if !text.trim_start().starts_with('{') {
+            return Err(Error::Json {
+                path: path.to_path_buf(),
+                source: serde::de::Error::custom("the config is not a JSON object ({...})"),
+            });
+        }
         serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
