@@ -903,6 +903,12 @@ fn output_size(
     if init.is_some() && too_small {
         bail!("the init image is smaller than {factor}x{factor} pixels");
     }
+    if too_small {
+        bail!(
+            "the model's unet config gives no image size (sample_size 0): give the size with \
+             -W and -H"
+        );
+    }
     Ok(size)
 }
 
@@ -1113,6 +1119,24 @@ mod tests {
         assert_eq!(
             output_size(512, 8, (Some(0), Some(16)), Some((7, 5))).unwrap(),
             (0, 16)
+        );
+    }
+
+    #[test]
+    fn sample_size_zero_without_w_h_does_not_mention_an_init_image() {
+        let message = output_size(0, 8, (None, None), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains("sample_size 0")
+                && message.contains("-W")
+                && !message.contains("init"),
+            "{message}"
+        );
+        assert_eq!(
+            output_size(0, 8, (Some(64), Some(64)), None).unwrap(),
+            (64, 64)
         );
     }
 

@@ -272,3 +272,55 @@ fn unet_config_that_is_a_json_array_says_not_a_json_object() {
         "{message}"
     );
 }
+
+#[test]
+fn hf_hub_cache_pointing_at_a_file_is_an_error_not_an_empty_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cache");
+    std::fs::write(&file, "x").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sdrs"))
+        .arg("models")
+        .env("HF_HUB_CACHE", &file)
+        .output()
+        .unwrap();
+    let message = stderr(&output);
+    assert!(!output.status.success(), "{message}");
+    assert!(
+        message.contains("not a folder") && !message.contains("does not exist yet"),
+        "{message}"
+    );
+}
+
+#[test]
+fn roundtrip_calls_its_input_the_input_image_not_the_init_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"not an image").unwrap();
+    let output = sdrs(&[
+        "roundtrip",
+        "-m",
+        fixtures().join("taesd").to_str().unwrap(),
+        broken.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let message = stderr(&output);
+    assert!(!output.status.success(), "{message}");
+    assert!(
+        message.contains("the input image") && !message.contains("init image"),
+        "{message}"
+    );
+}
+
+#[test]
+fn sample_size_zero_without_w_h_does_not_blame_an_init_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = with_config(dir.path(), "unet", |c| {
+        c["sample_size"] = serde_json::json!(0)
+    });
+    let message = generate_fails(&model, &[]);
+    assert!(
+        message.contains("sample_size 0") && !message.contains("init image"),
+        "{message}"
+    );
+}
