@@ -324,3 +324,37 @@ fn sample_size_zero_without_w_h_does_not_blame_an_init_image() {
         "{message}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn weights_path_that_is_a_folder_or_a_symlink_loop_is_named_not_no_weights() {
+    for make in ["folder", "loop"] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = copy_model("tiny-sd15", dir.path());
+        let weights = model.join("vae/diffusion_pytorch_model.safetensors");
+        std::fs::remove_file(&weights).unwrap();
+        if make == "folder" {
+            std::fs::create_dir(&weights).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&weights, &weights).unwrap();
+        }
+        let message = generate_fails(&model, &[]);
+        assert!(
+            message.contains("vae/diffusion_pytorch_model.safetensors")
+                && !message.contains("no weights in"),
+            "{make}: {message}"
+        );
+    }
+}
+
+#[test]
+fn safetensors_with_trailing_bytes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model("tiny-sd15", dir.path());
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes.extend_from_slice(&[0; 16]);
+    std::fs::write(&weights, bytes).unwrap();
+    let message = generate_fails(&model, &[]);
+    assert!(message.contains("trailing bytes"), "{message}");
+}
