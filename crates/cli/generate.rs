@@ -150,7 +150,7 @@ pub struct GenerateArgs {
 
     /// How prompts are read: `a1111` (AUTOMATIC1111's `(word)`, `[word]`, `(word:1.3)` weights,
     /// `\(` escapes, `BREAK`, and prompts of any length in 75-token chunks) or `plain`
-    /// (diffusers': the text as it is, cut at 77 tokens).
+    /// (diffusers': the text as it is, cut at 77 tokens, with a warning when it is cut).
     #[arg(long = "prompt-syntax", default_value = "a1111", value_parser = parse_prompt_syntax)]
     pub prompt_syntax: PromptSyntax,
 
@@ -506,6 +506,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         None => None,
     };
     let mut request = build_request(&pipeline, &args, &settings, init, mask)?;
+    warn_cut_prompts(&pipeline, &args)?;
     request.prompt = loras.prompt.clone();
     let requests = batch_requests(&request, args.batch_count as usize)?;
     let others = [
@@ -726,6 +727,30 @@ fn build_request(
     }
     pipeline.check_request(&request).map_err(with_flag)?;
     Ok(request)
+}
+
+/// With `--prompt-syntax plain`, prompts longer than the text encoder's context are cut as
+/// diffusers cuts them: said once per prompt, since AUTOMATIC1111 users expect long prompts to
+/// count (its syntax, the default, encodes them in chunks).
+fn warn_cut_prompts(pipeline: &StableDiffusion, args: &GenerateArgs) -> Result<()> {
+    if args.prompt_syntax != PromptSyntax::Plain {
+        return Ok(());
+    }
+    let prompts = [
+        ("prompt", Some(&args.prompt)),
+        ("negative prompt", args.negative_prompt.as_ref()),
+    ];
+    for (what, text) in prompts {
+        let Some(text) = text else { continue };
+        let over = pipeline.tokens_over_context(text).map_err(with_flag)?;
+        if over > 0 {
+            eprintln!(
+                "warning: the {what} is {over} tokens longer than the 75 the text encoder takes; \
+                 with --prompt-syntax plain they are cut off (the default a1111 syntax keeps them)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs the generations (base then refiner when there is one) with a progress bar, writing the

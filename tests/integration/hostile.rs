@@ -358,3 +358,40 @@ fn safetensors_with_trailing_bytes_is_refused() {
     let message = generate_fails(&model, &[]);
     assert!(message.contains("trailing bytes"), "{message}");
 }
+
+#[test]
+fn prompts_over_77_tokens_warn_with_the_plain_syntax_only() {
+    let long = "a red cat on a blue mat ".repeat(20);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let run = |syntax: &str| {
+        sdrs(&[
+            "generate",
+            "-m",
+            tiny().to_str().unwrap(),
+            "-p",
+            &long,
+            "--steps",
+            "1",
+            "-s",
+            "1",
+            "--device",
+            "cpu",
+            "--prompt-syntax",
+            syntax,
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    let output = run("plain");
+    let message = stderr(&output);
+    assert!(output.status.success(), "{message}");
+    assert!(
+        message.contains("warning: the prompt is") && message.contains("cut off"),
+        "{message}"
+    );
+    let output = run("a1111");
+    let message = stderr(&output);
+    assert!(output.status.success(), "{message}");
+    assert!(!message.contains("warning: the prompt"), "{message}");
+}

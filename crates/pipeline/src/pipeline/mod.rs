@@ -879,6 +879,25 @@ impl StableDiffusion {
         self.in_pool(|| decoder.decode(latents))
     }
 
+    /// How many tokens of `prompt` do not fit in one pass of the (first) text encoder, whose
+    /// context holds 75 between its begin and end tokens: what [`PromptSyntax::Plain`] cuts off
+    /// (the AUTOMATIC1111 syntax encodes the rest in further chunks). 0 when it fits, or once a
+    /// one-shot run has freed the encoders.
+    pub fn tokens_over_context(&self, prompt: &str) -> Result<usize> {
+        let encoder = match &self.text {
+            Some(TextEncoders::Sd(encoder)) => Some(encoder),
+            Some(TextEncoders::Sdxl { encoders, .. }) => encoders.first(),
+            None => None,
+        };
+        Ok(match encoder {
+            Some(encoder) => encoder
+                .tokenize(prompt)?
+                .len()
+                .saturating_sub(encoder.token_rules().chunk_length()),
+            None => 0,
+        })
+    }
+
     /// Checks `request` against this model without running anything: the size a positive
     /// multiple of the VAE's factor, at least one step, a finite guidance scale, the strength in
     /// `(0, 1]`, the denoising fractions strictly between 0 and 1, and a mask exactly when an
