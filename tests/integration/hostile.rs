@@ -395,3 +395,19 @@ fn prompts_over_77_tokens_warn_with_the_plain_syntax_only() {
     assert!(output.status.success(), "{message}");
     assert!(!message.contains("warning: the prompt"), "{message}");
 }
+
+#[test]
+fn shape_mismatch_names_the_file_of_the_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = with_config(dir.path(), "unet", |c| {
+        let channels = c["block_out_channels"].as_array().unwrap().clone();
+        let doubled: Vec<u64> = channels.iter().map(|v| v.as_u64().unwrap() * 2).collect();
+        c["block_out_channels"] = serde_json::json!(doubled);
+    });
+    let message = generate_fails(&model, &[]);
+    assert!(
+        message.contains("shape mismatch")
+            && message.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{message}"
+    );
+}

@@ -358,8 +358,11 @@ impl SimpleBackend for TensorFiles {
         // The shape is checked from the header, before anything is read.
         if let Some(entry) = self.entries.get(name) {
             if entry.shape.as_slice() != shape.dims() {
+                // The file says which component (unet/, vae/, a single file) the tensor is from.
+                let file = self.files.get(entry.file).map(|(path, _)| path.display());
+                let file = file.map(|f| format!(" in {f}")).unwrap_or_default();
                 return Err(candle_core::Error::UnexpectedShape {
-                    msg: format!("shape mismatch for {name}"),
+                    msg: format!("shape mismatch for {name}{file}"),
                     expected: shape,
                     got: entry.shape.clone().into(),
                 }
