@@ -74,12 +74,22 @@ fn decoder(
 /// Refuses a PNG without its closing `IEND` chunk and a JPEG without its end-of-image marker:
 /// the image crate decodes what is there of a truncated file and fills the rest.
 fn check_complete(path: &Path, what: &str) -> Result<()> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot open {what} {}", path.display()))?;
-    let tail = &bytes[bytes.len().saturating_sub(1024)..];
-    let truncated = if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+    use std::io::{Read, Seek, SeekFrom};
+    let ends = || -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+        // Only the first and the last bytes: the file may be large.
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        let mut head = Vec::new();
+        (&mut file).take(8).read_to_end(&mut head)?;
+        file.seek(SeekFrom::Start(len.saturating_sub(1024)))?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail)?;
+        Ok((head, tail))
+    };
+    let (head, tail) = ends().with_context(|| format!("cannot open {what} {}", path.display()))?;
+    let truncated = if head.starts_with(b"\x89PNG\r\n\x1a\n") {
         !tail.windows(4).any(|w| w == b"IEND")
-    } else if bytes.starts_with(&[0xFF, 0xD8]) {
+    } else if head.starts_with(&[0xFF, 0xD8]) {
         !tail.windows(2).any(|w| w == [0xFF, 0xD9])
     } else {
         false
