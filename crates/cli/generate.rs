@@ -64,9 +64,10 @@ pub struct GenerateArgs {
     #[arg(short = 'i', long = "init-img")]
     pub init_img: Option<PathBuf>,
 
-    /// Image-to-image and inpainting: how far to move away from the starting picture, in (0, 1].
-    #[arg(long, default_value_t = 0.75)]
-    pub strength: f64,
+    /// Image-to-image and inpainting: how far to move away from the starting picture, in (0, 1]
+    /// (default 0.75). Only with `-i`: without an init image it is an error, not ignored.
+    #[arg(long)]
+    pub strength: Option<f64>,
 
     /// Inpainting, with `-i`: a mask picture (PNG, JPEG or WebP, made grayscale); white is
     /// repainted, black kept (binarised at 50% gray). Resized to the output size when they
@@ -121,7 +122,8 @@ pub struct GenerateArgs {
 
     /// Seed of the torch-compatible generator; -1 (the default) picks a random one, printed and stored.
     /// With several images, image k (counted over all batches) uses seed + k, as AUTOMATIC1111 does.
-    #[arg(short = 's', long, default_value_t = -1, allow_negative_numbers = true)]
+    /// Other negative values are refused.
+    #[arg(short = 's', long, default_value_t = -1, allow_negative_numbers = true, value_parser = parse_seed)]
     pub seed: i64,
 
     /// Number of batches to generate one after the other (AUTOMATIC1111's batch count). Images
@@ -142,12 +144,13 @@ pub struct GenerateArgs {
     pub scheduler: Option<SigmaSchedule>,
 
     /// Use CLIP's N-th layer from the end (1 = last, 2 = penultimate, as in AUTOMATIC1111).
-    #[arg(long = "clip-skip")]
+    /// 0 is refused (AUTOMATIC1111 reads it as 1; give 1).
+    #[arg(long = "clip-skip", value_parser = parse_clip_skip)]
     pub clip_skip: Option<usize>,
 
     /// How prompts are read: `a1111` (AUTOMATIC1111's `(word)`, `[word]`, `(word:1.3)` weights,
     /// `\(` escapes, `BREAK`, and prompts of any length in 75-token chunks) or `plain`
-    /// (diffusers': the text as it is, cut at 77 tokens).
+    /// (diffusers': the text as it is, cut at 77 tokens, with a warning when it is cut).
     #[arg(long = "prompt-syntax", default_value = "a1111", value_parser = parse_prompt_syntax)]
     pub prompt_syntax: PromptSyntax,
 
@@ -302,6 +305,47 @@ pub fn parse_dtype(name: &str) -> Result<DtypeChoice, String> {
 }
 
 /// `1024x768` -> (1024, 768) as (width, height).
+/// The strength when none is given (diffusers' img2img default).
+const DEFAULT_STRENGTH: f64 = 0.75;
+
+/// `-s`: a seed, or -1 for a random one; other negative values are more likely typos than wishes.
+fn parse_seed(text: &str) -> std::result::Result<i64, String> {
+    let seed: i64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    if seed < -1 {
+        return Err(format!(
+            "{seed}: a seed is from 0 to {}, or -1 for a random one",
+            i64::MAX
+        ));
+    }
+    Ok(seed)
+}
+
+/// `--clip-skip`: 1 or more.
+fn parse_clip_skip(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err(
+            "0: the layer from the end is counted from 1 (1 = the last layer, \
+                       2 = the penultimate; AUTOMATIC1111 reads 0 as 1)"
+                .to_string(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a whole number of 1 or more")),
+    }
+}
+
+/// Flag combinations that would otherwise be silently ignored.
+fn check_flag_combinations(args: &GenerateArgs) -> Result<()> {
+    if let (Some(strength), None) = (args.strength, &args.init_img) {
+        bail!(
+            "--strength {strength} needs an init image (-i/--init-img): without one there is \
+             nothing to move away from"
+        );
+    }
+    Ok(())
+}
+
 fn parse_size(text: &str) -> std::result::Result<(usize, usize), String> {
     let (w, h) = text
         .split_once(['x', 'X'])
@@ -400,11 +444,13 @@ impl Settings {
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    check_flag_combinations(&args)?;
     crate::coreml_backend::check(&args)?;
     let _trace = crate::trace::start(args.trace.as_deref())?;
     let kernels = crate::system::kernel_options(args.attention)?;
     let settings = Settings::resolve(&args, kernels, random_seed())?;
     let pending = reserve_outputs(&args, image_count(&args))?;
+    crate::output::remove_temporary_files_on_signals();
     eprintln!("{}", settings.device_message);
     eprintln!("seed {}", settings.seed);
     let options = settings.load_options(args.variant.clone());
@@ -460,6 +506,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         None => None,
     };
     let mut request = build_request(&pipeline, &args, &settings, init, mask)?;
+    warn_cut_prompts(&pipeline, &args)?;
     request.prompt = loras.prompt.clone();
     let requests = batch_requests(&request, args.batch_count as usize)?;
     let others = [
@@ -653,7 +700,7 @@ fn build_request(
     request.aesthetic_score = args.aesthetic_score;
     request.negative_aesthetic_score = args.negative_aesthetic_score;
     // Checked even without an init image, so that a bad value is never silently ignored.
-    request.strength = args.strength;
+    request.strength = args.strength.unwrap_or(DEFAULT_STRENGTH);
     match pipeline.check_request(&request) {
         // The mask's rules are checked once the mask and the init image are set.
         Err(sdrs_pipeline::Error::InvalidParameter { name: "mask", .. }) => {}
@@ -680,6 +727,30 @@ fn build_request(
     }
     pipeline.check_request(&request).map_err(with_flag)?;
     Ok(request)
+}
+
+/// With `--prompt-syntax plain`, prompts longer than the text encoder's context are cut as
+/// diffusers cuts them: said once per prompt, since AUTOMATIC1111 users expect long prompts to
+/// count (its syntax, the default, encodes them in chunks).
+fn warn_cut_prompts(pipeline: &StableDiffusion, args: &GenerateArgs) -> Result<()> {
+    if args.prompt_syntax != PromptSyntax::Plain {
+        return Ok(());
+    }
+    let prompts = [
+        ("prompt", Some(&args.prompt)),
+        ("negative prompt", args.negative_prompt.as_ref()),
+    ];
+    for (what, text) in prompts {
+        let Some(text) = text else { continue };
+        let over = pipeline.tokens_over_context(text).map_err(with_flag)?;
+        if over > 0 {
+            eprintln!(
+                "warning: the {what} is {over} tokens longer than the 75 the text encoder takes; \
+                 with --prompt-syntax plain they are cut off (the default a1111 syntax keeps them)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs the generations (base then refiner when there is one) with a progress bar, writing the
@@ -743,7 +814,10 @@ fn sample(
 fn parameters(args: &GenerateArgs, settings: &Settings, request: &Request) -> Parameters {
     let mut extra = Vec::new();
     if args.init_img.is_some() {
-        extra.push(("Denoising strength".to_string(), args.strength.to_string()));
+        extra.push((
+            "Denoising strength".to_string(),
+            args.strength.unwrap_or(DEFAULT_STRENGTH).to_string(),
+        ));
     }
     if let Some(spec) = settings.quantize {
         let recipe = if settings.recipe.is_some() {
@@ -853,6 +927,12 @@ fn output_size(
     let too_small = (flags.0.is_none() && default_w == 0) || (flags.1.is_none() && default_h == 0);
     if init.is_some() && too_small {
         bail!("the init image is smaller than {factor}x{factor} pixels");
+    }
+    if too_small {
+        bail!(
+            "the model's unet config gives no image size (sample_size 0): give the size with \
+             -W and -H"
+        );
     }
     Ok(size)
 }
@@ -1068,6 +1148,24 @@ mod tests {
     }
 
     #[test]
+    fn sample_size_zero_without_w_h_does_not_mention_an_init_image() {
+        let message = output_size(0, 8, (None, None), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains("sample_size 0")
+                && message.contains("-W")
+                && !message.contains("init"),
+            "{message}"
+        );
+        assert_eq!(
+            output_size(0, 8, (Some(64), Some(64)), None).unwrap(),
+            (64, 64)
+        );
+    }
+
+    #[test]
     fn library_parameter_errors_name_their_flag() {
         let invalid = |name| sdrs_pipeline::Error::InvalidParameter {
             name,
@@ -1147,14 +1245,49 @@ mod tests {
     #[test]
     fn img2img_and_refiner_flags_have_diffusers_defaults() {
         let args = parse(&[]);
-        assert_eq!(args.strength, 0.75);
+        assert_eq!(args.strength, None);
         assert_eq!(args.refiner_start, 0.8);
         assert_eq!(args.aesthetic_score, 6.0);
         assert_eq!(args.negative_aesthetic_score, 2.5);
         let args = parse(&["-i", "in.png", "--strength", "0.5", "--refiner", "r"]);
         assert_eq!(args.init_img, Some(PathBuf::from("in.png")));
-        assert_eq!(args.strength, 0.5);
+        assert_eq!(args.strength, Some(0.5));
         assert_eq!(args.refiner.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn seed_minus_two_is_refused_not_taken_as_random() {
+        let message = parse_error(&["-s", "-2"]);
+        assert!(
+            message.contains("-2") && message.contains("-1"),
+            "{message}"
+        );
+        assert_eq!(parse(&["-s", "-1"]).seed, -1);
+        assert_eq!(parse(&["-s", "0"]).seed, 0);
+    }
+
+    #[test]
+    fn clip_skip_zero_is_refused() {
+        let message = parse_error(&["--clip-skip", "0"]);
+        assert!(
+            message.contains("--clip-skip") && message.contains("0"),
+            "{message}"
+        );
+        assert_eq!(parse(&["--clip-skip", "2"]).clip_skip, Some(2));
+    }
+
+    #[test]
+    fn strength_without_an_init_image_is_an_error_not_ignored() {
+        let message = check_flag_combinations(&parse(&["--strength", "0.3"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.contains("--strength 0.3") && message.contains("-i"),
+            "{message}"
+        );
+        check_flag_combinations(&parse(&["--strength", "0.3", "-i", "x.png"])).unwrap();
+        check_flag_combinations(&parse(&[])).unwrap();
     }
 
     #[test]

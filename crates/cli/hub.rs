@@ -173,6 +173,13 @@ pub struct ModelsArgs {}
 pub fn run_models(_args: ModelsArgs) -> Result<ExitCode> {
     let settings = HubSettings::from_env()?;
     let cache = &settings.cache_dir;
+    if cache.exists() && !cache.is_dir() {
+        anyhow::bail!(
+            "the Hugging Face cache {} is not a folder (it comes from HF_HUB_CACHE, HF_HOME or \
+             XDG_CACHE_HOME): point it at a folder",
+            cache.display()
+        );
+    }
     if !cache.is_dir() {
         println!(
             "no models cached: {} does not exist yet (`sdrs pull <model>` downloads one)",

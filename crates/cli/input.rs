@@ -16,25 +16,91 @@ pub struct InitPicture {
     rgb: RgbImage,
 }
 
-/// Decodes `path`, naming it in the error.
+/// The widest and tallest picture read: the largest output size a request may ask for.
+pub const MAX_PICTURE_SIDE: u32 = sdrs_pipeline::stable_diffusion::MAX_SIDE as u32;
+
+/// Decodes the init image `path`, naming it in the error.
 pub fn read_init_image(path: &Path) -> Result<InitPicture> {
-    let decoded = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open the init image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read the init image {}", path.display()))?
-        .decode()
-        .with_context(|| {
-            format!(
-                "cannot decode the init image {} (PNG, JPEG and WebP are supported)",
-                path.display()
-            )
-        })?;
+    read_picture(path, "the init image")
+}
+
+/// Decodes the picture `path` into 8-bit RGB; `what` names it in errors (`the init image`,
+/// `the input image`). Pictures over [`MAX_PICTURE_SIDE`] pixels a side, and files cut short
+/// (which the decoders may fill with gray instead of failing), are refused before decoding.
+pub fn read_picture(path: &Path, what: &str) -> Result<InitPicture> {
+    let decoded = decoder(path, what)?.decode().with_context(|| {
+        format!(
+            "cannot decode {what} {} (PNG, JPEG and WebP are supported)",
+            path.display()
+        )
+    })?;
     let rgb = decoded.to_rgb8();
     Ok(InitPicture {
         width: rgb.width() as usize,
         height: rgb.height() as usize,
         rgb,
     })
+}
+
+/// A reader of `path` with its format guessed, after the size and completeness checks.
+fn decoder(
+    path: &Path,
+    what: &str,
+) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
+    check_complete(path, what)?;
+    let reader = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open {what} {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let (width, height) = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(anyhow::Error::from)
+        .and_then(|r| Ok(r.into_dimensions()?))
+        .with_context(|| {
+            format!(
+                "cannot decode {what} {} (PNG, JPEG and WebP are supported)",
+                path.display()
+            )
+        })?;
+    if width > MAX_PICTURE_SIDE || height > MAX_PICTURE_SIDE {
+        anyhow::bail!(
+            "{what} {} is {width}x{height}; at most {MAX_PICTURE_SIDE} pixels a side are accepted",
+            path.display()
+        );
+    }
+    Ok(reader)
+}
+
+/// Refuses a PNG without its closing `IEND` chunk and a JPEG without its end-of-image marker:
+/// the image crate decodes what is there of a truncated file and fills the rest.
+fn check_complete(path: &Path, what: &str) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let ends = || -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+        // Only the first and the last bytes: the file may be large.
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        let mut head = Vec::new();
+        (&mut file).take(8).read_to_end(&mut head)?;
+        file.seek(SeekFrom::Start(len.saturating_sub(1024)))?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail)?;
+        Ok((head, tail))
+    };
+    let (head, tail) = ends().with_context(|| format!("cannot open {what} {}", path.display()))?;
+    let truncated = if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+        !tail.windows(4).any(|w| w == b"IEND")
+    } else if head.starts_with(&[0xFF, 0xD8]) {
+        !tail.windows(2).any(|w| w == [0xFF, 0xD9])
+    } else {
+        false
+    };
+    if truncated {
+        anyhow::bail!(
+            "{what} {} is cut short (its end marker is missing): the file is incomplete",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 impl InitPicture {
@@ -75,17 +141,12 @@ pub struct MaskPicture {
 /// Decodes the mask `path` into grayscale, naming it in the error. Colour pictures become
 /// PIL's `L` (ITU-R 601-2 luma, `(19595 R + 38470 G + 7471 B + 2^15) >> 16`), alpha ignored.
 pub fn read_mask(path: &Path) -> Result<MaskPicture> {
-    let decoded = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open the mask {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read the mask {}", path.display()))?
-        .decode()
-        .with_context(|| {
-            format!(
-                "cannot decode the mask {} (PNG, JPEG and WebP are supported)",
-                path.display()
-            )
-        })?;
+    let decoded = decoder(path, "the mask")?.decode().with_context(|| {
+        format!(
+            "cannot decode the mask {} (PNG, JPEG and WebP are supported)",
+            path.display()
+        )
+    })?;
     let luma = match decoded {
         DynamicImage::ImageLuma8(luma) => luma,
         DynamicImage::ImageLumaA8(luma_alpha) => {
@@ -182,6 +243,49 @@ mod tests {
         assert_eq!(
             picture.to_tensor(&Device::Cpu).unwrap().dims(),
             &[1, 3, 8, 16]
+        );
+    }
+
+    #[test]
+    fn jpeg_or_png_truncated_at_half_is_refused_not_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["in.png", "in.jpg"] {
+            let path = dir.path().join(name);
+            let image = RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 7]));
+            image.save(&path).unwrap();
+            read_init_image(&path).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+            let message = format!("{:#}", read_init_image(&path).err().unwrap());
+            assert!(
+                message.contains(name) && message.contains("cut short"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn init_image_over_the_size_cap_is_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wide.png");
+        // A picture one pixel wider than the cap: only its header is read.
+        let mut bytes = Vec::new();
+        {
+            let mut encoder = png::Encoder::new(&mut bytes, MAX_PICTURE_SIDE + 1, 1);
+            encoder.set_color(png::ColorType::Grayscale);
+            let mut writer = encoder.write_header().unwrap();
+            writer
+                .write_image_data(&vec![0; MAX_PICTURE_SIDE as usize + 1])
+                .unwrap();
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let message = format!(
+            "{:#}",
+            read_picture(&path, "the input image").err().unwrap()
+        );
+        assert!(
+            message.contains("the input image") && message.contains("16384"),
+            "{message}"
         );
     }
 

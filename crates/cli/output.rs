@@ -1,13 +1,13 @@
 //! Writing the generated image: an 8-bit RGB PNG with AUTOMATIC1111's `parameters` text chunk,
-//! written to a temporary file beside the target and renamed into place, so a failed run never
-//! leaves a half-written image.
+//! encoded in memory, then written to a temporary file beside the target and renamed into place,
+//! so a failed or interrupted run never leaves a half-written image or a stray temporary file.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use tempfile::NamedTempFile;
 
 /// The generation settings as AUTOMATIC1111 records them, so other tools can read them back.
 #[derive(Debug, Clone)]
@@ -62,21 +62,54 @@ impl Parameters {
     }
 }
 
-/// A reserved output: the temporary file is created up front, so an unwritable path fails before
-/// any work is done.
+/// A reserved output: the target is checked up front, so an unwritable path fails before any
+/// work is done; the temporary file is only created once the image is encoded, so an interrupted
+/// or aborted run leaves nothing behind.
 pub struct PendingImage {
     target: PathBuf,
-    file: NamedTempFile,
+    folder: PathBuf,
+}
+
+/// Temporary files being written right now, removed by the signal handler (see
+/// [`remove_temporary_files_on_signals`]).
+static WRITING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Installs a Ctrl-C / SIGTERM / SIGHUP handler that removes any temporary output file being
+/// written and exits with status 130 and a message, so an interrupted run leaves no stray file.
+/// A second call keeps the first handler.
+pub fn remove_temporary_files_on_signals() {
+    let _ = ctrlc::set_handler(|| {
+        let files = match WRITING.lock() {
+            Ok(files) => files.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        for file in files {
+            let _ = std::fs::remove_file(file);
+        }
+        eprintln!("\ninterrupted: stopped before saving, no image written");
+        std::process::exit(130);
+    });
 }
 
 impl PendingImage {
-    /// Reserves `target` (a `.png` path in an existing, writable folder).
+    /// Reserves `target` (a `.png` path in an existing, writable folder): a new path or a regular
+    /// file, never a device, FIFO or folder (renaming over those would replace them).
     pub fn reserve(target: &Path) -> Result<Self> {
-        if target.is_dir() {
+        let text = target.as_os_str().to_string_lossy();
+        if target.is_dir() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {
             bail!(
                 "output path {} is a folder; give a file name such as out.png",
                 target.display()
             );
+        }
+        if let Ok(metadata) = std::fs::metadata(target) {
+            if !metadata.is_file() {
+                bail!(
+                    "output path {} exists and is not a regular file (a device, FIFO or socket): \
+                     sdrs only replaces regular files; give a new file name such as out.png",
+                    target.display()
+                );
+            }
         }
         let folder = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -89,48 +122,81 @@ impl PendingImage {
                 folder.display()
             );
         }
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(".sdrs-").suffix(".png.tmp");
-        // Temporary files are private by default; the finished image is an ordinary file.
-        #[cfg(unix)]
-        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-        let file = builder
-            .tempfile_in(&folder)
-            .with_context(|| format!("cannot write {} (folder not writable?)", target.display()))?;
+        // A probe, removed at once: whether the folder takes new files is only known by trying.
+        drop(temp_builder().tempfile_in(&folder).with_context(|| {
+            format!("cannot write {} (folder not writable?)", target.display())
+        })?);
         Ok(Self {
             target: target.to_path_buf(),
-            file,
+            folder,
         })
     }
 
     /// Encodes `image` (`[1, 3, H, W]` or `[3, H, W]` in `[0, 1]`) with `parameters` and moves it into place.
-    pub fn write(mut self, image: &Tensor, parameters: &Parameters) -> Result<PathBuf> {
-        encode_png(self.file.as_file_mut(), image, Some(parameters.to_a1111()))?;
-        let target = self.target.clone();
-        self.file
-            .persist(&target)
-            .with_context(|| format!("cannot move the image into place at {}", target.display()))?;
-        Ok(target)
+    pub fn write(self, image: &Tensor, parameters: &Parameters) -> Result<PathBuf> {
+        let png = encode_png(image, Some(parameters.to_a1111()))?;
+        self.put(&png)?;
+        Ok(self.target)
     }
+
+    /// Writes the encoded bytes to a temporary file beside the target and renames it into place.
+    fn put(&self, bytes: &[u8]) -> Result<()> {
+        let target = &self.target;
+        if let Ok(metadata) = std::fs::metadata(target) {
+            if !metadata.is_file() {
+                bail!(
+                    "output path {} is no longer a regular file; not replacing it",
+                    target.display()
+                );
+            }
+        }
+        let mut file = temp_builder()
+            .tempfile_in(&self.folder)
+            .with_context(|| format!("cannot write {} (folder not writable?)", target.display()))?;
+        let path = file.path().to_path_buf();
+        lock_writing().push(path.clone());
+        let written = file
+            .write_all(bytes)
+            .and_then(|()| file.flush())
+            .with_context(|| format!("cannot write {}", target.display()))
+            .and_then(|()| {
+                file.persist(target).map(drop).with_context(|| {
+                    format!("cannot move the image into place at {}", target.display())
+                })
+            });
+        lock_writing().retain(|p| p != &path);
+        written
+    }
+}
+
+fn lock_writing() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    WRITING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn temp_builder() -> tempfile::Builder<'static, 'static> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".sdrs-").suffix(".png.tmp");
+    // Temporary files are private by default; the finished image is an ordinary file.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    builder
 }
 
 /// Writes `image` as a PNG at `target` through a temporary file and a rename, so readers never
 /// see a half-written file (used for previews, which are replaced while sampling runs).
 pub fn write_png_atomically(target: &Path, image: &Tensor) -> Result<()> {
     PendingImage::reserve(target)
-        .and_then(|mut pending| {
-            encode_png(pending.file.as_file_mut(), image, None)?;
-            pending.file.persist(target)?;
-            Ok(())
-        })
+        .and_then(|pending| pending.put(&encode_png(image, None)?))
         .with_context(|| format!("cannot write {}", target.display()))
 }
 
 /// Encodes an 8-bit RGB PNG with an optional `parameters` text chunk.
-fn encode_png(file: &mut std::fs::File, image: &Tensor, parameters: Option<String>) -> Result<()> {
+fn encode_png(image: &Tensor, parameters: Option<String>) -> Result<Vec<u8>> {
     let (width, height, rgb) = to_rgb8(image)?;
-    let writer = std::io::BufWriter::new(&mut *file);
-    let mut encoder = png::Encoder::new(writer, width as u32, height as u32);
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, width as u32, height as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     if let Some(text) = parameters {
@@ -145,8 +211,7 @@ fn encode_png(file: &mut std::fs::File, image: &Tensor, parameters: Option<Strin
     let mut png = encoder.write_header()?;
     png.write_image_data(&rgb)?;
     png.finish()?;
-    file.flush()?;
-    Ok(())
+    Ok(bytes)
 }
 
 /// `[0, 1]` floats to interleaved 8-bit RGB, rounding as diffusers' `numpy_to_pil` does.
@@ -289,6 +354,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = PendingImage::reserve(dir.path()).err().unwrap().to_string();
         assert!(err.contains("is a folder"), "{err}");
+    }
+
+    #[test]
+    fn dev_null_as_output_is_refused_not_replaced_by_a_png() {
+        let err = PendingImage::reserve(Path::new("/dev/null"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        assert!(!std::fs::metadata("/dev/null").unwrap().is_file());
+    }
+
+    #[test]
+    fn output_path_ending_in_a_slash_fails_before_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = format!("{}/newdir/", dir.path().display());
+        let err = PendingImage::reserve(Path::new(&missing))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("is a folder"), "{err}");
+    }
+
+    #[test]
+    fn temporary_file_is_not_created_before_the_work_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let pending = PendingImage::reserve(&dir.path().join("x.png")).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        drop(pending);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -74,6 +74,13 @@ pub fn run(args: ParityArgs) -> anyhow::Result<ExitCode> {
         .filter(|r| r.outcome == Outcome::Pass)
         .count();
     let skipped = results.len() - passed - failed;
+    if passed + failed == 0 && only.is_empty() {
+        anyhow::bail!(
+            "no parity case was checked ({skipped} skipped): the fixtures at {} hold nothing to \
+             compare",
+            args.fixtures.display()
+        );
+    }
     if skipped > 0 {
         println!("{passed} passed, {failed} failed, {skipped} skipped");
     } else {

@@ -11,7 +11,7 @@ use sdrs_kernels::KernelOptions;
 use sdrs_taesd::AutoencoderTiny;
 use sdrs_vae::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
 
-use crate::input::read_init_image;
+use crate::input::read_picture;
 use crate::output::write_png_atomically;
 use crate::vae_tiling::VaeTilingArgs;
 
@@ -118,13 +118,14 @@ impl Autoencoder {
 pub fn run(args: RoundtripArgs) -> Result<ExitCode> {
     if let Some(output) = &args.output {
         drop(crate::output::PendingImage::reserve(output)?);
+        crate::output::remove_temporary_files_on_signals();
     }
     let device = sdrs_pipeline::parse_device(&args.device)?;
     let dtype = sdrs_pipeline::parse_dtype(&args.dtype)?;
     let kernels = crate::system::kernel_options(Default::default())?;
     let autoencoder = Autoencoder::load(&args.model, dtype, &device, kernels, &args.vae_tiling)
         .with_context(|| format!("cannot load the autoencoder at {}", args.model.display()))?;
-    let picture = read_init_image(&args.image)?;
+    let picture = read_picture(&args.image, "the input image")?;
     let (width, height) = (
         picture.width - picture.width % 8,
         picture.height - picture.height % 8,

@@ -5,6 +5,7 @@ mod batch;
 mod bench;
 mod embeddings;
 mod generate;
+mod hostile;
 mod hub;
 mod inpaint;
 mod lora;

@@ -122,3 +122,70 @@ fn parity_on_a_folder_without_references_is_an_error() {
     assert!(!output.status.success());
     assert!(crate::util::stderr(&output).contains("reference"));
 }
+
+/// Runs `sdrs parity` on a fixtures folder made by `make`, expects failure, returns stdout and
+/// stderr together.
+fn parity_fails(make: impl FnOnce(&std::path::Path)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("reference")).unwrap();
+    make(dir.path());
+    let output = sdrs(&["parity", "--fixtures", dir.path().to_str().unwrap()]);
+    let text = format!("{}{}", stdout(&output), crate::util::stderr(&output));
+    assert!(!output.status.success(), "parity passed:\n{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    text
+}
+
+#[test]
+fn parity_with_an_empty_reference_folder_fails_and_lists_the_skips() {
+    let text = parity_fails(|_| {});
+    assert!(text.contains("holds none of the reference files"), "{text}");
+    assert!(
+        text.contains("reference/unet_sd15.safetensors")
+            && text.contains("skip (reference/unet_sd15.safetensors missing)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn parity_pipelines_json_empty_list_fails() {
+    let text =
+        parity_fails(|dir| std::fs::write(dir.join("reference/pipelines.json"), "[]").unwrap());
+    assert!(text.contains("pipelines.json lists no cases"), "{text}");
+}
+
+#[test]
+fn parity_real_taef2_reference_json_empty_object_fails() {
+    let text = parity_fails(|dir| {
+        std::fs::create_dir(dir.join("real-taef2")).unwrap();
+        std::fs::write(dir.join("real-taef2/reference.json"), "{}").unwrap();
+    });
+    assert!(text.contains("lists no images"), "{text}");
+}
+
+#[test]
+fn parity_real_taef2_entry_without_psnr_db_roundtrip_fails() {
+    let text = parity_fails(|dir| {
+        let to = dir.join("real-taef2");
+        std::fs::create_dir(&to).unwrap();
+        let from = fixtures().join("real-taef2");
+        for file in [
+            "reference.safetensors",
+            "taef2_decoder.safetensors",
+            "taef2_encoder.safetensors",
+        ] {
+            std::fs::copy(from.join(file), to.join(file)).unwrap();
+        }
+        let mut info: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(from.join("reference.json")).unwrap())
+                .unwrap();
+        for (_, image) in info["images"].as_object_mut().unwrap() {
+            image.as_object_mut().unwrap().remove("psnr_db_roundtrip");
+        }
+        std::fs::write(to.join("reference.json"), info.to_string()).unwrap();
+    });
+    assert!(
+        text.contains("without psnr_db_roundtrip") && text.contains("FAIL"),
+        "{text}"
+    );
+}

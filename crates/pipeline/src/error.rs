@@ -104,6 +104,15 @@ pub enum Error {
     #[error("device {value:?}: {reason}")]
     Device { value: String, reason: String },
 
+    /// The latents or the decoded image hold NaN or infinite values: saving them would give a
+    /// blank single-colour picture.
+    #[error(
+        "the {stage} hold NaN or infinite values, so no image was written; likely causes: weights \
+         with NaN/inf values (a damaged or badly converted checkpoint), a model overflowing in \
+         f16 (try --dtype f32), or an extreme guidance scale or config value"
+    )]
+    NonFinite { stage: &'static str },
+
     /// The generation was cancelled by the progress callback.
     #[error("cancelled")]
     Cancelled,

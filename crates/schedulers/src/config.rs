@@ -111,11 +111,67 @@ pub(crate) fn parse_config<T: DeserializeOwned>(
                 }
             }
         }
+        check_training_schedule(class, map)?;
     }
     serde_json::from_value(value).map_err(|source| Error::InvalidConfig {
         class: class.to_string(),
         source,
     })
+}
+
+/// The most training timesteps a config may declare: every released model uses 1000, and the
+/// tables built from the count (betas, alphas, sigmas) would otherwise take any memory asked for.
+pub const MAX_TRAIN_TIMESTEPS: u64 = 100_000;
+
+/// Values of the training schedule that can only be mistakes, refused before any table is built:
+/// a timestep count above [`MAX_TRAIN_TIMESTEPS`], betas outside `(0, 1)` or inverted (which would
+/// otherwise surface as a confusing error from the sampling loop).
+fn check_training_schedule(class: &str, map: &serde_json::Map<String, Value>) -> Result<()> {
+    if let Some(v) = map.get("num_train_timesteps") {
+        if !v
+            .as_u64()
+            .is_some_and(|n| (1..=MAX_TRAIN_TIMESTEPS).contains(&n))
+        {
+            return Err(bad_value(
+                class,
+                "num_train_timesteps",
+                v,
+                &[&format!("a whole number from 1 to {MAX_TRAIN_TIMESTEPS}")],
+            ));
+        }
+    }
+    if let Some(Value::Array(trained)) = map.get("trained_betas") {
+        if trained.len() as u64 > MAX_TRAIN_TIMESTEPS {
+            return Err(bad_value(
+                class,
+                "trained_betas",
+                format!("a list of {}", trained.len()),
+                &[&format!("at most {MAX_TRAIN_TIMESTEPS} values")],
+            ));
+        }
+        return Ok(());
+    }
+    let accepted = "a number strictly between 0 and 1, beta_start below beta_end";
+    let mut betas = [None, None];
+    for (slot, key) in betas.iter_mut().zip(["beta_start", "beta_end"]) {
+        if let Some(v) = map.get(key) {
+            match v.as_f64() {
+                Some(b) if b > 0.0 && b < 1.0 => *slot = Some(b),
+                _ => return Err(bad_value(class, key, v, &[accepted])),
+            }
+        }
+    }
+    if let [Some(start), Some(end)] = betas {
+        if start >= end {
+            return Err(bad_value(
+                class,
+                "beta_start / beta_end",
+                format!("{start} / {end}"),
+                &[accepted],
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An error for a config value that parses but that this scheduler does not support.
@@ -236,6 +292,34 @@ pub(crate) mod float_or_inf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn num_train_timesteps_one_trillion_is_refused_before_allocating() {
+        let config = serde_json::json!({
+            "_class_name": "EulerDiscreteScheduler",
+            "num_train_timesteps": 1_000_000_000_000u64
+        });
+        let message = crate::from_config(&config, 20).err().unwrap().to_string();
+        assert!(
+            message.contains("num_train_timesteps") && message.contains("100000"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn inverted_or_out_of_range_betas_name_the_betas_not_the_step_count() {
+        for betas in [
+            serde_json::json!({"beta_start": 0.012, "beta_end": 0.00085}),
+            serde_json::json!({"beta_start": -0.1}),
+            serde_json::json!({"beta_end": 2.0}),
+        ] {
+            let mut config = betas.clone();
+            config["_class_name"] = "DPMSolverMultistepScheduler".into();
+            let message = crate::from_config(&config, 3).err().unwrap().to_string();
+            assert!(message.contains("beta_"), "{betas}: {message}");
+            assert!(!message.contains("step called"), "{message}");
+        }
+    }
 
     #[test]
     fn python_floats_become_strings_outside_strings_only() {

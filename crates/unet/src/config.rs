@@ -9,6 +9,11 @@ use serde::Deserialize;
 use crate::activations::Activation;
 use crate::error::{Error, Result};
 
+/// The most layers (resnets per block, transformer blocks per layer) a config may ask for: SD1.5
+/// has 2 and 1, SDXL 2 and 10; a count in the millions can only be a mistake, and would be
+/// allocated before any weight is read.
+pub const MAX_LAYERS_PER_BLOCK: usize = 100;
+
 /// A config value that is either one value for every block or a list with one per block
 /// (`attention_head_dim: 8` or `attention_head_dim: [5, 10, 20, 20]`).
 ///
@@ -208,6 +213,14 @@ impl UNet2DConditionConfig {
             path: path.to_path_buf(),
             source,
         })?;
+        // serde reads a struct from a JSON array too (field by field), which would turn a
+        // mangled config into a confusing shape mismatch later.
+        if !text.trim_start().starts_with('{') {
+            return Err(Error::Json {
+                path: path.to_path_buf(),
+                source: serde::de::Error::custom("the config is not a JSON object ({...})"),
+            });
+        }
         serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
@@ -367,7 +380,33 @@ impl UNet2DConditionConfig {
                 return Err(unsupported(key, kernel, "an odd kernel size"));
             }
         }
-        self.layers_per_block.expand("layers_per_block", n)?;
+        let layers = self.layers_per_block.expand("layers_per_block", n)?;
+        if let Some(&too_many) = layers.iter().find(|&&l| l > MAX_LAYERS_PER_BLOCK) {
+            return Err(Error::InvalidConfig {
+                key: "layers_per_block".to_string(),
+                value: too_many.to_string(),
+                expected: format!("at most {MAX_LAYERS_PER_BLOCK} layers per block"),
+            });
+        }
+        let depths = match &self.transformer_layers_per_block {
+            OneOrMany::One(depth) => vec![depth.clone()],
+            OneOrMany::Many(per_block) => per_block.clone(),
+        };
+        let deepest = depths
+            .iter()
+            .flat_map(|d| match d {
+                OneOrMany::One(depth) => vec![*depth],
+                OneOrMany::Many(per_layer) => per_layer.clone(),
+            })
+            .max()
+            .unwrap_or(0);
+        if deepest > MAX_LAYERS_PER_BLOCK {
+            return Err(Error::InvalidConfig {
+                key: "transformer_layers_per_block".to_string(),
+                value: deepest.to_string(),
+                expected: format!("at most {MAX_LAYERS_PER_BLOCK} transformer layers"),
+            });
+        }
         self.cross_attention_dim.expand("cross_attention_dim", n)?;
         self.attention_head_dim.expand("attention_head_dim", n)?;
         let heads = self.num_heads_per_block()?;
@@ -644,6 +683,24 @@ mod tests {
                 assert_eq!(key, "projection_class_embeddings_input_dim")
             }
             other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn layers_per_block_one_billion_or_u64_max_is_refused_without_capacity_overflow() {
+        for json in [
+            r#"{"layers_per_block": 1000000000}"#,
+            r#"{"layers_per_block": 18446744073709551615}"#,
+            r#"{"transformer_layers_per_block": 18446744073709551615}"#,
+            r#"{"transformer_layers_per_block": [1, [2, 18446744073709551615], 1, 1]}"#,
+        ] {
+            match parse(json).check_supported() {
+                Err(Error::InvalidConfig { key, expected, .. }) => {
+                    assert!(key.contains("layers_per_block"), "{json}: {key}");
+                    assert!(expected.contains("100"), "{json}: {expected}");
+                }
+                other => panic!("{json}: expected InvalidConfig, got {other:?}"),
+            }
         }
     }
 }

@@ -80,6 +80,14 @@ impl AutoencoderKLConfig {
             path: path.to_path_buf(),
             source,
         })?;
+        // serde reads a struct from a JSON array too (field by field), which would turn a
+        // mangled config into a confusing shape mismatch later.
+        if !text.trim_start().starts_with('{') {
+            return Err(Error::Json {
+                path: path.to_path_buf(),
+                source: serde::de::Error::custom("the config is not a JSON object ({...})"),
+            });
+        }
         serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
@@ -118,6 +126,15 @@ impl AutoencoderKLConfig {
             if let Some(other) = types.iter().find(|t| t.as_str() != accepted) {
                 return Err(unsupported(key, other, accepted));
             }
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            // Latents are divided by it before decoding: 0 gives infinities, a blank image.
+            return Err(Error::InvalidConfig {
+                key: "scaling_factor".to_string(),
+                value: self.scaling_factor.to_string(),
+                expected: "a positive finite number (0.18215 for SD1.x, 0.13025 for SDXL)"
+                    .to_string(),
+            });
         }
         self.activation()?;
         for (key, stats) in [
@@ -218,5 +235,17 @@ mod tests {
             cfg.check_supported(),
             Err(Error::InvalidConfig { .. })
         ));
+    }
+
+    #[test]
+    fn scaling_factor_zero_is_refused_not_decoded_to_a_blank_image() {
+        for value in ["0", "-0.18215"] {
+            let cfg: AutoencoderKLConfig =
+                serde_json::from_str(&format!(r#"{{"scaling_factor": {value}}}"#)).unwrap();
+            match cfg.check_supported() {
+                Err(Error::InvalidConfig { key, .. }) => assert_eq!(key, "scaling_factor"),
+                other => panic!("expected InvalidConfig, got {other:?}"),
+            }
+        }
     }
 }

@@ -98,7 +98,8 @@ impl LoadOptions {
         self
     }
 
-    /// The pipeline's thread pool: `threads` workers, or one per physical core.
+    /// The pipeline's thread pool: `threads` workers (at most [`max_threads`]), or one per
+    /// physical core.
     pub fn thread_pool(&self) -> Result<Arc<rayon::ThreadPool>> {
         let threads = match self.threads {
             Some(0) => {
@@ -106,6 +107,18 @@ impl LoadOptions {
                     name: "threads",
                     value: "0".to_string(),
                     expected: "at least 1 (or none for the physical cores)".to_string(),
+                })
+            }
+            Some(n) if n > max_threads() => {
+                return Err(Error::InvalidParameter {
+                    name: "threads",
+                    value: n.to_string(),
+                    expected: format!(
+                        "at most {} (4 per logical CPU, {} here, and never above {MAX_THREADS}): \
+                         more workers than that only slow the run down",
+                        max_threads(),
+                        num_cpus::get()
+                    ),
                 })
             }
             Some(n) => n,
@@ -124,8 +137,36 @@ impl LoadOptions {
     }
 }
 
+/// The hard ceiling on `threads` whatever the machine: starting a million threads takes minutes.
+pub const MAX_THREADS: usize = 1024;
+
+/// The most worker threads a pool may have here: 4 per logical CPU, at most [`MAX_THREADS`].
+pub fn max_threads() -> usize {
+    num_cpus::get().max(1).saturating_mul(4).min(MAX_THREADS)
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self::new(Device::Cpu, DType::F32, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_one_million_is_refused_instead_of_hanging() {
+        let options = LoadOptions::default().with_threads(Some(1_000_000));
+        let message = options.thread_pool().err().unwrap().to_string();
+        assert!(
+            message.contains("1000000") && message.contains(&max_threads().to_string()),
+            "{message}"
+        );
+        let fits = LoadOptions::default().with_threads(Some(max_threads()));
+        assert_eq!(
+            fits.thread_pool().unwrap().current_num_threads(),
+            max_threads()
+        );
     }
 }

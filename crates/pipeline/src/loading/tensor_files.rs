@@ -215,6 +215,12 @@ fn read_header(path: &Path, file: &mut File) -> candle_core::Result<Header> {
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)
         .map_err(|e| error(path, format_args!("cannot read the header: {e}")))?;
+    if header.first() != Some(&b'{') {
+        return Err(error(
+            path,
+            "not a safetensors file: the header does not start with `{`",
+        ));
+    }
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
         .map_err(|e| error(path, format_args!("the header is not valid JSON: {e}")))?;
     let data_start = 8 + header_len;
@@ -275,7 +281,56 @@ fn read_header(path: &Path, file: &mut File) -> candle_core::Result<Header> {
             },
         ));
     }
+    check_layout(path, &entries, data_start, data_len)?;
     Ok((entries, metadata))
+}
+
+/// The `safetensors` crate's layout rules (`Metadata::validate`): the tensors, in offset order,
+/// tile the data exactly from its first byte to the file's end, so no two overlap, none leaves a
+/// gap, and no byte trails; a header length off by one byte shifts the data and fails here.
+fn check_layout(
+    path: &Path,
+    entries: &[(String, Entry)],
+    data_start: u64,
+    data_len: u64,
+) -> candle_core::Result<()> {
+    let mut ranges: Vec<(u64, u64, &str)> = entries
+        .iter()
+        .map(|(name, e)| {
+            (
+                e.start - data_start,
+                e.start - data_start + e.len as u64,
+                name.as_str(),
+            )
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut next = 0u64;
+    for (begin, end, name) in ranges {
+        if begin != next {
+            let what = if begin < next {
+                "overlaps the tensor before it"
+            } else {
+                "leaves a gap after the tensor before it"
+            };
+            return Err(error(
+                path,
+                format_args!(
+                    "tensor {name} starts at data byte {begin} where {next} was expected: it {what} (the safetensors format allows neither)"
+                ),
+            ));
+        }
+        next = end;
+    }
+    if next != data_len {
+        return Err(error(
+            path,
+            format_args!(
+                "the tensors end at data byte {next} but the file holds {data_len} data bytes: trailing bytes, or a header length that does not match the header"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `tensor` when it has `shape`, else candle's shape-mismatch error for tensor `name`.
@@ -303,8 +358,11 @@ impl SimpleBackend for TensorFiles {
         // The shape is checked from the header, before anything is read.
         if let Some(entry) = self.entries.get(name) {
             if entry.shape.as_slice() != shape.dims() {
+                // The file says which component (unet/, vae/, a single file) the tensor is from.
+                let file = self.files.get(entry.file).map(|(path, _)| path.display());
+                let file = file.map(|f| format!(" in {f}")).unwrap_or_default();
                 return Err(candle_core::Error::UnexpectedShape {
-                    msg: format!("shape mismatch for {name}"),
+                    msg: format!("shape mismatch for {name}{file}"),
                     expected: shape,
                     got: entry.shape.clone().into(),
                 }
@@ -448,5 +506,59 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(message.contains("does not fit its size"), "{message}");
+    }
+
+    /// A file of `tensors` (name, F32 element count, data_offsets), `extra` bytes after the
+    /// data, and its header length changed by `shift`.
+    fn layout_file(
+        dir: &Path,
+        tensors: &[(&str, usize, (usize, usize))],
+        data: usize,
+        shift: i64,
+    ) -> PathBuf {
+        let entries: Vec<String> = tensors
+            .iter()
+            .map(|(name, n, (b, e))| {
+                format!(r#""{name}":{{"dtype":"F32","shape":[{n}],"data_offsets":[{b},{e}]}}"#)
+            })
+            .collect();
+        let mut header = format!("{{{}}}", entries.join(",")).into_bytes();
+        // Padded with spaces as the safetensors writer aligns the data.
+        header.extend_from_slice(b"        ");
+        let len = (header.len() as i64 + shift) as u64;
+        let mut content = len.to_le_bytes().to_vec();
+        content.extend_from_slice(&header);
+        content.extend(vec![0u8; data]);
+        let path = dir.join("w.safetensors");
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    fn open_error(path: &Path) -> String {
+        TensorFiles::open(&[path.to_path_buf()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn overlaps_gaps_offset_data_trailing_bytes_and_a_short_header_length_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = layout_file(dir.path(), &[("a", 2, (0, 8)), ("b", 1, (8, 12))], 12, 0);
+        TensorFiles::open(&[ok]).unwrap();
+        for (tensors, data, shift, expected) in [
+            (vec![("a", 2, (0, 8)), ("b", 2, (4, 12))], 12, 0, "overlaps"),
+            (vec![("a", 1, (0, 4)), ("b", 1, (8, 12))], 12, 0, "gap"),
+            (vec![("a", 1, (4, 8))], 8, 0, "gap"),
+            (vec![("a", 1, (0, 4))], 5, 0, "trailing"),
+            (vec![("a", 1, (0, 4))], 4, -1, "trailing"),
+        ] {
+            let path = layout_file(dir.path(), &tensors, data, shift);
+            let message = open_error(&path);
+            assert!(
+                message.contains(expected),
+                "{tensors:?} {data} {shift}: {message}"
+            );
+        }
     }
 }

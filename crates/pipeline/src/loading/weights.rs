@@ -40,6 +40,7 @@ pub fn find_weights(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
             if single.is_file() {
                 return Ok(vec![single]);
             }
+            check_not_unreadable(&single)?;
             let index = dir.join(format!("{base}.index.json"));
             if index.is_file() {
                 return shards_from_index(&index);
@@ -50,6 +51,25 @@ pub fn find_weights(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
         dir: dir.to_path_buf(),
         looked_for: candidates.join(", "),
     })
+}
+
+/// Refuses a weights path that is there but is no readable file (a folder, a symlink loop, a
+/// dangling link), which would otherwise read as "no weights in the folder".
+fn check_not_unreadable(path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_dir() => Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("it is a folder, not a weights file"),
+        }),
+        Ok(_) => Ok(()),
+        Err(source) => Err(Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// The distinct shard files a `*.safetensors.index.json` maps tensors to, in a stable order.

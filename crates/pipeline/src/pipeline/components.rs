@@ -416,6 +416,17 @@ impl KlAutoencoder {
 
 /// Refuses an image with NaN or infinite values (a f16 VAE that overflowed): such an image would
 /// be saved black.
+/// Refuses `tensor` (f32) when it holds a NaN or an infinite value, naming the `stage`.
+fn check_all_finite(tensor: &Tensor, stage: &'static str) -> Result<()> {
+    // A NaN or infinite value makes the f32 sum non-finite; so can a sum of huge finite values,
+    // which would clamp to a blank image as well.
+    if tensor.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite { stage })
+    }
+}
+
 fn check_finite(image: &Tensor) -> Result<()> {
     // A NaN or infinite value makes the f32 sum non-finite; finite f16-range values cannot.
     if image.sum_all()?.to_scalar::<f32>()?.is_finite() {
@@ -436,6 +447,7 @@ impl LatentDecoder for KlAutoencoder {
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let _span = tracing::info_span!("vae_decode").entered();
         let latents = latents.to_device(&self.device)?.to_dtype(DType::F32)?;
+        check_all_finite(&latents, "final latents")?;
         let z = self.unscale_latents(&latents)?.to_dtype(self.activations)?;
         let (batch, _, height, width) = z.dims4()?;
         let factor = vae_scale_factor(self.model.config());
@@ -448,6 +460,7 @@ impl LatentDecoder for KlAutoencoder {
         if self.activations == DType::F16 {
             check_finite(&image)?;
         }
+        check_all_finite(&image, "decoded image")?;
         Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
@@ -508,13 +521,16 @@ impl TinyAutoencoder {
 impl LatentDecoder for TinyAutoencoder {
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let _span = tracing::info_span!("tiny_decode").entered();
+        check_all_finite(&latents.to_dtype(DType::F32)?, "final latents")?;
         let z = latents
             .to_device(self.model.device())?
             .to_dtype(self.activations)?;
         let image = self
             .model
-            .decode(&(z / self.model.config().scaling_factor)?)?;
-        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+            .decode(&(z / self.model.config().scaling_factor)?)?
+            .to_dtype(DType::F32)?;
+        check_all_finite(&image, "decoded image")?;
+        Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
     fn latent_channels(&self) -> usize {

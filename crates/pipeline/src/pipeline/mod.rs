@@ -154,6 +154,15 @@ pub struct Request {
 /// The most images one request may batch together.
 pub const MAX_BATCH_SIZE: usize = 64;
 
+/// The widest and tallest image a request may ask for: 16384 pixels is a 2048x2048 latent, far
+/// past what any released model was trained at; larger values can only be mistakes and would
+/// ask for more memory than exists before the first step.
+pub const MAX_SIDE: usize = 16384;
+
+/// The largest guidance scale (in magnitude) a request may ask for: far above the 1 to 30 anyone
+/// uses, and low enough that the guided noise stays finite.
+pub const MAX_GUIDANCE_SCALE: f64 = 1000.0;
+
 impl Request {
     /// A request with diffusers' defaults for `pipeline`: its native size, 25 steps... see the fields.
     pub fn new(pipeline: &StableDiffusion, prompt: &str, scheduler: serde_json::Value) -> Self {
@@ -880,6 +889,25 @@ impl StableDiffusion {
         self.in_pool(|| decoder.decode(latents))
     }
 
+    /// How many tokens of `prompt` do not fit in one pass of the (first) text encoder, whose
+    /// context holds 75 between its begin and end tokens: what [`PromptSyntax::Plain`] cuts off
+    /// (the AUTOMATIC1111 syntax encodes the rest in further chunks). 0 when it fits, or once a
+    /// one-shot run has freed the encoders.
+    pub fn tokens_over_context(&self, prompt: &str) -> Result<usize> {
+        let encoder = match &self.text {
+            Some(TextEncoders::Sd(encoder)) => Some(encoder),
+            Some(TextEncoders::Sdxl { encoders, .. }) => encoders.first(),
+            None => None,
+        };
+        Ok(match encoder {
+            Some(encoder) => encoder
+                .tokenize(prompt)?
+                .len()
+                .saturating_sub(encoder.token_rules().chunk_length()),
+            None => 0,
+        })
+    }
+
     /// Checks `request` against this model without running anything: the size a positive
     /// multiple of the VAE's factor, at least one step, a finite guidance scale, the strength in
     /// `(0, 1]`, the denoising fractions strictly between 0 and 1, and a mask exactly when an
@@ -887,6 +915,13 @@ impl StableDiffusion {
     pub fn check_request(&self, request: &Request) -> Result<()> {
         let factor = self.vae_scale_factor();
         for (name, value) in [("width", request.width), ("height", request.height)] {
+            if value > MAX_SIDE {
+                return Err(Error::InvalidParameter {
+                    name,
+                    value: value.to_string(),
+                    expected: format!("at most {MAX_SIDE} pixels"),
+                });
+            }
             if value == 0 || value % factor != 0 {
                 return Err(Error::InvalidParameter {
                     name,
@@ -944,12 +979,28 @@ impl StableDiffusion {
                 expected: "at least 1".to_string(),
             });
         }
-        if !request.guidance_scale.is_finite() {
+        if !(request.guidance_scale.is_finite()
+            && request.guidance_scale.abs() <= MAX_GUIDANCE_SCALE)
+        {
             return Err(Error::InvalidParameter {
                 name: "guidance scale",
                 value: request.guidance_scale.to_string(),
-                expected: "a finite number".to_string(),
+                expected: format!(
+                    "a finite number from -{MAX_GUIDANCE_SCALE} to {MAX_GUIDANCE_SCALE}"
+                ),
             });
+        }
+        for (name, value) in [
+            ("aesthetic score", request.aesthetic_score),
+            ("negative aesthetic score", request.negative_aesthetic_score),
+        ] {
+            if !value.is_finite() {
+                return Err(Error::InvalidParameter {
+                    name,
+                    value: value.to_string(),
+                    expected: "a finite number".to_string(),
+                });
+            }
         }
         if !(request.strength > 0.0 && request.strength <= 1.0) {
             return Err(Error::InvalidParameter {

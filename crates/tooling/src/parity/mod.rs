@@ -114,6 +114,7 @@ pub fn run(
         report,
         pipelines: HashMap::new(),
     };
+    runner.reference_files()?;
     runner.tokenizer_cases()?;
     runner.component_cases()?;
     runner.scheduler_cases()?;
@@ -127,6 +128,29 @@ pub fn run(
     }
     Ok(runner.results)
 }
+
+/// The reference files a fixtures folder has, relative to it; a missing one is a skipped case.
+const REFERENCE_FILES: [(&str, CaseKind); 13] = [
+    ("tokenizer_cases.json", CaseKind::Tokenizer),
+    ("rng.safetensors", CaseKind::Rng),
+    (
+        "reference/text_encoder_sd15.safetensors",
+        CaseKind::TextEncoder,
+    ),
+    (
+        "reference/text_encoders_sdxl.safetensors",
+        CaseKind::TextEncoder,
+    ),
+    ("reference/unet_sd15.safetensors", CaseKind::Unet),
+    ("reference/unet_sdxl.safetensors", CaseKind::Unet),
+    ("reference/vae_sd15.safetensors", CaseKind::Vae),
+    ("reference/vae_sdxl.safetensors", CaseKind::Vae),
+    ("reference/taesd.safetensors", CaseKind::TinyAutoencoder),
+    ("reference/taef1.safetensors", CaseKind::TinyAutoencoder),
+    ("reference/schedulers.json", CaseKind::Scheduler),
+    ("reference/pipelines.json", CaseKind::Pipeline),
+    ("real-taef2/reference.json", CaseKind::TinyAutoencoder),
+];
 
 /// The tensors of a reference file (`reference.safetensors` and kin).
 fn load_reference(path: &Path) -> Result<HashMap<String, Tensor>> {
@@ -214,6 +238,42 @@ impl Runner<'_> {
         });
     }
 
+    /// A case that could not be checked because its reference is empty or unusable: a failure,
+    /// never a pass with nothing compared.
+    fn fail_unchecked(&mut self, name: String, kind: CaseKind, why: String) {
+        self.push(CaseResult {
+            name,
+            max_diff: None,
+            tolerance: self.tolerance(kind).unwrap_or(f64::NAN),
+            outcome: Outcome::Fail(Some(why)),
+        });
+    }
+
+    /// Lists every reference file of the fixtures folder that is missing as a skipped case, and
+    /// fails the run when none is there: an empty `reference/` checks nothing.
+    fn reference_files(&mut self) -> Result<()> {
+        let mut present = 0;
+        for (file, kind) in REFERENCE_FILES {
+            if self.fixtures.join(file).is_file() {
+                present += 1;
+            } else {
+                let why = format!("{file} missing");
+                self.skip(file.to_string(), kind, &why);
+            }
+        }
+        if present == 0 {
+            self.fail_unchecked(
+                "reference/".to_string(),
+                CaseKind::Pipeline,
+                format!(
+                    "{} holds none of the reference files",
+                    self.fixtures.join("reference").display()
+                ),
+            );
+        }
+        Ok(())
+    }
+
     fn reference(&self, file: &str) -> Result<HashMap<String, Tensor>> {
         let path = self.fixtures.join("reference").join(file);
         load_reference(&path)
@@ -226,6 +286,10 @@ impl Runner<'_> {
         }
         let cases = read_json(&path)?;
         let cases = cases.as_array().cloned().unwrap_or_default();
+        if cases.is_empty() {
+            let why = "tokenizer_cases.json lists no cases (an empty or non-list file)".to_string();
+            self.fail_unchecked("tokenizer_cases.json".to_string(), CaseKind::Tokenizer, why);
+        }
         let tokenizer =
             sdrs_clip::ClipTokenizer::from_dir(&self.fixtures.join("tiny-sd15/tokenizer"));
         let tokenizer_2 =
@@ -308,6 +372,11 @@ impl Runner<'_> {
         if taef2.is_file() {
             let value = read_json(&taef2)?;
             let images = value["images"].as_object().cloned().unwrap_or_default();
+            if images.is_empty() {
+                let why = "real-taef2/reference.json lists no images".to_string();
+                let kind = CaseKind::TinyAutoencoder;
+                self.fail_unchecked("real-taef2/reference.json".to_string(), kind, why);
+            }
             for (name, info) in images {
                 let kind = CaseKind::TinyAutoencoder;
                 self.case(format!("real_taef2:{name}"), kind, |r| {
@@ -378,7 +447,14 @@ impl Runner<'_> {
             .to_dtype(DType::F32)?
             .clamp(0f32, 1f32)?;
         let psnr = sdrs_taesd::metrics::psnr_db(&round_trip, image)?;
-        let expected = info["psnr_db_roundtrip"].as_f64().unwrap_or(f64::NAN);
+        let expected =
+            info["psnr_db_roundtrip"]
+                .as_f64()
+                .ok_or_else(|| Error::InvalidParameter {
+                    name: "real-taef2/reference.json",
+                    value: format!("image {name:?} without psnr_db_roundtrip"),
+                    expected: "the expected round-trip PSNR in dB for every image".to_string(),
+                })?;
         if (psnr - expected).abs() > psnr_tolerance_db {
             return Err(Error::InvalidParameter {
                 name: "round-trip PSNR",
@@ -530,8 +606,14 @@ impl Runner<'_> {
             return Ok(());
         }
         let cases = read_json(&path)?;
-        let reference = self.reference("schedulers.safetensors")?;
         let cases = cases.as_object().cloned().unwrap_or_default();
+        if cases.is_empty() {
+            let why = "reference/schedulers.json lists no cases".to_string();
+            let kind = CaseKind::Scheduler;
+            self.fail_unchecked("reference/schedulers.json".to_string(), kind, why);
+            return Ok(());
+        }
+        let reference = self.reference("schedulers.safetensors")?;
         for (key, case) in cases {
             let name = format!("scheduler:{key}");
             let class = case["class"].as_str().unwrap_or_default();
@@ -592,9 +674,15 @@ impl Runner<'_> {
             return Ok(());
         }
         let cases = read_json(&path)?;
-        let reference = self.reference("pipelines.safetensors")?;
         let kind = CaseKind::Pipeline;
-        for case in cases.as_array().cloned().unwrap_or_default() {
+        let cases = cases.as_array().cloned().unwrap_or_default();
+        if cases.is_empty() {
+            let why = "reference/pipelines.json lists no cases".to_string();
+            self.fail_unchecked("reference/pipelines.json".to_string(), kind, why);
+            return Ok(());
+        }
+        let reference = self.reference("pipelines.safetensors")?;
+        for case in cases {
             let key = case["key"].as_str().unwrap_or_default().to_string();
             let single_file_name = format!("{key}@single-file");
             if let Some(reason) = unsupported_scheduler(&case) {
