@@ -187,7 +187,10 @@ fn txt2img_answers_as_automatic1111_with_reproducible_pngs() {
     assert_eq!(info["infotexts"][0], text);
     assert_eq!(
         info["unsupported"],
-        json!(["restore_faces", "<lora:blur> (no LoRA folder: sdrs serve --lora-dir)"])
+        json!([
+            "restore_faces",
+            "<lora:blur> (no LoRA folder: sdrs serve --lora-dir)"
+        ])
     );
     assert_eq!(info["negative_prompt"], "");
     assert_eq!(answer["parameters"]["seed"], 42);
