@@ -49,6 +49,12 @@ pub struct ServeArgs {
     #[arg(long = "lora-dir")]
     pub lora_dir: Option<PathBuf>,
 
+    /// A folder of textual-inversion embeddings loaded into every model at start (each usable by
+    /// its file name in prompts, as AUTOMATIC1111's `embeddings` folder); files another model's
+    /// encoders cannot take are skipped with the reason.
+    #[arg(long = "embedding-dir")]
+    pub embedding_dir: Option<PathBuf>,
+
     /// Most generation requests waiting (beyond those running); more are answered 503 with
     /// Retry-After.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -148,9 +154,19 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     let mut models = Vec::new();
     for (alias, reference) in &args.models {
         let path = crate::hub::local_model(reference, None)?;
-        let pipeline = StableDiffusion::open(&path, None, &options)
+        let mut pipeline = StableDiffusion::open(&path, None, &options)
             .with_context(|| format!("cannot load the model {alias}={}", path.display()))?;
         eprintln!("loaded {alias} from {}", path.display());
+        if let Some(dir) = &args.embedding_dir {
+            let report = pipeline
+                .load_embedding_dir(dir)
+                .with_context(|| format!("--embedding-dir {}", dir.display()))?;
+            let names: Vec<&str> = report.loaded.iter().map(|e| e.token.as_str()).collect();
+            eprintln!("{alias}: embeddings {}", names.join(", "));
+            for (file, reason) in &report.skipped {
+                eprintln!("{alias}: skipped {}: {reason}", file.display());
+            }
+        }
         models.push(Model {
             alias: alias.clone(),
             pipeline,
@@ -220,6 +236,15 @@ mod tests {
             (150, 16, 600)
         );
         assert!(!args.json_log && !args.no_auth && args.api_auth.is_none());
+    }
+
+    #[test]
+    fn lora_and_embedding_folders_are_optional_paths() {
+        let args = parse(&[]).unwrap();
+        assert!(args.lora_dir.is_none() && args.embedding_dir.is_none());
+        let args = parse(&["--lora-dir", "loras", "--embedding-dir", "emb"]).unwrap();
+        assert_eq!(args.lora_dir, Some(PathBuf::from("loras")));
+        assert_eq!(args.embedding_dir, Some(PathBuf::from("emb")));
     }
 
     #[test]

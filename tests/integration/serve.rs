@@ -152,6 +152,23 @@ fn serve_refuses_a_public_address_without_auth() {
     );
 }
 
+#[test]
+fn serve_embedding_dir_that_is_missing_is_an_error_naming_it() {
+    let model = fixtures().join("tiny-sd15");
+    let output = sdrs(&[
+        "serve",
+        "-m",
+        model.to_str().unwrap(),
+        "--port",
+        "0",
+        "--embedding-dir",
+        "/nonexistent-embeddings",
+    ]);
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("/nonexistent-embeddings"), "{err}");
+}
+
 fn base64_decode(text: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::new();
