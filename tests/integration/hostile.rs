@@ -1,9 +1,12 @@
 //! Hostile input and interrupted runs (issue 20): each case gives a clear error and a non-zero
 //! exit, with no panic, no hang and no file left behind.
 
+#[cfg(unix)]
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
+#[cfg(unix)]
+use std::process::Stdio;
 
 use crate::util::{copy_model, files_in, fixtures, sdrs, stderr};
 
