@@ -17,6 +17,7 @@ use crate::decode::is_constexpr;
 use crate::error::{format, io, Error, Result};
 use crate::package::{model_type_name, MlPackage};
 use crate::program::{const_val, main_block};
+use crate::runtime::resources::{find_model, ModelFormat};
 use crate::value::{dtype_name, read_value, tensor_type, TensorData};
 
 /// Apple's guidance for the Neural Engine on iOS/iPadOS (the target of `--chunk-unet`): each
@@ -104,19 +105,12 @@ impl Inspection {
     }
 }
 
-/// The bundle names of a resources folder, in the order Apple's pipeline loads them.
+/// The bundle names of a resources folder, in the order Apple's pipeline loads them; the UNet's
+/// chunks (`UnetChunk1`, `UnetChunk2`, ...) come after `Unet`.
 pub const BUNDLE_NAMES: &[&str] = &[
     "TextEncoder",
     "TextEncoder2",
     "Unet",
-    "UnetChunk1",
-    "UnetChunk2",
-    "UnetChunk3",
-    "UnetChunk4",
-    "UnetChunk5",
-    "UnetChunk6",
-    "UnetChunk7",
-    "UnetChunk8",
     "UnetRefiner",
     "VAEDecoder",
     "VAEEncoder",
@@ -146,21 +140,25 @@ pub fn inspect(path: &Path, ane_budget_bytes: u64) -> Result<Inspection> {
             expected: "an .mlpackage, an .mlmodelc or a folder of them".into(),
         });
     }
-    let mut found = Vec::new();
-    let mut models = Vec::new();
+    let mut files = Vec::new();
     for name in BUNDLE_NAMES {
-        for ext in ["mlmodelc", "mlpackage"] {
-            let p = path.join(format!("{name}.{ext}"));
-            if p.is_dir() {
-                models.push(if ext == "mlpackage" {
-                    inspect_package(&p)?
-                } else {
-                    inspect_compiled(&p)?
-                });
-                found.push(name.to_string());
-                break;
+        files.extend(find_model(path, name));
+        if *name == "Unet" {
+            let mut k = 1;
+            while let Some(chunk) = find_model(path, &format!("UnetChunk{k}")) {
+                files.push(chunk);
+                k += 1;
             }
         }
+    }
+    let mut found = Vec::new();
+    let mut models = Vec::new();
+    for file in files {
+        models.push(match file.format {
+            ModelFormat::Package => inspect_package(&file.path)?,
+            ModelFormat::Compiled => inspect_compiled(&file.path)?,
+        });
+        found.push(file.name);
     }
     if models.is_empty() {
         return Err(format(

@@ -82,7 +82,7 @@ pub struct Resources {
 }
 
 /// `folder/name.mlmodelc` (preferred: nothing to compile) or `folder/name.mlpackage`.
-fn find_model(folder: &Path, name: &str) -> Option<ModelFile> {
+pub(crate) fn find_model(folder: &Path, name: &str) -> Option<ModelFile> {
     [
         ("mlmodelc", ModelFormat::Compiled),
         ("mlpackage", ModelFormat::Package),
