@@ -150,19 +150,7 @@ pub fn parameters(args: &GenerateArgs) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        args: GenerateArgs,
-    }
-
-    fn parse(extra: &[&str]) -> GenerateArgs {
-        let mut argv = vec!["x", "-m", "Resources", "-p", "a cat"];
-        argv.extend_from_slice(extra);
-        Wrapper::try_parse_from(argv).unwrap().args
-    }
+    use crate::generate::tests::parse;
 
     #[test]
     fn the_backend_defaults_to_candle_and_names_itself_in_the_infotext() {

@@ -964,7 +964,7 @@ pub fn parse_attention(value: &str) -> Result<AttentionMode, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use clap::Parser;
 
@@ -974,7 +974,8 @@ mod tests {
         args: GenerateArgs,
     }
 
-    fn parse(extra: &[&str]) -> GenerateArgs {
+    /// `generate -m model -p "a cat"` with `extra` flags (for the tests of other modules too).
+    pub(crate) fn parse(extra: &[&str]) -> GenerateArgs {
         let mut argv = vec!["x", "-m", "model", "-p", "a cat"];
         argv.extend_from_slice(extra);
         Wrapper::try_parse_from(argv).unwrap().args

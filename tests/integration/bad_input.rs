@@ -2,38 +2,7 @@
 
 use std::path::Path;
 
-use crate::util::{copy_model, files_in, fixtures, sdrs, stderr};
-
-/// Runs `generate` on `model` with `extra` flags into an empty folder, expects failure, and returns
-/// the error text after checking that no file was left behind.
-fn generate_fails(model: &Path, extra: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.png");
-    let mut args = vec![
-        "generate",
-        "-m",
-        model.to_str().unwrap(),
-        "-p",
-        "a cat",
-        "-s",
-        "1",
-        "--device",
-        "cpu",
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let output = sdrs(&args);
-    let message = stderr(&output);
-    assert!(!output.status.success(), "expected failure: {message}");
-    assert!(!message.contains("panicked"), "{message}");
-    assert!(
-        files_in(dir.path()).is_empty(),
-        "left files behind: {:?}",
-        files_in(dir.path())
-    );
-    message
-}
+use crate::util::{copy_model, fixtures, generate_fails, sdrs, stderr};
 
 #[test]
 fn width_not_a_multiple_of_8_is_rejected() {

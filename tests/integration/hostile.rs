@@ -8,42 +8,7 @@ use std::process::Command;
 #[cfg(unix)]
 use std::process::Stdio;
 
-use crate::util::{copy_model, files_in, fixtures, sdrs, stderr};
-
-/// Runs `generate` on `model` with `extra` flags into an empty folder, expects failure, and
-/// returns the error text after checking that nothing was left behind.
-fn generate_fails(model: &Path, extra: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.png");
-    let mut args = vec![
-        "generate",
-        "-m",
-        model.to_str().unwrap(),
-        "-p",
-        "a cat",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-    ];
-    // The defaults, unless the case gives its own.
-    for (flag, value) in [("-s", "1"), ("-o", out.to_str().unwrap())] {
-        if !extra.contains(&flag) {
-            args.extend([flag, value]);
-        }
-    }
-    args.extend_from_slice(extra);
-    let output = sdrs(&args);
-    let message = stderr(&output);
-    assert!(!output.status.success(), "expected failure: {message}");
-    assert!(!message.contains("panicked"), "{message}");
-    assert!(
-        files_in(dir.path()).is_empty(),
-        "left files behind: {:?}",
-        files_in(dir.path())
-    );
-    message
-}
+use crate::util::{copy_model, files_in, fixtures, generate_fails, sdrs, stderr};
 
 fn tiny() -> std::path::PathBuf {
     fixtures().join("tiny-sd15")

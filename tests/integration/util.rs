@@ -105,3 +105,36 @@ pub fn generate_small(model: &Path, prompt: &str, out: &Path, extra: &[&str]) ->
     args.extend_from_slice(extra);
     sdrs(&args)
 }
+
+/// Runs `generate` on `model` with `extra` flags into an empty folder, expects failure, and
+/// returns the error text after checking that it did not panic and left nothing behind. `-s 1`,
+/// `--steps 2` and `-o <folder>/out.png` are given unless `extra` gives its own.
+pub fn generate_fails(model: &Path, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let mut args = vec![
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "a cat",
+        "--device",
+        "cpu",
+    ];
+    for (flag, value) in [("-s", "1"), ("--steps", "2"), ("-o", out.to_str().unwrap())] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    let output = sdrs(&args);
+    let message = stderr(&output);
+    assert!(!output.status.success(), "expected failure: {message}");
+    assert!(!message.contains("panicked"), "{message}");
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "left files behind: {:?}",
+        files_in(dir.path())
+    );
+    message
+}

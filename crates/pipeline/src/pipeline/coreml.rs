@@ -526,6 +526,23 @@ mod tests {
         to_tensor(array).unwrap()
     }
 
+    /// A denoiser on a recorded `Unet.inputs.safetensors` (BC1S context back in our layout, SDXL's
+    /// extra inputs when recorded).
+    fn forward_recorded(denoiser: &dyn Denoiser, inputs: &HashMap<String, MultiArray>) -> Tensor {
+        let added = inputs.get("time_ids").map(|time_ids| AddedConditions {
+            text_embeds: tensor(&inputs["text_embeds"]),
+            time_ids: tensor(time_ids),
+        });
+        denoiser
+            .forward(
+                &tensor(&inputs["sample"]),
+                &tensor(&inputs["timestep"]),
+                &tensor(&from_bc1s(&inputs["encoder_hidden_states"]).unwrap()),
+                added.as_ref(),
+            )
+            .unwrap()
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
         (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
@@ -600,18 +617,7 @@ mod tests {
             let model = standin(&coreml, kind, &resources.unet[0], 0.0);
             let denoiser = CoreMlDenoiser::new(vec![Arc::new(model)]).unwrap();
             let inputs = recorded(&coreml, kind, "Unet.inputs.safetensors");
-            let added = inputs.get("time_ids").map(|time_ids| AddedConditions {
-                text_embeds: tensor(&inputs["text_embeds"]),
-                time_ids: tensor(time_ids),
-            });
-            let out = denoiser
-                .forward(
-                    &tensor(&inputs["sample"]),
-                    &tensor(&inputs["timestep"]),
-                    &tensor(&from_bc1s(&inputs["encoder_hidden_states"]).unwrap()),
-                    added.as_ref(),
-                )
-                .unwrap();
+            let out = forward_recorded(&denoiser, &inputs);
             let want = &recorded(&coreml, kind, "Unet.outputs.safetensors")["noise_pred"];
             assert_eq!(max_diff(&out, &tensor(want)), 0.0);
             assert_eq!(denoiser.in_channels(), inputs["sample"].shape[1]);
@@ -966,18 +972,7 @@ mod tests {
 
             // The UNet on the recorded inputs (f16 values, computed in f32 as the trace was).
             let denoiser = pipeline.denoiser().unwrap();
-            let added = unet_in.get("time_ids").map(|t| AddedConditions {
-                text_embeds: tensor(&unet_in["text_embeds"]),
-                time_ids: tensor(t),
-            });
-            let noise = denoiser
-                .forward(
-                    &tensor(&unet_in["sample"]),
-                    &tensor(&unet_in["timestep"]),
-                    &tensor(&from_bc1s(&unet_in["encoder_hidden_states"]).unwrap()),
-                    added.as_ref(),
-                )
-                .unwrap();
+            let noise = forward_recorded(denoiser, &unet_in);
             let want = &recorded(&coreml, kind, "Unet.outputs.safetensors")["noise_pred"];
             let unet_diff = max_diff(&noise, &tensor(want));
             println!("{kind}: UNet noise_pred max |diff| {unet_diff}");
