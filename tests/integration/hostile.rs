@@ -8,7 +8,9 @@ use std::process::Command;
 #[cfg(unix)]
 use std::process::Stdio;
 
-use crate::util::{copy_model, files_in, fixtures, generate_fails, sdrs, stderr};
+#[cfg(unix)]
+use crate::util::files_in;
+use crate::util::{copy_model, fixtures, generate_fails, sdrs, stderr};
 
 fn tiny() -> std::path::PathBuf {
     fixtures().join("tiny-sd15")
