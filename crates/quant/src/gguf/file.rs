@@ -423,12 +423,39 @@ impl<R: Read> HeaderReader<'_, R> {
 
         let data_offset = self.pos.next_multiple_of(alignment);
         let mut tensors = Vec::with_capacity(raw.len());
+        // ggml's own reader (`gguf.cpp`) requires the data in info order, each tensor padded to
+        // the alignment: no overlaps, no gaps, no data shared between two tensors.
+        let mut expected = 0u64;
         for (name, ne, ggml_type, offset) in raw {
             self.context = format!("tensor `{name}`");
             let info = self.tensor_info(name, &ne, ggml_type, offset, data_offset, alignment)?;
+            if offset != expected {
+                return Err(self.error(format!(
+                    "data offset {offset}, expected {expected}: GGUF tensor data follows the \
+                     tensor infos' order, each tensor padded to the alignment {alignment}, so \
+                     this tensor {}",
+                    if offset < expected {
+                        "overlaps the one before it"
+                    } else {
+                        "leaves a gap after the one before it"
+                    }
+                )));
+            }
+            // Cannot overflow: `tensor_info` checked that the data ends inside the file.
+            expected = (offset + info.bytes as u64).next_multiple_of(alignment);
             tensors.push(info);
         }
         self.context.clear();
+        // Writers (gguf-py, ggml) pad after the last tensor too; anything beyond is not GGUF.
+        let data_end = data_offset.saturating_add(expected);
+        if self.len > data_end.max(self.pos) {
+            return Err(self.error(format!(
+                "{} bytes follow the last tensor's data (the data section ends at offset \
+                 {data_end}, the file is {} bytes): a damaged or concatenated file",
+                self.len - data_end.max(self.pos),
+                self.len
+            )));
+        }
 
         Ok(Header {
             version,

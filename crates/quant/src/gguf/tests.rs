@@ -351,6 +351,45 @@ fn tensor_past_the_end_is_an_error() {
     assert!(e.contains("past the end"), "{e}");
 }
 
+/// Two 32-value f32 tensors (128 bytes each) at relative offsets `a` and `b`, `data` bytes of data.
+fn two_tensors(a: u64, b: u64, data: usize) -> Vec<u8> {
+    let mut f = start(2, 0);
+    push_tensor(&mut f, "a", &[32], 0, a);
+    push_tensor(&mut f, "b", &[32], 0, b);
+    pad_to(&mut f, 32);
+    f.resize(f.len() + data, 0);
+    f
+}
+
+#[test]
+fn overlapping_out_of_order_gapped_and_trailing_data_are_refused() {
+    // The layout ggml writes: in order, each padded to the alignment.
+    open_bytes(&two_tensors(0, 128, 256)).unwrap();
+    let e = open_err(&two_tensors(0, 64, 256));
+    assert!(
+        e.contains("tensor `b`") && e.contains("data offset 64, expected 128"),
+        "{e}"
+    );
+    assert!(e.contains("overlaps"), "{e}");
+    // Both tensors on the same bytes.
+    let e = open_err(&two_tensors(0, 0, 256));
+    assert!(e.contains("overlaps"), "{e}");
+    let e = open_err(&two_tensors(128, 0, 256));
+    assert!(e.contains("tensor `a`") && e.contains("gap"), "{e}");
+    let e = open_err(&two_tensors(0, 160, 288));
+    assert!(e.contains("tensor `b`") && e.contains("gap"), "{e}");
+    let e = open_err(&two_tensors(0, 128, 257));
+    assert!(e.contains("1 bytes follow the last tensor"), "{e}");
+    // The padding after the last tensor is optional.
+    let mut f = start(1, 0);
+    push_tensor(&mut f, "w", &[4], 0, 0);
+    pad_to(&mut f, 32);
+    f.resize(f.len() + 32, 0);
+    open_bytes(&f).unwrap();
+    f.truncate(f.len() - 16);
+    open_bytes(&f).unwrap();
+}
+
 #[test]
 fn unknown_type_id_is_an_error_naming_it() {
     let mut b = start(1, 0);
