@@ -45,7 +45,7 @@ pub struct ChunkArgs {
     pub chunks: Option<u64>,
     /// Largest weight size of one chunk: picks the fewest chunks that fit (e.g. `1073741824`,
     /// or with a unit: `1GiB`, `900MB`).
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = crate::system::parse_bytes)]
     pub max_chunk_bytes: Option<u64>,
     /// Name of the chunk packages: `<prefix>1.mlpackage`, ...
     #[arg(long, default_value = "UnetChunk")]
@@ -81,37 +81,6 @@ pub struct PalettizeArgs {
     /// The package to write (default: beside the input, `<name>_<mode>.mlpackage`).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
-}
-
-/// `1073741824`, `1GiB`, `1.5GB`, `900MiB`, `512k`.
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a byte count such as 1073741824, 1GiB or 900MB"))?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "kib" => 1024.0,
-        "m" | "mb" => 1e6,
-        "mib" => 1024.0 * 1024.0,
-        "g" | "gb" => 1e9,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?} (B, KB, KiB, MB, MiB, GB, GiB)"
-            ))
-        }
-    };
-    let bytes = value * scale;
-    if !(1.0..=1e15).contains(&bytes) {
-        return Err(format!("{s:?}: expected 1 byte to 1 PB"));
-    }
-    Ok(bytes as u64)
 }
 
 /// `per-tensor` or `grouped:G`.
@@ -361,18 +330,6 @@ fn render_model(m: &ModelReport, r: &Inspection) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_counts_take_units_and_refuse_nonsense() {
-        assert_eq!(parse_bytes("1073741824"), Ok(1 << 30));
-        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_bytes("900MB"), Ok(900_000_000));
-        assert!(parse_bytes("0").is_err());
-        assert!(parse_bytes("12 parsecs")
-            .unwrap_err()
-            .contains("unknown unit"));
-        assert!(parse_bytes("-5").is_err());
-    }
 
     #[test]
     fn granularity_is_per_tensor_or_grouped() {

@@ -217,6 +217,18 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub vae_tiling: crate::vae_tiling::VaeTilingArgs,
 
+    /// Run even when the estimated peak memory (the UNet's activations, the VAE's untiled pass,
+    /// the images) exceeds the memory available. By default such a request is refused before it
+    /// starts, with both numbers and the largest size that would fit; with swap, or an estimate
+    /// that is too cautious for a model, this runs it anyway.
+    #[arg(long)]
+    pub no_memory_check: bool,
+
+    /// The most memory a run may take, e.g. `8G`, `512M` or a number of bytes (default: what
+    /// the system reports available): a larger request is refused before it starts.
+    #[arg(long, value_name = "SIZE", value_parser = crate::system::parse_bytes)]
+    pub memory_limit: Option<u64>,
+
     /// Merge a LoRA into the UNet and text encoders: `file.safetensors` or
     /// `file.safetensors:WEIGHT` (default weight 1). Repeatable. kohya/A1111 (LoCon included),
     /// diffusers/PEFT, LyCORIS LoHa and LoKr files; the prompt's `<lora:name:weight>` tags add
@@ -404,6 +416,10 @@ pub struct Settings {
     pub recipe: Option<Arc<Recipe>>,
     /// `--vae-tiling`, `--vae-tile-size`, `--vae-tile-overlap`.
     pub vae_tiling: sdrs_pipeline::vae_tiling::VaeTilingOptions,
+    /// Refuse requests that would not fit in memory (not `--no-memory-check`).
+    pub memory_check: bool,
+    /// `--memory-limit`.
+    pub memory_limit: Option<u64>,
     /// The device line for the user (which device, and why `auto` did not take a GPU).
     pub device_message: String,
 }
@@ -429,6 +445,8 @@ impl Settings {
             quantize,
             recipe,
             vae_tiling: args.vae_tiling.options(),
+            memory_check: !args.no_memory_check,
+            memory_limit: args.memory_limit,
         })
     }
 
@@ -440,6 +458,7 @@ impl Settings {
             .with_threads(self.threads)
             .with_quantize(self.quantize, self.recipe.clone())
             .with_vae_tiling(self.vae_tiling.clone())
+            .with_memory_check(self.memory_check, self.memory_limit)
     }
 }
 
@@ -699,6 +718,8 @@ fn build_request(
     request.crops_coords_top_left = args.crop_coords;
     request.aesthetic_score = args.aesthetic_score;
     request.negative_aesthetic_score = args.negative_aesthetic_score;
+    // A first Ctrl-C / SIGTERM stops the run at the end of a step (see `output`).
+    request.cancel = Some(crate::output::stop_flag());
     // Checked even without an init image, so that a bad value is never silently ignored.
     request.strength = args.strength.unwrap_or(DEFAULT_STRENGTH);
     match pipeline.check_request(&request) {
@@ -783,6 +804,7 @@ fn sample(
             }
         }
     };
+    let sampling = crate::output::Sampling::start();
     let images = match (refiner, requests) {
         // One run frees each model after its last use.
         (None, [request]) => pipeline
@@ -806,6 +828,11 @@ fn sample(
         (Some(refiner), _) => refiner.generate_all_once(pipeline, requests, &mut on_step),
     }
     .map_err(with_flag)?;
+    drop(sampling);
+    // A signal after the last step check (during the decode): stopped all the same, unsaved.
+    if crate::output::stop_requested() {
+        return Err(sdrs_pipeline::Error::Cancelled.into());
+    }
     bar.finish_and_clear();
     Ok((images, steps))
 }
@@ -1096,6 +1123,18 @@ pub(crate) mod tests {
         assert_eq!(parse(&[]).threads, None);
         assert_eq!(parse(&["--threads", "3"]).threads, Some(3));
         let argv = ["x", "-m", "m", "-p", "p", "--threads", "many"];
+        assert!(Wrapper::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn memory_limit_and_no_memory_check_reach_the_load_options() {
+        let options = settings(&[]).load_options(None);
+        assert!(options.memory_check);
+        assert_eq!(options.memory_limit, None);
+        let options = settings(&["--memory-limit", "8G", "--no-memory-check"]).load_options(None);
+        assert!(!options.memory_check);
+        assert_eq!(options.memory_limit, Some(8_000_000_000));
+        let argv = ["x", "-m", "m", "-p", "p", "--memory-limit", "lots"];
         assert!(Wrapper::try_parse_from(argv).is_err());
     }
 

@@ -73,6 +73,15 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(error)
+            if matches!(
+                error.downcast_ref::<sdrs_pipeline::Error>(),
+                Some(sdrs_pipeline::Error::Cancelled)
+            ) =>
+        {
+            eprintln!("interrupted: stopped at the end of a step, no image written");
+            ExitCode::from(output::INTERRUPTED_EXIT)
+        }
         Err(error) => {
             eprintln!("error: {}", describe(&error));
             ExitCode::FAILURE

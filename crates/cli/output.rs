@@ -4,7 +4,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -74,11 +75,53 @@ pub struct PendingImage {
 /// [`remove_temporary_files_on_signals`]).
 static WRITING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// Installs a Ctrl-C / SIGTERM / SIGHUP handler that removes any temporary output file being
-/// written and exits with status 130 and a message, so an interrupted run leaves no stray file.
-/// A second call keeps the first handler.
+/// Raised by the first Ctrl-C / SIGTERM / SIGHUP while a generation samples: the pipeline stops
+/// at the end of its current step (`Request::cancel`).
+static STOP: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
+
+/// Whether a generation that watches [`STOP`] is running ([`Sampling`]).
+static SAMPLING: AtomicBool = AtomicBool::new(false);
+
+/// The flag a generation's `Request::cancel` watches: raised by the first signal while it runs.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    STOP.clone()
+}
+
+/// Whether a signal asked the run to stop.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// While alive, a signal stops the run at the end of a step instead of at once.
+pub struct Sampling(());
+
+impl Sampling {
+    pub fn start() -> Self {
+        SAMPLING.store(true, Ordering::SeqCst);
+        Self(())
+    }
+}
+
+impl Drop for Sampling {
+    fn drop(&mut self) {
+        SAMPLING.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Installs a Ctrl-C / SIGTERM / SIGHUP handler. While a generation samples ([`Sampling`]),
+/// the first signal raises [`stop_flag`], so the run stops cleanly at the end of its step (the
+/// caller reports it and exits with 130); any other signal removes the temporary output file
+/// being written, if any, and exits at once with 130 and a message. Either way an interrupted run
+/// leaves no stray file. A second call keeps the first handler.
 pub fn remove_temporary_files_on_signals() {
     let _ = ctrlc::set_handler(|| {
+        if SAMPLING.load(Ordering::SeqCst) && !STOP.swap(true, Ordering::SeqCst) {
+            eprintln!(
+                "\ninterrupted: stopping at the end of this step (press Ctrl-C again to stop at \
+                 once)"
+            );
+            return;
+        }
         let files = match WRITING.lock() {
             Ok(files) => files.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -87,9 +130,12 @@ pub fn remove_temporary_files_on_signals() {
             let _ = std::fs::remove_file(file);
         }
         eprintln!("\ninterrupted: stopped before saving, no image written");
-        std::process::exit(130);
+        std::process::exit(i32::from(INTERRUPTED_EXIT));
     });
 }
+
+/// The exit status of a run stopped by a signal (128 + SIGINT, as shells report Ctrl-C).
+pub const INTERRUPTED_EXIT: u8 = 130;
 
 impl PendingImage {
     /// Reserves `target` (a `.png` path in an existing, writable folder): a new path or a regular

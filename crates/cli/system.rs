@@ -44,11 +44,52 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5").context("clear_refs");
 }
 
+/// `1073741824`, `1GiB`, `1.5GB`, `900MiB`, `512k`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a byte count such as 1073741824, 1GiB or 900MB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (B, KB, KiB, MB, MiB, GB, GiB)"
+            ))
+        }
+    };
+    let bytes = value * scale;
+    if !(1.0..=1e15).contains(&bytes) {
+        return Err(format!("{s:?}: expected 1 byte to 1 PB"));
+    }
+    Ok(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
-    // Only the Linux test reads the peak memory.
-    #[cfg(target_os = "linux")]
     use super::*;
+
+    #[test]
+    fn byte_counts_take_units_and_refuse_nonsense() {
+        assert_eq!(parse_bytes("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("900MB"), Ok(900_000_000));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("12 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_bytes("-5").is_err());
+    }
 
     #[test]
     fn a_bad_cpu_cap_names_the_accepted_levels() {

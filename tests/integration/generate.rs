@@ -1,7 +1,7 @@
 //! `sdrs generate` end to end on the tiny SD1.5 fixture: a PNG with AUTOMATIC1111 parameters,
 //! reproducible from its seed.
 
-use crate::util::{files_in, fixtures, read_png, sdrs, stderr};
+use crate::util::{files_in, fixtures, read_png, sdrs, stderr, write_png};
 
 #[test]
 fn generate_writes_a_png_with_parameters_and_the_same_seed_gives_the_same_image() {
@@ -84,24 +84,6 @@ fn without_a_seed_a_random_one_is_printed_and_stored() {
         text.contains("Sampler: DPM++ 2M, Schedule type: Karras"),
         "{text}"
     );
-}
-
-/// Writes a `width` x `height` RGB gradient PNG.
-fn write_png(path: &std::path::Path, width: u32, height: u32) {
-    let mut data = Vec::with_capacity((width * height * 3) as usize);
-    for y in 0..height {
-        for x in 0..width {
-            data.extend_from_slice(&[(x * 3) as u8, (y * 4) as u8, 128]);
-        }
-    }
-    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut encoder = png::Encoder::new(file, width, height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder
-        .write_header()
-        .unwrap()
-        .write_image_data(&data)
-        .unwrap();
 }
 
 #[test]

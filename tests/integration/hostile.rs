@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 #[cfg(unix)]
 use crate::util::files_in;
-use crate::util::{copy_model, fixtures, generate_fails, sdrs, stderr};
+use crate::util::{copy_model, fixtures, generate_fails, sdrs, stderr, write_png};
 
 fn tiny() -> std::path::PathBuf {
     fixtures().join("tiny-sd15")
@@ -85,11 +85,82 @@ fn interrupted_by(signal: &str) {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut lines, &mut rest).unwrap();
     let status = child.wait().unwrap();
-    assert!(!status.success(), "{signal}: exit 0");
+    assert_eq!(status.code(), Some(130), "{signal}: {rest}");
     assert!(rest.contains("interrupted"), "{signal}: {rest}");
     assert!(
         files_in(dir.path()).is_empty(),
         "{signal} left files behind: {:?}",
+        files_in(dir.path())
+    );
+}
+
+/// A signal while sampling stops the run through the pipeline's cancel flag, at the end of the
+/// step, with 130 and no image; the preview written at every step shows it was sampling.
+#[cfg(unix)]
+#[test]
+fn a_signal_while_sampling_stops_cleanly_at_the_end_of_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let previews = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let preview = previews.path().join("preview.png");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdrs"))
+        .args([
+            "generate",
+            "-m",
+            tiny().to_str().unwrap(),
+            "-p",
+            "a cat",
+            "-s",
+            "1",
+        ])
+        .args([
+            "--steps",
+            "1000",
+            "--device",
+            "cpu",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--preview",
+            preview.to_str().unwrap(),
+            "--preview-every",
+            "1",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read on a thread, so that the child never blocks on a full pipe.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !preview.exists() {
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no preview written: {}", reader.join().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(
+        text.contains("stopping at the end of this step")
+            && text.contains("stopped at the end of a step, no image written"),
+        "{text}"
+    );
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "{:?}",
         files_in(dir.path())
     );
 }
@@ -107,6 +178,38 @@ fn width_one_million_is_refused_before_allocating() {
     let message = generate_fails(&tiny(), &["-W", "1000000", "-H", "1000000"]);
     assert!(
         message.contains("1000000") && message.contains("16384"),
+        "{message}"
+    );
+}
+
+#[test]
+fn width_and_height_16384_are_refused_by_the_memory_estimate_before_allocating() {
+    // A limit below what any machine reports keeps the test independent of this one's memory.
+    let message = generate_fails(
+        &tiny(),
+        &["-W", "16384", "-H", "16384", "--memory-limit", "1GB"],
+    );
+    for part in [
+        "not enough memory for a 16384x16384 image",
+        "1.0 GB is available",
+        "would fit",
+        "--no-memory-check",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+}
+
+#[test]
+fn init_image_4096_without_w_h_is_refused_by_the_memory_estimate() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init.png");
+    write_png(&init, 4096, 4096);
+    let message = generate_fails(
+        &tiny(),
+        &["-i", init.to_str().unwrap(), "--memory-limit", "500MB"],
+    );
+    assert!(
+        message.contains("not enough memory for a 4096x4096 image"),
         "{message}"
     );
 }

@@ -138,3 +138,21 @@ pub fn generate_fails(model: &Path, extra: &[&str]) -> String {
     );
     message
 }
+
+/// Writes a `width` x `height` RGB gradient PNG.
+pub fn write_png(path: &std::path::Path, width: u32, height: u32) {
+    let mut data = Vec::with_capacity((width * height * 3) as usize);
+    for y in 0..height {
+        for x in 0..width {
+            data.extend_from_slice(&[(x * 3) as u8, (y * 4) as u8, 128]);
+        }
+    }
+    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut encoder = png::Encoder::new(file, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder
+        .write_header()
+        .unwrap()
+        .write_image_data(&data)
+        .unwrap();
+}

@@ -113,6 +113,22 @@ pub enum Error {
     )]
     NonFinite { stage: &'static str },
 
+    /// A request whose estimated peak memory exceeds the memory available, refused before it
+    /// allocates anything.
+    #[error(
+        "not enough memory for {what}: {stage} would need about {} and {} is available; {advice} \
+         (`--no-memory-check` in the CLI skips this check)",
+        gigabytes(*estimate_bytes),
+        gigabytes(*available_bytes)
+    )]
+    OutOfMemory {
+        what: String,
+        stage: &'static str,
+        estimate_bytes: u64,
+        available_bytes: u64,
+        advice: String,
+    },
+
     /// The generation was cancelled by the progress callback.
     #[error("cancelled")]
     Cancelled,
@@ -141,3 +157,8 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Bytes in GB with one decimal (`12.3 GB`).
+fn gigabytes(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}

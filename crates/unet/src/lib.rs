@@ -11,6 +11,7 @@ pub mod attention;
 pub mod config;
 pub mod embeddings;
 pub mod error;
+pub mod memory;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;

@@ -31,6 +31,12 @@ pub struct LoadOptions {
     pub loras: Vec<crate::loading::lora::LoraFile>,
     /// Merge what matches and ignore a LoRA's modules that match no layer (else an error).
     pub lora_ignore_unmatched: bool,
+    /// Refuse a request whose estimated peak memory exceeds the memory available, before it
+    /// starts (default: on; see `StableDiffusion::check_memory`).
+    pub memory_check: bool,
+    /// The most memory a request may take, in bytes, when less than what the system reports
+    /// available (a machine shared with other work).
+    pub memory_limit: Option<u64>,
 }
 
 impl LoadOptions {
@@ -51,7 +57,16 @@ impl LoadOptions {
             vae_tiling: Default::default(),
             loras: Vec::new(),
             lora_ignore_unmatched: false,
+            memory_check: true,
+            memory_limit: None,
         }
+    }
+
+    /// The same options with the memory check on or off, and at most `limit` bytes per request.
+    pub fn with_memory_check(mut self, on: bool, limit: Option<u64>) -> Self {
+        self.memory_check = on;
+        self.memory_limit = limit;
+        self
     }
 
     /// The same options with this VAE tiling.

@@ -106,6 +106,12 @@ pub trait Denoiser: Send + Sync {
 
     /// Where its inputs live.
     fn device(&self) -> &Device;
+
+    /// The estimated peak of one forward's activations over `rows` latents of `height` x
+    /// `width`, in bytes; `None` where it is not known (another runtime's model).
+    fn peak_activation_bytes(&self, _rows: usize, _height: usize, _width: usize) -> Option<u64> {
+        None
+    }
 }
 
 /// Latents to pixels: the VAE's decoder, or a tiny autoencoder's.
@@ -122,6 +128,19 @@ pub trait LatentDecoder: Send + Sync {
 
     /// What it is, for messages (`AutoencoderKL`, `TAESD`, ...).
     fn name(&self) -> String;
+
+    /// The estimated peak of decoding `batch` latents of `height` x `width` with
+    /// `available_bytes` free, in bytes, and whether the decode is tiled; `None` where it is not
+    /// known.
+    fn peak_bytes(
+        &self,
+        _batch: usize,
+        _height: usize,
+        _width: usize,
+        _available_bytes: Option<u64>,
+    ) -> Option<(u64, bool)> {
+        None
+    }
 }
 
 /// Pixels to latents: the VAE's encoder, or a tiny autoencoder's.
@@ -130,6 +149,19 @@ pub trait LatentEncoder: Send + Sync {
     /// f32. An encoder that samples its latent distribution (the VAE) draws that noise from
     /// `noise`, at the point of the generator's sequence where diffusers draws it.
     fn encode(&self, image: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
+
+    /// The estimated peak of encoding `batch` images of `height` x `width` pixels with
+    /// `available_bytes` free, in bytes, and whether the encode is tiled; `None` where it is not
+    /// known.
+    fn peak_bytes(
+        &self,
+        _batch: usize,
+        _height: usize,
+        _width: usize,
+        _available_bytes: Option<u64>,
+    ) -> Option<(u64, bool)> {
+        None
+    }
 }
 
 /// A CLIP text encoder (`sdrs-clip`) with its tokenizer.
@@ -321,6 +353,13 @@ impl Denoiser for UNetDenoiser {
     fn device(&self) -> &Device {
         &self.device
     }
+
+    fn peak_activation_bytes(&self, rows: usize, height: usize, width: usize) -> Option<u64> {
+        let elements =
+            sdrs_unet::memory::peak_activation_elements(self.model.config(), rows, height, width)
+                .ok()?;
+        Some(elements.saturating_mul(self.activations.size_in_bytes() as u64))
+    }
 }
 
 /// diffusers' `AutoencoderKL` (`sdrs-vae`) with the model's latent scaling (`scaling_factor`,
@@ -353,6 +392,24 @@ impl KlAutoencoder {
     /// The VAE's config.
     pub fn config(&self) -> &AutoencoderKLConfig {
         self.model.config()
+    }
+
+    /// The estimated peak of a `pass` over images of `[batch, height, width]` pixels with
+    /// `available_bytes` free, and whether it is tiled.
+    fn pass_peak_bytes(
+        &self,
+        pass: VaePass,
+        shape: (usize, usize, usize),
+        available_bytes: Option<u64>,
+    ) -> (u64, bool) {
+        let policy = self.tiling.read().unwrap_or_else(|e| e.into_inner());
+        policy.peak_bytes(
+            self.model.config(),
+            pass,
+            shape,
+            self.activations,
+            available_bytes,
+        )
     }
 
     /// The tiles for a `pass` over images of `[batch, height, width]` pixels, if any.
@@ -414,8 +471,6 @@ impl KlAutoencoder {
     }
 }
 
-/// Refuses an image with NaN or infinite values (a f16 VAE that overflowed): such an image would
-/// be saved black.
 /// Refuses `tensor` (f32) when it holds a NaN or an infinite value, naming the `stage`.
 fn check_all_finite(tensor: &Tensor, stage: &'static str) -> Result<()> {
     // A NaN or infinite value makes the f32 sum non-finite; so can a sum of huge finite values,
@@ -475,6 +530,18 @@ impl LatentDecoder for KlAutoencoder {
     fn name(&self) -> String {
         "AutoencoderKL".to_string()
     }
+
+    fn peak_bytes(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+        available_bytes: Option<u64>,
+    ) -> Option<(u64, bool)> {
+        let factor = vae_scale_factor(self.model.config());
+        let pixels = (batch, height * factor, width * factor);
+        Some(self.pass_peak_bytes(VaePass::Decode, pixels, available_bytes))
+    }
 }
 
 impl LatentEncoder for KlAutoencoder {
@@ -490,6 +557,16 @@ impl LatentEncoder for KlAutoencoder {
         let sample_noise = noise.randn(dist.mean.shape(), DType::F32, &self.device)?;
         let encoded = dist.sample_with(&sample_noise.to_dtype(self.activations)?)?;
         self.scale_latents(&encoded.to_dtype(DType::F32)?)
+    }
+
+    fn peak_bytes(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+        available_bytes: Option<u64>,
+    ) -> Option<(u64, bool)> {
+        Some(self.pass_peak_bytes(VaePass::Encode, (batch, height, width), available_bytes))
     }
 }
 

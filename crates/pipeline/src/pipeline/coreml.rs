@@ -449,6 +449,8 @@ impl StableDiffusion {
             vae_encoder: Box::new(vae),
             vae: None,
             fast_decoder: None,
+            memory_check: options.memory_check,
+            memory_limit: options.memory_limit,
             scheduler_config,
             device: Device::Cpu,
             dtype: DType::F32,

@@ -154,6 +154,36 @@ pub struct Request {
 /// The most images one request may batch together.
 pub const MAX_BATCH_SIZE: usize = 64;
 
+/// Where a generation's memory peaks ([`StableDiffusion::estimate_peak_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryStage {
+    Unet,
+    VaeEncode,
+    VaeDecode,
+}
+
+impl MemoryStage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unet => "the UNet's activations",
+            Self::VaeEncode => "the VAE encode",
+            Self::VaeDecode => "the VAE decode",
+        }
+    }
+}
+
+/// A generation's estimated peak memory beyond the loaded models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The stage it peaks in.
+    pub stage: MemoryStage,
+    pub peak_bytes: u64,
+    /// Whether that stage is a tiled VAE pass.
+    pub tiled: bool,
+    /// The memory available when it was estimated; `None` where the platform does not say.
+    pub available_bytes: Option<u64>,
+}
+
 /// The widest and tallest image a request may ask for: 16384 pixels is a 2048x2048 latent, far
 /// past what any released model was trained at; larger values can only be mistakes and would
 /// ask for more memory than exists before the first step.
@@ -302,6 +332,11 @@ pub struct StableDiffusion {
     /// What the components were loaded from, to reload them with other LoRAs; `None` for
     /// components that cannot be rebuilt with them (Core ML's).
     source: Option<Source>,
+    /// Whether a request whose estimated peak exceeds the memory available is refused before it
+    /// starts ([`Self::check_memory`]); on by default.
+    memory_check: bool,
+    /// The most a request may take when less than the memory available, in bytes.
+    memory_limit: Option<u64>,
 }
 
 /// Where a pipeline's components come from and how they were loaded.
@@ -451,6 +486,8 @@ impl StableDiffusion {
             vae_encoder: Box::new(vae.clone()),
             vae: Some(vae),
             fast_decoder: None,
+            memory_check: options.memory_check,
+            memory_limit: options.memory_limit,
             scheduler_config,
             device: options.device.clone(),
             dtype: options.dtype,
@@ -774,6 +811,126 @@ impl StableDiffusion {
         )
     }
 
+    /// Whether requests are checked against the memory available before they start
+    /// ([`Self::check_memory`]); on by default. Off, a request too large for the machine runs
+    /// until an allocation fails (or the system swaps).
+    pub fn set_memory_check(&mut self, on: bool, limit: Option<u64>) {
+        self.memory_check = on;
+        self.memory_limit = limit;
+    }
+
+    /// The estimated peak memory of `request` beyond what is already loaded, in bytes, with the
+    /// stage it peaks in: the UNet's activations at the guidance batch, the VAE's encode (an
+    /// init image) and decode as their tiling will run them, and the final images. `None` when a
+    /// component cannot estimate its own (Core ML).
+    pub fn estimate_peak_bytes(&self, request: &Request) -> Result<Option<MemoryEstimate>> {
+        let available_bytes = match (
+            vae_tiling::memory_available(&self.device),
+            self.memory_limit,
+        ) {
+            (Some(available), Some(limit)) => Some(available.min(limit)),
+            (available, limit) => available.or(limit),
+        };
+        let factor = self.vae_scale_factor();
+        let (batch, height, width) = (request.batch_size, request.height, request.width);
+        let (latent_h, latent_w) = (height / factor, width / factor);
+        let rows = batch.saturating_mul(if request.guidance_scale > 1.0 { 2 } else { 1 });
+        let Some(unet) = self
+            .denoiser()?
+            .peak_activation_bytes(rows, latent_h, latent_w)
+        else {
+            return Ok(None);
+        };
+        let decoder = self.fast_decoder.as_ref().unwrap_or(&self.vae_decoder);
+        let Some((decode, decode_tiled)) =
+            decoder.peak_bytes(batch, latent_h, latent_w, available_bytes)
+        else {
+            return Ok(None);
+        };
+        let mut stages = vec![
+            (MemoryStage::Unet, unet, false),
+            (MemoryStage::VaeDecode, decode, decode_tiled),
+        ];
+        if matches!(request.init_image, InitImage::Pixels(_)) {
+            match self
+                .vae_encoder
+                .peak_bytes(batch, height, width, available_bytes)
+            {
+                Some((encode, tiled)) => stages.push((MemoryStage::VaeEncode, encode, tiled)),
+                None => return Ok(None),
+            }
+        }
+        // The images as f32 and as the 8-bit pixels they are saved from.
+        let images = (batch as u64)
+            .saturating_mul(height as u64)
+            .saturating_mul(width as u64)
+            .saturating_mul(3 * 4 + 3);
+        let (stage, bytes, tiled) = stages
+            .into_iter()
+            .max_by_key(|&(_, bytes, _)| bytes)
+            .unwrap_or((MemoryStage::Unet, 0, false));
+        Ok(Some(MemoryEstimate {
+            stage,
+            peak_bytes: bytes.saturating_add(images),
+            tiled,
+            available_bytes,
+        }))
+    }
+
+    /// Refuses `request` when its estimated peak ([`Self::estimate_peak_bytes`]) exceeds the
+    /// memory available (Linux's `MemAvailable` on the CPU, the free memory of a CUDA device, or
+    /// the pipeline's memory limit when lower), with both numbers and the largest size of the same shape that would fit. Nothing is
+    /// refused where the memory available is not known, or with [`Self::set_memory_check`] off.
+    pub fn check_memory(&self, request: &Request) -> Result<()> {
+        if !self.memory_check {
+            return Ok(());
+        }
+        let Some(estimate) = self.estimate_peak_bytes(request)? else {
+            return Ok(());
+        };
+        let Some(available) = estimate.available_bytes else {
+            return Ok(());
+        };
+        if estimate.peak_bytes <= available {
+            return Ok(());
+        }
+        let factor = self.vae_scale_factor();
+        // Activations grow with the area: the same shape scaled by the root of the ratio.
+        let scale = (available as f64 / estimate.peak_bytes as f64).sqrt();
+        let fit = |side: usize| ((side as f64 * scale) as usize / factor * factor).max(factor);
+        let mut advice = format!(
+            "at most about {}x{} would fit",
+            fit(request.width),
+            fit(request.height)
+        );
+        if request.batch_size > 1 {
+            advice.push_str(", or a smaller batch");
+        }
+        if matches!(
+            estimate.stage,
+            MemoryStage::VaeDecode | MemoryStage::VaeEncode
+        ) && !estimate.tiled
+        {
+            advice.push_str(
+                "; or tile the VAE (`--vae-tiling`, or leave its tiling on auto), whose untiled \
+                 pass is the peak",
+            );
+        }
+        Err(Error::OutOfMemory {
+            what: format!(
+                "a {}x{} image (batch {}, {} activations)",
+                request.width,
+                request.height,
+                request.batch_size,
+                self.denoiser()?.dtype().as_str()
+            ),
+            stage: estimate.stage.name(),
+            estimate_bytes: estimate.peak_bytes,
+            available_bytes: available,
+            advice,
+        })
+    }
+
     /// The start latents, then the steps, for one request.
     fn denoise_with(
         &self,
@@ -781,6 +938,7 @@ impl StableDiffusion {
         conditioning: &Conditioning,
         progress: &mut (dyn FnMut(&StepProgress) + Send),
     ) -> Result<Tensor> {
+        self.check_memory(request)?;
         let denoiser = self.denoiser()?;
         let mut scheduler = sdrs_schedulers::from_config(&request.scheduler, request.steps)?;
         // Each image of the batch starts as it would alone, from its own generator; the
@@ -1110,6 +1268,51 @@ impl NoiseSource for BatchNoise {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tiny_sd15(limit: Option<u64>) -> StableDiffusion {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd15");
+        let options =
+            LoadOptions::new(Device::Cpu, DType::F32, None).with_memory_check(true, limit);
+        StableDiffusion::load(&root, &options).unwrap()
+    }
+
+    #[test]
+    fn a_request_beyond_the_memory_limit_is_refused_with_both_numbers_and_what_fits() {
+        let mut pipeline = tiny_sd15(Some(1_000_000_000));
+        let mut request = Request::new(&pipeline, "a cat", pipeline.scheduler_config().clone());
+        request.width = 16384;
+        request.height = 8192;
+        let estimate = pipeline.estimate_peak_bytes(&request).unwrap().unwrap();
+        assert_eq!(estimate.stage, MemoryStage::Unet);
+        assert!(estimate.available_bytes.unwrap() <= 1_000_000_000);
+        let message = pipeline.check_memory(&request).unwrap_err().to_string();
+        for part in [
+            "16384x8192",
+            "the UNet's activations",
+            "1.0 GB is available",
+            "would fit",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        // What it says fits does, and the estimate grows with the area.
+        let fits = message
+            .split("at most about ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap();
+        let (w, h) = fits.split_once('x').unwrap();
+        request.width = w.parse().unwrap();
+        request.height = h.parse().unwrap();
+        assert!(request.width > request.height, "{fits}");
+        pipeline.check_memory(&request).unwrap();
+        // The native size fits; off, nothing is refused.
+        let native = Request::new(&pipeline, "a cat", pipeline.scheduler_config().clone());
+        pipeline.check_memory(&native).unwrap();
+        request.width = 16384;
+        request.height = 16384;
+        pipeline.set_memory_check(false, None);
+        pipeline.check_memory(&request).unwrap();
+    }
 
     #[test]
     fn half_precision_prefers_the_fp16_files_unless_a_variant_is_given() {

@@ -195,6 +195,44 @@ impl VaeTilingPolicy {
     }
 }
 
+impl VaeTilingPolicy {
+    /// The estimated peak of a `pass` over `batch` images of `height` x `width` pixels as this
+    /// policy will run it with `available_bytes` free, and whether it is tiled: the untiled
+    /// pass's [`untiled_peak_bytes`], or one tile's plus the whole image it is blended into (the
+    /// output of a decode, the input of an encode, three f32 channels) when tiled.
+    pub fn peak_bytes(
+        &self,
+        config: &AutoencoderKLConfig,
+        pass: VaePass,
+        (batch, height, width): (usize, usize, usize),
+        activations: DType,
+        available_bytes: Option<u64>,
+    ) -> (u64, bool) {
+        let untiled = untiled_peak_bytes(config, pass, batch, height, width, activations);
+        let tiled = |tiling: &VaeTiling| {
+            let side = tiling.sample_size();
+            let image = 3u64
+                .saturating_mul(batch as u64)
+                .saturating_mul(height as u64)
+                .saturating_mul(width as u64)
+                .saturating_mul(4);
+            untiled_peak_bytes(config, pass, batch, side, side, activations)
+                .min(untiled)
+                .saturating_add(image)
+        };
+        match self {
+            Self::Off => (untiled, false),
+            Self::Always(tiling) => (tiled(tiling), true),
+            Self::WhenNeeded { tiling, .. } => {
+                match auto_tiling(pass, untiled, available_bytes, *tiling) {
+                    Some(_) => (tiled(tiling), true),
+                    None => (untiled, false),
+                }
+            }
+        }
+    }
+}
+
 /// How many full-resolution activations of the widest stage are alive at once at the peak of an
 /// untiled pass: a resnet's input, its normalised input and its convolution's output, and the
 /// block's upsampled input. Measured: SDXL's decode at 1024x1024 in f32 grows the RSS by 4.3 GB,
